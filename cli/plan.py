@@ -1,0 +1,120 @@
+"""``dlrm-plan``: write a sharding plan for a tables spec on a topology, or show one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cli.errors import EXIT_CODES_HELP, ExitCode, run_guarded
+from cli.report import device_table, solve_summary, table_choices
+from planner import PlanOptions, load_tables, load_topology, plan, read_plan, write_plan
+from planner.cost import load_cost_model
+
+PROG = "dlrm-plan"
+
+EXAMPLES = """\
+examples:
+  dlrm-plan --tables examples/demo/tables.json --topology examples/demo/topology.json -o plan.json
+  dlrm-plan --tables examples/criteo_kaggle.tables.json \\
+            --topology examples/criteo_kaggle.topology.json -o criteo.plan.json --time-limit 30
+  dlrm-plan show plan.json
+
+The tables spec lists, per table, name, num_embeddings, embedding_dim, pooling_factor
+(mean ids per sample), dtype (fp32|fp16|bf16) and optionally access ({"zipf": s} or
+{"hot_rows": [...], "share": [...]}) and optimizer (sgd|rowwise_adagrad|adam). The
+topology gives hosts, devices_per_host, device {hbm_gb, hbm_gbps}, host {dram_gb,
+dram_gbps, h2d_gbps}, store {read_gbps, write_gbps}, network {intra_host_gbps,
+inter_host_gbps}, batch_size_per_device and reserved_hbm_gb. GB = 1e9 bytes.
+
+subcommands:
+  show PLAN      per-device load and memory, and each table's placement
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Assign embedding tables to devices with an ILP that minimises the slowest "
+                    "device's predicted step time under each device's HBM, and write the plan "
+                    "with its proven lower bound and gap.",
+        epilog=EXAMPLES + "\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--tables", required=True, metavar="TABLES",
+                        help="tables spec (.json, or .toml on Python >= 3.11)")
+    parser.add_argument("--topology", required=True, metavar="TOPOLOGY",
+                        help="topology spec (.json or .toml)")
+    parser.add_argument("-o", "--output", required=True, metavar="PLAN",
+                        help="where to write the plan (JSON); written only on success")
+    parser.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS",
+                        help="MIP solver wall-clock limit; the best plan found by then is "
+                             "written with its gap (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="solver threads (default: 1)")
+    parser.add_argument("--solver", choices=("cbc", "highs"), default="cbc",
+                        help="MIP solver: cbc (bundled with PuLP) or highs (needs highspy)")
+    parser.add_argument("--cost-model", metavar="MODULE:CLASS",
+                        help="your own cost model class (see planner.CostModel); "
+                             "default: the analytic model")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
+def build_show_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{PROG} show",
+                                     description="Show a plan: per-device load and memory, "
+                                                 "and each table's placement.",
+                                     epilog=EXIT_CODES_HELP)
+    parser.add_argument("plan", metavar="PLAN", help="plan file written by dlrm-plan")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.time_limit > 0:
+        parser.error(f"--time-limit must be > 0, got {args.time_limit}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "show":
+        args = build_show_parser().parse_args(argv[1:])
+        return run_guarded(PROG, args.verbose, lambda: _show(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_options(parser, args)
+    return run_guarded(PROG, args.verbose, lambda: _plan(args))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    tables = load_tables(args.tables)
+    topology = load_topology(args.topology)
+    model = load_cost_model(args.cost_model) if args.cost_model else None
+    if not args.quiet:
+        print(f"planning {len(tables.tables)} tables on {topology.world_size} devices "
+              f"({topology.hosts} host(s)); solver {args.solver}, limit {args.time_limit:g} s",
+              file=sys.stderr)
+    result = plan(tables, topology, cost_model=model,
+                  options=PlanOptions(args.time_limit, args.threads, args.solver))
+    write_plan(result, args.output)
+    if not args.quiet:
+        print(device_table(result))
+        print(solve_summary(result))
+        print(f"plan written to {args.output}")
+    return ExitCode.OK
+
+
+def _show(args: argparse.Namespace) -> int:
+    result = read_plan(args.plan)
+    print(device_table(result))
+    print(solve_summary(result))
+    print()
+    print(table_choices(result))
+    return ExitCode.OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

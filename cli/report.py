@@ -1,0 +1,45 @@
+"""Text tables for plans and training results."""
+
+from __future__ import annotations
+
+from planner import Plan
+
+MB = 1_000_000
+
+
+def device_table(plan: Plan) -> str:
+    """Per-device load and HBM, one row each, plus imbalance figures."""
+    tables_on: dict[int, list[str]] = {d.device: [] for d in plan.devices}
+    for table in plan.tables:
+        for shard in table.shards:
+            tables_on[shard.device].append(table.name)
+    peak = max((d.load_ms for d in plan.devices), default=0.0)
+    lines = [f"{'device':>6} {'host':>4} {'load ms':>10} {'of max':>6} "
+             f"{'HBM MB':>10} {'of cap':>6} {'tables':>6}"]
+    for d in plan.devices:
+        share = d.load_ms / peak if peak else 0.0
+        used = d.hbm_bytes / d.hbm_capacity_bytes if d.hbm_capacity_bytes else 0.0
+        lines.append(f"{d.device:>6} {d.host:>4} {d.load_ms:>10.4f} {share:>6.0%} "
+                     f"{d.hbm_bytes / MB:>10.1f} {used:>6.0%} {len(tables_on[d.device]):>6}")
+    loads = [d.load_ms for d in plan.devices]
+    mean = sum(loads) / len(loads) if loads else 0.0
+    lines.append(f"load imbalance (max / mean): {peak / mean if mean else 1.0:.3f}")
+    return "\n".join(lines)
+
+
+def solve_summary(plan: Plan) -> str:
+    s = plan.solve
+    return (f"{s.method} via {s.solver}: status {s.status} ({s.sol_status}); "
+            f"slowest device {s.objective_ms:.4f} ms/step, lower bound {s.lower_bound_ms:.4f} ms, "
+            f"gap {s.gap:.2%}; solved in {s.solve_seconds:.2f} s")
+
+
+def table_choices(plan: Plan) -> str:
+    """One line per table: sharding, where its shards went, predicted cost."""
+    lines = [f"{'table':<24} {'sharding':<14} {'devices':<12} {'tier':<12} {'ms':>9} {'HBM MB':>9}"]
+    for t in plan.tables:
+        devices = ",".join(str(s.device) for s in t.shards)
+        tiers = ",".join(sorted({s.tier.value for s in t.shards}))
+        lines.append(f"{t.name:<24} {t.sharding.value:<14} {devices:<12} {tiers:<12} "
+                     f"{t.cost.total_ms:>9.4f} {t.cost.hbm_bytes / MB:>9.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,23 @@
+"""Evaluation metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tied scores averaged).
+    Returns NaN when only one class is present."""
+    labels = np.asarray(labels).astype(bool)
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def accuracy(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Share of samples where probability >= 0.5 matches the label."""
+    return float(np.mean((np.asarray(probabilities) >= 0.5) == np.asarray(labels).astype(bool)))

@@ -1,0 +1,278 @@
+"""The plan file: what goes where, what it is predicted to cost, and how sure we are.
+
+A plan embeds the tables spec and topology it was made for, so it can be checked
+against the inputs of a run and re-costed later. JSON, with ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner.cost import ShardCost, Sharding, Tier
+from planner.errors import PlanFileError, PlannerError
+from planner.specs import TablesSpec, Topology, _sha256, parse_tables, parse_topology
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One piece of a table: a row range and a column range on one device."""
+
+    device: int
+    row_start: int
+    row_end: int
+    col_start: int
+    col_end: int
+    tier: Tier = Tier.HBM
+    cache_rows: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TablePlan:
+    name: str
+    sharding: Sharding
+    shards: tuple[Shard, ...]
+    cost: ShardCost
+    """Predicted cost of all shards together."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLoad:
+    device: int
+    host: int
+    load_ms: float
+    hbm_bytes: int
+    hbm_capacity_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SolveReport:
+    method: str
+    """``ilp`` or ``baseline:<name>``."""
+    solver: str
+    status: str
+    sol_status: str
+    objective_ms: float
+    lower_bound_ms: float
+    solve_seconds: float
+    time_limit_s: float
+    threads: int
+
+    @property
+    def gap(self) -> float:
+        """(objective - bound) / bound: 0 means proven optimal."""
+        if self.lower_bound_ms <= 0:
+            return 0.0 if self.objective_ms <= 0 else float("inf")
+        return max(0.0, (self.objective_ms - self.lower_bound_ms) / self.lower_bound_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    tables_spec: TablesSpec
+    topology: Topology
+    cost_model: str
+    tables: tuple[TablePlan, ...]
+    devices: tuple[DeviceLoad, ...]
+    solve: SolveReport
+
+    @property
+    def inputs_sha256(self) -> str:
+        return inputs_sha256(self.tables_spec, self.topology, self.cost_model)
+
+    def table(self, name: str) -> TablePlan:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(name)
+
+
+def inputs_sha256(tables: TablesSpec, topology: Topology, cost_model: str) -> str:
+    return _sha256([tables.sha256(), topology.sha256(), cost_model])
+
+
+# ---------------------------------------------------------------- JSON
+
+
+def _cost_json(cost: ShardCost) -> dict[str, Any]:
+    return {
+        "lookup_ms": cost.lookup_ms,
+        "communication_ms": cost.communication_ms,
+        "backward_ms": cost.backward_ms,
+        "optimizer_ms": cost.optimizer_ms,
+        "total_ms": cost.total_ms,
+        "hbm_bytes": cost.hbm_bytes,
+        "dram_bytes": cost.dram_bytes,
+    }
+
+
+def plan_to_json(plan: Plan) -> dict[str, Any]:
+    solve = plan.solve
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "inputs_sha256": plan.inputs_sha256,
+        "tables_sha256": plan.tables_spec.sha256(),
+        "cost_model": plan.cost_model,
+        "method": solve.method,
+        "solver": solve.solver,
+        "status": solve.status,
+        "sol_status": solve.sol_status,
+        "objective_ms": solve.objective_ms,
+        "lower_bound_ms": solve.lower_bound_ms,
+        "gap": solve.gap,
+        "solve_seconds": solve.solve_seconds,
+        "time_limit_s": solve.time_limit_s,
+        "threads": solve.threads,
+        "devices": [
+            {
+                "device": d.device,
+                "host": d.host,
+                "load_ms": d.load_ms,
+                "hbm_bytes": d.hbm_bytes,
+                "hbm_capacity_bytes": d.hbm_capacity_bytes,
+            }
+            for d in plan.devices
+        ],
+        "tables": [
+            {
+                "name": t.name,
+                "sharding": t.sharding.value,
+                "shards": [
+                    {
+                        "device": s.device,
+                        "rows": [s.row_start, s.row_end],
+                        "cols": [s.col_start, s.col_end],
+                        "tier": s.tier.value,
+                        "cache_rows": s.cache_rows,
+                    }
+                    for s in t.shards
+                ],
+                "predicted": _cost_json(t.cost),
+            }
+            for t in plan.tables
+        ],
+        "tables_spec": plan.tables_spec.to_json(),
+        "topology": plan.topology.to_json(),
+    }
+
+
+def write_plan(plan: Plan, path: str | Path) -> None:
+    """Write atomically: a crash leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(plan_to_json(plan), indent=1) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_plan(path: str | Path) -> Plan:
+    """Read and check a plan file; every problem is a :class:`PlanFileError`."""
+    name = str(path)
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanFileError(name, "no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanFileError(name, f"not a readable JSON plan: {exc}") from None
+    return plan_from_json(doc, name)
+
+
+def plan_from_json(doc: Any, name: str = "<memory>") -> Plan:
+    if not isinstance(doc, dict):
+        raise PlanFileError(name, "a plan must be a JSON object")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise PlanFileError(name, f"schema_version {version!r} is not supported "
+                                  f"(this version reads {SCHEMA_VERSION}); re-run dlrm-plan")
+    try:
+        tables_spec = parse_tables(doc["tables_spec"], f"{name}#tables_spec")
+        topology = parse_topology(doc["topology"], f"{name}#topology")
+        devices = tuple(
+            DeviceLoad(int(d["device"]), int(d["host"]), float(d["load_ms"]),
+                       int(d["hbm_bytes"]), int(d["hbm_capacity_bytes"]))
+            for d in doc["devices"]
+        )
+        tables = tuple(_table_from_json(t) for t in doc["tables"])
+        solve = SolveReport(
+            method=str(doc["method"]),
+            solver=str(doc["solver"]),
+            status=str(doc["status"]),
+            sol_status=str(doc["sol_status"]),
+            objective_ms=float(doc["objective_ms"]),
+            lower_bound_ms=float(doc["lower_bound_ms"]),
+            solve_seconds=float(doc["solve_seconds"]),
+            time_limit_s=float(doc["time_limit_s"]),
+            threads=int(doc["threads"]),
+        )
+        cost_model = str(doc["cost_model"])
+    except PlannerError as exc:
+        raise PlanFileError(name, f"embedded spec invalid: {exc}") from None
+    except KeyError as exc:
+        raise PlanFileError(name, f"missing field {exc.args[0]!r}") from None
+    except (TypeError, ValueError, IndexError) as exc:
+        raise PlanFileError(name, f"malformed field: {exc}") from None
+    plan = Plan(tables_spec, topology, cost_model, tables, devices, solve)
+    check_plan(plan, name)
+    if doc.get("inputs_sha256") != plan.inputs_sha256:
+        raise PlanFileError(name, "inputs_sha256 does not match the embedded specs "
+                                  "(edited by hand?); re-run dlrm-plan")
+    return plan
+
+
+def _table_from_json(t: dict[str, Any]) -> TablePlan:
+    shards = tuple(
+        Shard(int(s["device"]), int(s["rows"][0]), int(s["rows"][1]), int(s["cols"][0]),
+              int(s["cols"][1]), Tier(s["tier"]), int(s.get("cache_rows", 0)))
+        for s in t["shards"]
+    )
+    p = t["predicted"]
+    cost = ShardCost(float(p["lookup_ms"]), float(p["communication_ms"]), float(p["backward_ms"]),
+                     float(p["optimizer_ms"]), int(p["hbm_bytes"]), int(p.get("dram_bytes", 0)))
+    return TablePlan(str(t["name"]), Sharding(t["sharding"]), shards, cost)
+
+
+def check_plan(plan: Plan, name: str = "<memory>") -> None:
+    """Structural checks: every table planned once, shards inside the table and on a
+    device that exists, table-wise shards covering the whole table."""
+    world = plan.topology.world_size
+    planned = [t.name for t in plan.tables]
+    expected = [t.name for t in plan.tables_spec.tables]
+    if sorted(planned) != sorted(expected):
+        missing = sorted(set(expected) - set(planned))
+        extra = sorted(set(planned) - set(expected))
+        raise PlanFileError(name, f"tables planned do not match the spec "
+                                  f"(missing {missing}, unknown {extra})")
+    for table in plan.tables:
+        spec = plan.tables_spec.by_name(table.name)
+        if not table.shards:
+            raise PlanFileError(name, f"table {table.name!r} has no shards")
+        for s in table.shards:
+            if not 0 <= s.device < world:
+                raise PlanFileError(name, f"table {table.name!r}: device {s.device} "
+                                          f"outside 0..{world - 1}")
+            if not (0 <= s.row_start < s.row_end <= spec.num_embeddings
+                    and 0 <= s.col_start < s.col_end <= spec.embedding_dim):
+                raise PlanFileError(name, f"table {table.name!r}: shard rows "
+                                          f"[{s.row_start}, {s.row_end}) cols [{s.col_start}, "
+                                          f"{s.col_end}) outside {spec.num_embeddings} x "
+                                          f"{spec.embedding_dim}")
+        whole = (0, spec.num_embeddings, 0, spec.embedding_dim)
+        if table.sharding is Sharding.TABLE_WISE and not (
+            len(table.shards) == 1
+            and (s.row_start, s.row_end, s.col_start, s.col_end) == whole
+        ):
+            raise PlanFileError(name, f"table {table.name!r}: a table-wise plan needs one "
+                                      f"shard covering the whole table")

@@ -1,0 +1,361 @@
+"""Input specs: the tables to plan and the machine to plan them on.
+
+Both are read from JSON (or TOML on Python >= 3.11) and validated strictly: every
+malformed field raises :class:`planner.errors.SpecError` naming the file, the field
+path and the value. Units live in field names: ``_gb`` is 1e9 bytes, ``_gbps`` is
+1e9 bytes per second.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from planner._fields import Fields
+from planner.errors import SpecError
+
+GB = 1_000_000_000
+
+
+class DType(enum.Enum):
+    """Storage dtype of an embedding table."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def bytes(self) -> int:
+        return 4 if self is DType.FP32 else 2
+
+
+class Optimizer(enum.Enum):
+    """Embedding optimizer; decides the per-row state the planner must store."""
+
+    SGD = "sgd"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    ADAM = "adam"
+
+    def state_bytes_per_row(self, dim: int) -> int:
+        """fp32 optimizer state per row: none, one value per row, or two per element."""
+        if self is Optimizer.SGD:
+            return 0
+        if self is Optimizer.ROWWISE_ADAGRAD:
+            return 4
+        return 8 * dim
+
+
+@dataclass(frozen=True, slots=True)
+class AccessProfile:
+    """How lookups spread over a table's rows.
+
+    Exactly one description is used: a Zipf exponent (``zipf``), or a measured profile
+    (``hot_rows[i]`` hottest rows serve ``share[i]`` of lookups), or neither (uniform).
+    """
+
+    zipf: float | None = None
+    hot_rows: tuple[int, ...] = ()
+    share: tuple[float, ...] = ()
+
+    def hit_rate(self, num_rows: int, cache_rows: int) -> float:
+        """Share of lookups served by the ``cache_rows`` hottest of ``num_rows`` rows."""
+        if cache_rows <= 0:
+            return 0.0
+        if cache_rows >= num_rows:
+            return 1.0
+        if self.zipf is not None:
+            return _harmonic(cache_rows, self.zipf) / _harmonic(num_rows, self.zipf)
+        if self.hot_rows:
+            return _interpolate_profile(self.hot_rows, self.share, num_rows, cache_rows)
+        return cache_rows / num_rows
+
+    def to_json(self) -> dict[str, Any] | None:
+        if self.zipf is not None:
+            return {"zipf": self.zipf}
+        if self.hot_rows:
+            return {"hot_rows": list(self.hot_rows), "share": list(self.share)}
+        return None
+
+
+def _harmonic(k: int, s: float, exact_terms: int = 2048) -> float:
+    """Generalised harmonic number sum_{i<=k} i^-s: exact head, integral tail."""
+    head = min(k, exact_terms)
+    total = math.fsum(i ** -s for i in range(1, head + 1))
+    if k > head:
+        a, b = head + 0.5, k + 0.5
+        total += math.log(b / a) if abs(s - 1.0) < 1e-12 else (b ** (1 - s) - a ** (1 - s)) / (1 - s)
+    return total
+
+
+def _interpolate_profile(
+    hot_rows: tuple[int, ...], share: tuple[float, ...], num_rows: int, cache_rows: int
+) -> float:
+    """Piecewise-linear interpolation of the cumulative share, (0,0) to (n,1)."""
+    xs = (0, *hot_rows, num_rows)
+    ys = (0.0, *share, 1.0)
+    for i in range(1, len(xs)):
+        if cache_rows <= xs[i]:
+            span = xs[i] - xs[i - 1]
+            frac = (cache_rows - xs[i - 1]) / span if span else 1.0
+            return ys[i - 1] + frac * (ys[i] - ys[i - 1])
+    return 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    """One embedding table."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    pooling_factor: float
+    """Mean ids looked up per sample."""
+    dtype: DType = DType.FP32
+    access: AccessProfile = field(default_factory=AccessProfile)
+    optimizer: Optimizer = Optimizer.SGD
+
+    @property
+    def row_bytes(self) -> int:
+        return self.embedding_dim * self.dtype.bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_embeddings * self.row_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "pooling_factor": self.pooling_factor,
+            "dtype": self.dtype.value,
+        }
+        access = self.access.to_json()
+        if access is not None:
+            out["access"] = access
+        if self.optimizer is not Optimizer.SGD:
+            out["optimizer"] = self.optimizer.value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class TablesSpec:
+    """The tables of one model, in feature order."""
+
+    tables: tuple[TableSpec, ...]
+    description: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tables": [t.to_json() for t in self.tables]}
+        if self.description:
+            out["description"] = self.description
+        return out
+
+    def sha256(self) -> str:
+        """Hash of the content that planning depends on (not the description)."""
+        return _sha256([t.to_json() for t in self.tables])
+
+    def by_name(self, name: str) -> TableSpec:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(name)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    hbm_gb: float
+    hbm_gbps: float
+
+
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    dram_gb: float
+    dram_gbps: float
+    h2d_gbps: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSpec:
+    read_gbps: float
+    write_gbps: float
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSpec:
+    intra_host_gbps: float
+    inter_host_gbps: float
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Identical hosts of identical devices; device ``d`` lives on host ``d // devices_per_host``."""
+
+    hosts: int
+    devices_per_host: int
+    device: DeviceSpec
+    host: HostSpec
+    store: StoreSpec
+    network: NetworkSpec
+    batch_size_per_device: int
+    reserved_hbm_gb: float = 0.0
+    description: str = ""
+
+    @property
+    def world_size(self) -> int:
+        return self.hosts * self.devices_per_host
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size_per_device * self.world_size
+
+    @property
+    def usable_hbm_bytes(self) -> int:
+        """HBM per device available to embedding tables."""
+        return int((self.device.hbm_gb - self.reserved_hbm_gb) * GB)
+
+    def host_of(self, device: int) -> int:
+        return device // self.devices_per_host
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        if not self.description:
+            del out["description"]
+        return out
+
+    def sha256(self) -> str:
+        out = self.to_json()
+        out.pop("description", None)
+        return _sha256(out)
+
+
+def _sha256(obj: object) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_document(path: str | Path) -> Any:
+    """Parse a JSON or TOML file; a syntax error becomes a :class:`SpecError`."""
+    path = Path(path)
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(name, "<file>", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(name, "<file>", f"cannot read: {exc}") from None
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SpecError(name, "<file>", f"invalid TOML: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(name, "<file>", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def load_tables(path: str | Path) -> TablesSpec:
+    """Read and validate a tables spec file."""
+    return parse_tables(read_document(path), str(path))
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and validate a topology spec file."""
+    return parse_topology(read_document(path), str(path))
+
+
+def parse_tables(doc: object, file: str = "<memory>") -> TablesSpec:
+    """Validate a parsed tables spec (a dict with ``tables`` and optional ``description``)."""
+    root = Fields(doc, file, "")
+    description = root.string("description", default="")
+    entries = root.items("tables")
+    root.done()
+    tables = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        table = _parse_table(Fields(entry, file, f"tables[{i}]"))
+        if table.name in seen:
+            raise SpecError(file, f"tables[{i}].name",
+                            f"duplicate table name (also tables[{seen[table.name]}])", table.name)
+        seen[table.name] = i
+        tables.append(table)
+    return TablesSpec(tables=tuple(tables), description=description)
+
+
+def _parse_table(f: Fields) -> TableSpec:
+    name = f.string("name")
+    rows = f.integer("num_embeddings")
+    dim = f.integer("embedding_dim")
+    pooling = f.number("pooling_factor")
+    dtype = DType(f.string("dtype", default="fp32", choices=[d.value for d in DType]))
+    optimizer = Optimizer(f.string("optimizer", default="sgd", choices=[o.value for o in Optimizer]))
+    access = _parse_access(f.child("access"), rows) if f.has("access") else AccessProfile()
+    f.done()
+    return TableSpec(name, rows, dim, pooling, dtype, access, optimizer)
+
+
+def _parse_access(f: Fields, num_rows: int) -> AccessProfile:
+    if f.has("zipf"):
+        s = f.number("zipf")
+        f.done()
+        return AccessProfile(zipf=s)
+    if f.has("hot_rows") or f.has("share"):
+        hot = f.items("hot_rows")
+        share = f.items("share")
+        f.done()
+        if len(hot) != len(share):
+            raise f.error("share", f"must have as many entries as hot_rows ({len(hot)})", share)
+        prev_k, prev_s = 0, 0.0
+        for i, (k, s) in enumerate(zip(hot, share)):
+            if isinstance(k, bool) or not isinstance(k, int) or not prev_k < k <= num_rows:
+                raise f.error(f"hot_rows[{i}]",
+                              f"must be integers increasing within 1..{num_rows}", k)
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not prev_s <= s <= 1.0:
+                raise f.error(f"share[{i}]", "must be numbers non-decreasing within 0..1", s)
+            prev_k, prev_s = k, float(s)
+        return AccessProfile(hot_rows=tuple(hot), share=tuple(float(s) for s in share))
+    f.done()
+    raise f.error("zipf", 'access needs "zipf" or "hot_rows" and "share"')
+
+
+def parse_topology(doc: object, file: str = "<memory>") -> Topology:
+    """Validate a parsed topology spec."""
+    root = Fields(doc, file, "")
+    description = root.string("description", default="")
+    hosts = root.integer("hosts")
+    per_host = root.integer("devices_per_host")
+    dev = root.child("device")
+    device = DeviceSpec(dev.number("hbm_gb"), dev.number("hbm_gbps"))
+    dev.done()
+    h = root.child("host")
+    host = HostSpec(h.number("dram_gb"), h.number("dram_gbps"), h.number("h2d_gbps"))
+    h.done()
+    s = root.child("store")
+    store = StoreSpec(s.number("read_gbps"), s.number("write_gbps"))
+    s.done()
+    n = root.child("network")
+    network = NetworkSpec(n.number("intra_host_gbps"), n.number("inter_host_gbps"))
+    n.done()
+    batch = root.integer("batch_size_per_device")
+    reserved = root.number("reserved_hbm_gb", positive=False, default=0.0, below=device.hbm_gb)
+    root.done()
+    return Topology(hosts, per_host, device, host, store, network, batch, reserved, description)
+
+
+def as_tables(obj: TablesSpec | Mapping[str, Any]) -> TablesSpec:
+    """Accept a parsed spec or a plain dict (validated)."""
+    return obj if isinstance(obj, TablesSpec) else parse_tables(obj)

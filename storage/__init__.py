@@ -1,0 +1,1 @@
+"""Tiered embedding-table storage: zarr tables, a device row cache, checkpoints."""

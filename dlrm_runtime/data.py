@@ -45,16 +45,47 @@ def _unit_values(keys: np.ndarray) -> np.ndarray:
     return (2.0 * u - 1.0) * math.sqrt(3.0)
 
 
+class ZipfSampler:
+    """Draws ranks 0..num_rows-1 with P(rank k) proportional to (k+1)^-exponent.
+
+    Exact for the ``head`` hottest ranks (inverse CDF by binary search), a continuous
+    power law with a half-unit correction for the tail: O(head) memory for any table
+    size, and the same head/tail split as the planner's hit-rate formula.
+    """
+
+    def __init__(self, num_rows: int, exponent: float, head: int = 2048) -> None:
+        self.num_rows = num_rows
+        self.exponent = exponent
+        self.head = min(head, num_rows)
+        weights = np.arange(1, self.head + 1, dtype=np.float64) ** -exponent
+        self.head_cdf = np.cumsum(weights)
+        self.lo, self.hi = self.head + 0.5, num_rows + 0.5
+        tail = self._integral(self.lo, self.hi) if num_rows > self.head else 0.0
+        self.total = self.head_cdf[-1] + tail
+
+    def _integral(self, a: float, b: float) -> float:
+        s = self.exponent
+        return math.log(b / a) if abs(s - 1.0) < 1e-9 else (b ** (1 - s) - a ** (1 - s)) / (1 - s)
+
+    def ranks(self, u: np.ndarray) -> np.ndarray:
+        """Map uniforms in [0, 1) to ranks."""
+        mass = u * self.total
+        out = np.searchsorted(self.head_cdf, mass, side="right").astype(np.int64)
+        in_tail = mass >= self.head_cdf[-1]
+        if in_tail.any():
+            rest = mass[in_tail] - self.head_cdf[-1]
+            s = self.exponent
+            if abs(s - 1.0) < 1e-9:
+                x = self.lo * np.exp(rest)
+            else:
+                x = np.power(self.lo ** (1 - s) + (1 - s) * rest, 1.0 / (1 - s))
+            out[in_tail] = np.floor(x + 0.5).astype(np.int64) - 1
+        return np.clip(out, 0, self.num_rows - 1)
+
+
 def zipf_ranks(u: np.ndarray, num_rows: int, exponent: float) -> np.ndarray:
-    """Map uniforms in [0, 1) to ranks 0..num_rows-1 with P(rank k) ~ (k+1)^-exponent
-    (inverse CDF of the continuous power law on [1, num_rows+1))."""
-    n1 = float(num_rows + 1)
-    if abs(exponent - 1.0) < 1e-9:
-        x = np.power(n1, u)
-    else:
-        a = 1.0 - exponent
-        x = np.power((n1 ** a - 1.0) * u + 1.0, 1.0 / a)
-    return np.minimum(x.astype(np.int64) - 1, num_rows - 1)
+    """Map uniforms in [0, 1) to Zipf ranks 0..num_rows-1 (see :class:`ZipfSampler`)."""
+    return ZipfSampler(num_rows, exponent).ranks(u)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +108,9 @@ class SyntheticClicks:
         self.dense_features = dense_features
         self.seed = seed
         self.teacher_dim = teacher_dim
-        self.exponents = [t.access.zipf if t.access.zipf is not None else default_zipf
-                          for t in self.tables]
+        self.samplers = [ZipfSampler(t.num_embeddings,
+                                     t.access.zipf if t.access.zipf is not None else default_zipf)
+                         for t in self.tables]
         self.ids_per_sample = [max(1, round(t.pooling_factor)) for t in self.tables]
         rng = np.random.default_rng([seed, 0x7EAC])
         self.multipliers = [_coprime(int(rng.integers(1, 1 << 31)) | 1, t.num_embeddings)
@@ -97,7 +129,7 @@ class SyntheticClicks:
         ids, offsets, hidden = [], [], []
         for t, spec in enumerate(self.tables):
             per = self.ids_per_sample[t]
-            ranks = zipf_ranks(rng.random(batch_size * per), spec.num_embeddings, self.exponents[t])
+            ranks = self.samplers[t].ranks(rng.random(batch_size * per))
             rows = (ranks * self.multipliers[t] + self.shifts[t]) % spec.num_embeddings
             vectors = self._hidden(t, rows).reshape(batch_size, per, self.teacher_dim).sum(axis=1)
             vectors /= math.sqrt(per)

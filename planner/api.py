@@ -66,7 +66,7 @@ def plan(
     packing = solve_packing_ilp(problem, time_limit_s=options.time_limit_s,
                                 threads=options.threads, solver=options.solver, warm_start=warm)
     if not packing.device_of:
-        if packing.sol_status == "No Solution Exists":
+        if packing.infeasible:
             raise _packing_infeasible(tables, problem)
         if warm is None:
             raise SolverError(f"{packing.solver} found no placement within "

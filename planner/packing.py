@@ -9,6 +9,7 @@ ILP (:func:`solve_packing_ilp`, PuLP) warm-started from the greedy result.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ class Packing:
     """The solution status: only ``Optimal Solution Found`` proves optimality."""
     proven_optimal: bool
     solver: str
+    infeasible: bool = False
+    """True when the solver proved that no placement fits."""
 
 
 def makespan(problem: PackingProblem, device_of: Sequence[int]) -> float:
@@ -161,7 +164,8 @@ def solve_packing_ilp(
     status = pulp.LpStatus[prob.status]
     sol_status = pulp.LpSolution[prob.sol_status]
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return Packing((), float("inf"), bound, status, sol_status, False, backend.name)
+        return Packing((), float("inf"), bound, status, sol_status, False, backend.name,
+                       infeasible=prob.status == pulp.LpStatusInfeasible)
     device_of = [-1] * n
     for (i, d), var in place.items():
         if (var.value() or 0.0) > 0.5:
@@ -176,7 +180,12 @@ def solve_packing_ilp(
 
 def _solver(name: str, time_limit_s: float, threads: int, warm: bool) -> pulp.LpSolver:
     if name == "cbc":
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=threads, warmStart=warm)
+        # PuLP 3.3 marks its bundled CBC deprecated in favour of PuLP 4's packaging;
+        # pyproject caps pulp < 4, where the bundled binary is the supported way.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=threads,
+                                     warmStart=warm)
     if name == "highs":
         if not pulp.HiGHS().available():
             raise SolverError("solver 'highs' needs the highspy package: pip install highspy")

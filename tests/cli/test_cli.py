@@ -1,0 +1,122 @@
+"""The CLIs called in-process through main(argv): outputs, exit codes, nothing written on error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli import plan as plan_cli
+from cli import run as run_cli
+from cli.errors import ExitCode
+from tests.conftest import small_tables_doc, small_topology_doc, write_json
+
+
+def _plan_file(tmp_path: Path, tables_file: Path, topology_file: Path) -> Path:
+    out = tmp_path / "plan.json"
+    code = plan_cli.main(["--tables", str(tables_file), "--topology", str(topology_file),
+                          "-o", str(out), "-q"])
+    assert code == ExitCode.OK
+    return out
+
+
+def test_plan_writes_file_and_prints_devices(tmp_path: Path, tables_file: Path,
+                                             topology_file: Path, capsys) -> None:
+    out = tmp_path / "out" / "plan.json"
+    code = plan_cli.main(["--tables", str(tables_file), "--topology", str(topology_file),
+                          "-o", str(out), "--time-limit", "10"])
+    assert code == ExitCode.OK
+    printed = capsys.readouterr().out
+    assert "load ms" in printed and "gap 0.00%" in printed and str(out) in printed
+    doc = json.loads(out.read_text())
+    assert doc["schema_version"] == 1 and len(doc["devices"]) == 2
+
+
+def test_show(tmp_path: Path, tables_file: Path, topology_file: Path, capsys) -> None:
+    path = _plan_file(tmp_path, tables_file, topology_file)
+    capsys.readouterr()
+    assert plan_cli.main(["show", str(path)]) == ExitCode.OK
+    printed = capsys.readouterr().out
+    assert "load imbalance" in printed and "table_wise" in printed and "t3" in printed
+
+
+def test_bad_spec_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, topology_file: Path,
+                                                           capsys) -> None:
+    doc = small_tables_doc()
+    doc["tables"][1]["num_embeddings"] = -3
+    bad = write_json(tmp_path / "bad.json", doc)
+    out = tmp_path / "plan.json"
+    code = plan_cli.main(["--tables", str(bad), "--topology", str(topology_file), "-o", str(out)])
+    assert code == ExitCode.BAD_INPUT == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"dlrm-plan: error: {bad}: tables[1].num_embeddings: must be >= 1, got -3")
+    assert "Traceback" not in "".join(err)
+    assert not out.exists()
+
+
+def test_infeasible_exits_3(tmp_path: Path, tables_file: Path, capsys) -> None:
+    tiny = write_json(tmp_path / "tiny.json", small_topology_doc(hbm_gb=0.00001))
+    out = tmp_path / "plan.json"
+    code = plan_cli.main(["--tables", str(tables_file), "--topology", str(tiny), "-o", str(out)])
+    assert code == ExitCode.INFEASIBLE == 3
+    assert "infeasible: hbm short by" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_cost_model_exits_2(tmp_path: Path, tables_file: Path, topology_file: Path,
+                                capsys) -> None:
+    code = plan_cli.main(["--tables", str(tables_file), "--topology", str(topology_file),
+                          "-o", str(tmp_path / "p.json"), "--cost-model", "nope"])
+    assert code == ExitCode.BAD_INPUT
+    assert "must look like module:Class" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["show", "--help"]])
+def test_help(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        plan_cli.main(argv)
+    assert info.value.code == 0
+    assert "exit codes:" in capsys.readouterr().out
+
+
+def test_bad_flags_exit_2(tables_file: Path, topology_file: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        plan_cli.main(["--tables", str(tables_file), "--topology", str(topology_file),
+                       "-o", "x.json", "--time-limit", "-1"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        run_cli.main(["--plan", "p.json", "--bottom-mlp", "a,b"])
+    assert info.value.code == 2
+
+
+def test_run_trains_and_reports(tmp_path: Path, tables_file: Path, topology_file: Path,
+                                capsys) -> None:
+    path = _plan_file(tmp_path, tables_file, topology_file)
+    log = tmp_path / "metrics.jsonl"
+    code = run_cli.main(["--plan", str(path), "--tables", str(tables_file), "--steps", "20",
+                         "--eval-batches", "2", "--log-every", "10", "--no-progress",
+                         "--bottom-mlp", "16,8", "--metrics-log", str(log)])
+    assert code == ExitCode.OK
+    printed = capsys.readouterr().out
+    assert "samples/s" in printed and "AUC" in printed and "teacher's AUC" in printed
+    assert len(log.read_text().splitlines()) == 3
+
+
+def test_run_rejects_other_tables(tmp_path: Path, tables_file: Path, topology_file: Path,
+                                  capsys) -> None:
+    path = _plan_file(tmp_path, tables_file, topology_file)
+    other = write_json(tmp_path / "other.json", small_tables_doc(num_tables=3))
+    code = run_cli.main(["--plan", str(path), "--tables", str(other), "--steps", "1"])
+    assert code == ExitCode.BAD_INPUT
+    assert "the plan was made for other tables" in capsys.readouterr().err
+
+
+def test_run_missing_plan_and_bad_config(tmp_path: Path, tables_file: Path, topology_file: Path,
+                                         capsys) -> None:
+    assert run_cli.main(["--plan", str(tmp_path / "none.json")]) == ExitCode.BAD_INPUT
+    assert "no such file" in capsys.readouterr().err
+    path = _plan_file(tmp_path, tables_file, topology_file)
+    code = run_cli.main(["--plan", str(path), "--bottom-mlp", "16,9", "--steps", "1"])
+    assert code == ExitCode.BAD_INPUT
+    assert "dot interaction needs one width" in capsys.readouterr().err

@@ -1,34 +1,54 @@
-"""Plan tables onto a topology: the Python entry point behind ``dlrm-plan``."""
+"""Plan tables onto a topology: the Python entry point behind ``dlrm-plan``.
+
+1. Options: every sharding type and tier per table, priced by the cost model.
+2. Choice: the aggregate ILP picks one option per table; its optimum is a lower
+   bound on every plan made of these options.
+3. Placement: the chosen shards are packed onto devices (greedy, local search, and
+   the exact packing ILP on small instances). If packing fails for memory, the
+   choice is re-solved with less HBM (a cut) and packed again.
+4. The best of this plan and the greedy baselines is returned, with the bound and
+   the gap between them.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from planner.cost import AnalyticCostModel, CostModel, ShardCost, ShardOption, Sharding, Tier
-from planner.errors import InfeasibleError, Resource, SolverError
-from planner.packing import (
-    Packing,
-    PackingProblem,
-    best_greedy,
-    makespan,
-    makespan_lower_bound,
-    solve_packing_ilp,
-)
+from planner.aggregate import AggregateCut, solve_aggregate
+from planner.baselines import BASELINES, BaselineResult, run_baseline
+from planner.cost import AnalyticCostModel, CostModel, ShardCost, Sharding
+from planner.errors import InfeasibleError, PlannerError, Resource
+from planner.options import OptionSettings, TableOption, table_options
+from planner.packing import makespan_lower_bound
+from planner.exact import EXACT_MAX_TERMS, exact_size, solve_exact
+from planner.placement import PlacedShard, place
 from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan
 from planner.specs import GB, TablesSpec, Topology
+
+PACKING_CUTS = (0.97, 0.92, 0.85)
+"""HBM shares the choice is re-solved with when its shards cannot be packed."""
 
 
 @dataclass(frozen=True, slots=True)
 class PlanOptions:
-    """How hard to search."""
+    """How to plan."""
 
     time_limit_s: float = 60.0
-    """Wall-clock limit of the MIP solver; the best plan found by then is returned."""
+    """Budget of the solver stages (option choice 30 %, placement 20 %, the exact ILP on
+    small instances 40 %, re-solves after packing cuts 5 % each); the best plan found
+    within it is returned with its gap."""
     threads: int = 1
     solver: str = "cbc"
     """``cbc`` (bundled with PuLP) or ``highs`` (needs highspy)."""
+    baseline: str | None = None
+    """Plan with this greedy baseline only (one of ``BASELINES``)."""
+    seed: int = 0
+    """Seed of the random baseline."""
+    candidates: OptionSettings = field(default_factory=OptionSettings)
+    """Which sharding types, tiers and cache sizes to consider."""
 
 
 def cost_model_name(model: CostModel) -> str:
@@ -43,116 +63,236 @@ def plan(
     cost_model: CostModel | None = None,
     options: PlanOptions = PlanOptions(),
 ) -> Plan:
-    """Place every table whole on one device (table-wise), minimising the slowest
-    device's predicted step time under each device's usable HBM.
+    """Minimise the slowest device's predicted step time under HBM per device and
+    DRAM per host.
 
-    Raises :class:`InfeasibleError` naming the binding resource and the shortfall,
-    :class:`SolverError` when the MIP solver fails.
+    Raises :class:`InfeasibleError` naming the binding resource, the table(s) and the
+    shortfall, :class:`SolverError` when the MIP solver fails.
     """
     start = time.perf_counter()
     model = cost_model or AnalyticCostModel()
-    costs = [
-        model.cost(ShardOption(t, Sharding.TABLE_WISE, t.num_embeddings, t.embedding_dim), topology)
-        for t in tables.tables
-    ]
-    problem = PackingProblem(
-        load_ms=tuple(c.total_ms for c in costs),
-        hbm_bytes=tuple(c.hbm_bytes for c in costs),
-        devices=topology.world_size,
-        capacity_bytes=topology.usable_hbm_bytes,
-    )
-    check_capacity(tables, topology, problem)
-    warm = best_greedy(problem)
-    packing = solve_packing_ilp(problem, time_limit_s=options.time_limit_s,
-                                threads=options.threads, solver=options.solver, warm_start=warm)
-    if not packing.device_of:
-        if packing.infeasible:
-            raise _packing_infeasible(tables, problem)
-        if warm is None:
-            raise SolverError(f"{packing.solver} found no placement within "
-                              f"{options.time_limit_s:g} s ({packing.status}); raise --time-limit")
-        packing = Packing(warm, makespan(problem, warm), packing.lower_bound_ms, packing.status,
-                          packing.sol_status, False, packing.solver)
-    elif warm is not None and makespan(problem, warm) < packing.makespan_ms:
-        packing = Packing(warm, makespan(problem, warm), packing.lower_bound_ms, packing.status,
-                          packing.sol_status, False, packing.solver)
+    name = cost_model_name(model)
+    if options.baseline is not None:
+        if options.baseline not in BASELINES:
+            raise PlannerError(f"unknown baseline {options.baseline!r}; "
+                               f"choose one of {', '.join(BASELINES)}")
+        result = run_baseline(options.baseline, tables, topology, model, options.seed)
+        if result is None:
+            raise _baseline_infeasible(options.baseline, tables, topology)
+        return _baseline_plan(result, tables, topology, name, options, start)
+
+    candidates = [table_options(t, topology, model, options.candidates) for t in tables.tables]
+    check_capacity(tables, topology, candidates, model, options.candidates)
+    budget = options.time_limit_s
+    found: list[_Found] = []
+    allowed = options.candidates
+    for result in (run_baseline(b, tables, topology, model) for b in ("greedy", "size-lookup")):
+        if result is not None and all(o.sharding in allowed.shardings and o.tier in allowed.tiers
+                                      for o in result.options):
+            placed = tuple(PlacedShard(t, o.shards[0], d)
+                           for t, (o, d) in enumerate(zip(result.options, result.devices)))
+            found.append(_Found(_makespan(placed, topology), result.options, placed))
+
+    choice = solve_aggregate(candidates, topology, time_limit_s=0.3 * budget,
+                             threads=options.threads, solver=options.solver)
+    if not choice.choice:
+        raise _choice_infeasible(tables, topology, candidates)
+    bound, status, solver = choice.lower_bound_ms, choice.status, choice.solver
+    heuristic = _choose_and_place(candidates, topology, choice.choice, options)
+    if heuristic is not None:
+        found.append(heuristic)
+
+    exact_proof = False
+    if exact_size(candidates, topology) <= EXACT_MAX_TERMS:
+        warm = heuristic.choice if heuristic is not None else None
+        exact = solve_exact(candidates, topology, time_limit_s=0.4 * budget,
+                            threads=options.threads, warm_choice=warm,
+                            warm_placed=heuristic.placed if heuristic is not None else ())
+        if exact is not None:
+            bound = max(bound, exact.lower_bound_ms)
+            exact_proof = exact.sol_status == "Optimal Solution Found"
+            status = exact.status
+            found.append(_Found(exact.makespan_ms,
+                                tuple(candidates[t][o] for t, o in enumerate(exact.choice)),
+                                exact.placed))
+    if not found:
+        raise _choice_infeasible(tables, topology, candidates)
+    best = min(found, key=lambda f: f.makespan_ms)
+    if all(len(opts) == 1 and opts[0].num_shards == 1 for opts in candidates):
+        # Whole tables, one option each: the pigeonhole bounds hold.
+        bound = max(bound, makespan_lower_bound([o[0].total_ms for o in candidates],
+                                                topology.world_size))
+    if exact_proof:
+        bound = max(bound, best.makespan_ms)
     report = SolveReport(
         method="ilp",
-        solver=packing.solver,
-        status=packing.status,
-        sol_status=packing.sol_status,
-        objective_ms=packing.makespan_ms,
-        lower_bound_ms=packing.lower_bound_ms,
+        solver=solver,
+        status=status,
+        sol_status="Optimal Solution Found" if best.makespan_ms <= bound * (1 + 1e-9)
+        else "Solution Found",
+        objective_ms=best.makespan_ms,
+        lower_bound_ms=min(bound, best.makespan_ms),
         solve_seconds=time.perf_counter() - start,
         time_limit_s=options.time_limit_s,
         threads=options.threads,
     )
-    return assemble_plan(tables, topology, cost_model_name(model), costs, packing.device_of, report)
+    return assemble_plan(tables, topology, name, best.options, best.placed, report)
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """A complete plan found along the way."""
+
+    makespan_ms: float
+    options: tuple[TableOption, ...]
+    placed: tuple[PlacedShard, ...]
+    choice: tuple[int, ...] | None = None
+    """Index of each table's option among the candidates, when it is one."""
+
+
+def _choose_and_place(candidates: Sequence[Sequence[TableOption]], topology: Topology,
+                      choice: tuple[int, ...], options: PlanOptions) -> _Found | None:
+    """Pack the chosen options; when packing fails for memory, re-solve the choice
+    with less HBM (a cut) and try again."""
+    budget = options.time_limit_s
+    for share in (1.0, *PACKING_CUTS):
+        if share < 1.0:
+            cut = AggregateCut(int(topology.usable_hbm_bytes * topology.world_size * share))
+            again = solve_aggregate(candidates, topology, time_limit_s=0.05 * budget,
+                                    threads=options.threads, solver=options.solver, cut=cut)
+            if not again.choice:
+                return None
+            choice = again.choice
+        chosen = tuple(candidates[t][o] for t, o in enumerate(choice))
+        placement = place(chosen, topology, time_limit_s=0.2 * budget, solver=options.solver,
+                          threads=options.threads)
+        if placement is not None:
+            return _Found(placement.makespan_ms, chosen, placement.shards, choice)
+    return None
+
+
+def _makespan(placed: Sequence[PlacedShard], topology: Topology) -> float:
+    loads = [0.0] * topology.world_size
+    for shard in placed:
+        loads[shard.device] += shard.slot.cost.total_ms
+    return max(loads)
+
+
+def _baseline_plan(result: BaselineResult, tables: TablesSpec, topology: Topology, name: str,
+                   options: PlanOptions, start: float) -> Plan:
+    placed = tuple(PlacedShard(t, o.shards[0], d)
+                   for t, (o, d) in enumerate(zip(result.options, result.devices)))
+    objective = _makespan(placed, topology)
+    bound = makespan_lower_bound([o.total_ms for o in result.options], topology.world_size)
+    report = SolveReport(method=f"baseline:{result.name}", solver="none", status="Heuristic",
+                         sol_status="Solution Found", objective_ms=objective,
+                         lower_bound_ms=min(bound, objective),
+                         solve_seconds=time.perf_counter() - start,
+                         time_limit_s=options.time_limit_s, threads=1)
+    return assemble_plan(tables, topology, name, result.options, placed, report)
 
 
 def assemble_plan(
     tables: TablesSpec,
     topology: Topology,
     cost_model: str,
-    costs: list[ShardCost],
-    device_of: tuple[int, ...],
+    options: Sequence[TableOption],
+    placed: Sequence[PlacedShard],
     report: SolveReport,
 ) -> Plan:
-    """Build a table-wise :class:`Plan` from a placement and per-table costs."""
-    loads = [0.0] * topology.world_size
-    hbm = [0] * topology.world_size
-    planned = []
-    for table, cost, device in zip(tables.tables, costs, device_of):
-        loads[device] += cost.total_ms
-        hbm[device] += cost.hbm_bytes
-        shard = Shard(device, 0, table.num_embeddings, 0, table.embedding_dim, Tier.HBM)
-        planned.append(TablePlan(table.name, Sharding.TABLE_WISE, (shard,), cost))
-    devices = tuple(
-        DeviceLoad(d, topology.host_of(d), loads[d], hbm[d], topology.usable_hbm_bytes)
-        for d in range(topology.world_size)
+    """Build a :class:`Plan` from each table's option and the placed shards."""
+    world = topology.world_size
+    loads, hbm = [0.0] * world, [0] * world
+    shards_of: list[list[Shard]] = [[] for _ in tables.tables]
+    costs: list[ShardCost] = [ShardCost(0.0, 0.0, 0.0, 0.0, 0, 0) for _ in tables.tables]
+    for p in placed:
+        s = p.slot
+        loads[p.device] += s.cost.total_ms
+        hbm[p.device] += s.cost.hbm_bytes
+        shards_of[p.table].append(Shard(p.device, s.row_start, s.row_end, s.col_start, s.col_end,
+                                        s.tier, s.cache_rows))
+        costs[p.table] = costs[p.table] + s.cost
+    planned = tuple(
+        TablePlan(t.name, option.sharding,
+                  tuple(sorted(shards_of[i], key=lambda s: (s.row_start, s.col_start, s.device))),
+                  costs[i])
+        for i, (t, option) in enumerate(zip(tables.tables, options))
     )
-    return Plan(tables, topology, cost_model, tuple(planned), devices, report)
+    devices = tuple(DeviceLoad(d, topology.host_of(d), loads[d], hbm[d], topology.usable_hbm_bytes)
+                    for d in range(world))
+    return Plan(tables, topology, cost_model, planned, devices, report)
 
 
-def check_capacity(tables: TablesSpec, topology: Topology, problem: PackingProblem) -> None:
-    """Fail fast, with numbers and fixes, when HBM cannot hold the tables."""
-    capacity = problem.capacity_bytes
-    for table, need in zip(tables.tables, problem.hbm_bytes):
-        if need > capacity:
+def check_capacity(tables: TablesSpec, topology: Topology,
+                   candidates: Sequence[Sequence[TableOption]], model: CostModel,
+                   settings: OptionSettings) -> None:
+    """Fail fast, with numbers and fixes, when no option of a table fits a device or
+    the smallest options of all tables exceed the total memory."""
+    capacity = topology.usable_hbm_bytes
+    for table, opts in zip(tables.tables, candidates):
+        if not opts:
+            unbounded = table_options(table, topology, model, settings, capacity_bytes=2**62)
+            need = min(o.max_shard_hbm_bytes for o in unbounded)
             raise InfeasibleError(
                 Resource.HBM, need - capacity,
-                f"table {table.name!r} needs {need} bytes, a device offers {capacity} "
-                f"({topology.device.hbm_gb:g} GB minus {topology.reserved_hbm_gb:g} GB reserved)",
+                f"no allowed option of table {table.name!r} fits a device's {capacity} bytes "
+                f"of usable HBM ({topology.device.hbm_gb:g} GB minus "
+                f"{topology.reserved_hbm_gb:g} GB reserved); its smallest allowed shard "
+                f"needs {need} bytes",
                 tables=(table.name,),
-                fixes=(f"devices of at least {math.ceil((need / GB + topology.reserved_hbm_gb) * 10) / 10:g} GB HBM",
-                       "fp16 or bf16 storage (half the bytes)",
-                       "a smaller reserved_hbm_gb"),
+                fixes=("allow row-wise or column-wise sharding",
+                       "allow a cache tier (dram_cache or store_cache)",
+                       f"devices of at least {need / GB + topology.reserved_hbm_gb:.3g} GB HBM",
+                       "fp16 or bf16 storage (half the bytes)"),
             )
-    total = sum(problem.hbm_bytes)
-    offered = capacity * problem.devices
-    if total > offered:
-        more = math.ceil((total - offered) / capacity)
+    world = topology.world_size
+    least = sum(min(o.hbm_bytes for o in opts) for opts in candidates)
+    if least > capacity * world:
+        more = math.ceil((least - capacity * world) / capacity)
         raise InfeasibleError(
-            Resource.HBM, total - offered,
-            f"the tables need {total} bytes in all, {problem.devices} devices offer {offered}",
-            fixes=(f"{more} more device(s)", "fp16 or bf16 storage (half the bytes)"),
+            Resource.HBM, least - capacity * world,
+            f"even the smallest options of the tables need {least} bytes of HBM, "
+            f"{world} devices offer {capacity * world}",
+            fixes=(f"{more} more device(s)", "allow cache tiers or smaller cache sizes",
+                   "fp16 or bf16 storage (half the bytes)"),
         )
 
 
-def _packing_infeasible(tables: TablesSpec, problem: PackingProblem) -> InfeasibleError:
-    """Totals fit but whole tables cannot be packed (fragmentation)."""
-    smallest_misfit = min(problem.hbm_bytes)
-    total = sum(problem.hbm_bytes)
-    offered = problem.capacity_bytes * problem.devices
-    largest = max(range(len(problem.hbm_bytes)), key=lambda i: problem.hbm_bytes[i])
+def _choice_infeasible(tables: TablesSpec, topology: Topology,
+                       candidates: Sequence[Sequence[TableOption]]) -> InfeasibleError:
+    """HBM and DRAM together cannot hold the tables, or their shards cannot be packed."""
+    dram_cap = int(topology.host.dram_gb * GB) * topology.hosts
+    hbm_cap = topology.usable_hbm_bytes * topology.world_size
+    # DRAM needed if every table took its smallest-HBM option.
+    dram = sum(min(opts, key=lambda o: (o.hbm_bytes, o.dram_bytes)).dram_bytes for opts in candidates)
+    if dram > dram_cap:
+        return InfeasibleError(
+            Resource.DRAM, dram - dram_cap,
+            f"with the smallest device caches the tables need {dram} bytes of host DRAM, "
+            f"{topology.hosts} host(s) offer {dram_cap}",
+            fixes=("allow the store_cache tier", "more hosts or more DRAM per host"),
+        )
+    largest = max(range(len(tables.tables)),
+                  key=lambda i: min(o.max_shard_hbm_bytes for o in candidates[i]))
     return InfeasibleError(
-        Resource.HBM, max(1, smallest_misfit - (offered - total)),
-        f"the tables need {total} of {offered} bytes but whole tables cannot be packed "
-        f"onto {problem.devices} devices of {problem.capacity_bytes} bytes",
+        Resource.HBM, 1,
+        f"the tables' shards cannot be packed into {topology.world_size} devices of "
+        f"{topology.usable_hbm_bytes} bytes ({hbm_cap} in all)",
         tables=(tables.tables[largest].name,),
-        fixes=("one more device", "fp16 or bf16 storage (half the bytes)"),
+        fixes=("one more device", "allow row-wise sharding or cache tiers",
+               "fp16 or bf16 storage (half the bytes)"),
     )
 
 
-__all__ = ["PlanOptions", "assemble_plan", "check_capacity", "cost_model_name", "plan",
-           "makespan_lower_bound"]
+def _baseline_infeasible(name: str, tables: TablesSpec, topology: Topology) -> InfeasibleError:
+    largest = max(tables.tables, key=lambda t: t.weight_bytes)
+    return InfeasibleError(
+        Resource.HBM, max(1, math.ceil(largest.weight_bytes * 0.2) - topology.usable_hbm_bytes),
+        f"baseline {name} places whole tables, in HBM or with a 20 % cache over DRAM, and "
+        f"some table fits on no device that way",
+        tables=(largest.name,),
+        fixes=("plan with the ILP (drop --baseline)", "more devices"),
+    )
+
+
+__all__ = ["PlanOptions", "assemble_plan", "check_capacity", "cost_model_name", "plan"]

@@ -28,6 +28,8 @@ from planner.specs import (
 
 ACTIVATION_BYTES = 4
 """Pooled embeddings and their gradients travel as fp32."""
+ID_BYTES = 8
+"""Ids travel as int64."""
 
 
 class Sharding(enum.Enum):
@@ -61,11 +63,23 @@ class ShardOption:
     """Rows held by this shard."""
     cols: int
     """Columns held by this shard."""
-    batch_share: float = 1.0
-    """Share of the global batch's lookups of this table that this shard serves."""
+    num_shards: int = 1
+    """Shards of this table in the option (this one included)."""
+    lookup_share: float = 1.0
+    """Share of the table's lookups in the global batch that this shard serves."""
+    output_share: float = 1.0
+    """Share of the global batch's samples whose pooled output this shard produces
+    (partial sums for row-wise shards)."""
     tier: Tier = Tier.HBM
     cache_rows: int = 0
     """Device cache slots (0 for ``Tier.HBM``)."""
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of this shard's lookups served from HBM."""
+        if self.tier is Tier.HBM:
+            return 1.0
+        return self.table.access.hit_rate(self.rows, self.cache_rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,41 +124,62 @@ def _ms(num_bytes: float, gbps: float) -> float:
     return num_bytes / (gbps * GB) * 1e3
 
 
+CACHE_INDEX_BYTES_PER_SLOT = 16
+"""Device memory per cache slot besides the row: its row id and the row-to-slot index."""
+
+
 class AnalyticCostModel:
     """Bytes moved over each tier's bandwidth, from the topology's (datasheet or
     calibrated) numbers.
 
-    - lookup: the shard's share of the global batch's ids, each reading one row slice
-      from HBM;
-    - communication: the pooled outputs (fp32) sent by all-to-all in the forward pass
-      and their gradients in the backward pass; the share leaving the host goes over
-      the inter-host network;
-    - backward: the row-slice gradients read and written back (sparse scatter-add);
+    - lookup: the shard's looked-up row slices read from HBM (hits) or fetched from
+      host DRAM over the host-to-device link or from the store (misses, at the
+      table's access-profile hit rate for the cache size);
+    - communication: the ids (int64) a shard serves and its pooled outputs (fp32)
+      sent by all-to-all forward, the output gradients backward, the share leaving the
+      host over the inter-host network;
+      data-parallel tables instead all-reduce their whole gradient;
+    - backward: the row-slice gradients read and written back (sparse scatter-add),
+      plus the write-back of evicted dirty rows for cached shards;
     - optimizer: per-row optimizer state read and written for every looked-up row.
     """
 
     def cost(self, shard: ShardOption, topology: Topology) -> ShardCost:
         table = shard.table
-        lookups = topology.global_batch_size * table.pooling_factor * shard.batch_share
+        lookups = topology.global_batch_size * table.pooling_factor * shard.lookup_share
         row_bytes = shard.cols * table.dtype.bytes
-        hbm = topology.device.hbm_gbps
-
-        lookup_ms = _ms(lookups * row_bytes, hbm)
-        pooled_bytes = topology.global_batch_size * shard.batch_share * shard.cols * ACTIVATION_BYTES
-        communication_ms = 2 * self._all_to_all_ms(pooled_bytes, topology)
-        backward_ms = _ms(2 * lookups * row_bytes, hbm)
         state_per_row = table.optimizer.state_bytes_per_row(shard.cols)
-        optimizer_ms = _ms(2 * lookups * state_per_row, hbm)
+        hbm_gbps = topology.device.hbm_gbps
 
-        weights = shard.rows * row_bytes
-        state = shard.rows * state_per_row
-        return ShardCost(
-            lookup_ms=lookup_ms,
-            communication_ms=communication_ms,
-            backward_ms=backward_ms,
-            optimizer_ms=optimizer_ms,
-            hbm_bytes=weights + state,
-        )
+        hits = lookups * shard.hit_rate
+        misses = lookups - hits
+        miss_bytes = misses * (row_bytes + state_per_row)
+        if shard.tier is Tier.DRAM_CACHE:
+            fetch_ms = _ms(miss_bytes, min(topology.host.h2d_gbps, topology.host.dram_gbps))
+            write_back_ms = fetch_ms
+        elif shard.tier is Tier.STORE_CACHE:
+            fetch_ms = _ms(miss_bytes, topology.store.read_gbps)
+            write_back_ms = _ms(miss_bytes, topology.store.write_gbps)
+        else:
+            fetch_ms = write_back_ms = 0.0
+
+        lookup_ms = _ms(lookups * row_bytes, hbm_gbps) + fetch_ms
+        backward_ms = _ms(2 * lookups * row_bytes, hbm_gbps) + write_back_ms
+        optimizer_ms = _ms(2 * lookups * state_per_row, hbm_gbps)
+        if shard.sharding is Sharding.DATA_PARALLEL:
+            gradient_bytes = shard.rows * shard.cols * ACTIVATION_BYTES
+            communication_ms = self._all_reduce_ms(gradient_bytes, topology)
+        else:
+            pooled = topology.global_batch_size * shard.output_share * shard.cols * ACTIVATION_BYTES
+            communication_ms = self._all_to_all_ms(2 * pooled + lookups * ID_BYTES, topology)
+
+        resident_rows = shard.rows if shard.tier is Tier.HBM else shard.cache_rows
+        hbm_bytes = resident_rows * (row_bytes + state_per_row)
+        if shard.tier is not Tier.HBM:
+            hbm_bytes += shard.cache_rows * CACHE_INDEX_BYTES_PER_SLOT
+        dram_bytes = shard.rows * (row_bytes + state_per_row) if shard.tier is Tier.DRAM_CACHE else 0
+        return ShardCost(lookup_ms, communication_ms, backward_ms, optimizer_ms,
+                         int(hbm_bytes), int(dram_bytes))
 
     @staticmethod
     def _all_to_all_ms(num_bytes: float, topology: Topology) -> float:
@@ -155,6 +190,17 @@ class AnalyticCostModel:
         return _ms(num_bytes * same_host, topology.network.intra_host_gbps) + _ms(
             num_bytes * other_hosts, topology.network.inter_host_gbps
         )
+
+    @staticmethod
+    def _all_reduce_ms(num_bytes: float, topology: Topology) -> float:
+        """Ring all-reduce: each device sends and receives 2 (G-1)/G of the bytes over
+        the slowest link on the ring."""
+        world = topology.world_size
+        if world == 1:
+            return 0.0
+        link = (topology.network.intra_host_gbps if topology.hosts == 1
+                else topology.network.inter_host_gbps)
+        return _ms(2 * num_bytes * (world - 1) / world, link)
 
 
 class CostModelError(PlannerError, TypeError):

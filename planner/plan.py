@@ -245,8 +245,8 @@ def _table_from_json(t: dict[str, Any]) -> TablePlan:
 
 
 def check_plan(plan: Plan, name: str = "<memory>") -> None:
-    """Structural checks: every table planned once, shards inside the table and on a
-    device that exists, table-wise shards covering the whole table."""
+    """Structural checks: every table planned once; shards inside the table, on
+    devices that exist, and covering the table as their sharding type requires."""
     world = plan.topology.world_size
     planned = [t.name for t in plan.tables]
     expected = [t.name for t in plan.tables_spec.tables]
@@ -269,10 +269,45 @@ def check_plan(plan: Plan, name: str = "<memory>") -> None:
                                           f"[{s.row_start}, {s.row_end}) cols [{s.col_start}, "
                                           f"{s.col_end}) outside {spec.num_embeddings} x "
                                           f"{spec.embedding_dim}")
-        whole = (0, spec.num_embeddings, 0, spec.embedding_dim)
-        if table.sharding is Sharding.TABLE_WISE and not (
-            len(table.shards) == 1
-            and (s.row_start, s.row_end, s.col_start, s.col_end) == whole
-        ):
-            raise PlanFileError(name, f"table {table.name!r}: a table-wise plan needs one "
-                                      f"shard covering the whole table")
+            if (s.tier is Tier.HBM) != (s.cache_rows == 0) or s.cache_rows > s.row_end - s.row_start:
+                raise PlanFileError(name, f"table {table.name!r}: a {s.tier.value} shard of "
+                                          f"{s.row_end - s.row_start} rows cannot have "
+                                          f"{s.cache_rows} cache rows")
+        problem = _coverage_problem(table, spec.num_embeddings, spec.embedding_dim, plan.topology)
+        if problem:
+            raise PlanFileError(name, f"table {table.name!r} ({table.sharding.value}): {problem}")
+
+
+def _coverage_problem(table: TablePlan, rows: int, dim: int, topology: Topology) -> str:
+    """Why the shards do not tile the table as the sharding type says ('' if they do)."""
+    shards = table.shards
+    devices = [s.device for s in shards]
+    if table.sharding is Sharding.DATA_PARALLEL:
+        if sorted(devices) != list(range(topology.world_size)):
+            return "needs one replica on every device"
+        if any((s.row_start, s.row_end, s.col_start, s.col_end) != (0, rows, 0, dim) for s in shards):
+            return "every replica must hold the whole table"
+        return ""
+    if len(set(devices)) != len(devices) and table.sharding is not Sharding.COLUMN_WISE:
+        return "two shards on one device"
+    if table.sharding is Sharding.TABLE_WISE and len(shards) != 1:
+        return "needs exactly one shard"
+    if table.sharding is Sharding.TABLE_ROW_WISE and len({topology.host_of(d) for d in devices}) != 1:
+        return "shards must lie on the devices of one host"
+    cells = sorted((s.row_start, s.col_start, s.row_end, s.col_end) for s in shards)
+    if table.sharding is Sharding.COLUMN_WISE:
+        if any(c[0] != 0 or c[2] != rows for c in cells):
+            return "column shards must hold every row"
+        spans = sorted((c[1], c[3]) for c in cells)
+        whole = dim
+    else:
+        if any(c[1] != 0 or c[3] != dim for c in cells):
+            return "row shards must hold every column"
+        spans = sorted((c[0], c[2]) for c in cells)
+        whole = rows
+    position = 0
+    for start, end in spans:
+        if start != position:
+            return f"shards leave a gap or overlap at {position}"
+        position = end
+    return "" if position == whole else f"shards end at {position}, not {whole}"

@@ -83,14 +83,18 @@ class AccessProfile:
         return None
 
 
-def _harmonic(k: int, s: float, exact_terms: int = 2048) -> float:
-    """Generalised harmonic number sum_{i<=k} i^-s: exact head, integral tail."""
-    head = min(k, exact_terms)
-    total = math.fsum(i ** -s for i in range(1, head + 1))
-    if k > head:
-        a, b = head + 0.5, k + 0.5
-        total += math.log(b / a) if abs(s - 1.0) < 1e-12 else (b ** (1 - s) - a ** (1 - s)) / (1 - s)
-    return total
+def _harmonic(k: int, s: float, head: int = 16) -> float:
+    """Generalised harmonic number sum_{i<=k} i^-s: exact for the first terms, then
+    Euler-Maclaurin (integral, end-point and first derivative corrections; the
+    relative error is below 1e-7 for k > 16)."""
+    if k <= head:
+        return math.fsum(i ** -s for i in range(1, k + 1))
+    m = head
+    total = math.fsum(i ** -s for i in range(1, m))
+    integral = math.log(k / m) if abs(s - 1.0) < 1e-12 else (k ** (1 - s) - m ** (1 - s)) / (1 - s)
+    ends = (m ** -s + k ** -s) / 2
+    derivative = s * (m ** (-s - 1) - k ** (-s - 1)) / 12
+    return total + integral + ends + derivative
 
 
 def _interpolate_profile(

@@ -56,7 +56,7 @@ def test_bad_spec_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, topol
 
 
 def test_infeasible_exits_3(tmp_path: Path, tables_file: Path, capsys) -> None:
-    tiny = write_json(tmp_path / "tiny.json", small_topology_doc(hbm_gb=0.00001))
+    tiny = write_json(tmp_path / "tiny.json", small_topology_doc(hbm_gb=1e-7))
     out = tmp_path / "plan.json"
     code = plan_cli.main(["--tables", str(tables_file), "--topology", str(tiny), "-o", str(out)])
     assert code == ExitCode.INFEASIBLE == 3

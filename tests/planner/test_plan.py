@@ -9,6 +9,9 @@ import pytest
 
 from planner import (
     AnalyticCostModel,
+    PlanOptions,
+    Sharding,
+    Tier,
     CostModelError,
     InfeasibleError,
     PlanFileError,
@@ -25,8 +28,13 @@ from planner import (
     read_plan,
     write_plan,
 )
+from planner.options import OptionSettings
 from planner.packing import makespan_lower_bound
 from tests.conftest import small_tables_doc, small_topology_doc
+
+
+WHOLE_IN_HBM = PlanOptions(candidates=OptionSettings(shardings=frozenset({Sharding.TABLE_WISE}),
+                                                     tiers=frozenset({Tier.HBM})))
 
 
 def _plan(tables: dict | None = None, topology: dict | None = None, **kwargs):
@@ -37,15 +45,19 @@ def _plan(tables: dict | None = None, topology: dict | None = None, **kwargs):
 def test_plan_fields_and_loads() -> None:
     result = _plan()
     assert result.solve.sol_status == "Optimal Solution Found"
-    assert result.solve.gap == 0.0
-    assert result.solve.objective_ms == max(d.load_ms for d in result.devices)
+    assert result.solve.gap == pytest.approx(0.0, abs=1e-9)
+    assert result.solve.objective_ms == pytest.approx(max(d.load_ms for d in result.devices))
     for device in result.devices:
         on_device = [t for t in result.tables if t.shards[0].device == device.device]
         assert device.load_ms == pytest.approx(sum(t.cost.total_ms for t in on_device))
         assert device.hbm_bytes == sum(t.cost.hbm_bytes for t in on_device)
         assert device.hbm_bytes <= device.hbm_capacity_bytes
-    assert result.solve.lower_bound_ms >= makespan_lower_bound(
-        [t.cost.total_ms for t in result.tables], 2) - 1e-12
+    whole = _plan(options=WHOLE_IN_HBM)
+    assert whole.solve.lower_bound_ms >= makespan_lower_bound(
+        [t.cost.total_ms for t in whole.tables], 2) - 1e-12
+    assert all(t.sharding is Sharding.TABLE_WISE for t in whole.tables)
+    # more options can only help
+    assert result.solve.objective_ms <= whole.solve.objective_ms + 1e-12
 
 
 def test_plan_is_deterministic() -> None:
@@ -107,18 +119,22 @@ def test_table_larger_than_a_device() -> None:
     tables = small_tables_doc()
     tables["tables"][2]["num_embeddings"] = 100_000  # 3.2 MB > 1 MB per device
     with pytest.raises(InfeasibleError) as info:
-        _plan(tables)
+        _plan(tables, options=WHOLE_IN_HBM)
     err = info.value
     assert err.resource is Resource.HBM and err.tables == ("t2",)
     assert err.shortfall_bytes == 100_000 * 8 * 4 - 1_000_000
-    assert "devices of at least" in str(err)
+    assert "devices of at least" in str(err) and "allow a cache tier" in str(err)
+    # with every option it is cached or row-wise sharded instead
+    result = _plan(tables)
+    t2 = result.table("t2")
+    assert t2.sharding is not Sharding.TABLE_WISE or t2.shards[0].tier is not Tier.HBM
 
 
 def test_total_memory_short() -> None:
     tables = small_tables_doc(num_tables=6, rows=9_000)  # 9k..54k rows x 32 B
     topology = small_topology_doc(devices=2, hbm_gb=0.002)
     with pytest.raises(InfeasibleError) as info:
-        _plan(tables, topology)
+        _plan(tables, topology, options=WHOLE_IN_HBM)
     err = info.value
     total = sum(9_000 * (i + 1) * 32 for i in range(6))
     assert err.resource is Resource.HBM and err.tables == ()
@@ -131,8 +147,8 @@ def test_fragmentation_is_infeasible() -> None:
     tables = small_tables_doc(num_tables=3, rows=1)
     for table in tables["tables"]:
         table["num_embeddings"] = 600_000 // 32
-    with pytest.raises(InfeasibleError, match="whole tables cannot be packed"):
-        _plan(tables)
+    with pytest.raises(InfeasibleError, match="cannot be packed"):
+        _plan(tables, options=WHOLE_IN_HBM)
 
 
 class DoubleHbmModel:
@@ -172,10 +188,10 @@ class RaisingModel:
 def test_user_cost_model_changes_the_plan() -> None:
     tables = small_tables_doc(num_tables=4, rows=8_000)  # 256k..1 MB, fits in 2 x 1 MB
     topology = small_topology_doc(devices=2, hbm_gb=0.0013)
-    result = _plan(tables, topology)
+    result = _plan(tables, topology, options=WHOLE_IN_HBM)
     assert result.cost_model == "planner.cost:AnalyticCostModel"
     with pytest.raises(InfeasibleError):  # doubled memory no longer fits
-        _plan(tables, topology, cost_model=DoubleHbmModel())
+        _plan(tables, topology, cost_model=DoubleHbmModel(), options=WHOLE_IN_HBM)
 
 
 def test_load_cost_model_from_string() -> None:

@@ -1,0 +1,94 @@
+"""Greedy baselines: whole tables onto devices by a sort key and a device rule.
+
+Their tier rule is the common convention: a table goes to HBM if it fits on the
+chosen device, else to a device cache over host DRAM holding 20 % of its rows.
+They write the same plan file as the ILP, costed by the same model, and warm-start it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from planner.cost import CostModel, ShardOption, Sharding, Tier
+from planner.options import Placement, TableOption
+from planner.specs import GB, TablesSpec, TableSpec, Topology
+
+BASELINES = ("random", "size", "lookup", "size-lookup", "greedy")
+CACHE_FRACTION = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineResult:
+    name: str
+    options: tuple[TableOption, ...]
+    devices: tuple[int, ...]
+    """Device of each table's single shard."""
+
+
+def _whole_table(table: TableSpec, topology: Topology, model: CostModel, tier: Tier) -> TableOption:
+    rows, dim = table.num_embeddings, table.embedding_dim
+    cache = 0 if tier is Tier.HBM else max(1, math.ceil(rows * CACHE_FRACTION))
+    shard = ShardOption(table, Sharding.TABLE_WISE, rows, dim, tier=tier, cache_rows=cache)
+    return TableOption(table, Sharding.TABLE_WISE, tier,
+                       1.0 if tier is Tier.HBM else CACHE_FRACTION, Placement.FREE,
+                       ((0, rows),), ((0, dim),), (((rows, dim), 1, cache, model.cost(shard, topology)),))
+
+
+def run_baseline(name: str, tables: TablesSpec, topology: Topology, model: CostModel,
+                 seed: int = 0) -> BaselineResult | None:
+    """Place every table whole by baseline ``name``; ``None`` when some table fits on
+    no device in either tier."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    hbm_opts = [_whole_table(t, topology, model, Tier.HBM) for t in tables.tables]
+    cache_opts = [_whole_table(t, topology, model, Tier.DRAM_CACHE) for t in tables.tables]
+    world = topology.world_size
+    hbm_cap = topology.usable_hbm_bytes
+    dram_cap = int(topology.host.dram_gb * GB)
+    hbm = [0] * world
+    dram = [0] * topology.hosts
+    score = [0.0] * world  # what the device rule balances
+    rng = random.Random(seed)
+
+    keys: dict[str, Callable[[int], float]] = {
+        "random": lambda i: rng.random(),
+        "size": lambda i: tables.tables[i].weight_bytes,
+        "lookup": lambda i: tables.tables[i].embedding_dim * tables.tables[i].pooling_factor,
+        "size-lookup": lambda i: (tables.tables[i].embedding_dim * tables.tables[i].pooling_factor
+                                  * math.log10(max(tables.tables[i].num_embeddings, 2))),
+        "greedy": lambda i: hbm_opts[i].total_ms,
+    }
+    key = keys[name]
+    order = sorted(range(len(tables.tables)), key=lambda i: (-key(i), i))
+
+    def fits(option: TableOption, device: int) -> bool:
+        cost = option.shards[0].cost
+        return (hbm[device] + cost.hbm_bytes <= hbm_cap
+                and dram[topology.host_of(device)] + cost.dram_bytes <= dram_cap)
+
+    def choose(candidates: Sequence[int]) -> int:
+        if name == "random":
+            return rng.choice(list(candidates))
+        if name == "size":
+            return min(candidates, key=lambda d: (hbm[d], d))  # most free HBM
+        return min(candidates, key=lambda d: (score[d], d))
+
+    chosen: list[TableOption | None] = [None] * len(order)
+    devices = [-1] * len(order)
+    for i in order:
+        for option in (hbm_opts[i], cache_opts[i]):
+            candidates = [d for d in range(world) if fits(option, d)]
+            if candidates:
+                break
+        else:
+            return None
+        device = choose(candidates)
+        cost = option.shards[0].cost
+        hbm[device] += cost.hbm_bytes
+        dram[topology.host_of(device)] += cost.dram_bytes
+        score[device] += cost.total_ms if name == "greedy" else key(i)
+        chosen[i], devices[i] = option, device
+    return BaselineResult(name, tuple(o for o in chosen if o is not None), tuple(devices))

@@ -1,0 +1,233 @@
+"""Place the shards of chosen options on devices.
+
+Shards bound to devices (row-wise over all devices, data-parallel) go first; each
+table-row-wise option takes the host that keeps the largest load smallest; free
+shards follow longest-first onto the least-loaded device with room (HBM per device,
+DRAM per host). A local search then moves or swaps shards off the slowest device
+while that lowers it. Small instances are finished by the exact packing ILP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from planner.options import Placement, ShardSlot, TableOption
+from planner.packing import PackingProblem, solve_packing_ilp
+from planner.specs import GB, Topology
+
+EXACT_PACKING_MAX_BINARIES = 4000
+"""Free shards x devices up to which the exact packing ILP refines the heuristic."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedShard:
+    table: int
+    """Index of the table in the spec."""
+    slot: ShardSlot
+    device: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementResult:
+    shards: tuple[PlacedShard, ...]
+    loads_ms: tuple[float, ...]
+    hbm_bytes: tuple[int, ...]
+    dram_bytes: tuple[int, ...]
+    """Per host."""
+    exact: bool
+    """True when the exact packing ILP proved the free shards' placement optimal."""
+
+    @property
+    def makespan_ms(self) -> float:
+        return max(self.loads_ms, default=0.0)
+
+
+class _State:
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.loads = [0.0] * topology.world_size
+        self.hbm = [0] * topology.world_size
+        self.dram = [0] * topology.hosts
+        self.hbm_cap = topology.usable_hbm_bytes
+        self.dram_cap = int(topology.host.dram_gb * GB)
+        self.placed: list[PlacedShard] = []
+
+    def fits(self, slot: ShardSlot, device: int) -> bool:
+        host = self.topology.host_of(device)
+        return (self.hbm[device] + slot.cost.hbm_bytes <= self.hbm_cap
+                and self.dram[host] + slot.cost.dram_bytes <= self.dram_cap)
+
+    def add(self, table: int, slot: ShardSlot, device: int, sign: int = 1) -> None:
+        self.loads[device] += sign * slot.cost.total_ms
+        self.hbm[device] += sign * slot.cost.hbm_bytes
+        self.dram[self.topology.host_of(device)] += sign * slot.cost.dram_bytes
+
+
+def place(
+    options: Sequence[TableOption],
+    topology: Topology,
+    *,
+    time_limit_s: float = 10.0,
+    solver: str = "cbc",
+    threads: int = 1,
+) -> PlacementResult | None:
+    """Place every shard of ``options`` (one per table); ``None`` when some shard fits
+    nowhere."""
+    state = _State(topology)
+    per_host = topology.devices_per_host
+    free: list[tuple[int, ShardSlot]] = []
+    for table, option in enumerate(options):
+        if option.placement is Placement.EVERY_DEVICE:
+            for device, slot in enumerate(option.shards):
+                if not state.fits(slot, device):
+                    return None
+                state.add(table, slot, device)
+                state.placed.append(PlacedShard(table, slot, device))
+        elif option.placement is Placement.FREE:
+            free.extend((table, slot) for slot in option.shards)
+    grouped = [(t, o) for t, o in enumerate(options) if o.placement is Placement.ONE_HOST]
+    for table, option in sorted(grouped, key=lambda item: -item[1].total_ms):
+        shards = option.shards
+        best_host, best_peak = -1, float("inf")
+        for host in range(topology.hosts):
+            devices = range(host * per_host, (host + 1) * per_host)
+            if all(state.fits(s, d) for s, d in zip(shards, devices)):
+                peak = max(state.loads[d] + s.cost.total_ms for s, d in zip(shards, devices))
+                if peak < best_peak:
+                    best_host, best_peak = host, peak
+        if best_host < 0:
+            return None
+        for slot, device in zip(shards, range(best_host * per_host, (best_host + 1) * per_host)):
+            state.add(table, slot, device)
+            state.placed.append(PlacedShard(table, slot, device))
+
+    fixed = len(state.placed)
+    free.sort(key=lambda item: (-item[1].cost.total_ms, -item[1].cost.hbm_bytes, item[0]))
+    for table, slot in free:
+        device = _least_loaded_fitting(state, slot)
+        if device is None:
+            free.sort(key=lambda item: (-item[1].cost.hbm_bytes, item[0]))
+            return _memory_first(options, topology, state, fixed, free)
+        state.add(table, slot, device)
+        state.placed.append(PlacedShard(table, slot, device))
+    _local_search(state, fixed, deadline=time.perf_counter() + time_limit_s / 2)
+    exact = False
+    if 0 < len(free) * topology.world_size <= EXACT_PACKING_MAX_BINARIES:
+        exact = _refine_exactly(state, fixed, time_limit_s / 2, solver, threads)
+    return _result(state, exact)
+
+
+def _least_loaded_fitting(state: _State, slot: ShardSlot) -> int | None:
+    best = None
+    for device in range(len(state.loads)):
+        if state.fits(slot, device) and (best is None or state.loads[device] < state.loads[best]):
+            best = device
+    return best
+
+
+def _memory_first(options, topology, state: _State, fixed: int,
+                  free: list[tuple[int, ShardSlot]]) -> PlacementResult | None:
+    """Retry the free shards largest-memory-first (best fit), for tight memory."""
+    for shard in state.placed[fixed:]:
+        state.add(shard.table, shard.slot, shard.device, sign=-1)
+    del state.placed[fixed:]
+    for table, slot in free:
+        fitting = [d for d in range(len(state.loads)) if state.fits(slot, d)]
+        if not fitting:
+            return None
+        device = min(fitting, key=lambda d: (state.hbm_cap - state.hbm[d], state.loads[d]))
+        state.add(table, slot, device)
+        state.placed.append(PlacedShard(table, slot, device))
+    _local_search(state, fixed, deadline=time.perf_counter() + 2.0)
+    return _result(state, False)
+
+
+def _local_search(state: _State, fixed: int, deadline: float) -> None:
+    """Move or swap free shards off the slowest device while that lowers it."""
+    improved = True
+    while improved and time.perf_counter() < deadline:
+        improved = False
+        worst = max(range(len(state.loads)), key=state.loads.__getitem__)
+        peak = state.loads[worst]
+        mine = [i for i in range(fixed, len(state.placed)) if state.placed[i].device == worst]
+        mine.sort(key=lambda i: -state.placed[i].slot.cost.total_ms)
+        order = sorted(range(len(state.loads)), key=state.loads.__getitem__)
+        for i in mine:
+            shard = state.placed[i]
+            load = shard.slot.cost.total_ms
+            for target in order:
+                if target == worst or state.loads[target] + load >= peak - 1e-12:
+                    continue
+                if state.fits(shard.slot, target):
+                    _move(state, i, target)
+                    improved = True
+                    break
+            if improved:
+                break
+        if improved:
+            continue
+        # swaps: a shard of the worst device for a lighter shard elsewhere
+        for i in mine:
+            a = state.placed[i]
+            for j in range(fixed, len(state.placed)):
+                b = state.placed[j]
+                if b.device == worst:
+                    continue
+                delta = a.slot.cost.total_ms - b.slot.cost.total_ms
+                if delta <= 1e-12 or state.loads[b.device] + delta >= peak - 1e-12:
+                    continue
+                if _swap_fits(state, a, b):
+                    target = b.device
+                    _move(state, j, worst)
+                    _move(state, i, target)
+                    improved = True
+                    break
+            if improved:
+                break
+
+
+def _swap_fits(state: _State, a: PlacedShard, b: PlacedShard) -> bool:
+    da, db = a.device, b.device
+    ha, hb = state.topology.host_of(da), state.topology.host_of(db)
+    if state.hbm[da] - a.slot.cost.hbm_bytes + b.slot.cost.hbm_bytes > state.hbm_cap:
+        return False
+    if state.hbm[db] - b.slot.cost.hbm_bytes + a.slot.cost.hbm_bytes > state.hbm_cap:
+        return False
+    if ha != hb:
+        if state.dram[ha] - a.slot.cost.dram_bytes + b.slot.cost.dram_bytes > state.dram_cap:
+            return False
+        if state.dram[hb] - b.slot.cost.dram_bytes + a.slot.cost.dram_bytes > state.dram_cap:
+            return False
+    return True
+
+
+def _move(state: _State, index: int, device: int) -> None:
+    shard = state.placed[index]
+    state.add(shard.table, shard.slot, shard.device, sign=-1)
+    state.add(shard.table, shard.slot, device)
+    state.placed[index] = PlacedShard(shard.table, shard.slot, device)
+
+
+def _refine_exactly(state: _State, fixed: int, time_limit_s: float, solver: str, threads: int) -> bool:
+    """Re-place the free shards with the exact packing ILP when all devices start
+    empty of fixed shards (so devices are interchangeable) and DRAM does not bind."""
+    if fixed or any(s.slot.cost.dram_bytes for s in state.placed):
+        return False
+    free = state.placed[fixed:]
+    problem = PackingProblem(tuple(s.slot.cost.total_ms for s in free),
+                             tuple(s.slot.cost.hbm_bytes for s in free),
+                             state.topology.world_size, state.hbm_cap)
+    result = solve_packing_ilp(problem, time_limit_s=max(time_limit_s, 1.0), threads=threads,
+                               solver=solver, warm_start=tuple(s.device for s in free))
+    if not result.device_of or result.makespan_ms > max(state.loads) + 1e-12:
+        return False
+    for offset, device in enumerate(result.device_of):
+        _move(state, fixed + offset, device)
+    return result.proven_optimal
+
+
+def _result(state: _State, exact: bool) -> PlacementResult:
+    return PlacementResult(tuple(state.placed), tuple(state.loads), tuple(state.hbm),
+                      tuple(state.dram), exact)

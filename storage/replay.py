@@ -20,15 +20,18 @@ Policies (all share one driver loop, :func:`_drive`):
     recently used one among equals.
 ``"profile"``
     profile-warmed LFU: the ``cache_rows`` hottest rows of ``profile`` (per-row
-    access counts, e.g. the ``bincount`` of an earlier sample) are loaded before the
-    trace starts, and the counts of the LFU start from the profile. On a stationary
+    access counts, e.g. the ``bincount`` of an earlier sample; rows with a zero
+    count are not loaded, ties go to the lower row id) are loaded before the trace
+    starts, and the counts of the LFU start from the profile. On a stationary
     trace it stays at the profile's top-k and gradually corrects the profile's noise.
 ``"lookahead"``
-    Belady within a window: the policy sees the next ``lookahead`` ids (say the
-    next few batches a data loader has queued). It evicts the resident row that is
-    not used within the window and has the smallest LFU count; if every resident
-    row is used within the window, the one used last. With a ``profile`` the LFU
-    counts start from it and its hottest rows are preloaded, as for ``"profile"``.
+    Belady within a window: at access ``t`` the policy sees the ids at
+    ``t+1 .. t+lookahead`` (say the next few batches a data loader has queued). It
+    evicts, among the resident rows not used within the window, the one with the
+    smallest LFU count (then least recently used); if every resident row is used
+    within the window, the one whose next use is farthest. With a ``profile`` the
+    LFU counts start from it and its hottest rows are preloaded, as for
+    ``"profile"``. A window as long as the trace gives Belady's MIN.
 
 :func:`static_topk_hit_rate` and :func:`belady_hit_rate` give the two references:
 the best fixed set of rows for this very trace, and the offline optimum (MIN).
@@ -135,10 +138,12 @@ class _LRU:
 class _LFU:
     """Perfect LFU with optional prior counts and preloaded rows.
 
-    A min-heap of ``(count, stamp, row)`` with lazy deletion: ``stamp`` is the
-    position of the row's latest access (negative for preloaded rows), and an entry
-    is live only while it matches ``self._stamp[row]``. Ties on the count go to the
-    least recently used row.
+    A min-heap holds one ``(count, stamp, row)`` entry per resident row, where
+    ``stamp`` is the position of the row's latest access (negative for preloaded
+    rows), so ties on the count go to the least recently used row. A hit only
+    bumps the count and the stamp: the heap entry goes stale but stays a lower
+    bound of the row's true key (both only grow), so :meth:`evict` refreshes stale
+    entries as they surface and stops at the first fresh one, the true minimum.
     """
 
     def __init__(self, counts: list[float], preload: Sequence[int] = ()) -> None:
@@ -147,40 +152,42 @@ class _LFU:
         self._stamp: dict[int, int] = {}
         self._heap: list[tuple[float, int, int]] = []
         for i, row in enumerate(self._preload):
-            self._admit(i - len(self._preload), row)
+            self._stamp[row] = i - len(self._preload)
+            heapq.heappush(self._heap, (counts[row], self._stamp[row], row))
 
     def preload(self) -> Sequence[int]:
         return self._preload
 
-    def _admit(self, stamp: int, row: int) -> None:
-        """Record ``row`` as resident, last touched at ``stamp``."""
-        self._stamp[row] = stamp
-        heapq.heappush(self._heap, (self._counts[row], stamp, row))
-
     def on_hit(self, t: int, row: int) -> None:
         self._counts[row] += 1
-        self._admit(t, row)
+        self._stamp[row] = t
 
-    on_insert = on_hit
+    def on_insert(self, t: int, row: int) -> None:
+        self._counts[row] += 1
+        self._stamp[row] = t
+        heapq.heappush(self._heap, (self._counts[row], t, row))
 
     def evict(self, t: int) -> int:
-        heap, stamp = self._heap, self._stamp
+        heap, counts, stamp = self._heap, self._counts, self._stamp
         while True:
-            _, s, row = heapq.heappop(heap)
-            if stamp.get(row) == s:
+            count, s, row = heap[0]
+            if s == stamp[row] and count == counts[row]:
+                heapq.heappop(heap)
                 del stamp[row]
                 return row
+            heapq.heapreplace(heap, (counts[row], stamp[row], row))
 
 
 class _Lookahead(_LFU):
     """Belady's rule inside a window of ``window`` future ids, LFU outside it.
 
     ``next_use[t]`` is the next position of the row accessed at ``t`` (``_NEVER``
-    if none). Resident rows live in one of two lazy heaps: ``_far`` (next use beyond
-    the window, LFU order, inherited) and ``_near`` (next use within the window,
-    farthest first). A row only ever moves from far to near while it stays resident
-    (the window slides forward), and that move is done lazily when it surfaces at
-    the top of ``_far``. With a window as long as the trace this is Belady's MIN.
+    if none). Each access pushes the row into one of two heaps: the inherited
+    ``_heap`` (next use beyond the window; LFU order) or ``_near`` (next use inside
+    the window; farthest first). Entries whose stamp is no longer the row's latest
+    are dead and skipped. A row only moves from far to near while it stays resident
+    (the window slides forward); the move is done when it surfaces at the top of
+    the far heap. With a window as long as the trace this is Belady's MIN.
     """
 
     def __init__(self, counts: list[float], next_use: list[int], window: int,
@@ -295,9 +302,6 @@ def _check_sizes(num_rows: object, cache_rows: object) -> tuple[int, int]:
     return n, min(c, n)
 
 
-# ------------------------------------------------------------------------ public API
-
-
 def _next_use(ids: np.ndarray) -> np.ndarray:
     """For each position ``t`` the next position holding the same id (``_NEVER`` if none)."""
     ids = np.asarray(ids)
@@ -308,6 +312,9 @@ def _next_use(ids: np.ndarray) -> np.ndarray:
         same = ranked[1:] == ranked[:-1]
         out[order[:-1][same]] = order[1:][same]
     return out
+
+
+# ------------------------------------------------------------------------ public API
 
 
 def replay(ids: ArrayLike, *, num_rows: int, cache_rows: int, policy: str,
@@ -353,23 +360,22 @@ def _replay(trace: np.ndarray, num_rows: int, cache_rows: int, policy: str,
     counts: list[float] = [0] * num_rows if prior is None else prior.tolist()
     warm: list[int] = []
     if prior is not None:
-        # hottest first; ties by row id, so the choice is deterministic
-        warm = np.argsort(-prior, kind="stable")[:cache_rows].tolist()
+        # the hottest rows with a positive count; ties by row id, so it is deterministic
+        hottest = np.argsort(-prior, kind="stable")[:cache_rows]
+        warm = hottest[prior[hottest] > 0].tolist()
     if policy in ("lfu", "profile"):
         return _drive(trace.tolist(), cache_rows, _LFU(counts, warm))
-    first = _first_use(trace, np.asarray(warm, dtype=np.int64))
+    first = _first_use(trace, num_rows, warm)
     chooser = _Lookahead(counts, _next_use(trace).tolist(), lookahead, warm, first)
     return _drive(trace.tolist(), cache_rows, chooser)
 
 
-def _first_use(trace: np.ndarray, rows: np.ndarray) -> list[int]:
+def _first_use(trace: np.ndarray, num_rows: int, rows: list[int]) -> list[int]:
     """First position of each of ``rows`` in ``trace`` (``_NEVER`` if absent)."""
-    if rows.size == 0:
-        return []
-    uniq, first = np.unique(trace, return_index=True)
-    at = np.searchsorted(uniq, rows)
-    found = (at < uniq.size) & (uniq[np.minimum(at, uniq.size - 1)] == rows)
-    return np.where(found, first[np.minimum(at, uniq.size - 1)], _NEVER).tolist()
+    first = np.full(num_rows, _NEVER, dtype=np.int64)
+    seen, at = np.unique(trace, return_index=True)
+    first[seen] = at
+    return first[np.asarray(rows, dtype=np.int64)].tolist()
 
 
 def static_topk_hit_rate(ids: ArrayLike, num_rows: int, cache_rows: int) -> float:

@@ -8,8 +8,22 @@ from collections.abc import Sequence
 
 from cli.errors import EXIT_CODES_HELP, ExitCode, run_guarded
 from cli.report import device_table, solve_summary, table_choices
-from planner import PlanOptions, load_tables, load_topology, plan, read_plan, write_plan
+from planner import (
+    AnalyticCostModel,
+    PlanOptions,
+    Sharding,
+    Tier,
+    load_tables,
+    load_topology,
+    plan,
+    read_plan,
+    write_plan,
+)
+from planner.api import cost_model_name
+from planner.baselines import BASELINES
 from planner.cost import load_cost_model
+from planner.evaluate import evaluate
+from planner.options import OptionSettings
 
 PROG = "dlrm-plan"
 
@@ -27,8 +41,14 @@ topology gives hosts, devices_per_host, device {hbm_gb, hbm_gbps}, host {dram_gb
 dram_gbps, h2d_gbps}, store {read_gbps, write_gbps}, network {intra_host_gbps,
 inter_host_gbps}, batch_size_per_device and reserved_hbm_gb. GB = 1e9 bytes.
 
+  dlrm-plan ... --baseline greedy          # a greedy baseline instead of the ILP
+  dlrm-plan ... --sharding table_wise,row_wise --tiers hbm   # restrict the options
+  dlrm-plan evaluate plan.json --cost-model my_models:Calibrated --topology other.json
+
 subcommands:
-  show PLAN      per-device load and memory, and each table's placement
+  show PLAN       per-device load and memory, each table's placement and why
+  evaluate PLAN   re-cost a plan (any plan file, hand-written too) under a cost
+                  model and topology, to compare plans from different tools
 """
 
 
@@ -56,17 +76,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cost-model", metavar="MODULE:CLASS",
                         help="your own cost model class (see planner.CostModel); "
                              "default: the analytic model")
+    parser.add_argument("--baseline", choices=BASELINES,
+                        help="plan with a greedy baseline instead of the ILP: random, size "
+                             "(bytes), lookup (dim x pooling), size-lookup (x log10 rows), "
+                             "greedy (by modelled cost, like TorchRec's)")
+    parser.add_argument("--sharding", type=_enum_list(Sharding), metavar="TYPE,..",
+                        default=frozenset(Sharding),
+                        help="allowed sharding types (default: all): "
+                             + ", ".join(x.value for x in Sharding))
+    parser.add_argument("--tiers", type=_enum_list(Tier), metavar="TIER,..", default=frozenset(Tier),
+                        help="allowed tiers (default: all): hbm, dram_cache (device cache over "
+                             "host DRAM), store_cache (device cache over the zarr store)")
+    parser.add_argument("--cache-fractions", type=_fractions, metavar="F,..",
+                        default=OptionSettings().cache_fractions,
+                        help="device cache sizes to consider, as shares of a shard's rows "
+                             "(default: 0.01,0.05,0.2,0.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
 
 
+def _enum_list(kind):
+    def parse(text: str) -> frozenset:
+        try:
+            values = frozenset(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: choose from {', '.join(x.value for x in kind)}") from None
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one value")
+        return values
+    return parse
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(sorted(float(v) for v in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.05,0.2, got {text!r}") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"cache fractions must lie in (0, 1), got {text!r}")
+    return values
+
+
 def build_show_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"{PROG} show",
                                      description="Show a plan: per-device load and memory, "
-                                                 "and each table's placement.",
+                                                 "each table's placement and why.",
                                      epilog=EXIT_CODES_HELP)
     parser.add_argument("plan", metavar="PLAN", help="plan file written by dlrm-plan")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
+def build_evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} evaluate",
+        description="Re-cost a plan's shards, where they are, under a cost model and topology, "
+                    "so plans from different tools compare under one model.",
+        epilog=EXIT_CODES_HELP)
+    parser.add_argument("plan", metavar="PLAN", help="plan file (from dlrm-plan or by hand)")
+    parser.add_argument("--cost-model", metavar="MODULE:CLASS",
+                        help="cost model (default: the analytic model)")
+    parser.add_argument("--topology", metavar="TOPOLOGY",
+                        help="topology to cost on (default: the plan's)")
+    parser.add_argument("-o", "--output", metavar="PLAN", help="also write the re-costed plan")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
 
@@ -83,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "show":
         args = build_show_parser().parse_args(argv[1:])
         return run_guarded(PROG, args.verbose, lambda: _show(args))
+    if argv and argv[0] == "evaluate":
+        args = build_evaluate_parser().parse_args(argv[1:])
+        return run_guarded(PROG, args.verbose, lambda: _evaluate(args))
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_options(parser, args)
@@ -97,8 +175,11 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"planning {len(tables.tables)} tables on {topology.world_size} devices "
               f"({topology.hosts} host(s)); solver {args.solver}, limit {args.time_limit:g} s",
               file=sys.stderr)
+    settings = OptionSettings(shardings=args.sharding, tiers=args.tiers,
+                              cache_fractions=args.cache_fractions)
     result = plan(tables, topology, cost_model=model,
-                  options=PlanOptions(args.time_limit, args.threads, args.solver))
+                  options=PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
+                                      args.seed, settings))
     write_plan(result, args.output)
     if not args.quiet:
         print(device_table(result))
@@ -113,6 +194,21 @@ def _show(args: argparse.Namespace) -> int:
     print(solve_summary(result))
     print()
     print(table_choices(result))
+    return ExitCode.OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    original = read_plan(args.plan)
+    model = load_cost_model(args.cost_model) if args.cost_model else AnalyticCostModel()
+    topology = load_topology(args.topology) if args.topology else None
+    result = evaluate(original, model, cost_model_name(model), topology)
+    print(device_table(result))
+    print(f"re-costed under {result.cost_model}: slowest device {result.solve.objective_ms:.4f} "
+          f"ms/step (the plan said {original.solve.objective_ms:.4f} ms under "
+          f"{original.cost_model})")
+    if args.output:
+        write_plan(result, args.output)
+        print(f"re-costed plan written to {args.output}")
     return ExitCode.OK
 
 

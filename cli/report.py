@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from planner import Plan
+from planner.evaluate import explain
 
 MB = 1_000_000
 
@@ -34,12 +35,19 @@ def solve_summary(plan: Plan) -> str:
             f"gap {s.gap:.2%}; solved in {s.solve_seconds:.2f} s")
 
 
+def _devices(shards) -> str:
+    devices = sorted({s.device for s in shards})
+    if len(devices) > 3 and devices == list(range(devices[0], devices[-1] + 1)):
+        return f"{devices[0]}-{devices[-1]}"
+    return ",".join(map(str, devices))
+
+
 def table_choices(plan: Plan) -> str:
-    """One line per table: sharding, where its shards went, predicted cost."""
-    lines = [f"{'table':<24} {'sharding':<14} {'devices':<12} {'tier':<12} {'ms':>9} {'HBM MB':>9}"]
+    """One line per table: sharding, where its shards went, predicted cost, and why."""
+    lines = [f"{'table':<20} {'sharding':<14} {'devices':<9} {'tier':<11} {'ms':>9} "
+             f"{'HBM MB':>9}  why"]
     for t in plan.tables:
-        devices = ",".join(str(s.device) for s in t.shards)
         tiers = ",".join(sorted({s.tier.value for s in t.shards}))
-        lines.append(f"{t.name:<24} {t.sharding.value:<14} {devices:<12} {tiers:<12} "
-                     f"{t.cost.total_ms:>9.4f} {t.cost.hbm_bytes / MB:>9.2f}")
+        lines.append(f"{t.name:<20} {t.sharding.value:<14} {_devices(t.shards):<9} {tiers:<11} "
+                     f"{t.cost.total_ms:>9.4f} {t.cost.hbm_bytes / MB:>9.2f}  {explain(plan, t)}")
     return "\n".join(lines)

@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of data and weights (default: 0)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--metrics-log", metavar="FILE", help="append JSON lines of metrics here")
+    parser.add_argument("--checkpoint-dir", metavar="DIR",
+                        help="write checkpoints here (atomically; only the newest is kept), "
+                             "at the end and every --checkpoint-every steps")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                        help="steps between checkpoints (default: only at the end)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in --checkpoint-dir; the run "
+                             "ends with the same weights as an uninterrupted one")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch.use_deterministic_algorithms(True); on the CPU fix --threads "
+                             "too for identical results across machines")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
@@ -129,6 +140,10 @@ def _run(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         seed=args.seed,
         threads=args.threads,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        deterministic=args.deterministic,
     )
     print(f"training {len(plan.tables)} tables from {args.plan}: {config.steps} steps of "
           f"{config.batch_size} samples", file=sys.stderr)
@@ -145,13 +160,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def format_result(result: TrainResult) -> str:
     v = result.validation
-    return "\n".join([
+    lines = [
         f"trained {result.steps} steps x {result.batch_size} samples in {result.seconds:.1f} s: "
         f"{result.samples_per_s:,.0f} samples/s, final train loss {result.train_loss:.4f}",
         f"validation ({v.samples} samples): loss {v.loss:.4f}, AUC {v.auc:.4f}, "
         f"accuracy {v.accuracy:.4f}; the hidden teacher's AUC {v.teacher_auc:.4f} "
         f"(model reaches {v.auc / v.teacher_auc:.1%} of it)",
-    ])
+    ]
+    if result.resumed_from is not None:
+        lines.insert(0, f"resumed from step {result.resumed_from}")
+    if result.checkpoint is not None:
+        lines.append(f"checkpoint: {result.checkpoint}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

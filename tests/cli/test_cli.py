@@ -120,3 +120,34 @@ def test_run_missing_plan_and_bad_config(tmp_path: Path, tables_file: Path, topo
     code = run_cli.main(["--plan", str(path), "--bottom-mlp", "16,9", "--steps", "1"])
     assert code == ExitCode.BAD_INPUT
     assert "dot interaction needs one width" in capsys.readouterr().err
+
+
+def test_plan_flags_baseline_and_restrictions(tmp_path: Path, tables_file: Path,
+                                              topology_file: Path) -> None:
+    out = tmp_path / "p.json"
+    base = ["--tables", str(tables_file), "--topology", str(topology_file), "-o", str(out), "-q"]
+    assert plan_cli.main([*base, "--baseline", "size"]) == ExitCode.OK
+    assert json.loads(out.read_text())["method"] == "baseline:size"
+    assert plan_cli.main([*base, "--sharding", "row_wise", "--tiers", "hbm,dram_cache",
+                          "--cache-fractions", "0.1,0.3"]) == ExitCode.OK
+    doc = json.loads(out.read_text())
+    assert {t["sharding"] for t in doc["tables"]} == {"row_wise"}
+    for argv in (["--sharding", "diagonal"], ["--tiers", ""], ["--cache-fractions", "1.5"],
+                 ["--baseline", "best"]):
+        with pytest.raises(SystemExit) as info:
+            plan_cli.main([*base, *argv])
+        assert info.value.code == 2
+
+
+def test_evaluate_command(tmp_path: Path, tables_file: Path, topology_file: Path, capsys) -> None:
+    path = _plan_file(tmp_path, tables_file, topology_file)
+    capsys.readouterr()
+    out = tmp_path / "recosted.json"
+    code = plan_cli.main(["evaluate", str(path), "--cost-model", "planner.cost:AnalyticCostModel",
+                          "-o", str(out)])
+    assert code == ExitCode.OK
+    assert "re-costed under planner.cost:AnalyticCostModel" in capsys.readouterr().out
+    assert json.loads(out.read_text())["method"] == "evaluate"
+    small = write_json(tmp_path / "one.json", small_topology_doc(devices=1))
+    assert plan_cli.main(["evaluate", str(path), "--topology", str(small)]) == ExitCode.BAD_INPUT
+    assert "the plan uses 2 devices" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""Re-cost a plan (hand-written ones too) under any cost model and topology, and say
+why each table is where it is."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from planner.cost import CostModel, ShardCost, ShardOption, Sharding, Tier
+from planner.errors import PlanFileError
+from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
+from planner.specs import TableSpec, Topology
+
+
+def shard_option(table: TableSpec, sharding: Sharding, shards: tuple[Shard, ...], shard: Shard,
+                 world_size: int) -> ShardOption:
+    """The cost-model question for one shard of a plan: row-wise shards serve the
+    share of lookups of their rows, data-parallel replicas the local batch."""
+    rows = shard.row_end - shard.row_start
+    lookup_share = rows / table.num_embeddings
+    output_share = 1.0
+    if sharding is Sharding.DATA_PARALLEL:
+        lookup_share = output_share = 1.0 / world_size
+    return ShardOption(table, sharding, rows, shard.col_end - shard.col_start, len(shards),
+                       lookup_share, output_share, shard.tier, shard.cache_rows)
+
+
+def evaluate(plan: Plan, model: CostModel, model_name: str, topology: Topology | None = None) -> Plan:
+    """The same shards on the same devices, costed by ``model`` on ``topology``
+    (default: the plan's). The result's objective is the re-costed slowest device;
+    its bound is unknown (0) since the plan was not made under this model."""
+    topology = topology or plan.topology
+    if topology.world_size < plan.topology.world_size:
+        raise PlanFileError("<plan>", f"the plan uses {plan.topology.world_size} devices, the "
+                                      f"topology has {topology.world_size}")
+    world = topology.world_size
+    loads, hbm = [0.0] * world, [0] * world
+    tables = []
+    for planned in plan.tables:
+        spec = plan.tables_spec.by_name(planned.name)
+        total = ShardCost(0.0, 0.0, 0.0, 0.0, 0, 0)
+        for shard in planned.shards:
+            cost = model.cost(shard_option(spec, planned.sharding, planned.shards, shard, world),
+                              topology)
+            loads[shard.device] += cost.total_ms
+            hbm[shard.device] += cost.hbm_bytes
+            total = total + cost
+        tables.append(replace(planned, cost=total))
+    devices = tuple(DeviceLoad(d, topology.host_of(d), loads[d], hbm[d], topology.usable_hbm_bytes)
+                    for d in range(world))
+    report = SolveReport("evaluate", "none", "Evaluated", "Not Solved", max(loads), 0.0, 0.0, 0.0, 1)
+    out = Plan(plan.tables_spec, topology, model_name, tuple(tables), devices, report)
+    check_plan(out)
+    return out
+
+
+def explain(plan: Plan, table: TablePlan) -> str:
+    """One line on why a table is sharded and stored as it is."""
+    spec = plan.tables_spec.by_name(table.name)
+    tiers = {s.tier for s in table.shards}
+    peak = plan.solve.objective_ms
+    capacity = plan.topology.usable_hbm_bytes
+    if tiers != {Tier.HBM}:
+        whole = spec.weight_bytes
+        free = sum(d.hbm_capacity_bytes - d.hbm_bytes for d in plan.devices)
+        cache = sum(s.cache_rows for s in table.shards)
+        return (f"HBM binds: whole it needs {whole} bytes, the devices have {free} left; "
+                f"cached {cache} of {spec.num_embeddings} rows "
+                f"({cache / spec.num_embeddings:.0%}), hit rate "
+                f"{spec.access.hit_rate(spec.num_embeddings, cache):.0%} by its access profile")
+    if table.sharding is Sharding.TABLE_WISE:
+        return "fastest option: whole in HBM on one device"
+    if table.sharding is Sharding.DATA_PARALLEL:
+        return "replicated: small, and lookups stay local (no all-to-all of ids and outputs)"
+    if spec.weight_bytes > capacity:
+        return f"HBM binds: whole it needs {spec.weight_bytes} bytes, a device holds {capacity}"
+    return (f"load balance: split into {len(table.shards)} shards so no device exceeds "
+            f"{peak:.4f} ms/step")

@@ -53,6 +53,8 @@ class AggregateSolution:
     status: str
     sol_status: str
     solver: str
+    memory_binds: bool = False
+    """True when the choice without memory constraints did not fit memory."""
 
 
 def solve_aggregate(
@@ -89,8 +91,8 @@ def solve_aggregate(
         solution = first
     else:
         left = max(1.0, time_limit_s - (time.perf_counter() - start))
-        solution = problem.solve(memory=True, time_limit_s=left, threads=threads, solver=solver,
-                                 relax=relax)
+        solution = replace(problem.solve(memory=True, time_limit_s=left, threads=threads,
+                                         solver=solver, relax=relax), memory_binds=True)
     if not solution.choice:
         return solution
     # Remove the tie-break term's largest possible contribution from the bound.

@@ -15,11 +15,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from planner.aggregate import AggregateCut, solve_aggregate
 from planner.baselines import BASELINES, BaselineResult, run_baseline
-from planner.cost import AnalyticCostModel, CostModel, ShardCost, Sharding
+from planner.cost import AnalyticCostModel, CostModel, ShardCost, Tier
 from planner.errors import InfeasibleError, PlannerError, Resource
 from planner.options import OptionSettings, TableOption, table_options
 from planner.packing import makespan_lower_bound
@@ -81,53 +81,37 @@ def plan(
             raise _baseline_infeasible(options.baseline, tables, topology)
         return _baseline_plan(result, tables, topology, name, options, start)
 
-    candidates = [table_options(t, topology, model, options.candidates) for t in tables.tables]
-    check_capacity(tables, topology, candidates, model, options.candidates)
-    budget = options.time_limit_s
-    found: list[_Found] = []
-    allowed = options.candidates
-    for result in (run_baseline(b, tables, topology, model) for b in ("greedy", "size-lookup")):
-        if result is not None and all(o.sharding in allowed.shardings and o.tier in allowed.tiers
-                                      for o in result.options):
-            placed = tuple(PlacedShard(t, o.shards[0], d)
-                           for t, (o, d) in enumerate(zip(result.options, result.devices)))
-            found.append(_Found(_makespan(placed, topology), result.options, placed))
-
-    choice = solve_aggregate(candidates, topology, time_limit_s=0.3 * budget,
-                             threads=options.threads, solver=options.solver)
-    if not choice.choice:
-        raise _choice_infeasible(tables, topology, candidates)
-    bound, status, solver = choice.lower_bound_ms, choice.status, choice.solver
-    heuristic = _choose_and_place(candidates, topology, choice.choice, options)
-    if heuristic is not None:
-        found.append(heuristic)
-
-    exact_proof = False
-    if exact_size(candidates, topology) <= EXACT_MAX_TERMS:
-        warm = heuristic.choice if heuristic is not None else None
-        exact = solve_exact(candidates, topology, time_limit_s=0.4 * budget,
-                            threads=options.threads, warm_choice=warm,
-                            warm_placed=heuristic.placed if heuristic is not None else ())
-        if exact is not None:
-            bound = max(bound, exact.lower_bound_ms)
-            exact_proof = exact.sol_status == "Optimal Solution Found"
-            status = exact.status
-            found.append(_Found(exact.makespan_ms,
-                                tuple(candidates[t][o] for t, o in enumerate(exact.choice)),
-                                exact.placed))
+    settings = options.candidates
+    found = _baseline_plans(tables, topology, model, settings)
+    # Cached tiers only trade time for memory. First search with HBM options alone:
+    # without memory constraints that problem is a relaxation of the full one (a cached
+    # option is never faster than its HBM twin), so its bounds hold for every plan.
+    # Only when memory binds are the cache options generated and searched.
+    search = None
+    if Tier.HBM in settings.tiers and settings.tiers != {Tier.HBM}:
+        hbm_only = replace(settings, tiers=frozenset({Tier.HBM}))
+        candidates = [table_options(t, topology, model, hbm_only) for t in tables.tables]
+        if all(candidates):
+            search = _search(candidates, topology, options, relaxed=True)
+    if search is None:
+        candidates = [table_options(t, topology, model, settings) for t in tables.tables]
+        check_capacity(tables, topology, candidates, model, settings)
+        search = _search(candidates, topology, options, relaxed=False)
+        if search is None:
+            raise _choice_infeasible(tables, topology, candidates)
+    found.extend(search.found)
     if not found:
         raise _choice_infeasible(tables, topology, candidates)
     best = min(found, key=lambda f: f.makespan_ms)
+    bound = search.bound_ms
     if all(len(opts) == 1 and opts[0].num_shards == 1 for opts in candidates):
         # Whole tables, one option each: the pigeonhole bounds hold.
         bound = max(bound, makespan_lower_bound([o[0].total_ms for o in candidates],
                                                 topology.world_size))
-    if exact_proof:
-        bound = max(bound, best.makespan_ms)
     report = SolveReport(
         method="ilp",
-        solver=solver,
-        status=status,
+        solver=search.solver,
+        status=search.status,
         sol_status="Optimal Solution Found" if best.makespan_ms <= bound * (1 + 1e-9)
         else "Solution Found",
         objective_ms=best.makespan_ms,
@@ -137,6 +121,65 @@ def plan(
         threads=options.threads,
     )
     return assemble_plan(tables, topology, name, best.options, best.placed, report)
+
+
+@dataclass(frozen=True, slots=True)
+class _Search:
+    found: list["_Found"]
+    bound_ms: float
+    status: str
+    solver: str
+    relaxed: bool
+
+
+def _search(candidates: list[list[TableOption]], topology: Topology, options: PlanOptions,
+            relaxed: bool) -> _Search | None:
+    """Choice, placement and (small instances) the exact ILP over ``candidates``.
+
+    ``relaxed``: the candidates lack the cache tiers, so only memory-free problems give
+    valid bounds; returns ``None`` when memory binds (the caller then searches with
+    every option)."""
+    budget = options.time_limit_s
+    choice = solve_aggregate(candidates, topology, time_limit_s=0.3 * budget,
+                             threads=options.threads, solver=options.solver)
+    if not choice.choice or (relaxed and choice.memory_binds):
+        return None
+    found: list[_Found] = []
+    bound, status = choice.lower_bound_ms, choice.status
+    heuristic = _choose_and_place(candidates, topology, choice.choice, options)
+    if heuristic is not None:
+        found.append(heuristic)
+    elif relaxed:
+        return None
+    if exact_size(candidates, topology) <= EXACT_MAX_TERMS:
+        exact = solve_exact(candidates, topology, time_limit_s=0.4 * budget,
+                            threads=options.threads,
+                            warm_choice=heuristic.choice if heuristic is not None else None,
+                            warm_placed=heuristic.placed if heuristic is not None else (),
+                            memory=not relaxed)
+        if exact is not None:
+            bound = max(bound, exact.lower_bound_ms)
+            status = exact.status
+            if exact.fits_memory:
+                found.append(_Found(exact.makespan_ms,
+                                    tuple(candidates[t][o] for t, o in enumerate(exact.choice)),
+                                    exact.placed))
+    return _Search(found, bound, status, choice.solver, relaxed)
+
+
+def _baseline_plans(tables: TablesSpec, topology: Topology, model: CostModel,
+                    allowed: OptionSettings) -> list["_Found"]:
+    """The greedy baselines' plans whose options are allowed (warm starts and a floor
+    under the ILP's result)."""
+    found = []
+    for name in ("greedy", "size-lookup"):
+        result = run_baseline(name, tables, topology, model)
+        if result is not None and all(o.sharding in allowed.shardings and o.tier in allowed.tiers
+                                      for o in result.options):
+            placed = tuple(PlacedShard(t, o.shards[0], d)
+                           for t, (o, d) in enumerate(zip(result.options, result.devices)))
+            found.append(_Found(_makespan(placed, topology), result.options, placed))
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,9 +208,10 @@ def _choose_and_place(candidates: Sequence[Sequence[TableOption]], topology: Top
             choice = again.choice
         chosen = tuple(candidates[t][o] for t, o in enumerate(choice))
         placement = place(chosen, topology, time_limit_s=0.2 * budget, solver=options.solver,
-                          threads=options.threads)
+                          threads=options.threads, alternatives=candidates)
         if placement is not None:
-            return _Found(placement.makespan_ms, chosen, placement.shards, choice)
+            final = tuple(candidates[t].index(o) for t, o in enumerate(placement.options))
+            return _Found(placement.makespan_ms, placement.options, placement.shards, final)
     return None
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from planner.cost import CostModel, ShardOption, Sharding, Tier
 from planner.options import Placement, TableOption
@@ -48,13 +50,14 @@ def run_baseline(name: str, tables: TablesSpec, topology: Topology, model: CostM
     world = topology.world_size
     hbm_cap = topology.usable_hbm_bytes
     dram_cap = int(topology.host.dram_gb * GB)
-    hbm = [0] * world
-    dram = [0] * topology.hosts
-    score = [0.0] * world  # what the device rule balances
+    host_of = np.arange(world) // topology.devices_per_host
+    hbm = np.zeros(world, dtype=np.int64)
+    dram = np.zeros(topology.hosts, dtype=np.int64)
+    score = np.zeros(world)  # what the device rule balances
     rng = random.Random(seed)
 
     keys: dict[str, Callable[[int], float]] = {
-        "random": lambda i: rng.random(),
+        "random": lambda i: 0.0,
         "size": lambda i: tables.tables[i].weight_bytes,
         "lookup": lambda i: tables.tables[i].embedding_dim * tables.tables[i].pooling_factor,
         "size-lookup": lambda i: (tables.tables[i].embedding_dim * tables.tables[i].pooling_factor
@@ -62,33 +65,31 @@ def run_baseline(name: str, tables: TablesSpec, topology: Topology, model: CostM
         "greedy": lambda i: hbm_opts[i].total_ms,
     }
     key = keys[name]
-    order = sorted(range(len(tables.tables)), key=lambda i: (-key(i), i))
-
-    def fits(option: TableOption, device: int) -> bool:
-        cost = option.shards[0].cost
-        return (hbm[device] + cost.hbm_bytes <= hbm_cap
-                and dram[topology.host_of(device)] + cost.dram_bytes <= dram_cap)
-
-    def choose(candidates: Sequence[int]) -> int:
-        if name == "random":
-            return rng.choice(list(candidates))
-        if name == "size":
-            return min(candidates, key=lambda d: (hbm[d], d))  # most free HBM
-        return min(candidates, key=lambda d: (score[d], d))
+    order = list(range(len(tables.tables)))
+    if name == "random":
+        rng.shuffle(order)
+    else:
+        order.sort(key=lambda i: (-key(i), i))
 
     chosen: list[TableOption | None] = [None] * len(order)
     devices = [-1] * len(order)
     for i in order:
         for option in (hbm_opts[i], cache_opts[i]):
-            candidates = [d for d in range(world) if fits(option, d)]
-            if candidates:
+            cost = option.shards[0].cost
+            fits = (hbm + cost.hbm_bytes <= hbm_cap) & (dram[host_of] + cost.dram_bytes <= dram_cap)
+            if fits.any():
                 break
         else:
             return None
-        device = choose(candidates)
-        cost = option.shards[0].cost
+        candidates = np.flatnonzero(fits)
+        if name == "random":
+            device = int(rng.choice(candidates.tolist()))
+        elif name == "size":
+            device = int(candidates[np.argmin(hbm[candidates])])  # most free HBM
+        else:
+            device = int(candidates[np.argmin(score[candidates])])
         hbm[device] += cost.hbm_bytes
-        dram[topology.host_of(device)] += cost.dram_bytes
+        dram[host_of[device]] += cost.dram_bytes
         score[device] += cost.total_ms if name == "greedy" else key(i)
         chosen[i], devices[i] = option, device
     return BaselineResult(name, tuple(o for o in chosen if o is not None), tuple(devices))

@@ -36,6 +36,8 @@ class ExactSolution:
     lower_bound_ms: float
     status: str
     sol_status: str
+    fits_memory: bool
+    """Whether the placement respects HBM per device and DRAM per host."""
 
 
 def exact_size(options: Sequence[Sequence[TableOption]], topology: Topology) -> int:
@@ -50,8 +52,11 @@ def solve_exact(
     threads: int = 1,
     warm_choice: Sequence[int] | None = None,
     warm_placed: Sequence[PlacedShard] = (),
+    memory: bool = True,
 ) -> ExactSolution | None:
-    """Solve with CBC; ``None`` when no solution was found in time."""
+    """Solve with CBC; ``None`` when no solution was found in time. ``memory=False``
+    drops the memory constraints: a relaxation whose bound holds for every plan over
+    these options and any slower variants of them (cached tiers)."""
     world, per_host = topology.world_size, topology.devices_per_host
     prob = pulp.LpProblem("exact_placement", pulp.LpMinimize)
     pairs = [(t, o) for t, opts in enumerate(options) for o in range(len(opts))]
@@ -97,9 +102,10 @@ def solve_exact(
     capacity = topology.usable_hbm_bytes
     for d in range(world):
         prob += (pulp.LpAffineExpression(load[d]) - z <= 0, f"load_dev_{d}")
-        prob += (pulp.LpAffineExpression(hbm[d]) <= capacity, f"hbm_cap_dev_{d}")
+        if memory:
+            prob += (pulp.LpAffineExpression(hbm[d]) <= capacity, f"hbm_cap_dev_{d}")
     for k, terms in enumerate(dram):
-        if terms:
+        if terms and memory:
             prob += (pulp.LpAffineExpression(terms) <= int(topology.host.dram_gb * GB),
                      f"dram_cap_host_{k}")
 
@@ -134,17 +140,21 @@ def solve_exact(
         else:
             devices = [d for d in range(world) for _ in range(round(count[t, o, d].value() or 0))]
             placed.extend(PlacedShard(t, slot, d) for slot, d in zip(shards, devices))
-    loads = [0.0] * world
+    loads, used = [0.0] * world, [0] * world
+    dram_used = [0] * topology.hosts
     for p in placed:
         loads[p.device] += p.slot.cost.total_ms
+        used[p.device] += p.slot.cost.hbm_bytes
+        dram_used[topology.host_of(p.device)] += p.slot.cost.dram_bytes
     makespan = max(loads)
+    fits = max(used) <= capacity and max(dram_used) <= int(topology.host.dram_gb * GB)
     if prob.sol_status == pulp.LpSolutionOptimal:
         bound = makespan
     else:
         match = re.search(r"Lower bound:\s*([-+0-9.eE]+)", log_text)
         bound = float(match.group(1)) if match else 0.0
     return ExactSolution(choice, tuple(placed), makespan, min(bound, makespan),
-                         pulp.LpStatus[prob.status], pulp.LpSolution[prob.sol_status])
+                         pulp.LpStatus[prob.status], pulp.LpSolution[prob.sol_status], fits)
 
 
 def _warm_start(options, choice, placed, y, count, host_of_option, z, topology) -> None:

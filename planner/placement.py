@@ -31,6 +31,8 @@ class PlacedShard:
 
 @dataclass(frozen=True, slots=True)
 class PlacementResult:
+    options: tuple[TableOption, ...]
+    """Each table's option: the given one, or a finer one the split step chose."""
     shards: tuple[PlacedShard, ...]
     loads_ms: tuple[float, ...]
     hbm_bytes: tuple[int, ...]
@@ -45,8 +47,9 @@ class PlacementResult:
 
 
 class _State:
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, options: Sequence[TableOption]) -> None:
         self.topology = topology
+        self.options = list(options)
         self.loads = [0.0] * topology.world_size
         self.hbm = [0] * topology.world_size
         self.dram = [0] * topology.hosts
@@ -72,10 +75,12 @@ def place(
     time_limit_s: float = 10.0,
     solver: str = "cbc",
     threads: int = 1,
+    alternatives: Sequence[Sequence[TableOption]] | None = None,
 ) -> PlacementResult | None:
     """Place every shard of ``options`` (one per table); ``None`` when some shard fits
-    nowhere."""
-    state = _State(topology)
+    nowhere. With ``alternatives`` (every table's candidate options), tables on the
+    slowest device may switch to an option with more shards when that lowers it."""
+    state = _State(topology, options)
     per_host = topology.devices_per_host
     free: list[tuple[int, ShardSlot]] = []
     for table, option in enumerate(options):
@@ -112,7 +117,11 @@ def place(
             return _memory_first(options, topology, state, fixed, free)
         state.add(table, slot, device)
         state.placed.append(PlacedShard(table, slot, device))
-    _local_search(state, fixed, deadline=time.perf_counter() + time_limit_s / 2)
+    deadline = time.perf_counter() + time_limit_s / 2
+    _local_search(state, fixed, deadline)
+    if alternatives is not None:
+        _split_heavy(state, fixed, alternatives, deadline)
+        _local_search(state, fixed, deadline)
     exact = False
     if 0 < len(free) * topology.world_size <= EXACT_PACKING_MAX_BINARIES:
         exact = _refine_exactly(state, fixed, time_limit_s / 2, solver, threads)
@@ -228,6 +237,57 @@ def _refine_exactly(state: _State, fixed: int, time_limit_s: float, solver: str,
     return result.proven_optimal
 
 
+def _split_heavy(state: _State, fixed: int, alternatives: Sequence[Sequence[TableOption]],
+                 deadline: float) -> None:
+    """While it lowers the slowest device: move a table found there to an option with
+    more (hence smaller) free shards, placed least-loaded first."""
+    while time.perf_counter() < deadline:
+        worst = max(range(len(state.loads)), key=state.loads.__getitem__)
+        peak = state.loads[worst]
+        here: dict[int, float] = {}
+        for p in state.placed[fixed:]:
+            if p.device == worst:
+                here[p.table] = here.get(p.table, 0.0) + p.slot.cost.total_ms
+        improved = False
+        for table in sorted(here, key=lambda t: -here[t]):
+            current = state.options[table]
+            finer = sorted((o for o in alternatives[table]
+                            if o.placement is Placement.FREE and o.num_shards > current.num_shards),
+                           key=lambda o: o.total_ms)
+            for option in finer:
+                if _try_option(state, fixed, table, option, peak):
+                    improved = True
+                    break
+            if improved:
+                break
+        if not improved:
+            return
+
+
+def _try_option(state: _State, fixed: int, table: int, option: TableOption, peak: float) -> bool:
+    """Swap ``table`` to ``option`` if the slowest device gets faster; else undo."""
+    old = [p for p in state.placed[fixed:] if p.table == table]
+    for p in old:
+        state.add(table, p.slot, p.device, sign=-1)
+    new: list[PlacedShard] = []
+    for slot in sorted(option.shards, key=lambda s: -s.cost.total_ms):
+        device = _least_loaded_fitting(state, slot)
+        if device is None:
+            break
+        state.add(table, slot, device)
+        new.append(PlacedShard(table, slot, device))
+    if len(new) == option.num_shards and max(state.loads) < peak - 1e-12:
+        keep = [p for p in state.placed[fixed:] if p.table != table]
+        state.placed[fixed:] = keep + new
+        state.options[table] = option
+        return True
+    for p in new:
+        state.add(table, p.slot, p.device, sign=-1)
+    for p in old:
+        state.add(table, p.slot, p.device)
+    return False
+
+
 def _result(state: _State, exact: bool) -> PlacementResult:
-    return PlacementResult(tuple(state.placed), tuple(state.loads), tuple(state.hbm),
-                      tuple(state.dram), exact)
+    return PlacementResult(tuple(state.options), tuple(state.placed), tuple(state.loads),
+                           tuple(state.hbm), tuple(state.dram), exact)

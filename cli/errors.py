@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from dlrm_runtime.errors import ConfigError, PlanMismatchError, TrainingDivergedError
 from planner.cost import CostModelError
-from planner.errors import InfeasibleError, PlanFileError, SolverError, SpecError
+from planner.errors import InfeasibleError, PlanFileError, PlannerError, SolverError, SpecError
 
 
 class ExitCode(enum.IntEnum):
@@ -36,6 +36,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (InfeasibleError, ExitCode.INFEASIBLE),
     (SolverError, ExitCode.SOLVER),
     (TrainingDivergedError, ExitCode.DIVERGED),
+    (PlannerError, ExitCode.BAD_INPUT),
 )
 
 EXIT_CODES_HELP = "exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode)

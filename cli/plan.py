@@ -21,6 +21,7 @@ from planner import (
 )
 from planner.api import cost_model_name
 from planner.baselines import BASELINES
+from planner.constraints import NO_CONSTRAINTS, load_constraints
 from planner.cost import load_cost_model
 from planner.evaluate import evaluate
 from planner.options import OptionSettings
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                         default=OptionSettings().cache_fractions,
                         help="device cache sizes to consider, as shares of a shard's rows "
                              "(default: 0.01,0.05,0.2,0.5)")
+    parser.add_argument("--constraints", metavar="FILE",
+                        help="user constraints (JSON/TOML): per table allowed shardings, tiers, "
+                             "max_shards, a device or host pin; groups to co-locate; pairs to "
+                             "keep apart (see planner/constraints.py)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
@@ -177,9 +182,11 @@ def _plan(args: argparse.Namespace) -> int:
               file=sys.stderr)
     settings = OptionSettings(shardings=args.sharding, tiers=args.tiers,
                               cache_fractions=args.cache_fractions)
+    constraints = (load_constraints(args.constraints, tables, topology) if args.constraints
+                   else NO_CONSTRAINTS)
     result = plan(tables, topology, cost_model=model,
                   options=PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
-                                      args.seed, settings))
+                                      args.seed, settings, constraints))
     write_plan(result, args.output)
     if not args.quiet:
         print(device_table(result))

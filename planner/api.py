@@ -19,12 +19,13 @@ from dataclasses import dataclass, field, replace
 
 from planner.aggregate import AggregateCut, solve_aggregate
 from planner.baselines import BASELINES, BaselineResult, run_baseline
-from planner.cost import AnalyticCostModel, CostModel, ShardCost, Tier
+from planner.constraints import NO_CONSTRAINTS, Constraints
+from planner.cost import AnalyticCostModel, CostModel, ShardCost, Sharding, Tier
 from planner.errors import InfeasibleError, PlannerError, Resource
 from planner.options import OptionSettings, TableOption, table_options
 from planner.packing import makespan_lower_bound
 from planner.exact import EXACT_MAX_TERMS, exact_size, solve_exact
-from planner.placement import PlacedShard, place
+from planner.placement import PlacedShard, PlacementRules, place
 from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan
 from planner.specs import GB, TablesSpec, Topology
 
@@ -49,6 +50,8 @@ class PlanOptions:
     """Seed of the random baseline."""
     candidates: OptionSettings = field(default_factory=OptionSettings)
     """Which sharding types, tiers and cache sizes to consider."""
+    constraints: Constraints = NO_CONSTRAINTS
+    """Per-table allowed options and pins, co-location, separation."""
 
 
 def cost_model_name(model: CostModel) -> str:
@@ -76,27 +79,33 @@ def plan(
         if options.baseline not in BASELINES:
             raise PlannerError(f"unknown baseline {options.baseline!r}; "
                                f"choose one of {', '.join(BASELINES)}")
+        if options.constraints != NO_CONSTRAINTS:
+            raise PlannerError("the baselines ignore constraints; plan with the ILP "
+                               "(drop --baseline) to honour them")
         result = run_baseline(options.baseline, tables, topology, model, options.seed)
         if result is None:
             raise _baseline_infeasible(options.baseline, tables, topology)
         return _baseline_plan(result, tables, topology, name, options, start)
 
     settings = options.candidates
-    found = _baseline_plans(tables, topology, model, settings)
+    per_table = [_settings_for(t.name, settings, options.constraints, topology)
+                 for t in tables.tables]
+    rules = _placement_rules(tables, options.constraints)
+    found = [] if rules.active else _baseline_plans(tables, topology, model, per_table)
     # Cached tiers only trade time for memory. First search with HBM options alone:
     # without memory constraints that problem is a relaxation of the full one (a cached
     # option is never faster than its HBM twin), so its bounds hold for every plan.
     # Only when memory binds are the cache options generated and searched.
     search = None
-    if Tier.HBM in settings.tiers and settings.tiers != {Tier.HBM}:
-        hbm_only = replace(settings, tiers=frozenset({Tier.HBM}))
-        candidates = [table_options(t, topology, model, hbm_only) for t in tables.tables]
+    if all(Tier.HBM in s.tiers for s in per_table) and any(s.tiers != {Tier.HBM} for s in per_table):
+        candidates = [table_options(t, topology, model, replace(s, tiers=frozenset({Tier.HBM})))
+                      for t, s in zip(tables.tables, per_table)]
         if all(candidates):
-            search = _search(candidates, topology, options, relaxed=True)
+            search = _search(candidates, topology, options, rules, relaxed=True)
     if search is None:
-        candidates = [table_options(t, topology, model, settings) for t in tables.tables]
-        check_capacity(tables, topology, candidates, model, settings)
-        search = _search(candidates, topology, options, relaxed=False)
+        candidates = [table_options(t, topology, model, s) for t, s in zip(tables.tables, per_table)]
+        check_capacity(tables, topology, candidates, model, per_table)
+        search = _search(candidates, topology, options, rules, relaxed=False)
         if search is None:
             raise _choice_infeasible(tables, topology, candidates)
     found.extend(search.found)
@@ -133,7 +142,7 @@ class _Search:
 
 
 def _search(candidates: list[list[TableOption]], topology: Topology, options: PlanOptions,
-            relaxed: bool) -> _Search | None:
+            rules: PlacementRules, relaxed: bool) -> _Search | None:
     """Choice, placement and (small instances) the exact ILP over ``candidates``.
 
     ``relaxed``: the candidates lack the cache tiers, so only memory-free problems give
@@ -146,12 +155,12 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
         return None
     found: list[_Found] = []
     bound, status = choice.lower_bound_ms, choice.status
-    heuristic = _choose_and_place(candidates, topology, choice.choice, options)
+    heuristic = _choose_and_place(candidates, topology, choice.choice, options, rules)
     if heuristic is not None:
         found.append(heuristic)
     elif relaxed:
         return None
-    if exact_size(candidates, topology) <= EXACT_MAX_TERMS:
+    if not rules.active and exact_size(candidates, topology) <= EXACT_MAX_TERMS:
         exact = solve_exact(candidates, topology, time_limit_s=0.4 * budget,
                             threads=options.threads,
                             warm_choice=heuristic.choice if heuristic is not None else None,
@@ -168,14 +177,14 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
 
 
 def _baseline_plans(tables: TablesSpec, topology: Topology, model: CostModel,
-                    allowed: OptionSettings) -> list["_Found"]:
+                    allowed: Sequence[OptionSettings]) -> list["_Found"]:
     """The greedy baselines' plans whose options are allowed (warm starts and a floor
     under the ILP's result)."""
     found = []
     for name in ("greedy", "size-lookup"):
         result = run_baseline(name, tables, topology, model)
-        if result is not None and all(o.sharding in allowed.shardings and o.tier in allowed.tiers
-                                      for o in result.options):
+        if result is not None and all(o.sharding in a.shardings and o.tier in a.tiers
+                                      for o, a in zip(result.options, allowed)):
             placed = tuple(PlacedShard(t, o.shards[0], d)
                            for t, (o, d) in enumerate(zip(result.options, result.devices)))
             found.append(_Found(_makespan(placed, topology), result.options, placed))
@@ -194,7 +203,8 @@ class _Found:
 
 
 def _choose_and_place(candidates: Sequence[Sequence[TableOption]], topology: Topology,
-                      choice: tuple[int, ...], options: PlanOptions) -> _Found | None:
+                      choice: tuple[int, ...], options: PlanOptions,
+                      rules: PlacementRules) -> _Found | None:
     """Pack the chosen options; when packing fails for memory, re-solve the choice
     with less HBM (a cut) and try again."""
     budget = options.time_limit_s
@@ -208,11 +218,48 @@ def _choose_and_place(candidates: Sequence[Sequence[TableOption]], topology: Top
             choice = again.choice
         chosen = tuple(candidates[t][o] for t, o in enumerate(choice))
         placement = place(chosen, topology, time_limit_s=0.2 * budget, solver=options.solver,
-                          threads=options.threads, alternatives=candidates)
+                          threads=options.threads, alternatives=candidates, rules=rules)
         if placement is not None:
             final = tuple(candidates[t].index(o) for t, o in enumerate(placement.options))
             return _Found(placement.makespan_ms, placement.options, placement.shards, final)
     return None
+
+
+def _settings_for(name: str, settings: OptionSettings, constraints: Constraints,
+                  topology: Topology) -> OptionSettings:
+    """The options one table may take under the user's constraints."""
+    rules = constraints.rules(name)
+    shardings = settings.shardings & (rules.shardings or frozenset(Sharding))
+    tiers = settings.tiers & (rules.tiers or frozenset(Tier))
+    whole_device = rules.device is not None or any(name in g for g in constraints.colocate)
+    if whole_device:
+        shardings &= {Sharding.TABLE_WISE}
+    if rules.host is not None and topology.hosts > 1:
+        shardings -= {Sharding.ROW_WISE, Sharding.DATA_PARALLEL}
+    if any(name in pair for pair in constraints.separate):
+        shardings -= {Sharding.ROW_WISE, Sharding.DATA_PARALLEL, Sharding.TABLE_ROW_WISE}
+    max_shards = rules.max_shards if settings.max_shards is None else (
+        min(settings.max_shards, rules.max_shards or settings.max_shards))
+    return replace(settings, shardings=frozenset(shardings), tiers=frozenset(tiers),
+                   max_shards=max_shards)
+
+
+def _placement_rules(tables: TablesSpec, constraints: Constraints) -> PlacementRules:
+    index = {t.name: i for i, t in enumerate(tables.tables)}
+    group = [None] * len(index)
+    for g, members in enumerate(constraints.colocate):
+        for name in members:
+            group[index[name]] = g
+    apart: list[set[int]] = [set() for _ in index]
+    for a, b in constraints.separate:
+        apart[index[a]].add(index[b])
+        apart[index[b]].add(index[a])
+    return PlacementRules(
+        device=tuple(constraints.rules(t.name).device for t in tables.tables),
+        host=tuple(constraints.rules(t.name).host for t in tables.tables),
+        group=tuple(group),
+        apart=tuple(frozenset(a) for a in apart),
+    )
 
 
 def _makespan(placed: Sequence[PlacedShard], topology: Topology) -> float:
@@ -269,13 +316,20 @@ def assemble_plan(
 
 def check_capacity(tables: TablesSpec, topology: Topology,
                    candidates: Sequence[Sequence[TableOption]], model: CostModel,
-                   settings: OptionSettings) -> None:
+                   settings: Sequence[OptionSettings]) -> None:
     """Fail fast, with numbers and fixes, when no option of a table fits a device or
     the smallest options of all tables exceed the total memory."""
     capacity = topology.usable_hbm_bytes
-    for table, opts in zip(tables.tables, candidates):
+    for table, opts, allowed in zip(tables.tables, candidates, settings):
         if not opts:
-            unbounded = table_options(table, topology, model, settings, capacity_bytes=2**62)
+            unbounded = table_options(table, topology, model, allowed, capacity_bytes=2**62)
+            if not unbounded:
+                raise InfeasibleError(
+                    Resource.HBM, table.weight_bytes,
+                    f"the constraints leave table {table.name!r} no sharding type and tier "
+                    f"(allowed shardings {sorted(s.value for s in allowed.shardings)}, tiers "
+                    f"{sorted(t.value for t in allowed.tiers)}, at most {allowed.max_shards} shards)",
+                    tables=(table.name,), fixes=("relax the table's constraints",))
             need = min(o.max_shard_hbm_bytes for o in unbounded)
             raise InfeasibleError(
                 Resource.HBM, need - capacity,

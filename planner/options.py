@@ -41,6 +41,8 @@ class OptionSettings:
     """No column shard narrower than this (narrow shards waste the id exchange)."""
     data_parallel_max_bytes: int = 64 * 1024 * 1024
     """Replicate only tables whose weights are at most this large."""
+    max_shards: int | None = None
+    """No option with more shards than this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +189,8 @@ def table_options(
                 priced.append(((rows_, cols_), number, cache, model.cost(shard, topology)))
             option = TableOption(table, sharding, tier, fraction, placement, tuple(row_ranges),
                                  tuple(col_ranges), tuple(priced))
-            if option.max_shard_hbm_bytes <= capacity:
+            if option.max_shard_hbm_bytes <= capacity and (
+                    settings.max_shards is None or count <= settings.max_shards):
                 options.append(option)
     return prune_dominated(options)
 

@@ -46,26 +46,76 @@ class PlacementResult:
         return max(self.loads_ms, default=0.0)
 
 
+@dataclass(frozen=True, slots=True)
+class PlacementRules:
+    """User constraints resolved to table indices (see ``planner.constraints``)."""
+
+    device: tuple[int | None, ...]
+    host: tuple[int | None, ...]
+    group: tuple[int | None, ...]
+    """Co-location group of each table."""
+    apart: tuple[frozenset[int], ...]
+    """Tables each table must not share a device with."""
+
+    @property
+    def active(self) -> bool:
+        return any(x is not None for x in (*self.device, *self.host, *self.group)) or any(self.apart)
+
+    def pinned(self, table: int) -> bool:
+        return (self.device[table] is not None or self.host[table] is not None
+                or self.group[table] is not None)
+
+
 class _State:
-    def __init__(self, topology: Topology, options: Sequence[TableOption]) -> None:
+    def __init__(self, topology: Topology, options: Sequence[TableOption],
+                 rules: PlacementRules | None) -> None:
         self.topology = topology
         self.options = list(options)
+        self.rules = rules
         self.loads = [0.0] * topology.world_size
         self.hbm = [0] * topology.world_size
         self.dram = [0] * topology.hosts
         self.hbm_cap = topology.usable_hbm_bytes
         self.dram_cap = int(topology.host.dram_gb * GB)
         self.placed: list[PlacedShard] = []
+        self.where: list[dict[int, int]] = [{} for _ in options]
+        """Shard count per device of each table."""
 
-    def fits(self, slot: ShardSlot, device: int) -> bool:
+    def allowed(self, table: int, device: int, ignore: int = -1) -> bool:
+        """The user's pins, co-location and separation permit ``table`` on ``device``
+        (``ignore``: a table about to leave the device)."""
+        rules = self.rules
+        if rules is None:
+            return True
+        if rules.device[table] is not None and device != rules.device[table]:
+            return False
+        if rules.host[table] is not None and self.topology.host_of(device) != rules.host[table]:
+            return False
+        if any(self.where[other].get(device) for other in rules.apart[table] if other != ignore):
+            return False
+        group = rules.group[table]
+        if group is not None:
+            for other, other_group in enumerate(rules.group):
+                if other_group == group and other != table and other != ignore:
+                    if any(d != device for d in self.where[other]):
+                        return False
+        return True
+
+    def fits(self, table: int, slot: ShardSlot, device: int) -> bool:
         host = self.topology.host_of(device)
         return (self.hbm[device] + slot.cost.hbm_bytes <= self.hbm_cap
-                and self.dram[host] + slot.cost.dram_bytes <= self.dram_cap)
+                and self.dram[host] + slot.cost.dram_bytes <= self.dram_cap
+                and self.allowed(table, device))
 
     def add(self, table: int, slot: ShardSlot, device: int, sign: int = 1) -> None:
         self.loads[device] += sign * slot.cost.total_ms
         self.hbm[device] += sign * slot.cost.hbm_bytes
         self.dram[self.topology.host_of(device)] += sign * slot.cost.dram_bytes
+        count = self.where[table].get(device, 0) + sign
+        if count:
+            self.where[table][device] = count
+        else:
+            self.where[table].pop(device, None)
 
 
 def place(
@@ -76,17 +126,18 @@ def place(
     solver: str = "cbc",
     threads: int = 1,
     alternatives: Sequence[Sequence[TableOption]] | None = None,
+    rules: PlacementRules | None = None,
 ) -> PlacementResult | None:
     """Place every shard of ``options`` (one per table); ``None`` when some shard fits
     nowhere. With ``alternatives`` (every table's candidate options), tables on the
     slowest device may switch to an option with more shards when that lowers it."""
-    state = _State(topology, options)
+    state = _State(topology, options, rules)
     per_host = topology.devices_per_host
     free: list[tuple[int, ShardSlot]] = []
     for table, option in enumerate(options):
         if option.placement is Placement.EVERY_DEVICE:
             for device, slot in enumerate(option.shards):
-                if not state.fits(slot, device):
+                if not state.fits(table, slot, device):
                     return None
                 state.add(table, slot, device)
                 state.placed.append(PlacedShard(table, slot, device))
@@ -98,7 +149,7 @@ def place(
         best_host, best_peak = -1, float("inf")
         for host in range(topology.hosts):
             devices = range(host * per_host, (host + 1) * per_host)
-            if all(state.fits(s, d) for s, d in zip(shards, devices)):
+            if all(state.fits(table, s, d) for s, d in zip(shards, devices)):
                 peak = max(state.loads[d] + s.cost.total_ms for s, d in zip(shards, devices))
                 if peak < best_peak:
                     best_host, best_peak = host, peak
@@ -111,7 +162,7 @@ def place(
     fixed = len(state.placed)
     free.sort(key=lambda item: (-item[1].cost.total_ms, -item[1].cost.hbm_bytes, item[0]))
     for table, slot in free:
-        device = _least_loaded_fitting(state, slot)
+        device = _least_loaded_fitting(state, table, slot)
         if device is None:
             free.sort(key=lambda item: (-item[1].cost.hbm_bytes, item[0]))
             return _memory_first(options, topology, state, fixed, free)
@@ -128,10 +179,10 @@ def place(
     return _result(state, exact)
 
 
-def _least_loaded_fitting(state: _State, slot: ShardSlot) -> int | None:
+def _least_loaded_fitting(state: _State, table: int, slot: ShardSlot) -> int | None:
     best = None
     for device in range(len(state.loads)):
-        if state.fits(slot, device) and (best is None or state.loads[device] < state.loads[best]):
+        if state.fits(table, slot, device) and (best is None or state.loads[device] < state.loads[best]):
             best = device
     return best
 
@@ -143,7 +194,7 @@ def _memory_first(options, topology, state: _State, fixed: int,
         state.add(shard.table, shard.slot, shard.device, sign=-1)
     del state.placed[fixed:]
     for table, slot in free:
-        fitting = [d for d in range(len(state.loads)) if state.fits(slot, d)]
+        fitting = [d for d in range(len(state.loads)) if state.fits(table, slot, d)]
         if not fitting:
             return None
         device = min(fitting, key=lambda d: (state.hbm_cap - state.hbm[d], state.loads[d]))
@@ -165,11 +216,13 @@ def _local_search(state: _State, fixed: int, deadline: float) -> None:
         order = sorted(range(len(state.loads)), key=state.loads.__getitem__)
         for i in mine:
             shard = state.placed[i]
+            if state.rules is not None and state.rules.group[shard.table] is not None:
+                continue  # a co-located table moves only with its group
             load = shard.slot.cost.total_ms
             for target in order:
                 if target == worst or state.loads[target] + load >= peak - 1e-12:
                     continue
-                if state.fits(shard.slot, target):
+                if state.fits(shard.table, shard.slot, target):
                     _move(state, i, target)
                     improved = True
                     break
@@ -199,6 +252,12 @@ def _local_search(state: _State, fixed: int, deadline: float) -> None:
 
 def _swap_fits(state: _State, a: PlacedShard, b: PlacedShard) -> bool:
     da, db = a.device, b.device
+    if state.rules is not None:
+        if state.rules.group[a.table] is not None or state.rules.group[b.table] is not None:
+            return False
+        if a.table == b.table or not (state.allowed(a.table, db, ignore=b.table)
+                                      and state.allowed(b.table, da, ignore=a.table)):
+            return False
     ha, hb = state.topology.host_of(da), state.topology.host_of(db)
     if state.hbm[da] - a.slot.cost.hbm_bytes + b.slot.cost.hbm_bytes > state.hbm_cap:
         return False
@@ -222,7 +281,8 @@ def _move(state: _State, index: int, device: int) -> None:
 def _refine_exactly(state: _State, fixed: int, time_limit_s: float, solver: str, threads: int) -> bool:
     """Re-place the free shards with the exact packing ILP when all devices start
     empty of fixed shards (so devices are interchangeable) and DRAM does not bind."""
-    if fixed or any(s.slot.cost.dram_bytes for s in state.placed):
+    if fixed or any(s.slot.cost.dram_bytes for s in state.placed) or (
+            state.rules is not None and state.rules.active):
         return False
     free = state.placed[fixed:]
     problem = PackingProblem(tuple(s.slot.cost.total_ms for s in free),
@@ -250,6 +310,8 @@ def _split_heavy(state: _State, fixed: int, alternatives: Sequence[Sequence[Tabl
                 here[p.table] = here.get(p.table, 0.0) + p.slot.cost.total_ms
         improved = False
         for table in sorted(here, key=lambda t: -here[t]):
+            if state.rules is not None and state.rules.pinned(table):
+                continue
             current = state.options[table]
             finer = sorted((o for o in alternatives[table]
                             if o.placement is Placement.FREE and o.num_shards > current.num_shards),
@@ -271,7 +333,7 @@ def _try_option(state: _State, fixed: int, table: int, option: TableOption, peak
         state.add(table, p.slot, p.device, sign=-1)
     new: list[PlacedShard] = []
     for slot in sorted(option.shards, key=lambda s: -s.cost.total_ms):
-        device = _least_loaded_fitting(state, slot)
+        device = _least_loaded_fitting(state, table, slot)
         if device is None:
             break
         state.add(table, slot, device)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from cli.chart import draw_chart
 from cli.errors import EXIT_CODES_HELP, ExitCode, run_guarded
 from cli.report import device_table, solve_summary, table_choices
 from planner import (
@@ -131,6 +132,8 @@ def build_show_parser() -> argparse.ArgumentParser:
                                                  "each table's placement and why.",
                                      epilog=EXIT_CODES_HELP)
     parser.add_argument("plan", metavar="PLAN", help="plan file written by dlrm-plan")
+    parser.add_argument("--chart", metavar="FILE.png",
+                        help="also draw per-device load and HBM bars (needs matplotlib)")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
 
@@ -201,6 +204,9 @@ def _show(args: argparse.Namespace) -> int:
     print(solve_summary(result))
     print()
     print(table_choices(result))
+    if args.chart:
+        draw_chart(result, args.chart)
+        print(f"chart written to {args.chart}")
     return ExitCode.OK
 
 

@@ -151,3 +151,10 @@ def test_evaluate_command(tmp_path: Path, tables_file: Path, topology_file: Path
     small = write_json(tmp_path / "one.json", small_topology_doc(devices=1))
     assert plan_cli.main(["evaluate", str(path), "--topology", str(small)]) == ExitCode.BAD_INPUT
     assert "the plan uses 2 devices" in capsys.readouterr().err
+
+
+def test_show_chart(tmp_path: Path, tables_file: Path, topology_file: Path) -> None:
+    path = _plan_file(tmp_path, tables_file, topology_file)
+    chart = tmp_path / "charts" / "plan.png"
+    assert plan_cli.main(["show", str(path), "--chart", str(chart)]) == ExitCode.OK
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -49,6 +49,8 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import ArrayLike
 
+from storage.errors import StoreError
+
 POLICIES: tuple[str, ...] = ("lru", "lfu", "profile", "lookahead")
 """Policy names :func:`replay` accepts."""
 
@@ -56,7 +58,7 @@ _NEVER = np.iinfo(np.int64).max
 """Next-use position of an access whose row is not used again."""
 
 
-class ReplayError(ValueError):
+class ReplayError(StoreError, ValueError):
     """An argument of :func:`replay` or of the reference hit rates is invalid.
 
     The message is one line naming the argument and the offending value.

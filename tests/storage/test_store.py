@@ -1,0 +1,600 @@
+"""Table store: row round trips against numpy, zarr validity, checkpoints, crash safety
+with real SIGKILLs, and every error path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from storage import journal as jr
+from storage.dtypes import StoreDType, bf16_bits_to_float32, float32_to_bf16_bits
+from storage.errors import (
+    CorruptStoreError,
+    FormatVersionError,
+    MissingArrayError,
+    ReadOnlyStoreError,
+    RecoveryRequiredError,
+    RowIndexError,
+    RowShapeError,
+    StoreArgumentError,
+    StoreClosedError,
+    StoreError,
+    StoreExistsError,
+    StoreLockedError,
+    StoreNotFoundError,
+    TableExistsError,
+    TableSpecError,
+)
+from storage.store import TableStore
+from storage.tables import uniform_bound
+
+REPO = Path(__file__).resolve().parents[2]
+WRITER = Path(__file__).with_name("crash_writer.py")
+
+
+def _load_writer():  # the helper is a script, not a package module
+    spec = importlib.util.spec_from_file_location("crash_writer", WRITER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cw = _load_writer()
+
+
+def _as_float(values: np.ndarray, dtype: str) -> np.ndarray:
+    return bf16_bits_to_float32(values) if dtype == "bf16" else values.astype(np.float32)
+
+
+def _rows(rng: np.random.Generator, count: int, dim: int, dtype: str) -> np.ndarray:
+    """Random rows already representable in ``dtype`` (so the numpy copy is exact)."""
+    values = rng.standard_normal((count, dim)).astype(np.float32)
+    if dtype == "bf16":
+        return float32_to_bf16_bits(values)
+    return values.astype(StoreDType(dtype).numpy)
+
+
+# ---- round trips -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_round_trip_against_numpy(tmp_path: Path, dtype: str) -> None:
+    rows, dim, chunk = 5000, 12, 512  # 10 chunks, the last one partial
+    rng = np.random.default_rng(0)
+    with TableStore.create(tmp_path / "s") as store:
+        info = store.add_table("t", rows, dim, dtype=dtype, chunk_rows=chunk, seed=3)
+        assert (info.num_rows, info.dim, info.chunk_rows, info.num_chunks) == (rows, dim, chunk, 10)
+        assert info.storage_dtype == {"fp32": "float32", "fp16": "float16", "bf16": "uint16"}[dtype]
+        ref = store.read_table("t")
+        assert ref.dtype == StoreDType(dtype).numpy and ref.shape == (rows, dim)
+        for _ in range(5):
+            ids = rng.integers(0, rows, 700)  # spans every chunk, unsorted, with repeats
+            got = store.gather("t", ids)
+            assert got.dtype == ref.dtype and np.array_equal(got, ref[ids])
+            write_ids = rng.integers(0, rows, 400)
+            new = _rows(rng, 400, dim, dtype)
+            store.scatter("t", write_ids, new)
+            for i, row in zip(write_ids.tolist(), new):  # sequential: last duplicate wins
+                ref[i] = row
+            assert np.array_equal(store.gather("t", np.arange(rows)), ref)
+        store.checkpoint(1)
+        # the chunk files are still valid zarr: zarr's own reader sees the same rows
+        on_disk = zarr.open_array(tmp_path / "s" / "t" / "weight", mode="r")[:]
+        assert np.array_equal(on_disk, ref)
+    with TableStore.open(tmp_path / "s") as store:
+        assert np.array_equal(store.gather("t", np.arange(rows)), ref)
+
+
+def test_duplicate_ids_last_write_wins(tmp_path: Path) -> None:
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 2000, 2, init="zeros", chunk_rows=512)
+        ids = np.array([5, 1040, 5, 1999, 1040, 5])
+        rows = np.arange(12, dtype=np.float32).reshape(6, 2)
+        store.scatter("t", ids, rows)
+        got = store.gather("t", [5, 1040, 1999, 0])
+        assert np.array_equal(got, np.array([[10, 11], [8, 9], [6, 7], [0, 0]], np.float32))
+
+
+def test_optimizer_state_round_trip(tmp_path: Path) -> None:
+    with TableStore.create(tmp_path / "s") as store:
+        info = store.add_table("t", 3000, 8, chunk_rows=1024, optimizer_state="rowwise_adagrad")
+        assert info.state_width == 1 and info.state_bytes == 3 * 1024 * 4
+        assert info.weight_bytes == 3 * 1024 * 8 * 4
+        assert np.array_equal(store.gather_state("t", np.arange(3000)), np.zeros((3000, 1)))
+        ids = np.array([2999, 0, 1500, 1024, 1023])
+        values = np.array([[1.5], [2.5], [3.5], [4.5], [5.5]], np.float32)
+        store.scatter_state("t", ids, values)
+        store.checkpoint(4)
+        weights_before = store.read_table("t")
+    with TableStore.open(tmp_path / "s") as store:
+        assert np.array_equal(store.gather_state("t", ids), values)
+        assert np.array_equal(store.read_table("t"), weights_before)  # state writes only
+        state = zarr.open_array(tmp_path / "s" / "t" / "state", mode="r")[:]
+        assert state.shape == (3000, 1) and np.array_equal(state[ids], values)
+        assert np.count_nonzero(state) == 5
+
+
+def test_uniform_init_bounds_determinism_and_progress(tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("a", 4000, 16, seed=11, chunk_rows=64,
+                        progress=lambda done, total: calls.append((done, total)))
+        store.add_table("b", 4000, 16, seed=11, chunk_rows=1024)
+        store.add_table("c", 4000, 16, seed=12)
+        a, b, c = (store.read_table(n) for n in "abc")
+    assert calls and calls[-1] == (4000, 4000)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)  # seeded, independent of chunks
+    bound = uniform_bound(4000)
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.9 * bound
+    assert abs(float(a.mean())) < 0.01 * bound * 10
+
+
+def test_import_numpy_and_torch(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal((300, 4)).astype(np.float32)
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("np32", 300, 4, init=values, chunk_rows=256)
+        store.add_table("np16", 300, 4, dtype="fp16", init=values.astype(np.float64))
+        store.add_table("tbf", 300, 4, dtype="bf16", init=torch.from_numpy(values).bfloat16())
+        store.add_table("fbf", 300, 4, dtype="bf16", init=values)  # floats rounded to bf16
+        store.add_table("t32", 300, 4, init=torch.from_numpy(values))
+        assert store.describe("np32").dtype is StoreDType.FP32
+        assert store.tables() == ("fbf", "np16", "np32", "t32", "tbf")
+        ids = np.arange(300)
+        assert np.array_equal(store.gather("np32", ids), values)
+        assert np.array_equal(store.gather("t32", torch.arange(300)), values)
+        assert np.array_equal(store.gather("np16", ids), values.astype(np.float16))
+        expect_bf = torch.from_numpy(values).bfloat16().view(torch.int16).numpy().view(np.uint16)
+        assert np.array_equal(store.gather("tbf", ids), expect_bf)
+        assert np.array_equal(store.gather("fbf", ids), expect_bf)  # same rounding as torch
+        # writing a bf16 tensor, reading bits back as a torch bf16 tensor
+        store.scatter("tbf", [1, 2], torch.tensor([[1.0, 2, 3, 4], [-1, -2, -3, -4]]).bfloat16())
+        bits = store.gather("tbf", [1, 2])
+        back = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
+        assert back.tolist() == [[1.0, 2, 3, 4], [-1, -2, -3, -4]]
+
+
+def test_bf16_rounding_matches_torch_and_fp16_overflow_is_inf(tmp_path: Path) -> None:
+    values = np.concatenate([
+        np.random.default_rng(2).standard_normal(4000).astype(np.float32) * 1e3,
+        np.array([np.inf, -np.inf, np.nan, 3.4e38, -0.0, 1e-40, 1.00390625], np.float32)])
+    ours = float32_to_bf16_bits(values)
+    theirs = torch.from_numpy(values).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    finite = ~np.isnan(values)
+    assert np.array_equal(ours[finite], theirs[finite])
+    assert np.isnan(bf16_bits_to_float32(ours[~finite])).all()
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("h", 4, 2, dtype="fp16", init="zeros")
+        store.scatter("h", [0], [[1e6, -1e6]])  # no RuntimeWarning (filterwarnings=error)
+        assert store.gather("h", [0]).tolist() == [[np.inf, -np.inf]]
+
+
+def test_cold_rows_read_correctly_after_eviction(tmp_path: Path) -> None:
+    """Rows evicted from the page cache: reads hint the kernel first, values unchanged."""
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 20000, 16, chunk_rows=4096)
+        ref = store.read_table("t")
+    for chunk in (tmp_path / "s" / "t" / "weight").rglob("c/*/0"):
+        fd = os.open(chunk, os.O_RDONLY)
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    ids = np.random.default_rng(4).integers(0, 20000, 3000)
+    with TableStore.open(tmp_path / "s") as store:
+        store.prefetch("t", ids[:100])
+        assert np.array_equal(store.gather("t", ids), ref[ids])
+
+
+def test_gather_out_prefetch_and_empty(tmp_path: Path) -> None:
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 1000, 4, chunk_rows=256)
+        ref = store.read_table("t")
+        ids = np.array([999, 0, 500])
+        out = np.empty((3, 4), np.float32)
+        store.prefetch("t", ids)
+        assert store.gather("t", ids, out=out) is out and np.array_equal(out, ref[ids])
+        assert store.gather("t", np.array([], np.int64)).shape == (0, 4)
+        store.scatter("t", [], np.empty((0, 4), np.float32))
+        with pytest.raises(RowShapeError):
+            store.gather("t", ids, out=np.empty((3, 4), np.float64))
+
+
+def test_missing_chunk_reads_fill_and_is_created_on_write(tmp_path: Path) -> None:
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 2000, 2, chunk_rows=512)
+    chunk = tmp_path / "s" / "t" / "weight" / "c" / "3" / "0"
+    chunk.unlink()  # what zarr writes for an all-fill chunk (write_empty_chunks=False)
+    with TableStore.open(tmp_path / "s", mode="r") as store:
+        assert np.array_equal(store.gather("t", [1536, 1999]), np.zeros((2, 2), np.float32))
+    with TableStore.open(tmp_path / "s", mode="r+") as store:
+        assert np.array_equal(store.gather("t", [1536, 1999]), np.zeros((2, 2), np.float32))
+        store.scatter("t", [1600], np.ones((1, 2), np.float32))
+        store.checkpoint(1)
+    assert chunk.stat().st_size == 512 * 2 * 4
+    got = zarr.open_array(tmp_path / "s" / "t" / "weight", mode="r")[1536:]
+    assert got[64].tolist() == [1.0, 1.0] and np.count_nonzero(got) == 2
+
+
+def test_store_lists_cleanly_with_zarr(tmp_path: Path) -> None:
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 10, 2, optimizer_state="rowwise_adagrad")
+        store.scatter("t", [1], np.ones((1, 2)))
+        store.checkpoint(0)
+    group = zarr.open_group(tmp_path / "s", mode="r")  # filterwarnings=error: no warnings
+    names = sorted(name for name, _ in group.members(max_depth=None))
+    assert names == ["_txn", "t", "t/state", "t/weight"]
+    assert group.attrs["dlrm_toolkit_store"] == {"format_version": 1}
+    spec = group["t/weight"].attrs["dlrm_toolkit_table"]
+    assert (spec["num_rows"], spec["dim"], spec["dtype"], spec["role"]) == (10, 2, "fp32", "weight")
+
+
+# ---- checkpoints and rollback ------------------------------------------------------
+def test_checkpoint_then_close_discards_later_writes(tmp_path: Path) -> None:
+    with TableStore.create(tmp_path / "s") as store:
+        assert store.checkpoint_step is None
+        store.add_table("t", 4000, 4, chunk_rows=1024, optimizer_state="rowwise_adagrad")
+        store.scatter("t", np.arange(0, 4000, 7), np.full((572, 4), 1.0))
+        store.scatter_state("t", [3, 4], [[1.0], [2.0]])
+        store.checkpoint(10)
+        at_ckpt, state_at_ckpt = store.read_table("t"), store.read_table("t", state=True)
+        store.scatter("t", np.arange(0, 4000, 3), np.full((1334, 4), 2.0))
+        store.scatter("t", np.arange(0, 4000, 3), np.full((1334, 4), 3.0))  # journaled once
+        store.scatter_state("t", [3, 5], [[9.0], [9.0]])
+        assert store.uncommitted_journal_bytes() > 0
+        store.rollback()
+        assert np.array_equal(store.read_table("t"), at_ckpt)
+        assert np.array_equal(store.read_table("t", state=True), state_at_ckpt)
+        store.scatter("t", [1, 2], np.full((2, 4), 5.0))
+    with TableStore.open(tmp_path / "s") as store:  # close() rolled back again
+        assert store.checkpoint_step == 10
+        assert np.array_equal(store.read_table("t"), at_ckpt)
+
+
+def _run_writer(store: Path, max_steps: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(WRITER), str(store), str(max_steps), *extra],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def _make_crash_store(path: Path) -> dict[tuple[str, str], np.ndarray]:
+    """The crash writer's tables; returns their initial content (bf16 as float32)."""
+    initial = {}
+    with TableStore.create(path) as store:
+        for name, (rows, dim, dtype, chunk, state) in cw.TABLES.items():
+            store.add_table(name, rows, dim, dtype=dtype, chunk_rows=chunk, seed=1,
+                            optimizer_state=state)
+            initial[(name, "weight")] = _as_float(store.read_table(name), dtype)
+            if state is not None:
+                initial[(name, "state")] = store.read_table(name, state=True)
+    return initial
+
+
+def _assert_state(store: TableStore, expected: dict[tuple[str, str], np.ndarray]) -> None:
+    for (name, role), want in expected.items():
+        rows = cw.TABLES[name][0]
+        if role == "weight":
+            got = _as_float(store.gather(name, np.arange(rows)), cw.TABLES[name][2])
+        else:
+            got = store.gather_state(name, np.arange(rows))
+        assert np.array_equal(got, want), f"{name}/{role} differs from the checkpoint"
+
+
+def test_writer_dying_mid_step_rolls_back_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    initial = _make_crash_store(path)
+    done = _run_writer(path, 4)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "4"
+    died = _run_writer(path, 9, "--exit-mid-step")
+    assert died.returncode == 3
+    with pytest.raises(RecoveryRequiredError, match="step 4"):
+        TableStore.open(path, mode="r")
+    with TableStore.open(path, mode="r+") as store:
+        assert store.checkpoint_step == 4
+        _assert_state(store, cw.expected_state(initial, 4))
+    with TableStore.open(path, mode="r") as store:  # recovered: readers welcome again
+        _assert_state(store, cw.expected_state(initial, 4))
+
+
+def test_sigkill_at_random_instants(tmp_path: Path) -> None:
+    """Kill the writer with SIGKILL at random instants (inside scatters, flushes and
+    checkpoints); every reopen must show exactly the last checkpoint."""
+    path = tmp_path / "s"
+    initial = _make_crash_store(path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rng = random.Random(20240611)
+    expected, at_step = initial, 0
+    steps_seen, phases = set(), set()
+    for trial in range(16):
+        proc = subprocess.Popen([sys.executable, str(WRITER), str(path), "100000"],
+                                stdout=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout is not None
+        first = proc.stdout.readline().split()
+        assert first[0] == "ready" and int(first[1]) == at_step
+        time.sleep(rng.uniform(0.0, 0.25))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        lines = [line.split() for line in proc.stdout.read().splitlines()]
+        proc.stdout.close()
+        printed = [int(step) for word, step in lines if word == "ckpt"]
+        phases.add(lines[-1][0] if lines else "start")  # what the writer was doing
+        assert proc.returncode == -signal.SIGKILL, f"trial {trial}: writer ended on its own"
+        with TableStore.open(path, mode="r+") as store:
+            step = store.checkpoint_step or 0
+            last_printed = printed[-1] if printed else at_step
+            # every printed checkpoint completed; at most one more may have committed
+            assert last_printed <= step <= last_printed + 1, (trial, printed, step)
+            expected = cw.expected_state(initial, step, expected, at_step)
+            _assert_state(store, expected)
+        at_step = step
+        steps_seen.add(step)
+    assert at_step >= 10, "the writer made too little progress to test anything"
+    assert len(steps_seen) >= 5
+    assert {"scatter", "checkpoint"} <= phases, f"kills landed only in {phases}"
+
+
+def test_journal_ahead_of_the_marker_is_reported(tmp_path: Path) -> None:
+    TableStore.create(tmp_path / "s").close()
+    journal = tmp_path / "s" / "_txn" / "journal"
+    jr.UndoJournal(journal, 7).close()  # marker says generation 0, so 1 is the active one
+    with pytest.raises(CorruptStoreError, match="ahead"):
+        TableStore.open(tmp_path / "s", mode="r+")
+
+
+def _journal_copy(path: Path) -> bytes:
+    return (path / "_txn" / "journal").read_bytes()
+
+
+def test_torn_last_journal_record_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    initial = _make_crash_store(path)
+    assert _run_writer(path, 2).returncode == 0
+    assert _run_writer(path, 9, "--exit-mid-step").returncode == 3  # records of step 3
+    journal = path / "_txn" / "journal"
+    marker = json.loads((path / "_txn" / "checkpoint.json").read_text())
+    generation = marker["generation"] + 1
+    complete = journal.read_bytes()
+    assert len(list(jr.iter_records(journal, generation))) > 0
+    # a record whose data write never happened (the writer died appending it): bogus
+    # "old" rows that recovery must not apply, cut at several points or with a bad CRC
+    tail_ids = np.arange(0, 2000, 2, dtype=np.int64)
+    scratch = tmp_path / "scratch"
+    scratch.write_bytes(b"")
+    j = jr.UndoJournal(scratch, generation)
+    j.append("w/weight", tail_ids, np.full((tail_ids.size, 8), 777.0, np.float32))
+    j.close()
+    record = scratch.read_bytes()[jr.HEADER_BYTES:]
+    bad_crc = bytearray(record)
+    bad_crc[-1] ^= 0xFF
+    for tail in (record[:10], record[: len(record) // 2], record[:-1], bytes(bad_crc)):
+        trial = tmp_path / "trial"
+        shutil.rmtree(trial, ignore_errors=True)
+        shutil.copytree(path, trial)
+        (trial / "_txn" / "journal").write_bytes(complete + tail)
+        with TableStore.open(trial, mode="r+") as store:
+            assert store.checkpoint_step == 2
+            _assert_state(store, cw.expected_state(initial, 2))
+
+
+def test_stale_journal_of_a_committed_generation_is_not_replayed(tmp_path: Path) -> None:
+    """Crash after the marker's rename but before the journal reset."""
+    path = tmp_path / "s"
+    with TableStore.create(path) as store:
+        store.add_table("t", 2000, 2, init="zeros", chunk_rows=512)
+        store.scatter("t", [1, 1500], np.ones((2, 2)))
+        stale = _journal_copy(path)  # records of the generation about to be committed
+        store.checkpoint(1)
+    (path / "_txn" / "journal").write_bytes(stale)
+    with TableStore.open(path, mode="r") as store:  # no RecoveryRequiredError
+        assert store.gather("t", [1, 1500]).tolist() == [[1, 1], [1, 1]]
+    with TableStore.open(path, mode="r+") as store:
+        assert store.gather("t", [1, 1500]).tolist() == [[1, 1], [1, 1]]
+        assert store.checkpoint_step == 1
+
+
+def test_stale_records_of_the_same_generation_are_harmless(tmp_path: Path) -> None:
+    """The journal keeps its blocks across resets: after a recovery, new records may be
+    followed by valid records of the previous attempt at the same generation."""
+    path = tmp_path / "s"
+    with TableStore.create(path) as store:
+        store.add_table("t", 4096, 4, init="zeros", chunk_rows=1024)
+        store.scatter("t", np.arange(4096), np.full((4096, 4), 1.0))
+        store.checkpoint(1)
+        at_ckpt = store.read_table("t")
+    crashed = TableStore.open(path, mode="r+")
+    crashed.scatter("t", np.arange(0, 100), np.full((100, 4), 2.0))  # record 1: rows A
+    crashed.scatter("t", np.arange(3000, 3050), np.full((50, 4), 3.0))  # record 2: rows C
+    crashed._release()  # dies: no rollback
+    again = TableStore.open(path, mode="r+")  # recovers, then rewrites record 1's space
+    assert np.array_equal(again.read_table("t"), at_ckpt)
+    again.scatter("t", np.arange(500, 600), np.full((100, 4), 4.0))  # same size: rows B
+    again._release()
+    journal = path / "_txn" / "journal"
+    generation = json.loads((path / "_txn" / "checkpoint.json").read_text())["generation"] + 1
+    assert len(list(jr.iter_records(journal, generation))) == 2  # B, then stale C
+    with TableStore.open(path, mode="r+") as store:
+        assert np.array_equal(store.read_table("t"), at_ckpt) and store.checkpoint_step == 1
+    with TableStore.open(path, mode="r") as store:  # the clean close left no records
+        assert np.array_equal(store.read_table("t"), at_ckpt)
+
+
+def test_journal_records_only_first_overwrite(tmp_path: Path) -> None:
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 1000, 16, chunk_rows=256)
+        store.scatter("t", np.arange(500), np.ones((500, 16)))
+        first = store.uncommitted_journal_bytes()
+        store.scatter("t", np.arange(500), np.ones((500, 16)))
+        assert store.uncommitted_journal_bytes() == first  # nothing new to journal
+        assert first >= 500 * (16 * 4 + 8)
+        store.checkpoint(1)
+        assert store.uncommitted_journal_bytes() == 0
+
+
+# ---- errors ------------------------------------------------------------------------
+def test_open_errors(tmp_path: Path) -> None:
+    with pytest.raises(StoreNotFoundError) as missing:
+        TableStore.open(tmp_path / "nope")
+    assert isinstance(missing.value, FileNotFoundError) and "nope" in str(missing.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreNotFoundError):
+        TableStore.open(tmp_path / "empty")
+    zarr.open_group(tmp_path / "plain", mode="w")
+    with pytest.raises(FormatVersionError) as plain:
+        TableStore.open(tmp_path / "plain")
+    assert plain.value.found is None and isinstance(plain.value, ValueError)
+    TableStore.create(tmp_path / "s").close()
+    meta = tmp_path / "s" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["dlrm_toolkit_store"]["format_version"] = 2
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(FormatVersionError) as version:
+        TableStore.open(tmp_path / "s")
+    message = str(version.value)
+    assert "version 2" in message and "format 1" in message and str(tmp_path / "s") in message
+    with pytest.raises(StoreArgumentError):
+        TableStore.open(tmp_path / "s", mode="w")  # type: ignore[arg-type]
+
+
+def test_create_errors(tmp_path: Path) -> None:
+    TableStore.create(tmp_path / "s").close()
+    with pytest.raises(StoreExistsError) as exists:
+        TableStore.create(tmp_path / "s")
+    assert isinstance(exists.value, FileExistsError)
+    with TableStore.open(tmp_path / "s"), pytest.raises(StoreLockedError):
+        TableStore.create(tmp_path / "s", overwrite=True)  # not while it is open
+    TableStore.create(tmp_path / "s", overwrite=True).close()  # a store may be replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("precious")
+    with pytest.raises(StoreExistsError):
+        TableStore.create(tmp_path / "other", overwrite=True)
+    assert (tmp_path / "other" / "keep.txt").read_text() == "precious"
+
+
+def test_table_errors(tmp_path: Path) -> None:
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 1000, 4, chunk_rows=256)
+        with pytest.raises(TableExistsError) as exists:
+            store.add_table("t", 10, 4)
+        assert isinstance(exists.value, FileExistsError)
+        bad_specs = [
+            dict(name="_x", num_rows=1, dim=1), dict(name="a/b", num_rows=1, dim=1),
+            dict(name="a", num_rows=0, dim=1), dict(name="a", num_rows=1, dim=0),
+            dict(name="a", num_rows=1, dim=1, dtype="int8"),
+            dict(name="a", num_rows=1, dim=1, init="normal"),
+            dict(name="a", num_rows=3, dim=2, init=np.zeros((2, 3), np.float32)),
+            dict(name="a", num_rows=3, dim=2, init=np.zeros((3, 2), np.int32)),
+            dict(name="a", num_rows=1, dim=1, optimizer_state="adam"),
+            dict(name="a", num_rows=1, dim=1, chunk_rows=0),
+            dict(name="a", num_rows=1000, dim=4, chunk_rows=100),  # chunks not whole pages
+            dict(name="a", num_rows=4000, dim=8, chunk_rows=512,  # state chunks: 2 KiB
+                 optimizer_state="rowwise_adagrad"),
+            dict(name="a", num_rows=1, dim=1, seed=-1),
+        ]
+        for kwargs in bad_specs:
+            with pytest.raises(TableSpecError):
+                store.add_table(**kwargs)
+        assert store.tables() == ("t",)
+        with pytest.raises(MissingArrayError) as unknown:
+            store.gather("nope", [0])
+        assert isinstance(unknown.value, KeyError) and "nope" in str(unknown.value)
+        with pytest.raises(MissingArrayError, match="no optimizer state"):
+            store.gather_state("t", [0])
+        with pytest.raises(MissingArrayError):
+            store.read_table("t", state=True)
+    shutil.rmtree(tmp_path / "s" / "t" / "weight")
+    with TableStore.open(tmp_path / "s") as store, pytest.raises(MissingArrayError) as gone:
+        store.gather("t", [0])
+    assert str(tmp_path / "s" / "t" / "weight") in str(gone.value)
+
+
+def test_row_errors(tmp_path: Path) -> None:
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 100, 4)
+        before = store.read_table("t")
+        for ids in ([0, 100], [-1, 3], np.array([5, 1000])):
+            with pytest.raises(RowIndexError) as err:
+                store.gather("t", ids)
+            assert isinstance(err.value, IndexError) and err.value.num_rows == 100
+            with pytest.raises(RowIndexError):
+                store.scatter("t", ids, np.zeros((len(ids), 4)))
+        assert "'t'" in str(err.value) and "1000" in str(err.value) and "100 rows" in str(err.value)
+        with pytest.raises(RowShapeError):
+            store.gather("t", [[1, 2]])
+        with pytest.raises(RowShapeError):
+            store.gather("t", [0.5, 1.0])
+        with pytest.raises(RowShapeError):
+            store.scatter("t", [1, 2], np.zeros((2, 5)))
+        with pytest.raises(RowShapeError):
+            store.scatter("t", [1, 2], np.zeros((3, 4)))
+        with pytest.raises(RowShapeError):
+            store.scatter("t", [1, 2], np.zeros((2, 4), np.int64))
+        with pytest.raises(StoreArgumentError):
+            store.checkpoint(-1)
+        assert np.array_equal(store.read_table("t"), before)
+        assert store.uncommitted_journal_bytes() == 0
+
+
+def test_read_only_store_refuses_writes_before_any_work(tmp_path: Path) -> None:
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 100, 4, optimizer_state="rowwise_adagrad")
+        store.checkpoint(5)
+    snapshot = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    with TableStore.open(tmp_path / "s", mode="r") as store:
+        attempts = [
+            lambda: store.scatter("t", [0], np.zeros((1, 4))),
+            lambda: store.scatter("t", [1000], np.zeros((1, 4))),  # checked before the ids
+            lambda: store.scatter_state("t", [0], np.zeros((1, 1))),
+            lambda: store.add_table("u", 10, 2),
+            lambda: store.flush(),
+            lambda: store.checkpoint(6),
+            lambda: store.rollback(),
+        ]
+        for attempt in attempts:
+            with pytest.raises(ReadOnlyStoreError) as err:
+                attempt()
+            assert isinstance(err.value, PermissionError) and "mode='r+'" in str(err.value)
+        assert store.checkpoint_step == 5
+    after = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    assert after == snapshot and not (tmp_path / "s" / "u").exists()
+
+
+def test_locks_and_closed_store(tmp_path: Path) -> None:
+    writer = TableStore.create(tmp_path / "s")
+    writer.add_table("t", 10, 2)
+    with pytest.raises(StoreLockedError):
+        TableStore.open(tmp_path / "s", mode="r")
+    writer.close()
+    with pytest.raises(StoreClosedError):
+        writer.gather("t", [0])
+    with TableStore.open(tmp_path / "s") as r1, TableStore.open(tmp_path / "s") as r2:
+        assert r1.tables() == r2.tables() == ("t",)
+        with pytest.raises(StoreLockedError) as locked:
+            TableStore.open(tmp_path / "s", mode="r+")
+        assert isinstance(locked.value, OSError)
+
+
+def test_corrupt_chunk_file_is_reported(tmp_path: Path) -> None:
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 1000, 4, chunk_rows=256)
+    chunk = tmp_path / "s" / "t" / "weight" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-4])
+    with TableStore.open(tmp_path / "s") as store, pytest.raises(CorruptStoreError):
+        store.gather("t", [300])
+
+
+def test_every_error_is_a_store_error() -> None:
+    for error in (StoreNotFoundError("p"), FormatVersionError("p", 2, 1),
+                  MissingArrayError("p", "x"), ReadOnlyStoreError("p", "scatter"),
+                  RowIndexError("t", 5, 3), TableExistsError("p", "t"),
+                  StoreLockedError("p", "r"), RecoveryRequiredError("p", None)):
+        assert isinstance(error, StoreError)
+        assert "\n" not in str(error) and str(error)

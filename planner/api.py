@@ -20,7 +20,14 @@ from dataclasses import dataclass, field, replace
 from planner.aggregate import AggregateCut, solve_aggregate
 from planner.baselines import BASELINES, BaselineResult, run_baseline
 from planner.constraints import NO_CONSTRAINTS, Constraints
-from planner.cost import AnalyticCostModel, CostModel, ShardCost, Sharding, Tier
+from planner.cost import (
+    AnalyticCostModel,
+    CostModel,
+    ShardCost,
+    Sharding,
+    Tier,
+    check_cost_model,
+)
 from planner.errors import InfeasibleError, PlannerError, Resource
 from planner.options import OptionSettings, TableOption, table_options
 from planner.packing import makespan_lower_bound
@@ -73,7 +80,7 @@ def plan(
     shortfall, :class:`SolverError` when the MIP solver fails.
     """
     start = time.perf_counter()
-    model = cost_model or AnalyticCostModel()
+    model = AnalyticCostModel() if cost_model is None else check_cost_model(cost_model)
     name = cost_model_name(model)
     if options.baseline is not None:
         if options.baseline not in BASELINES:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from planner.errors import PlannerError
@@ -243,6 +243,11 @@ def check_cost_model(model: object) -> CostModel:
     if answers[1].hbm_bytes + answers[1].dram_bytes < answers[0].hbm_bytes + answers[0].dram_bytes:
         raise CostModelError(f"cost model {name}: a shard of 1000 rows needs less memory than "
                              f"one of 500 rows; check the units")
+    cached = model.cost(replace(large, tier=Tier.DRAM_CACHE, cache_rows=100), topology)
+    if not isinstance(cached, ShardCost) or cached.total_ms < answers[1].total_ms:
+        # The planner searches HBM options first and relies on this to bound plans.
+        raise CostModelError(f"cost model {name}: a shard cached over DRAM is faster than the "
+                             f"same shard in HBM; the planner assumes caching never speeds up")
     return model  # type: ignore[return-value]
 
 

@@ -232,3 +232,18 @@ def test_check_cost_model_rejects(model: object, fragment: str) -> None:
     with pytest.raises(CostModelError) as info:
         check_cost_model(model)
     assert fragment in str(info.value)
+
+
+class CachingIsFasterModel:
+    def cost(self, shard: ShardOption, topology: Topology) -> ShardCost:
+        base = AnalyticCostModel().cost(shard, topology)
+        speed = 0.5 if shard.tier is not Tier.HBM else 1.0
+        return ShardCost(base.lookup_ms * speed, base.communication_ms, base.backward_ms,
+                         base.optimizer_ms, base.hbm_bytes, base.dram_bytes)
+
+
+def test_models_passed_from_python_are_checked() -> None:
+    with pytest.raises(CostModelError, match="cached over DRAM is faster"):
+        _plan(cost_model=CachingIsFasterModel())
+    with pytest.raises(CostModelError, match="must return planner.ShardCost"):
+        _plan(cost_model=WrongTypeModel())

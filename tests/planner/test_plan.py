@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -236,7 +237,7 @@ def test_check_cost_model_rejects(model: object, fragment: str) -> None:
 
 class CachingIsFasterModel:
     def cost(self, shard: ShardOption, topology: Topology) -> ShardCost:
-        base = AnalyticCostModel().cost(shard, topology)
+        base = AnalyticCostModel().cost(replace(shard, tier=Tier.HBM, cache_rows=0), topology)
         speed = 0.5 if shard.tier is not Tier.HBM else 1.0
         return ShardCost(base.lookup_ms * speed, base.communication_ms, base.backward_ms,
                          base.optimizer_ms, base.hbm_bytes, base.dram_bytes)

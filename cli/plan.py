@@ -21,6 +21,8 @@ from planner import (
     write_plan,
 )
 from planner.api import cost_model_name
+from planner.plan import write_json_atomic
+from planner.specs import parse_topology
 from planner.baselines import BASELINES
 from planner.constraints import NO_CONSTRAINTS, load_constraints
 from planner.cost import load_cost_model
@@ -48,6 +50,7 @@ inter_host_gbps}, batch_size_per_device and reserved_hbm_gb. GB = 1e9 bytes.
   dlrm-plan evaluate plan.json --cost-model my_models:Calibrated --topology other.json
 
 subcommands:
+  calibrate -o TOPOLOGY   measure this machine's bandwidths into a topology file
   show PLAN       per-device load and memory, each table's placement and why
   evaluate PLAN   re-cost a plan (any plan file, hand-written too) under a cost
                   model and topology, to compare plans from different tools
@@ -154,6 +157,33 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_calibrate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} calibrate",
+        description="Measure this machine (device and host gather, host-to-device copy, store "
+                    "reads and writes of random rows, all-to-all between two local processes) "
+                    "and write a topology file with the measured rates and the date. Run it on "
+                    "a quiet machine: other load lowers every figure.",
+        epilog=EXIT_CODES_HELP)
+    parser.add_argument("-o", "--output", required=True, metavar="TOPOLOGY")
+    parser.add_argument("--hbm-gb", type=float, help="device memory (default: the GPU's; "
+                                                     "CPU: half the host memory)")
+    parser.add_argument("--dram-gb", type=float, help="host memory (default: /proc/meminfo)")
+    parser.add_argument("--devices", type=int, help="devices per host (default: GPUs, else 1)")
+    parser.add_argument("--batch-size-per-device", type=int, default=2048)
+    parser.add_argument("--reserved-hbm-gb", type=float, default=0.0)
+    parser.add_argument("--inter-host-gbps", type=float,
+                        help="network between hosts (not measurable on one host; default: the "
+                             "measured all-to-all rate)")
+    parser.add_argument("--store-dir", metavar="DIR",
+                        help="directory on the disk the store will use (default: the temp dir)")
+    parser.add_argument("--quick", action="store_true", help="small probes (seconds, noisier)")
+    parser.add_argument("--no-network", action="store_true",
+                        help="skip the all-to-all probe (then the network rate is the copy rate)")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
 def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.time_limit > 0:
         parser.error(f"--time-limit must be > 0, got {args.time_limit}")
@@ -166,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "show":
         args = build_show_parser().parse_args(argv[1:])
         return run_guarded(PROG, args.verbose, lambda: _show(args))
+    if argv and argv[0] == "calibrate":
+        args = build_calibrate_parser().parse_args(argv[1:])
+        return run_guarded(PROG, args.verbose, lambda: _calibrate(args))
     if argv and argv[0] == "evaluate":
         args = build_evaluate_parser().parse_args(argv[1:])
         return run_guarded(PROG, args.verbose, lambda: _evaluate(args))
@@ -207,6 +240,25 @@ def _show(args: argparse.Namespace) -> int:
     if args.chart:
         draw_chart(result, args.chart)
         print(f"chart written to {args.chart}")
+    return ExitCode.OK
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from dlrm_runtime.calibrate import CalibrationSizes, measure, to_topology
+
+    sizes = (CalibrationSizes(rows=200_000, batch_rows=16_384, store_rows=65_536, repeats=3,
+                              all_to_all_bytes=8 * 1024 * 1024)
+             if args.quick else CalibrationSizes())
+    result = measure(sizes, store_dir=args.store_dir, network=not args.no_network,
+                     log=lambda line: print(line, file=sys.stderr))
+    topology = to_topology(result, hbm_gb=args.hbm_gb, dram_gb=args.dram_gb, devices=args.devices,
+                           batch_size_per_device=args.batch_size_per_device,
+                           reserved_hbm_gb=args.reserved_hbm_gb,
+                           inter_host_gbps=args.inter_host_gbps)
+    # Validate what we write with the same reader users will use.
+    parse_topology(topology.to_json(), args.output)
+    write_json_atomic(topology.to_json(), args.output)
+    print(f"topology written to {args.output}")
     return ExitCode.OK
 
 

@@ -163,9 +163,14 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
 
 def write_plan(plan: Plan, path: str | Path) -> None:
     """Write atomically: a crash leaves either the old file or the new one."""
+    write_json_atomic(plan_to_json(plan), path)
+
+
+def write_json_atomic(doc: object, path: str | Path) -> None:
+    """JSON to ``path`` through a temp file, fsync and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(plan_to_json(plan), indent=1) + "\n"
+    text = json.dumps(doc, indent=1) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:

@@ -210,6 +210,8 @@ class Topology:
     batch_size_per_device: int
     reserved_hbm_gb: float = 0.0
     description: str = ""
+    calibration: tuple[tuple[str, str], ...] = ()
+    """Where measured numbers came from (``dlrm-plan calibrate``): date, machine, method."""
 
     @property
     def world_size(self) -> int:
@@ -231,11 +233,16 @@ class Topology:
         out = asdict(self)
         if not self.description:
             del out["description"]
+        if self.calibration:
+            out["calibration"] = dict(self.calibration)
+        else:
+            del out["calibration"]
         return out
 
     def sha256(self) -> str:
         out = self.to_json()
         out.pop("description", None)
+        out.pop("calibration", None)
         return _sha256(out)
 
 
@@ -356,8 +363,15 @@ def parse_topology(doc: object, file: str = "<memory>") -> Topology:
     n.done()
     batch = root.integer("batch_size_per_device")
     reserved = root.number("reserved_hbm_gb", positive=False, default=0.0, below=device.hbm_gb)
+    calibration: tuple[tuple[str, str], ...] = ()
+    if root.has("calibration"):
+        record = root.child("calibration")
+        raw = root.raw("calibration")
+        calibration = tuple((str(k), record.string(k)) for k in raw)
+        record.done()
     root.done()
-    return Topology(hosts, per_host, device, host, store, network, batch, reserved, description)
+    return Topology(hosts, per_host, device, host, store, network, batch, reserved, description,
+                    calibration)
 
 
 def as_tables(obj: TablesSpec | Mapping[str, Any]) -> TablesSpec:

@@ -158,3 +158,23 @@ def test_show_chart(tmp_path: Path, tables_file: Path, topology_file: Path) -> N
     chart = tmp_path / "charts" / "plan.png"
     assert plan_cli.main(["show", str(path), "--chart", str(chart)]) == ExitCode.OK
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_writes_a_topology_the_planner_uses(tmp_path: Path, tables_file: Path,
+                                                      capsys) -> None:
+    from planner import load_topology
+
+    out = tmp_path / "calibrated.json"
+    code = plan_cli.main(["calibrate", "-o", str(out), "--quick", "--hbm-gb", "0.002",
+                          "--devices", "2", "--batch-size-per-device", "64",
+                          "--store-dir", str(tmp_path)])
+    assert code == ExitCode.OK
+    err = capsys.readouterr().err
+    assert "device gather" in err and "store: read" in err and "all-to-all (gloo" in err
+    topology = load_topology(out)
+    assert topology.world_size == 2 and topology.device.hbm_gb == 0.002
+    assert dict(topology.calibration)["date"].startswith("20")
+    assert topology.store.read_gbps > 0 and topology.network.intra_host_gbps > 0
+    plan_file = tmp_path / "plan.json"
+    assert plan_cli.main(["--tables", str(tables_file), "--topology", str(out), "-o",
+                          str(plan_file), "-q"]) == ExitCode.OK

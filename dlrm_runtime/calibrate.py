@@ -1,0 +1,224 @@
+"""Measure this machine's bandwidths for the planner's cost model (``dlrm-plan calibrate``).
+
+Every figure is an effective rate for the operation the cost model charges, in GB/s
+(1e9 bytes/s) of embedding-row bytes moved:
+
+- device gather: ``index_select`` of random rows of a table on the compute device;
+- host gather: numpy ``take`` of random rows in host memory;
+- host-to-device: copying a gathered block to the device (a memory copy on a CPU-only
+  machine);
+- store read / write: random rows through :class:`storage.TableStore` (page cache
+  warm for reads; writes made durable by a checkpoint);
+- all-to-all: ``all_to_all_single`` between two local processes over gloo (NCCL when
+  two GPUs are present), bytes sent per process.
+
+Each is the median of a few repetitions after a warm-up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from planner.specs import DeviceSpec, HostSpec, NetworkSpec, StoreSpec, Topology
+from storage import TableStore
+
+GB = 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationSizes:
+    rows: int = 1_000_000
+    """Rows of the probe table (dim 64, fp32: 256 MB)."""
+    dim: int = 64
+    batch_rows: int = 65_536
+    """Rows per gather."""
+    store_rows: int = 262_144
+    """Rows of the probe table in the store."""
+    repeats: int = 5
+    all_to_all_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    device: str
+    device_gather_gbps: float
+    host_gather_gbps: float
+    h2d_gbps: float
+    store_read_gbps: float
+    store_write_gbps: float
+    all_to_all_gbps: float | None
+    """None when it was not measured."""
+    backend: str
+    date: str
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Path | None = None,
+            network: bool = True, log: Callable[[str], None] = lambda _: None) -> Calibration:
+    """Run every probe; ``log`` receives one line per finished probe."""
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rng = np.random.default_rng(0)
+    row_bytes = sizes.dim * 4
+    block = sizes.batch_rows * row_bytes
+
+    table = torch.rand(sizes.rows, sizes.dim, device=device)
+    ids = torch.from_numpy(rng.integers(0, sizes.rows, sizes.batch_rows)).to(device)
+    seconds = _median_seconds(lambda: torch.index_select(table, 0, ids), sizes.repeats, sync)
+    device_gbps = block / seconds / GB
+    log(f"device gather ({device.type}): {device_gbps:.2f} GB/s")
+    del table
+
+    host = np.random.default_rng(1).random((sizes.rows, sizes.dim), dtype=np.float32)
+    host_ids = rng.integers(0, sizes.rows, sizes.batch_rows)
+    out = np.empty((sizes.batch_rows, sizes.dim), dtype=np.float32)
+    seconds = _median_seconds(lambda: np.take(host, host_ids, axis=0, out=out), sizes.repeats,
+                              lambda: None)
+    host_gbps = block / seconds / GB
+    log(f"host gather: {host_gbps:.2f} GB/s")
+    del host
+
+    source = torch.from_numpy(out)
+    if device.type == "cuda":
+        source = source.pin_memory()
+    target = torch.empty_like(source, device=device)
+    seconds = _median_seconds(lambda: target.copy_(source, non_blocking=True), sizes.repeats, sync)
+    h2d_gbps = block / seconds / GB
+    log(f"host-to-device copy: {h2d_gbps:.2f} GB/s")
+
+    read_gbps, write_gbps = _store_rates(sizes, store_dir, rng)
+    log(f"store: read {read_gbps:.3f} GB/s, write {write_gbps:.3f} GB/s (random rows)")
+
+    a2a, backend = (None, "none")
+    if network:
+        a2a, backend = _all_to_all_gbps(sizes.all_to_all_bytes, sizes.repeats)
+        log(f"all-to-all ({backend}, 2 processes): {a2a:.2f} GB/s")
+    return Calibration(str(device), device_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps, a2a,
+                       backend, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _store_rates(sizes: CalibrationSizes, store_dir: str | Path | None,
+                 rng: np.random.Generator) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
+        store = TableStore.create(Path(tmp) / "probe")
+        try:
+            store.add_table("probe", sizes.store_rows, sizes.dim, init="zeros")
+            ids = rng.integers(0, sizes.store_rows, min(sizes.batch_rows, sizes.store_rows))
+            row_bytes = sizes.dim * 4
+            seconds = _median_seconds(lambda: store.gather("probe", ids), sizes.repeats,
+                                      lambda: None)
+            read = ids.size * row_bytes / seconds / GB
+            rows = np.ones((ids.size, sizes.dim), dtype=np.float32)
+            step = iter(range(1, 10_000))
+
+            def write_and_commit() -> None:
+                store.scatter("probe", ids, rows)
+                store.checkpoint(next(step))
+
+            seconds = _median_seconds(write_and_commit, max(2, sizes.repeats // 2), lambda: None)
+            write = ids.size * row_bytes / seconds / GB
+        finally:
+            store.close()
+    return read, write
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _all_to_all_worker(rank: int, port: int, nbytes: int, repeats: int, result: str) -> None:
+    backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+        send = torch.ones(nbytes // 4, device=device)
+        recv = torch.empty_like(send)
+        sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
+
+        def exchange() -> None:
+            dist.all_to_all_single(recv, send)
+
+        seconds = _median_seconds(exchange, repeats, sync)
+        if rank == 0:
+            # half of the buffer leaves each process
+            Path(result).write_text(f"{nbytes / 2 / seconds / GB} {backend}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _all_to_all_gbps(nbytes: int, repeats: int) -> tuple[float, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "a2a")
+        mp.spawn(_all_to_all_worker, args=(_free_port(), nbytes, repeats, result), nprocs=2,
+                 join=True)
+        value, backend = Path(result).read_text().split()
+    return float(value), backend
+
+
+def _memory_gb() -> float:
+    """Total host memory from /proc/meminfo (Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return 0.0
+
+
+def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float | None = None,
+                devices: int | None = None, batch_size_per_device: int = 2048,
+                reserved_hbm_gb: float = 0.0, inter_host_gbps: float | None = None) -> Topology:
+    """One host of this machine's devices with the measured rates. Capacities default
+    to the GPU's memory (CPU: half the host memory) and the host memory."""
+    gpus = torch.cuda.device_count()
+    if devices is None:
+        devices = max(1, gpus)
+    if hbm_gb is None:
+        hbm_gb = (torch.cuda.get_device_properties(0).total_memory / GB if gpus
+                  else _memory_gb() / 2)
+    if dram_gb is None:
+        dram_gb = _memory_gb()
+    network = cal.all_to_all_gbps or cal.h2d_gbps
+    return Topology(
+        hosts=1,
+        devices_per_host=devices,
+        device=DeviceSpec(round(hbm_gb, 3), round(cal.device_gather_gbps, 3)),
+        host=HostSpec(round(dram_gb, 3), round(cal.host_gather_gbps, 3), round(cal.h2d_gbps, 3)),
+        store=StoreSpec(round(cal.store_read_gbps, 4), round(cal.store_write_gbps, 4)),
+        network=NetworkSpec(round(network, 3), round(inter_host_gbps or network, 3)),
+        batch_size_per_device=batch_size_per_device,
+        reserved_hbm_gb=reserved_hbm_gb,
+        description=f"Calibrated on {platform.node()} ({cal.device}) by dlrm-plan calibrate",
+        calibration=(("date", cal.date), ("machine", platform.platform()),
+                     ("device", cal.device), ("all_to_all_backend", cal.backend),
+                     ("method", "median of repeated probes; see dlrm_runtime/calibrate.py")),
+    )

@@ -92,7 +92,6 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     seconds = _median_seconds(lambda: torch.index_select(table, 0, ids), sizes.repeats, sync)
     device_gbps = block / seconds / GB
     log(f"device gather ({device.type}): {device_gbps:.2f} GB/s")
-    del table
 
     host = np.random.default_rng(1).random((sizes.rows, sizes.dim), dtype=np.float32)
     host_ids = rng.integers(0, sizes.rows, sizes.batch_rows)
@@ -101,7 +100,6 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
                               lambda: None)
     host_gbps = block / seconds / GB
     log(f"host gather: {host_gbps:.2f} GB/s")
-    del host
 
     source = torch.from_numpy(out)
     if device.type == "cuda":

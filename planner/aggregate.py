@@ -14,18 +14,15 @@ that it moves the bound by at most ``1e-6`` relative) steers ties towards less w
 
 from __future__ import annotations
 
-import re
-import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import pulp
 
 from planner.errors import SolverError
 from planner.options import TableOption
+from planner.solvers import solve
 from planner.specs import GB, Topology
 
 TIE_BREAK_WEIGHT = 1e-6
@@ -149,61 +146,25 @@ class _Problem:
             if any(options[t][o].dram_bytes for t, o in keys):
                 prob += (weighted("dram_bytes") <= self.dram_bytes, "dram_total")
 
-        with tempfile.TemporaryDirectory() as tmp:
-            log = Path(tmp) / "cbc.log"
-            backend = _backend(solver, time_limit_s, threads, relax, log)
-            try:
-                prob.solve(backend)
-            except pulp.PulpSolverError as exc:
-                raise SolverError(f"{backend.name} failed on the option-choice problem: "
-                                  f"{exc}") from exc
-            log_text = log.read_text() if log.exists() else ""
-
-        status = pulp.LpStatus[prob.status]
-        sol_status = pulp.LpSolution[prob.sol_status]
-        if prob.status == pulp.LpStatusInfeasible:
-            return AggregateSolution((), float("inf"), float("inf"), status, sol_status,
-                                     backend.name)
-        if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-            raise SolverError(f"{backend.name} found no option choice within {time_limit_s:g} s "
-                              f"({status}); raise the time limit")
+        outcome = solve(prob, solver=solver, time_limit_s=time_limit_s, threads=threads,
+                        mip=not relax, gap_rel=None if relax else MIP_GAP)
+        if outcome.infeasible:
+            return AggregateSolution((), float("inf"), float("inf"), outcome.status,
+                                     outcome.sol_status, outcome.solver)
+        if not outcome.has_solution:
+            raise SolverError(f"{outcome.solver} found no option choice within "
+                              f"{time_limit_s:g} s ({outcome.status}); raise the time limit")
         choice = tuple(max(idx, key=lambda o, t=t: y[t, o].value() or 0.0)
                        for t, idx in enumerate(kept))
         objective = float(pulp.value(prob.objective))
         if relax:
             dual = objective
-        else:
-            reported = _bound_from(prob, backend, log_text)
-            # Without a reported bound, "optimal" means within the relative gap.
-            dual = reported if reported is not None else (
-                objective * (1 - MIP_GAP) if prob.sol_status == pulp.LpSolutionOptimal else average)
-        return AggregateSolution(choice, float(z.value()), min(dual, objective), status,
-                                 sol_status, backend.name)
-
-
-def _bound_from(prob: pulp.LpProblem, backend: pulp.LpSolver, log_text: str) -> float | None:
-    """The MIP dual bound reported by the solver when stopped early."""
-    if backend.name == "HiGHS":
-        try:
-            return float(prob.solverModel.getInfo().mip_dual_bound)
-        except AttributeError:
-            return None
-    match = re.search(r"Lower bound:\s*([-+0-9.eE]+)", log_text)
-    return float(match.group(1)) if match else None
-
-
-def _backend(name: str, time_limit_s: float, threads: int, relax: bool, log: Path) -> pulp.LpSolver:
-    if name == "cbc":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=threads,
-                                     mip=not relax, logPath=str(log), gapRel=MIP_GAP)
-    if name == "highs":
-        if not pulp.HiGHS().available():
-            raise SolverError("solver 'highs' needs the highspy package: pip install highspy")
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, mip=not relax,
-                          gapRel=MIP_GAP)
-    raise SolverError(f"unknown solver {name!r}; choose cbc or highs")
+        elif outcome.reported_bound is not None:
+            dual = outcome.reported_bound
+        else:  # "optimal" then means within the relative gap
+            dual = objective * (1 - MIP_GAP) if outcome.proven_optimal else average
+        return AggregateSolution(choice, float(z.value()), min(dual, objective), outcome.status,
+                                 outcome.sol_status, outcome.solver)
 
 
 def _front(options: Sequence[TableOption], average_ms: float, memory: bool) -> list[int]:

@@ -10,16 +10,12 @@ bound when stopped early), warm-started from the heuristic plan.
 
 from __future__ import annotations
 
-import re
-import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pulp
 
-from planner.errors import SolverError
+from planner.solvers import solve
 from planner.options import Placement, TableOption
 from planner.placement import PlacedShard
 from planner.specs import GB, Topology
@@ -112,18 +108,9 @@ def solve_exact(
     if warm_choice is not None:
         _warm_start(options, warm_choice, warm_placed, y, count, host_of_option, z, topology)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "cbc.log"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            backend = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=threads,
-                                        warmStart=warm_choice is not None, logPath=str(log))
-        try:
-            prob.solve(backend)
-        except pulp.PulpSolverError as exc:
-            raise SolverError(f"CBC failed on the exact placement problem: {exc}") from exc
-        log_text = log.read_text() if log.exists() else ""
-    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+    outcome = solve(prob, solver="cbc", time_limit_s=time_limit_s, threads=threads,
+                    warm_start=warm_choice is not None)
+    if not outcome.has_solution:
         return None
 
     choice = tuple(next(o for o in range(len(opts)) if (y[t, o].value() or 0) > 0.5)
@@ -148,13 +135,12 @@ def solve_exact(
         dram_used[topology.host_of(p.device)] += p.slot.cost.dram_bytes
     makespan = max(loads)
     fits = max(used) <= capacity and max(dram_used) <= int(topology.host.dram_gb * GB)
-    if prob.sol_status == pulp.LpSolutionOptimal:
+    if outcome.proven_optimal:
         bound = makespan
     else:
-        match = re.search(r"Lower bound:\s*([-+0-9.eE]+)", log_text)
-        bound = float(match.group(1)) if match else 0.0
-    return ExactSolution(choice, tuple(placed), makespan, min(bound, makespan),
-                         pulp.LpStatus[prob.status], pulp.LpSolution[prob.sol_status], fits)
+        bound = outcome.reported_bound or 0.0
+    return ExactSolution(choice, tuple(placed), makespan, min(bound, makespan), outcome.status,
+                         outcome.sol_status, fits)
 
 
 def _warm_start(options, choice, placed, y, count, host_of_option, z, topology) -> None:

@@ -9,13 +9,13 @@ ILP (:func:`solve_packing_ilp`, PuLP) warm-started from the greedy result.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pulp
 
 from planner.errors import SolverError
+from planner.solvers import solve
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,40 +155,20 @@ def solve_packing_ilp(
             place[i, d].setInitialValue(1 if start[i] == d else 0)
         z.setInitialValue(max(bound, makespan(problem, start)))
 
-    backend = _solver(solver, time_limit_s, threads, warm_start is not None)
-    try:
-        prob.solve(backend)
-    except pulp.PulpSolverError as exc:
-        raise SolverError(f"{backend.name} failed: {exc}") from exc
-
-    status = pulp.LpStatus[prob.status]
-    sol_status = pulp.LpSolution[prob.sol_status]
-    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return Packing((), float("inf"), bound, status, sol_status, False, backend.name,
-                       infeasible=prob.status == pulp.LpStatusInfeasible)
+    outcome = solve(prob, solver=solver, time_limit_s=time_limit_s, threads=threads,
+                    warm_start=warm_start is not None)
+    if not outcome.has_solution:
+        return Packing((), float("inf"), bound, outcome.status, outcome.sol_status, False,
+                       outcome.solver, infeasible=outcome.infeasible)
     device_of = [-1] * n
     for (i, d), var in place.items():
         if (var.value() or 0.0) > 0.5:
             device_of[i] = d
     if -1 in device_of:
-        raise SolverError(f"{backend.name} returned a solution that leaves an item unplaced")
+        raise SolverError(f"{outcome.solver} returned a solution that leaves an item unplaced")
     span = makespan(problem, device_of)
-    proven = prob.sol_status == pulp.LpSolutionOptimal
-    return Packing(tuple(device_of), span, span if proven else bound, status, sol_status,
-                   proven, backend.name)
-
-
-def _solver(name: str, time_limit_s: float, threads: int, warm: bool) -> pulp.LpSolver:
-    if name == "cbc":
-        # PuLP 3.3 marks its bundled CBC deprecated in favour of PuLP 4's packaging;
-        # pyproject caps pulp < 4, where the bundled binary is the supported way.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, threads=threads,
-                                     warmStart=warm)
-    if name == "highs":
-        if not pulp.HiGHS().available():
-            raise SolverError("solver 'highs' needs the highspy package: pip install highspy")
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, warmStart=warm)
-    raise SolverError(f"unknown solver {name!r}; choose cbc or highs")
-
+    proven = outcome.proven_optimal
+    if not proven and outcome.reported_bound is not None:
+        bound = max(bound, outcome.reported_bound)
+    return Packing(tuple(device_of), span, span if proven else min(bound, span), outcome.status,
+                   outcome.sol_status, proven, outcome.solver)

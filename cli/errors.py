@@ -7,7 +7,9 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from dlrm_runtime.criteo import CriteoCacheError, CriteoFormatError
 from dlrm_runtime.errors import ConfigError, PlanMismatchError, TrainingDivergedError
+from dlrm_runtime.profile import ProfileError
 from planner.cost import CostModelError
 from planner.errors import InfeasibleError, PlanFileError, PlannerError, SolverError, SpecError
 
@@ -31,6 +33,9 @@ EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (SpecError, ExitCode.BAD_INPUT),
     (PlanFileError, ExitCode.BAD_INPUT),
     (CostModelError, ExitCode.BAD_INPUT),
+    (CriteoFormatError, ExitCode.BAD_INPUT),
+    (CriteoCacheError, ExitCode.BAD_INPUT),
+    (ProfileError, ExitCode.BAD_INPUT),
     (ConfigError, ExitCode.BAD_INPUT),
     (PlanMismatchError, ExitCode.BAD_INPUT),
     (InfeasibleError, ExitCode.INFEASIBLE),

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from tqdm import tqdm
+
 from cli.chart import draw_chart
 from cli.errors import EXIT_CODES_HELP, ExitCode, run_guarded
 from cli.report import device_table, solve_summary, table_choices
@@ -50,6 +52,7 @@ inter_host_gbps}, batch_size_per_device and reserved_hbm_gb. GB = 1e9 bytes.
   dlrm-plan evaluate plan.json --cost-model my_models:Calibrated --topology other.json
 
 subcommands:
+  profile DATA --tables T -o OUT   measure access profiles from Criteo TSV data
   calibrate -o TOPOLOGY   measure this machine's bandwidths into a topology file
   show PLAN       per-device load and memory, each table's placement and why
   evaluate PLAN   re-cost a plan (any plan file, hand-written too) under a cost
@@ -157,6 +160,31 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_profile_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} profile",
+        description="Count row accesses per table over Criteo click logs (TSV: label, 13 "
+                    "integer and 26 hex categorical features) and write a tables spec whose "
+                    "access profiles (share of lookups served by the hottest k rows) and "
+                    "pooling factors are measured. The data is parsed once into a binary "
+                    "cache that later runs (and dlrm-run) reuse.",
+        epilog="example:\n  dlrm-plan profile day_0.tsv --tables examples/criteo_kaggle.tables.json"
+               " -o profiled.tables.json --sample 5000000\n\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", metavar="DATA", help="Criteo TSV file")
+    parser.add_argument("--tables", required=True, metavar="TABLES",
+                        help="tables spec giving the 26 tables' row counts (ids are hashed "
+                             "into them)")
+    parser.add_argument("-o", "--output", required=True, metavar="TABLES_OUT")
+    parser.add_argument("--cache", metavar="FILE",
+                        help="binary cache of the parsed data (default: DATA.cache)")
+    parser.add_argument("--sample", type=int, metavar="N", help="count only the first N samples")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first malformed line instead of counting it")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
 def build_calibrate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} calibrate",
@@ -196,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "show":
         args = build_show_parser().parse_args(argv[1:])
         return run_guarded(PROG, args.verbose, lambda: _show(args))
+    if argv and argv[0] == "profile":
+        args = build_profile_parser().parse_args(argv[1:])
+        return run_guarded(PROG, args.verbose, lambda: _profile(args))
     if argv and argv[0] == "calibrate":
         args = build_calibrate_parser().parse_args(argv[1:])
         return run_guarded(PROG, args.verbose, lambda: _calibrate(args))
@@ -240,6 +271,33 @@ def _show(args: argparse.Namespace) -> int:
     if args.chart:
         draw_chart(result, args.chart)
         print(f"chart written to {args.chart}")
+    return ExitCode.OK
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from dlrm_runtime.criteo import open_or_build_cache
+    from dlrm_runtime.profile import profile_tables
+
+    tables = load_tables(args.tables)
+    cache_path = args.cache or f"{args.data}.cache"
+    with tqdm(total=None, unit="B", unit_scale=True, desc="parse", file=sys.stderr,
+              disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        cache = open_or_build_cache(args.data, cache_path, tables, strict=args.strict,
+                                    progress=progress)
+    header = cache.header
+    print(f"{len(cache)} samples in {cache_path}", file=sys.stderr)
+    malformed = header.malformed
+    if malformed:
+        print(f"warning: {malformed} malformed lines skipped (--strict stops at the first)",
+              file=sys.stderr)
+    profiled = profile_tables(cache, tables, sample=args.sample)
+    write_json_atomic(profiled.to_json(), args.output)
+    print(f"tables spec with measured access profiles written to {args.output}")
     return ExitCode.OK
 
 

@@ -178,3 +178,44 @@ def test_calibrate_writes_a_topology_the_planner_uses(tmp_path: Path, tables_fil
     plan_file = tmp_path / "plan.json"
     assert plan_cli.main(["--tables", str(tables_file), "--topology", str(out), "-o",
                           str(plan_file), "-q"]) == ExitCode.OK
+
+
+def _criteo_lines(n: int, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        dense = [str(rng.randint(0, 50)) if rng.random() > 0.1 else "" for _ in range(13)]
+        cats = [format(min(int(rng.paretovariate(1.2)), 10_000), "08x") for _ in range(26)]
+        lines.append("\t".join([str(i % 2), *dense, *cats]))
+    lines.insert(5, "not\ta\tcriteo\tline")
+    return "\n".join(lines) + "\n"
+
+
+def test_profile_data_then_plan(tmp_path: Path, capsys) -> None:
+    from planner import load_tables
+
+    data = tmp_path / "day.tsv"
+    data.write_text(_criteo_lines(400))
+    tables = tmp_path / "kaggle.json"
+    doc = json.loads((Path(__file__).resolve().parents[2] / "examples"
+                      / "criteo_kaggle.tables.json").read_text())
+    for table in doc["tables"]:
+        table["num_embeddings"] = min(table["num_embeddings"], 5000)
+    write_json(tables, doc)
+    out = tmp_path / "profiled.json"
+    code = plan_cli.main(["profile", str(data), "--tables", str(tables), "-o", str(out)])
+    assert code == ExitCode.OK
+    assert "1 malformed lines skipped" in capsys.readouterr().err
+    profiled = load_tables(out)
+    assert all(t.access.hot_rows and t.pooling_factor == 1.0 for t in profiled.tables)
+    assert (tmp_path / "day.tsv.cache").exists()
+    plan_out = tmp_path / "plan.json"
+    assert plan_cli.main(["--tables", str(out), "--topology",
+                          str(Path(__file__).resolve().parents[2] / "examples"
+                              / "criteo_kaggle.topology.json"),
+                          "-o", str(plan_out), "-q", "--time-limit", "5"]) == ExitCode.OK
+    assert plan_cli.main(["profile", str(data), "--tables", str(tables), "-o", str(out),
+                          "--strict", "--cache", str(tmp_path / "strict.cache")]) == 2
+    assert "line 6" in capsys.readouterr().err

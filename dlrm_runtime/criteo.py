@@ -1,0 +1,947 @@
+"""Criteo click logs (Kaggle display-advertising and Terabyte TSV) for training.
+
+Format: one sample per line, 40 tab-separated fields: the label (``0`` or ``1``), 13
+integer features ``I1..I13`` (decimal, possibly negative) and 26 categorical
+features ``C1..C26`` (hexadecimal, 32-bit in the published data; up to 64 bits are
+accepted). Every feature may be missing (an empty field); the label may not.
+
+Transformations (fixed; the cache header records the format version):
+
+- dense value = ``log(1 + max(x, 0))`` computed in float64 and stored as float32; a
+  missing or negative value gives 0. Integers of any size are accepted (``10**30``
+  gives 69.08; beyond float64 the natural log of the integer is taken exactly).
+- categorical row = ``splitmix64(int(value, 16)) % num_embeddings`` where
+  ``splitmix64`` is SplitMix64's finaliser (golden-ratio increment, then the two
+  multiply-xorshift rounds); a missing value maps to row :data:`MISSING_ROW` (0).
+  The hash is the same for every table; only the modulus differs.
+
+Reading is streamed in blocks of whole lines (``chunk_bytes`` at a time, 16 MiB by
+default; a line over :data:`MAX_LINE_BYTES` is skipped as malformed without being held)
+and vectorised with numpy: each field is loaded as one 8-byte word and decoded with
+SWAR arithmetic (optionally in ``workers`` threads). Lines the fast path cannot decode
+(a field longer than 8 characters, a ``+`` sign, a wrong field count, a bad character)
+go through :func:`parse_line`, the reference parser, which either decodes them or
+reports why they are malformed. Malformed lines are skipped and counted (the first
+few are kept in the report), or raise :class:`CriteoFormatError` naming the file,
+line and field when ``strict=True``.
+
+Train/validation splits are line ranges: ``start`` and ``stop`` are 0-based line
+indices, half-open like a Python slice (``start=0, stop=40_000_000`` is the first 40 M
+lines); every line counts, malformed ones included. Error messages number lines from
+1, as editors do.
+
+The binary cache (:func:`build_cache`, :func:`open_or_build_cache`) is one file:
+:data:`CACHE_MAGIC`, padding to 64 bytes, ``N`` fixed-size records (label float32,
+dense float32[13], rows int32[26], or int64[26] when a table has more than 2**31 rows;
+160 bytes a sample), then a JSON header, its length (uint64 little-endian) and
+:data:`CACHE_MAGIC` again. It is written to a temporary file, fsynced and renamed into
+place, so a reader sees either the old cache or the complete new one. The header holds
+the source's size and mtime (not its path: a copy that keeps the mtime reuses the
+cache), the table sizes, the line range and the format version; a cache that
+disagrees with any of them is stale.
+:class:`CriteoClicks` serves :class:`dlrm_runtime.data.Batch` objects from a cache by
+batch index, like :class:`dlrm_runtime.data.SyntheticClicks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from dlrm_runtime.data import VALIDATION_OFFSET, Batch
+from dlrm_runtime.errors import ConfigError, RuntimeErrorBase
+from dlrm_runtime.sparse import SparseBatch
+from planner import TablesSpec
+
+NUM_DENSE = 13
+"""Integer features per sample (``I1..I13``)."""
+NUM_SPARSE = 26
+"""Categorical features per sample (``C1..C26``), one embedding table each."""
+NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
+FIELD_NAMES = ("label", *(f"I{i}" for i in range(1, NUM_DENSE + 1)),
+               *(f"C{i}" for i in range(1, NUM_SPARSE + 1)))
+MISSING_ROW = 0
+"""Row that a missing categorical value maps to, in every table."""
+MAX_HEX_DIGITS = 16
+"""Longest categorical value accepted (64 bits)."""
+CACHE_VERSION = 1
+CACHE_MAGIC = b"DLRMCRT1"
+CACHE_DATA_OFFSET = 64
+"""Byte offset of the first record in a cache file."""
+DEFAULT_CHUNK_BYTES = 1 << 24
+"""Bytes of text parsed per block (whole lines; a block grows to hold a longer line)."""
+MAX_LINE_BYTES = 1 << 20
+"""A line longer than about this (it may reach this plus ``chunk_bytes``) is malformed
+and skipped without being held in memory."""
+MAX_REPORTED_ERRORS = 10
+"""Malformed lines kept (with line, field and reason) in a report and a cache header."""
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+_INT_RE = re.compile(rb"[+-]?[0-9]+")
+_HEX_RE = re.compile(rb"[0-9a-fA-F]{1,%d}" % MAX_HEX_DIGITS)
+
+# Byte codes of the fast path: hex digits -> their value, the sign, separators, rest.
+_SIGN, _CR, _BAD, _TAB, _NL = 0x20, 0x41, 0x40, 0xFE, 0xFF
+
+
+def _code_table() -> bytes:
+    table = bytearray([_BAD]) * 256
+    for i, c in enumerate(b"0123456789abcdef"):
+        table[c] = i
+    for i, c in enumerate(b"ABCDEF"):
+        table[c] = 10 + i
+    table[ord("-")] = _SIGN
+    table[ord("\r")] = _CR
+    table[ord("\t")] = _TAB
+    table[ord("\n")] = _NL
+    return bytes(table)
+
+
+_CODES = _code_table()
+_PAD = bytes([_BAD]) * 8
+_KEEP = np.array([0] + [(0xFFFFFFFFFFFFFFFF << (8 * (8 - k))) & 0xFFFFFFFFFFFFFFFF
+                        for k in range(1, 9)] + [0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
+"""``_KEEP[k]``: the mask of the top ``k`` bytes of a little-endian word (k <= 8; 9 keeps all)."""
+_SHIFT_TO_FIRST = np.array([0] + [8 * (8 - k) for k in range(1, 9)] + [0], dtype=np.uint64)
+"""``word >> _SHIFT_TO_FIRST[k]`` brings the first byte of a ``k``-byte field to byte 0."""
+_M8 = np.uint64(0x00FF00FF00FF00FF)
+_M16 = np.uint64(0x0000FFFF0000FFFF)
+_M32 = np.uint64(0x00000000FFFFFFFF)
+_HIGH = np.uint64(0x8080808080808080)
+_NIBBLE_HIGH = np.uint64(0xF0F0F0F0F0F0F0F0)
+_DIGIT_BIAS = np.uint64(0x7676767676767676)
+
+
+class CriteoFormatError(RuntimeErrorBase, ValueError):
+    """A line of a Criteo file is malformed (raised with ``strict=True``).
+
+    ``path`` is the file, ``line`` the 1-based line number (``None`` when the file
+    cannot be read at all), ``field`` the field's name (``label``, ``I1``..``I13``,
+    ``C1``..``C26``) or ``None`` for a wrong field count or an overlong line.
+    """
+
+    def __init__(self, path: str, line: int | None, field: str | None, reason: str) -> None:
+        self.path = path
+        self.line = line
+        self.field = field
+        self.reason = reason
+        where = (path + (f", line {line}" if line is not None else "")
+                 + (f", field {field}" if field else ""))
+        super().__init__(f"{where}: {reason}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"line": self.line, "field": self.field, "reason": self.reason}
+
+
+class CriteoCacheError(RuntimeErrorBase, ValueError):
+    """A cache file is missing, unreadable, of another version, or stale."""
+
+
+# ---------------------------------------------------------------- values
+
+
+def splitmix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser of uint64 ``values`` (a bijection; wraps modulo 2**64)."""
+    with np.errstate(over="ignore"):
+        z = values + _GOLDEN
+        z ^= z >> np.uint64(30)
+        z *= _MIX1
+        z ^= z >> np.uint64(27)
+        z *= _MIX2
+        z ^= z >> np.uint64(31)
+        return z
+
+
+def hash_categorical(values: np.ndarray | Sequence[int],
+                     num_embeddings: int | np.ndarray) -> np.ndarray:
+    """Rows (int64) of categorical ``values`` (unsigned integers, the parsed hex) in
+    tables of ``num_embeddings`` rows (a scalar, or one per last-axis column)."""
+    z = splitmix64(np.asarray(values, dtype=np.uint64))
+    return (z % np.asarray(num_embeddings, dtype=np.uint64)).astype(np.int64)
+
+
+def dense_transform(values: np.ndarray | Sequence[float]) -> np.ndarray:
+    """``log(1 + max(x, 0))`` as float32 (NaN, a missing value, gives 0)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = np.where(np.isnan(x), 0.0, np.maximum(x, 0.0))
+    return np.log1p(x).astype(np.float32)
+
+
+def _log1p_int(value: int) -> float:
+    """``log(1 + max(value, 0))`` of a Python integer of any size."""
+    if value <= 0:
+        return 0.0
+    if value < 1 << 53:
+        return math.log1p(value)
+    return math.log(value)  # exact for big ints; log(1 + x) == log(x) in float64 here
+
+
+def table_sizes(tables: TablesSpec | Sequence[int]) -> tuple[int, ...]:
+    """The 26 table sizes (rows) of a tables spec in feature order, or of a sequence.
+
+    Raises :class:`ConfigError` when there are not 26 tables or a size is below 1.
+    """
+    sizes = tuple(t.num_embeddings for t in tables.tables) if isinstance(tables, TablesSpec) \
+        else tuple(tables)
+    if len(sizes) != NUM_SPARSE:
+        raise ConfigError(f"Criteo data has {NUM_SPARSE} categorical features, but the tables "
+                          f"spec has {len(sizes)} tables; list 26 tables in feature order")
+    for i, size in enumerate(sizes):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ConfigError(f"table {i} (C{i + 1}) must have at least 1 row, got {size!r}")
+    return tuple(int(s) for s in sizes)
+
+
+# ---------------------------------------------------------------- reference parser
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedLine:
+    """One decoded sample: ``label`` 0/1, ``dense`` float32[13] (transformed), ``rows``
+    int64[26] (hashed), ``values`` the raw categorical integers (``None`` = missing)."""
+
+    label: int
+    dense: np.ndarray
+    rows: np.ndarray
+    values: tuple[int | None, ...]
+
+
+def parse_line(line: bytes | str, tables: TablesSpec | Sequence[int], *, path: str = "<memory>",
+               line_number: int = 1) -> ParsedLine:
+    """Decode one line (with or without its ``\\n`` / ``\\r\\n``): the reference parser.
+
+    Grammar: label ``0`` or ``1``; an integer feature is empty or ``[+-]?[0-9]+``; a
+    categorical feature is empty or 1 to 16 hex digits. Raises
+    :class:`CriteoFormatError` (naming ``path``, ``line_number`` and the field)
+    otherwise.
+    """
+    return _parse_line(line.encode() if isinstance(line, str) else line, table_sizes(tables),
+                       path, line_number)
+
+
+def _parse_line(line: bytes, sizes: tuple[int, ...], path: str, number: int) -> ParsedLine:
+    label, dense, values = _decode_line(line, path, number)
+    rows = [MISSING_ROW if v is None else _splitmix64_int(v) % n for v, n in zip(values, sizes)]
+    return ParsedLine(label, np.array(dense, dtype=np.float32), np.array(rows, dtype=np.int64),
+                      tuple(values))
+
+
+def _splitmix64_int(x: int) -> int:
+    """:func:`splitmix64` of one Python integer (the slow path's version)."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _decode_line(line: bytes, path: str, number: int) -> tuple[int, list[float], list[int | None]]:
+    line = line.rstrip(b"\n")
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    fields = line.split(b"\t")
+    if len(fields) != NUM_FIELDS:
+        raise CriteoFormatError(path, number, None,
+                                f"has {len(fields)} fields, expected {NUM_FIELDS}")
+    if fields[0] not in (b"0", b"1"):
+        raise CriteoFormatError(path, number, "label", f"must be 0 or 1, got {_show(fields[0])}")
+    dense = []
+    for i in range(1, 1 + NUM_DENSE):
+        text = fields[i]
+        if not text:
+            dense.append(0.0)
+        elif _INT_RE.fullmatch(text):
+            dense.append(_log1p_int(int(text)))
+        else:
+            raise CriteoFormatError(path, number, FIELD_NAMES[i], f"not an integer: {_show(text)}")
+    values: list[int | None] = []
+    for i in range(1 + NUM_DENSE, NUM_FIELDS):
+        text = fields[i]
+        if not text:
+            values.append(None)
+        elif _HEX_RE.fullmatch(text):
+            values.append(int(text, 16))
+        else:
+            raise CriteoFormatError(path, number, FIELD_NAMES[i],
+                                    f"not a hex value of 1-{MAX_HEX_DIGITS} digits: {_show(text)}")
+    return int(fields[0]), dense, values
+
+
+def _show(text: bytes, limit: int = 40) -> str:
+    shown = text.decode("utf-8", "backslashreplace")
+    return repr(shown if len(shown) <= limit else shown[:limit] + "...")
+
+
+# ---------------------------------------------------------------- streaming reader
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedChunk:
+    """Samples decoded from one block of lines, in file order."""
+
+    labels: np.ndarray
+    """[n] float32 in {0, 1}."""
+    dense: np.ndarray
+    """[n, 13] float32, transformed."""
+    rows: np.ndarray
+    """[n, 26] int64, hashed into each table."""
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ParseReport:
+    """What a pass over a Criteo file found."""
+
+    path: str
+    start: int
+    """First line index read (0-based)."""
+    stop: int | None
+    """Line index the range ends before (``None``: the end of the file)."""
+    lines: int
+    """Lines read in the range, malformed ones included."""
+    samples: int
+    malformed: int
+    errors: tuple[CriteoFormatError, ...]
+    """The first :data:`MAX_REPORTED_ERRORS` malformed lines."""
+    bytes_read: int
+    seconds: float
+
+    @property
+    def lines_per_s(self) -> float:
+        return self.lines / self.seconds if self.seconds > 0 else float("inf")
+
+    def summary(self) -> str:
+        """One line: counts, speed and the first malformed line if any."""
+        text = (f"{self.path}: {self.samples:,} samples from {self.lines:,} lines "
+                f"({self.malformed:,} malformed) in {self.seconds:.1f} s "
+                f"({self.lines_per_s:,.0f} lines/s)")
+        return text + (f"; first: {self.errors[0]}" if self.errors else "")
+
+
+class CriteoReader:
+    """Streams the samples of lines ``[start, stop)`` of a Criteo TSV file.
+
+    Iterate to get :class:`ParsedChunk` blocks; :meth:`report` tells what was read so
+    far. Memory is bounded by ``chunk_bytes`` (times a small factor, times ``workers``),
+    not the file. ``progress(bytes_read, file_bytes)`` is called after every block.
+    ``workers > 1`` decodes the next blocks in threads while one is handed out (numpy
+    releases the GIL for most of the work; on the 2-core development machine, shared
+    with other jobs, this measured no gain, so the default is 1).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], tables: TablesSpec | Sequence[int], *,
+                 start: int = 0, stop: int | None = None, strict: bool = False,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int = 1,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        if start < 0 or (stop is not None and stop < start):
+            raise ConfigError(f"line range must satisfy 0 <= start <= stop, got start={start}, "
+                              f"stop={stop}")
+        if chunk_bytes < 1:
+            raise ConfigError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {workers}")
+        self.path = str(path)
+        self.sizes = table_sizes(tables)
+        self.start, self.stop, self.strict = start, stop, strict
+        self.chunk_bytes = chunk_bytes
+        self.workers = workers
+        self.progress = progress
+        self._sizes = np.array(self.sizes, dtype=np.uint64)
+        self._lines = self._samples = self._malformed = self._bytes = 0
+        self._errors: list[CriteoFormatError] = []
+        self._seconds = 0.0
+
+    def report(self) -> ParseReport:
+        return ParseReport(self.path, self.start, self.stop, self._lines, self._samples,
+                           self._malformed, tuple(self._errors), self._bytes, self._seconds)
+
+    def __iter__(self) -> Iterator[ParsedChunk]:
+        """Blocks decoded in file order; with ``workers > 1`` the vectorised decoding of
+        the next blocks runs in threads (numpy releases the GIL) while one is handed out."""
+        try:
+            handle = open(self.path, "rb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            raise CriteoFormatError(self.path, None, None, f"cannot open: {exc.strerror}") from None
+        pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        with handle, pool if pool is not None else contextlib.nullcontext():
+            total = os.fstat(handle.fileno()).st_size
+            pending: deque[tuple[int, bytes | None, int, Future[_FastBlock] | None]] = deque()
+            blocks = _blocks(handle, self.start, self.stop, self.chunk_bytes)
+            tick = time.perf_counter()
+            while True:
+                while len(pending) < self.workers:  # keep the pool busy
+                    item = next(blocks, None)
+                    if item is None:
+                        break
+                    first, block = item
+                    job = (pool.submit(_parse_block, block, self._sizes)
+                           if pool is not None and block is not None else None)
+                    pending.append((first, block, handle.tell(), job))
+                if not pending:
+                    break
+                first, block, done_bytes, job = pending.popleft()
+                if block is None:
+                    self._lines += 1
+                    self._malformed_line(CriteoFormatError(
+                        self.path, first + 1, None, f"longer than {MAX_LINE_BYTES} bytes"))
+                    continue
+                fast = job.result() if job is not None else _parse_block(block, self._sizes)
+                chunk = self._finish(fast, block, first)
+                self._bytes = done_bytes
+                self._seconds += time.perf_counter() - tick
+                if self.progress is not None:
+                    self.progress(done_bytes, total)
+                if len(chunk):
+                    yield chunk
+                tick = time.perf_counter()
+            self._seconds += time.perf_counter() - tick
+
+    def _finish(self, fast: _FastBlock, block: bytes, first: int) -> ParsedChunk:
+        """Decode the lines the fast path left with the reference parser; count and
+        drop (or raise for) malformed ones."""
+        n = fast.line_start.size
+        self._lines += n
+        if fast.slow.size == 0:
+            self._samples += n
+            return ParsedChunk(fast.labels, fast.dense, fast.rows)
+        keep = np.ones(n, dtype=bool)
+        labels, dense, rows = fast.labels, fast.dense, fast.rows
+        for i in fast.slow.tolist():
+            line = block[fast.line_start[i]:fast.line_end[i]]
+            try:
+                parsed = _parse_line(line, self.sizes, self.path, first + i + 1)
+            except CriteoFormatError as exc:
+                self._malformed_line(exc)
+                keep[i] = False
+                continue
+            labels[i], dense[i], rows[i] = parsed.label, parsed.dense, parsed.rows
+        self._samples += int(keep.sum())
+        return ParsedChunk(labels[keep], dense[keep], rows[keep])
+
+    def _malformed_line(self, error: CriteoFormatError) -> None:
+        if self.strict:
+            raise error
+        self._malformed += 1
+        if len(self._errors) < MAX_REPORTED_ERRORS:
+            self._errors.append(error)
+
+
+def _blocks(handle: BinaryIO, start: int, stop: int | None,
+            chunk_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """Blocks of whole lines (each ending in ``\\n``) of lines ``[start, stop)``, with
+    the 0-based index of each block's first line; a last line without ``\\n`` gets one.
+    A line longer than :data:`MAX_LINE_BYTES` is skipped unread and yields ``None``."""
+    line = 0  # index of the next line to hand out
+    head: list[bytes] = []  # the start of a line whose end is not read yet
+    head_bytes = 0
+    skipping = False  # inside an overlong line
+    while stop is None or line < stop:
+        data = handle.read(chunk_bytes)
+        if not data:
+            if skipping and line >= start:
+                yield line, None
+            if skipping or not head:
+                return
+            data = b"\n"  # end the last line
+        if skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                continue
+            if line >= start:
+                yield line, None
+            line, skipping, data = line + 1, False, data[end + 1:]
+            if (stop is not None and line >= stop) or not data:
+                continue
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            head.append(data)
+            head_bytes += len(data)
+            if head_bytes > MAX_LINE_BYTES:
+                head, head_bytes, skipping = [], 0, True
+            continue
+        block = b"".join([*head, data[:cut + 1]]) if head else data[:cut + 1]
+        head = [data[cut + 1:]] if cut + 1 < len(data) else []
+        head_bytes = len(data) - cut - 1
+        count = block.count(b"\n")
+        if line + count <= start:
+            line += count
+            continue
+        if line < start:  # drop the lines before start
+            block = block[_nth_newline(block, start - line) + 1:]
+            count -= start - line
+            line = start
+        if stop is not None and line + count > stop:
+            block = block[:_nth_newline(block, stop - line) + 1]
+            count = stop - line
+        yield line, block
+        line += count
+
+
+def _nth_newline(block: bytes, n: int) -> int:
+    """Index of the ``n``-th (1-based) newline of ``block``."""
+    return int(np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)[n - 1])
+
+
+@dataclass(frozen=True, slots=True)
+class _FastBlock:
+    labels: np.ndarray
+    dense: np.ndarray
+    rows: np.ndarray
+    line_start: np.ndarray
+    line_end: np.ndarray
+    slow: np.ndarray
+    """Lines (block indices) the fast path could not decode; their values are garbage."""
+
+
+def _parse_block(block: bytes, sizes: np.ndarray) -> _FastBlock:
+    """Vectorised decoding of a block of whole lines.
+
+    Bytes are translated to codes (hex digit -> its value, ``-`` -> 0x20, tab -> 0xFE,
+    newline -> 0xFF, anything else 0x40 or 0x41 for ``\r``). Every field is loaded as
+    the little-endian 8-byte word that ends where the field ends, the bytes before the
+    field's start are masked off, and fields of 1-8 characters are checked and decoded
+    with SWAR arithmetic on the words (all fields of the block at once).
+    """
+    text = _PAD + block.translate(_CODES)
+    codes = np.frombuffer(text, dtype=np.uint8)
+    seps = np.flatnonzero(codes >= _TAB)
+    newline = np.flatnonzero(codes[seps] == _NL)
+    n = newline.size
+    lengths = np.empty_like(seps)  # characters between a separator and the one before
+    lengths[:1] = seps[:1] - len(_PAD)
+    np.subtract(seps[1:], seps[:-1], out=lengths[1:])
+    lengths[1:] -= 1
+    line_end = seps[newline]
+    line_start = np.empty(n, dtype=np.int64)
+    line_start[:1] = len(_PAD)
+    line_start[1:] = line_end[:-1] + 1
+    fields = np.empty_like(newline)  # fields per line
+    fields[:1] = newline[:1] + 1
+    np.subtract(newline[1:], newline[:-1], out=fields[1:])
+    good = fields == NUM_FIELDS
+    if good.all():
+        good_lines = None
+        ends, lengths = seps.reshape(n, NUM_FIELDS), lengths.reshape(n, NUM_FIELDS)
+    else:
+        good_lines = np.flatnonzero(good)
+        keep = np.repeat(good, fields)
+        ends, lengths = seps[keep].reshape(-1, NUM_FIELDS), lengths[keep].reshape(-1, NUM_FIELDS)
+    cr = (lengths[:, -1] > 0) & (codes[ends[:, -1] - 1] == _CR)
+    if cr.any():  # \r\n line ends: the last field ends before the \r
+        ends[:, -1] -= cr
+        lengths[:, -1] -= cr
+    ends -= 8  # now the start of the word that ends where each field ends
+    words = _words(text)
+    short = np.minimum(lengths, 9).astype(np.uint8)  # 9: too long for the fast path
+    bad = short > 8
+
+    # label: one character, 0 or 1
+    label = codes[ends[:, 0] + 7]
+    bad[:, 0] |= (short[:, 0] != 1) | (label > 1)
+
+    # integer features: optional '-', then 1-8 digits; a negative value clamps to 0
+    dl = short[:, 1:1 + NUM_DENSE]
+    dw = words[ends[:, 1:1 + NUM_DENSE]].view("<u8")
+    first = (dw >> _SHIFT_TO_FIRST[dl]) & np.uint64(0xFF)
+    negative = (dl >= 2) & (first == _SIGN)
+    digits = dw & _KEEP[dl - negative]
+    bad[:, 1:1 + NUM_DENSE] |= ((digits | (digits + _DIGIT_BIAS)) & _HIGH) != 0
+    x = (digits & _M8) * np.uint64(10) + ((digits >> np.uint64(8)) & _M8)
+    x = (x & _M16) * np.uint64(100) + ((x >> np.uint64(16)) & _M16)
+    x = (x & _M32) * np.uint64(10000) + (x >> np.uint64(32))
+    x[negative] = 0
+    dense = np.log1p(x.astype(np.float64)).astype(np.float32)
+
+    # categorical features: 1-8 hex digits (longer ones go to the slow path)
+    hl = short[:, 1 + NUM_DENSE:]
+    hw = words[ends[:, 1 + NUM_DENSE:]].view("<u8")
+    hw &= _KEEP[hl]
+    bad[:, 1 + NUM_DENSE:] |= (hw & _NIBBLE_HIGH) != 0
+    v = ((hw & _M8) << np.uint64(4)) | ((hw >> np.uint64(8)) & _M8)
+    v = ((v & _M16) << np.uint64(8)) | ((v >> np.uint64(16)) & _M16)
+    v = ((v & _M32) << np.uint64(16)) | (v >> np.uint64(32))
+    rows = (splitmix64(v) % sizes).astype(np.int64)
+    rows[hl == 0] = MISSING_ROW
+
+    slow_good = bad.any(axis=1)
+    labels = label.astype(np.float32)
+    line_start -= len(_PAD)
+    line_end -= len(_PAD)
+    if good_lines is None:
+        return _FastBlock(labels, dense, rows, line_start, line_end, np.flatnonzero(slow_good))
+    full_labels = np.zeros(n, dtype=np.float32)
+    full_dense = np.zeros((n, NUM_DENSE), dtype=np.float32)
+    full_rows = np.zeros((n, NUM_SPARSE), dtype=np.int64)
+    full_labels[good_lines], full_dense[good_lines], full_rows[good_lines] = labels, dense, rows
+    slow = np.ones(n, dtype=bool)
+    slow[good_lines] = slow_good
+    return _FastBlock(full_labels, full_dense, full_rows, line_start, line_end,
+                      np.flatnonzero(slow))
+
+
+def _words(text: bytes) -> np.ndarray:
+    """``_words(text)[i]``: the 8 bytes ``text[i:i+8]`` (a strided view, no copy)."""
+    return np.ndarray((len(text) - 7,), dtype="V8", buffer=text, strides=(1,))
+
+
+# ---------------------------------------------------------------- binary cache
+
+
+def record_dtype(sizes: Sequence[int]) -> np.dtype:
+    """The cache's record: label float32, dense float32[13], rows int32[26] (int64 when
+    a table has more than 2**31 rows)."""
+    rows = "<i4" if max(sizes) <= 1 << 31 else "<i8"
+    return np.dtype([("label", "<f4"), ("dense", "<f4", (NUM_DENSE,)),
+                     ("rows", rows, (NUM_SPARSE,))])
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStamp:
+    """Identity of a source file as the cache checks it: size and modification time."""
+
+    size: int
+    """Bytes."""
+    mtime_ns: int
+    """Nanoseconds since the epoch."""
+
+    @staticmethod
+    def of(path: str | os.PathLike[str]) -> SourceStamp:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise CriteoFormatError(str(path), None, None, f"cannot open: {exc.strerror}") from None
+        return SourceStamp(st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHeader:
+    """The JSON header of a cache file."""
+
+    source: str
+    """Path of the text file it was built from (informational; not checked)."""
+    stamp: SourceStamp
+    start: int
+    stop: int | None
+    table_sizes: tuple[int, ...]
+    samples: int
+    lines: int
+    malformed: int
+    errors: tuple[dict[str, Any], ...]
+    """The first malformed lines: ``{"line", "field", "reason"}``."""
+    parse_seconds: float
+    version: int = CACHE_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "dlrm-criteo-cache", "version": self.version,
+            "source": {"path": self.source, "size": self.stamp.size,
+                       "mtime_ns": self.stamp.mtime_ns},
+            "lines": {"start": self.start, "stop": self.stop},
+            "table_sizes": list(self.table_sizes),
+            "hash": f"splitmix64(int(value, 16)) % rows; missing -> row {MISSING_ROW}",
+            "dense": "log1p(max(x, 0)) float32; missing -> 0",
+            "record": record_dtype(self.table_sizes).descr,
+            "samples": self.samples, "lines_read": self.lines, "malformed": self.malformed,
+            "errors": list(self.errors), "parse_seconds": self.parse_seconds,
+        }
+
+    @staticmethod
+    def from_json(doc: Any) -> CacheHeader:
+        src, lines = doc["source"], doc["lines"]
+        stop = lines["stop"]
+        return CacheHeader(
+            source=str(src["path"]), stamp=SourceStamp(int(src["size"]), int(src["mtime_ns"])),
+            start=int(lines["start"]), stop=None if stop is None else int(stop),
+            table_sizes=tuple(int(s) for s in doc["table_sizes"]), samples=int(doc["samples"]),
+            lines=int(doc["lines_read"]), malformed=int(doc["malformed"]),
+            errors=tuple(dict(e) for e in doc["errors"]), parse_seconds=float(doc["parse_seconds"]),
+            version=int(doc["version"]))
+
+    def stale_reason(self, stamp: SourceStamp, sizes: Sequence[int], start: int,
+                     stop: int | None) -> str | None:
+        """Why this cache does not hold the given source, tables and lines, or ``None``."""
+        if self.stamp.size != stamp.size:
+            return f"the source's size changed ({self.stamp.size} -> {stamp.size} bytes)"
+        if self.stamp.mtime_ns != stamp.mtime_ns:
+            return "the source was modified after the cache was built"
+        if self.table_sizes != tuple(sizes):
+            return "the table sizes differ from the tables spec"
+        if (self.start, self.stop) != (start, stop):
+            return f"it holds lines [{self.start}, {self.stop}), not [{start}, {stop})"
+        return None
+
+
+class CriteoCache:
+    """A read-only, memory-mapped cache file of parsed samples (see the module doc)."""
+
+    def __init__(self, path: Path, header: CacheHeader, records: np.ndarray) -> None:
+        self.path = path
+        self.header = header
+        self.records = records
+        """[N] structured records (``label``, ``dense``, ``rows``), memory-mapped."""
+
+    @staticmethod
+    def open(path: str | os.PathLike[str]) -> CriteoCache:
+        """Open a cache without checking it against a source (see :func:`open_or_build_cache`).
+
+        Raises :class:`CriteoCacheError` for a missing, truncated or foreign file or
+        another format version.
+        """
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(len(CACHE_MAGIC))
+                if size < CACHE_DATA_OFFSET + 16 or head != CACHE_MAGIC:
+                    raise CriteoCacheError(f"{path}: not a Criteo cache file")
+                f.seek(size - 16)
+                tail = f.read(16)
+                length = int.from_bytes(tail[:8], "little")
+                if tail[8:] != CACHE_MAGIC or length > size - CACHE_DATA_OFFSET - 16:
+                    raise CriteoCacheError(f"{path}: truncated Criteo cache file")
+                f.seek(size - 16 - length)
+                doc = json.loads(f.read(length))
+        except FileNotFoundError:
+            raise CriteoCacheError(f"{path}: no such cache file") from None
+        except OSError as exc:
+            raise CriteoCacheError(f"{path}: cannot read: {exc.strerror}") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CriteoCacheError(f"{path}: unreadable cache header: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("version") != CACHE_VERSION:
+            found = doc.get("version") if isinstance(doc, dict) else None
+            raise CriteoCacheError(f"{path}: cache format version {found!r}, this reader "
+                                   f"needs {CACHE_VERSION}; rebuild it")
+        try:
+            header = CacheHeader.from_json(doc)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CriteoCacheError(f"{path}: malformed cache header: {exc!r}") from None
+        dtype = record_dtype(header.table_sizes)
+        data_bytes = size - 16 - length - CACHE_DATA_OFFSET
+        if data_bytes != header.samples * dtype.itemsize:
+            raise CriteoCacheError(f"{path}: holds {data_bytes} bytes of records, the header "
+                                   f"says {header.samples} samples of {dtype.itemsize} bytes")
+        records = (np.memmap(path, dtype=dtype, mode="r", offset=CACHE_DATA_OFFSET,
+                             shape=(header.samples,))
+                   if header.samples else np.zeros(0, dtype=dtype))
+        return CriteoCache(path, header, records)
+
+    def __len__(self) -> int:
+        return self.header.samples
+
+    @property
+    def table_sizes(self) -> tuple[int, ...]:
+        return self.header.table_sizes
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """[hi - lo, 26] int64 rows of samples ``lo..hi-1``."""
+        return self.records["rows"][lo:hi].astype(np.int64)
+
+    def row_chunks(self, limit: int | None = None, chunk: int = 1 << 16) -> Iterator[np.ndarray]:
+        """[n, 26] rows (int32 or int64, contiguous) of consecutive samples, ``chunk`` at a
+        time, over the first ``limit`` samples (all when ``None``)."""
+        end = len(self) if limit is None else min(limit, len(self))
+        rows = self.records["rows"]
+        for lo in range(0, end, chunk):
+            yield np.ascontiguousarray(rows[lo:min(end, lo + chunk)])
+
+
+def build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
+                tables: TablesSpec | Sequence[int], *, start: int = 0, stop: int | None = None,
+                strict: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int = 1,
+                progress: Callable[[int, int], None] | None = None) -> CriteoCache:
+    """Parse lines ``[start, stop)`` of ``source`` into the cache file ``cache``
+    (replacing any file there, atomically) and open it.
+
+    ``progress(bytes_read, source_bytes)`` is called after every block; ``workers``
+    threads decode blocks (see :class:`CriteoReader`). The cache's directory is created
+    if needed. Raises :class:`CriteoFormatError` for an unreadable source or, with
+    ``strict=True``, the first malformed line; :class:`CriteoCacheError` when the source
+    changes while it is read or the cache cannot be written. A failed build leaves any
+    previous cache file as it was.
+    """
+    sizes = table_sizes(tables)
+    cache = Path(cache)
+    stamp = SourceStamp.of(source)
+    dtype = record_dtype(sizes)
+    reader = CriteoReader(source, sizes, start=start, stop=stop, strict=strict,
+                          chunk_bytes=chunk_bytes, workers=workers, progress=progress)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=cache.name + ".", suffix=".tmp", dir=cache.parent)
+    except OSError as exc:
+        raise CriteoCacheError(f"{cache}: cannot write the cache: {exc.strerror}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(CACHE_MAGIC.ljust(CACHE_DATA_OFFSET, b"\0"))
+            for chunk in reader:
+                records = np.empty(len(chunk), dtype=dtype)
+                records["label"] = chunk.labels
+                records["dense"] = chunk.dense
+                records["rows"] = chunk.rows
+                f.write(records.data)
+            report = reader.report()
+            if SourceStamp.of(source) != stamp:
+                raise CriteoCacheError(f"{source}: changed while it was being cached; retry")
+            header = CacheHeader(
+                source=str(Path(source).resolve()), stamp=stamp, start=start, stop=stop,
+                table_sizes=sizes, samples=report.samples, lines=report.lines,
+                malformed=report.malformed, errors=tuple(e.to_json() for e in report.errors),
+                parse_seconds=round(report.seconds, 3))
+            text = json.dumps(header.to_json()).encode()
+            f.write(text)
+            f.write(len(text).to_bytes(8, "little") + CACHE_MAGIC)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, cache)
+        _fsync_directory(cache.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CriteoCacheError(f"{cache}: cannot build the cache: {exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return CriteoCache.open(cache)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a rename in ``path`` durable (where the platform allows opening directories)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def open_or_build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
+                        tables: TablesSpec | Sequence[int], *, start: int = 0,
+                        stop: int | None = None, strict: bool = False, rebuild: bool = True,
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int = 1,
+                        progress: Callable[[int, int], None] | None = None) -> CriteoCache:
+    """The cache of lines ``[start, stop)`` of ``source`` for these tables: opened when
+    it exists and is fresh (same source size and mtime, table sizes, line range and
+    format version), else built (``rebuild=True``) or refused with
+    :class:`CriteoCacheError` naming the reason (``rebuild=False``).
+
+    With ``strict=True`` a fresh cache that skipped malformed lines raises
+    :class:`CriteoFormatError` for the first of them, as parsing would have.
+    """
+    sizes = table_sizes(tables)
+    reason: str | None
+    try:
+        opened = CriteoCache.open(cache)
+    except CriteoCacheError as exc:
+        opened, reason = None, str(exc)
+    else:
+        reason = opened.header.stale_reason(SourceStamp.of(source), sizes, start, stop)
+        if reason is not None:
+            reason = f"{cache}: stale: {reason}"
+    if opened is None or reason is not None:
+        if not rebuild:
+            raise CriteoCacheError(f"{reason}; rebuild it")
+        opened = build_cache(source, cache, sizes, start=start, stop=stop, strict=strict,
+                             chunk_bytes=chunk_bytes, workers=workers, progress=progress)
+    if strict and opened.header.errors:
+        first = opened.header.errors[0]
+        raise CriteoFormatError(str(source), int(first["line"]), first["field"],
+                                str(first["reason"]))
+    return opened
+
+
+# ---------------------------------------------------------------- batches
+
+
+class CriteoClicks:
+    """Batches of Criteo samples from caches, by index, like
+    :class:`dlrm_runtime.data.SyntheticClicks`.
+
+    Batch ``i`` holds samples ``i*B .. i*B+B-1`` of ``train`` in file order, wrapping
+    around at the end (so the epoch is ``len(train) / B`` batches and later indices
+    replay the data). Indices from :data:`dlrm_runtime.data.VALIDATION_OFFSET` on read
+    ``validation`` the same way. Real data has no teacher: ``teacher_prob`` is NaN.
+    No shuffling: samples come in file order. With ``tables``, the caches must have been
+    built for its table sizes (else :class:`ConfigError`).
+    """
+
+    dense_features = NUM_DENSE
+
+    def __init__(self, train: CriteoCache, validation: CriteoCache | None = None,
+                 tables: TablesSpec | Sequence[int] | None = None) -> None:
+        if tables is not None and table_sizes(tables) != train.table_sizes:
+            raise ConfigError(f"{train.path} was built for other table sizes than the tables "
+                              f"spec; rebuild it (open_or_build_cache does)")
+        if len(train) == 0:
+            raise ConfigError(f"{train.path}: the cache holds no samples")
+        if validation is not None:
+            if len(validation) == 0:
+                raise ConfigError(f"{validation.path}: the cache holds no samples")
+            if validation.table_sizes != train.table_sizes:
+                raise ConfigError(f"{validation.path}: table sizes differ from {train.path}")
+        self.train = train
+        self.validation = validation
+
+    @property
+    def table_sizes(self) -> tuple[int, ...]:
+        return self.train.table_sizes
+
+    def num_batches(self, batch_size: int, validation: bool = False) -> int:
+        """Whole batches in one pass over the training (or validation) samples."""
+        data = self.validation if validation else self.train
+        return 0 if data is None else len(data) // batch_size
+
+    def batch(self, index: int, batch_size: int) -> Batch:
+        """Batch ``index`` of ``batch_size`` samples (see the class doc)."""
+        if batch_size < 1 or index < 0:
+            raise ConfigError(f"batch index must be >= 0 and batch size >= 1, got {index}, "
+                              f"{batch_size}")
+        data = self.train
+        if index >= VALIDATION_OFFSET:
+            if self.validation is None:
+                raise ConfigError("no validation data: pass a validation cache to CriteoClicks")
+            data, index = self.validation, index - VALIDATION_OFFSET
+        n = len(data)
+        lo = (index * batch_size) % n
+        if lo + batch_size <= n:
+            records = data.records[lo:lo + batch_size]
+        else:
+            records = data.records[(lo + np.arange(batch_size)) % n]
+        return records_to_batch(records)
+
+
+def records_to_batch(records: np.ndarray) -> Batch:
+    """A :class:`Batch` of cache records: dense [B, 13] float32, one id per sample and
+    table (int64, offsets ``0..B``), labels [B] float32, ``teacher_prob`` NaN."""
+    b = records.shape[0]
+    # astype copies: the tensors own writable memory, never the read-only map
+    rows = records["rows"].T.astype(np.int64, order="C")  # [26, B]
+    offsets = torch.arange(b + 1, dtype=torch.int64)
+    return Batch(
+        dense=torch.from_numpy(records["dense"].astype(np.float32, order="C")),
+        sparse=SparseBatch(tuple(torch.from_numpy(r) for r in rows),
+                           tuple(offsets for _ in range(NUM_SPARSE))),
+        labels=torch.from_numpy(records["label"].astype(np.float32, order="C")),
+        teacher_prob=torch.full((b,), float("nan")),
+    )

@@ -1,8 +1,13 @@
 """Tiered embedding-table storage: zarr tables on disk, read and written row by row
 through their uncompressed chunk files, with crash-safe checkpoints (an undo
-journal); and :func:`replay`, the cache-policy simulator used to size row caches.
+journal); a row cache on the compute device over them (:class:`RowCache`); and
+:func:`replay`, the cache-policy simulator used to size row caches.
 """
 
+from storage.cache import RowCache
+from storage.cache_policy import POLICIES as CACHE_POLICIES
+from storage.cache_types import CacheArgumentError, CacheStats, TierBytes
+from storage.cache_worker import CacheWriteError
 from storage.errors import (
     CorruptStoreError,
     FormatVersionError,
@@ -25,7 +30,8 @@ from storage.store import TableStore
 from storage.layout import TableInfo
 
 __all__ = [
-    "POLICIES", "CacheCounters", "CorruptStoreError", "FormatVersionError", "MissingArrayError",
+    "CACHE_POLICIES", "CacheArgumentError", "CacheStats", "CacheWriteError", "RowCache",
+    "TierBytes", "POLICIES", "CacheCounters", "CorruptStoreError", "FormatVersionError", "MissingArrayError",
     "ReadOnlyStoreError", "RecoveryRequiredError", "ReplayError", "RowIndexError", "RowShapeError",
     "StoreArgumentError", "StoreClosedError", "StoreError", "StoreExistsError", "StoreLockedError",
     "StoreNotFoundError", "TableExistsError", "TableInfo", "TableSpecError", "TableStore",

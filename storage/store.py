@@ -31,7 +31,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -98,6 +98,7 @@ class TableStore:
         self._journal: jr.UndoJournal | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
+        self._close_hooks: list[Callable[[], None]] = []
 
     # ---- opening ------------------------------------------------------------------
     @classmethod
@@ -369,11 +370,22 @@ class TableStore:
         for files in self._files.values():
             files.forget_journaled()
 
+    def on_close(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` at the start of :meth:`close`, before files are unmapped (a row
+        cache registers the stop of its background reads and writes here)."""
+        self._close_hooks.append(hook)
+
     def close(self) -> None:
-        """Roll back uncommitted writes (``mode="r+"``), unmap files, release the lock."""
+        """Stop registered users (``on_close``), roll back uncommitted writes
+        (``mode="r+"``), unmap files, release the lock."""
         if self._closed:
             return
         try:
+            for hook in self._close_hooks:
+                try:
+                    hook()
+                except Exception:  # noqa: BLE001 - the cache reports its errors to its own user
+                    pass
             if self._journal is not None and not self._journal.broken:
                 self.rollback()
         finally:

@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/dlrm-plan --tables examples/demo/tables.json --topology examples/demo/topology.json \
 		-o $(BUILD)/demo/plan.json
 	$(BIN)/dlrm-run --plan $(BUILD)/demo/plan.json --tables examples/demo/tables.json \
-		--steps 1500 --batch-size 256 --metrics-log $(BUILD)/demo/metrics.jsonl
+		--steps 1500 --batch-size 256 --threads 1 --metrics-log $(BUILD)/demo/metrics.jsonl
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

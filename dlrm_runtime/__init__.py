@@ -2,17 +2,26 @@
 
 from dlrm_runtime.config import Interaction, ModelConfig, TrainConfig
 from dlrm_runtime.data import SyntheticClicks
-from dlrm_runtime.embeddings import embeddings_from_plan, embeddings_in_memory
+from dlrm_runtime.embeddings import (
+    InMemoryEmbeddings,
+    ShardedTable,
+    TableBatchedBags,
+    embeddings_from_plan,
+    embeddings_in_memory,
+)
 from dlrm_runtime.errors import (
+    CheckpointError,
     ConfigError,
     PlanMismatchError,
     RuntimeErrorBase,
     TrainingDivergedError,
 )
 from dlrm_runtime.model import DLRM
+from dlrm_runtime.sharding import device_for
 from dlrm_runtime.sparse import SparseBatch
 from dlrm_runtime.train import (
     EvalResult,
+    Trainer,
     TrainResult,
     build_model,
     check_plan_matches,
@@ -21,8 +30,9 @@ from dlrm_runtime.train import (
 )
 
 __all__ = [
-    "ConfigError", "DLRM", "EvalResult", "Interaction", "ModelConfig", "PlanMismatchError",
-    "RuntimeErrorBase", "SparseBatch", "SyntheticClicks", "TrainConfig", "TrainResult",
-    "TrainingDivergedError", "build_model", "check_plan_matches", "embeddings_from_plan",
-    "embeddings_in_memory", "evaluate", "train",
+    "CheckpointError", "ConfigError", "DLRM", "EvalResult", "InMemoryEmbeddings", "Interaction",
+    "ModelConfig", "PlanMismatchError", "RuntimeErrorBase", "ShardedTable", "SparseBatch",
+    "SyntheticClicks", "TableBatchedBags", "TrainConfig", "TrainResult", "Trainer",
+    "TrainingDivergedError", "build_model", "check_plan_matches", "device_for",
+    "embeddings_from_plan", "embeddings_in_memory", "evaluate", "train",
 ]

@@ -59,11 +59,34 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     threads: int | None = None
+    checkpoint_dir: str | None = None
+    """Directory of this run's checkpoints (``ckpt-<step>/`` subdirectories; only the
+    newest complete one is kept). With it, a checkpoint is also written at the end."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints; 0: only at the end. Needs ``checkpoint_dir``."""
+    resume: bool = False
+    """Continue from the newest checkpoint in ``checkpoint_dir`` (it must exist and
+    come from the same plan inputs, model config, seed, batch size and dense
+    optimizer); the learning rates of this config apply from there on."""
+    deterministic: bool = False
+    """``torch.use_deterministic_algorithms(True)`` while training: an op without a
+    deterministic implementation raises instead of running. On the CPU every op of
+    the training step is already deterministic for a fixed thread count (results
+    depend on the thread count through matmul blocking, so fix ``threads`` too); the
+    flag matters on CUDA, where it also needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in
+    the environment before CUDA starts."""
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.checkpoint_dir is None:
+            if self.resume:
+                raise ConfigError("resume needs checkpoint_dir (--checkpoint-dir)")
+            if self.checkpoint_every:
+                raise ConfigError("checkpoint_every needs checkpoint_dir (--checkpoint-dir)")
         for name in ("lr", "embedding_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -1,89 +1,501 @@
-"""Embedding tables built from a plan, held in device memory (CPU when no GPU)."""
+"""Embedding tables built from a plan, held in device memory (CPU when no GPU).
+
+Two kinds of modules serve the tables, both sum-pooled bags:
+
+- :class:`TableBatchedBags` holds whole tables (table-wise, or data-parallel: one copy)
+  that share a device, dim, dtype and optimizer in ONE weight, rows concatenated, and
+  looks all of them up with one ``embedding_bag`` call (a "table-batched" embedding
+  bag, like FBGEMM's TBE): one kernel and one sparse gradient per group instead of
+  one per table;
+- :class:`ShardedTable` holds one row-, table-row- or column-wise table as one
+  parameter per shard on the shard's device, routes ids to the shards that own them
+  and combines the shards' pooled outputs (partial sums added, or columns
+  concatenated).
+
+Both describe their weights to the row optimizer as :class:`RowBlock` objects, whose
+:class:`Segment` entries say which rows and columns of which table each block holds;
+checkpoints use the same description to save tables independently of placement.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlrm_runtime.errors import PlanMismatchError
+from dlrm_runtime.memory import empty_weight
+from dlrm_runtime.sharding import (
+    TablePlacement,
+    device_for,
+    placements_from_plan,
+    whole_table,
+)
 from dlrm_runtime.sparse import SparseBatch
-from planner import DType, Plan, Sharding, TablesSpec, Tier
+from planner import DType, Optimizer, Plan, Sharding, TablesSpec, TableSpec
+
+__all__ = [
+    "InMemoryEmbeddings", "PooledLookup", "RowBlock", "Segment", "ShardedTable", "TORCH_DTYPE",
+    "TableBatchedBags", "bag_of_ids", "device_for", "embeddings_from_plan", "embeddings_in_memory",
+    "expand_pooled", "init_table",
+]
 
 TORCH_DTYPE = {DType.FP32: torch.float32, DType.FP16: torch.float16, DType.BF16: torch.bfloat16}
 
 
-def device_for(rank: int) -> torch.device:
-    """The torch device standing for plan device ``rank`` in this process: that GPU
-    when present, else the CPU."""
-    if torch.cuda.is_available() and rank < torch.cuda.device_count():
-        return torch.device("cuda", rank)
-    return torch.device("cpu")
+# ---------------------------------------------------------------- initialisation
+
+
+def _generator(index: int, seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+def init_table(spec: TableSpec, index: int, seed: int) -> torch.Tensor:
+    """The initial fp32 weight of table ``index`` of the spec on the CPU: uniform in
+    +-sqrt(1/rows) as in the paper's reference implementation, from a generator
+    seeded per table so that values do not depend on placement or sharding."""
+    weight = torch.empty(spec.num_embeddings, spec.embedding_dim, dtype=torch.float32)
+    _fill_init(weight, spec, index, seed)
+    return weight
+
+
+def _fill_init(out: torch.Tensor, spec: TableSpec, index: int, seed: int) -> None:
+    """Write :func:`init_table`'s values into ``out`` ([rows, dim], any dtype/device)
+    without a full fp32 copy when ``out`` is an fp32 CPU tensor (CPU ``uniform_``
+    draws serially, so filling a slice yields the same values as a fresh tensor)."""
+    bound = math.sqrt(1.0 / spec.num_embeddings)
+    if out.dtype == torch.float32 and out.device.type == "cpu":
+        out.uniform_(-bound, bound, generator=_generator(index, seed))
+    else:
+        out.copy_(init_table(spec, index, seed))
+
+
+# ---------------------------------------------------------------- what the optimizer sees
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Block rows ``[block_row, block_row + rows)`` hold rows ``[row_start, row_start +
+    rows)`` and columns ``[col_start, col_start + cols)`` of table ``table``."""
+
+    table: str
+    block_row: int
+    row_start: int
+    rows: int
+    col_start: int
+    cols: int
+
+
+@dataclass(eq=False, slots=True)
+class RowBlock:
+    """One embedding weight the row optimizer updates from its sparse gradient."""
+
+    weight: nn.Parameter
+    optimizer: Optimizer
+    segments: tuple[Segment, ...]
+    full_dim: int
+    """Width of the table rows (all column shards together): row-wise Adagrad's mean
+    of squared gradients is taken over this many columns."""
+    row_group: str | None = None
+    """Column shards of one table share this key: their row statistics are combined."""
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    """For a batched weight: the gradients of its lookups since the last ``zero_grad``
+    as ``(ids, bag_offsets, pooled_grad)``, kept unexpanded (see :class:`PooledLookup`);
+    ``None`` for a weight whose gradient is autograd's sparse ``weight.grad``."""
+
+    def has_grad(self) -> bool:
+        return bool(self.pending) if self.pending is not None else self.weight.grad is not None
+
+    def row_grads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's gradient as ``(rows, values)``, uncoalesced: row ``rows[i]``
+        receives ``values[i]`` (rows may repeat; their values add up)."""
+        if self.pending is None:
+            grad = self.weight.grad
+            return grad._indices()[0], grad._values()
+        rows, values = [], []
+        for ids, offsets, pooled in self.pending:
+            rows.append(ids)
+            values.append(expand_pooled(pooled, offsets, ids.numel()))
+        if len(rows) == 1:
+            return rows[0], values[0]
+        return torch.cat(rows), torch.cat(values)
+
+    def sparse_grad(self) -> torch.Tensor:
+        """This step's gradient as a coalesced sparse COO tensor shaped like the weight."""
+        rows, values = self.row_grads()
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), values, self.weight.shape,
+                                       check_invariants=False).coalesce()
+
+
+def bag_of_ids(offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """For bags starting at ``offsets`` (``include_last_offset=False`` convention), the
+    bag of each of the ``num_ids`` ids."""
+    lengths = torch.diff(offsets, append=offsets.new_full((1,), num_ids))
+    return torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), lengths,
+                                   output_size=num_ids)
+
+
+def uniform_bag_length(offsets: torch.Tensor, num_ids: int) -> int | None:
+    """``L`` when every bag holds exactly ``L >= 1`` ids (offsets ``0, L, 2L, ...``),
+    else None: then the per-id gradient is the pooled one repeated, no index needed."""
+    bags = offsets.numel()
+    if bags == 0 or num_ids % bags or num_ids == 0:
+        return None
+    length = num_ids // bags
+    step = torch.arange(0, num_ids, length, device=offsets.device)
+    return length if torch.equal(offsets, step) else None
+
+
+def expand_pooled(pooled: torch.Tensor, offsets: torch.Tensor, num_ids: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of every id (its bag's pooled gradient), ``[num_ids, dim]``, written
+    into ``out`` when given. Uniform bags avoid building a per-id index: one id per
+    bag returns ``pooled`` itself, ``L`` ids a broadcast copy."""
+    length = uniform_bag_length(offsets, num_ids)
+    if length == 1:
+        return pooled
+    if out is None:
+        out = pooled.new_empty(num_ids, pooled.shape[1])
+    if length is not None:
+        out.view(-1, length, pooled.shape[1]).copy_(pooled.unsqueeze(1).expand(-1, length, -1))
+        return out
+    return torch.index_select(pooled, 0, bag_of_ids(offsets, num_ids), out=out)
+
+
+class PooledLookup(torch.autograd.Function):
+    """Sum-pooled lookup whose backward does not build the weight's gradient: it
+    records ``(ids, offsets, pooled_grad)`` in ``pending`` for the row optimizer, which
+    applies it without materialising autograd's ``[num_ids, dim]`` sparse gradient
+    (FBGEMM's table-batched embeddings likewise fuse backward and update). The weight
+    gets no ``.grad``; see :meth:`RowBlock.row_grads`."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,  # type: ignore[override]
+                pending: list) -> torch.Tensor:
+        ctx.save_for_backward(ids, offsets)
+        ctx.pending = pending
+        return F.embedding_bag(ids, weight, offsets, mode="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        ids, offsets = ctx.saved_tensors
+        ctx.pending.append((ids, offsets, grad))
+        return None, None, None, None
+
+
+# ---------------------------------------------------------------- whole tables, batched
+
+
+def _range_error(spec: TableSpec, ids: torch.Tensor) -> IndexError:
+    low, high = (int(v) for v in torch.aminmax(ids))
+    bad = low if low < 0 else high
+    return IndexError(f"table {spec.name!r}: id {bad} outside 0..{spec.num_embeddings - 1}")
+
+
+def _check_range(spec: TableSpec, ids: torch.Tensor) -> None:
+    if ids.numel():
+        low, high = torch.aminmax(ids)
+        if int(low) < 0 or int(high) >= spec.num_embeddings:
+            raise _range_error(spec, ids)
+
+
+class TableBatchedBags(nn.Module):
+    """Whole tables of one device, dim, dtype and optimizer in one ``[sum rows, dim]``
+    weight; one ``embedding_bag`` call pools every table of the group.
+
+    Table ``k`` of the group owns weight rows ``[bases[k], bases[k] + rows_k)``; its
+    ids are rebased by ``bases[k]`` and its bags follow the previous table's bags.
+    Ids are range-checked once per batch for the whole group (one reduction over the
+    concatenated ids); the offending table is looked up only on failure.
+    """
+
+    def __init__(self, tables: Sequence[tuple[int, TableSpec]], device: torch.device,
+                 seed: int = 0) -> None:
+        super().__init__()
+        specs = [spec for _, spec in tables]
+        first = specs[0]
+        if any((s.embedding_dim, s.dtype, s.optimizer) != (first.embedding_dim, first.dtype,
+                                                           first.optimizer) for s in specs):
+            raise ValueError("a table-batched group needs one dim, dtype and optimizer")
+        self.indices = [index for index, _ in tables]
+        """Positions of the group's tables in the tables spec."""
+        self.specs = specs
+        self.dim = first.embedding_dim
+        self.optimizer = first.optimizer
+        rows = [s.num_embeddings for s in specs]
+        bases = [sum(rows[:k]) for k in range(len(rows))]
+        self.bases_list = bases
+        self.bases = torch.tensor(bases, dtype=torch.int64)
+        self.last_rows = torch.tensor(rows, dtype=torch.int64) - 1
+        weight = empty_weight(sum(rows), self.dim, TORCH_DTYPE[first.dtype], device)
+        for (index, spec), base in zip(tables, bases):
+            _fill_init(weight[base:base + spec.num_embeddings], spec, index, seed)
+        self.weight = nn.Parameter(weight)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def table_weight(self, k: int) -> torch.Tensor:
+        """Table ``k`` of the group: a view of the shared weight (writes go through)."""
+        base = self.bases_list[k]
+        return self.weight.detach()[base:base + self.specs[k].num_embeddings]
+
+    def forward(self, ids: Sequence[torch.Tensor], offsets: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per table, ``ids[k]`` and ``offsets[k]`` (``B + 1`` entries, first 0, last
+        ``len(ids[k])``) -> pooled ``[T_g, B, dim]`` on the group's device."""
+        device = self.weight.device
+        offs = torch.stack(list(offsets))  # [T_g, B + 1]
+        batch = offs.shape[1] - 1
+        # first and last offset of every table, in one small read-back
+        edges = offs[:, ::batch].tolist() if batch > 0 else [[v, v] for v in offs[:, 0].tolist()]
+        if edges != [[0, t.numel()] for t in ids]:
+            raise ValueError("every table's offsets must start at 0 and end at its number of ids")
+        if len(self.specs) == 1:
+            _check_range(self.specs[0], ids[0])
+            return self._lookup(ids[0].to(device), offsets[0][:-1].to(device)).unsqueeze(0)
+        flat = torch.cat(list(ids))
+        counts = offs[:, -1]
+        n = flat.numel()
+        if n:
+            if all(edge[1] == edges[0][1] for edge in edges):  # as many ids in every table
+                view = flat.view(len(ids), -1)
+                last, bases = self.last_rows.unsqueeze(1), self.bases.unsqueeze(1)
+            else:
+                view = flat
+                last = self.last_rows.repeat_interleave(counts, output_size=n)
+                bases = self.bases.repeat_interleave(counts, output_size=n)
+            # 0 <= id <= last  <=>  the sign bit of (id | (last - id)) is clear
+            if int(torch.bitwise_or(view, last - view).min()) < 0:
+                for spec, table_ids in zip(self.specs, ids):
+                    _check_range(spec, table_ids)
+            flat = (view + bases).view(-1)
+        starts = torch.cumsum(counts, 0) - counts
+        bag_offsets = (offs[:, :-1] + starts.unsqueeze(1)).reshape(-1)
+        out = self._lookup(flat.to(device), bag_offsets.to(device))
+        return out.view(len(self.specs), -1, self.dim)
+
+    def _lookup(self, ids: torch.Tensor, bag_offsets: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return PooledLookup.apply(self.weight, ids, bag_offsets, self.pending)
+        return F.embedding_bag(ids, self.weight, bag_offsets, mode="sum")
+
+    def row_block(self) -> RowBlock:
+        segments = tuple(Segment(spec.name, base, 0, spec.num_embeddings, 0, self.dim)
+                         for spec, base in zip(self.specs, self.bases_list))
+        return RowBlock(self.weight, self.optimizer, segments, self.dim, pending=self.pending)
+
+
+# ---------------------------------------------------------------- sharded tables
+
+
+class ShardedTable(nn.Module):
+    """One table split row-wise (``row_wise``, ``table_row_wise``) or column-wise
+    (``column_wise``), one parameter per shard on the shard's device.
+
+    Row-wise: each id is routed to the shard owning its row and rebased to the shard's
+    first row; each shard pools the ids it owns per sample (an empty bag pools to
+    zero) and the partial sums are added on the output device. Column-wise: every
+    shard pools every id over its columns; the outputs are concatenated in column
+    order. Every shard is looked up every batch, even with no ids, so each gets a
+    (possibly empty) gradient and its optimizer step count stays the table's.
+    """
+
+    def __init__(self, spec: TableSpec, index: int, placement: TablePlacement,
+                 output_device: torch.device, seed: int = 0) -> None:
+        super().__init__()
+        if placement.sharding not in (Sharding.ROW_WISE, Sharding.TABLE_ROW_WISE,
+                                      Sharding.COLUMN_WISE):
+            raise ValueError(f"ShardedTable serves row- and column-wise tables, "
+                             f"not {placement.sharding.value}")
+        self.spec = spec
+        self.index = index
+        self.placement = placement
+        self.output_device = output_device
+        self.column_wise = placement.sharding is Sharding.COLUMN_WISE
+        full = init_table(spec, index, seed)
+        dtype = TORCH_DTYPE[spec.dtype]
+        self.weights = nn.ParameterList()
+        for shard in placement.shards:
+            piece = full[shard.row_start:shard.row_end, shard.col_start:shard.col_end]
+            weight = empty_weight(shard.rows, shard.cols, dtype, shard.device)
+            weight.copy_(piece)
+            self.weights.append(nn.Parameter(weight))
+        # first row of every shard but the first: bucketize gives the owning shard
+        self.boundaries = torch.tensor([s.row_start for s in placement.shards[1:]],
+                                       dtype=torch.int64)
+        self.row_starts = [s.row_start for s in placement.shards]
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``ids``, ``offsets`` (``B + 1``) -> pooled ``[B, dim]`` float32 on the
+        output device."""
+        _check_range(self.spec, ids)
+        if self.column_wise:
+            outs = [F.embedding_bag(ids.to(w.device), w, offsets.to(w.device), mode="sum",
+                                    sparse=True, include_last_offset=True)
+                    for w in self.weights]
+            return torch.cat([o.to(self.output_device, torch.float32) for o in outs], dim=1)
+        batch = offsets.numel() - 1
+        bags = torch.repeat_interleave(torch.arange(batch, device=ids.device), offsets.diff(),
+                                       output_size=ids.numel())
+        owner = torch.bucketize(ids, self.boundaries.to(ids.device), right=True)
+        total = None
+        for s, weight in enumerate(self.weights):
+            mine = owner == s
+            local = ids[mine] - self.row_starts[s]
+            counts = torch.bincount(bags[mine], minlength=batch)
+            shard_offsets = torch.zeros(batch + 1, dtype=torch.int64, device=ids.device)
+            torch.cumsum(counts, 0, out=shard_offsets[1:])
+            out = F.embedding_bag(local.to(weight.device), weight, shard_offsets.to(weight.device),
+                                  mode="sum", sparse=True, include_last_offset=True)
+            out = out.to(self.output_device, torch.float32)
+            total = out if total is None else total + out
+        assert total is not None
+        return total
+
+    def full_weight(self) -> torch.Tensor:
+        """The whole table assembled from its shards: a copy on the output device."""
+        dtype = TORCH_DTYPE[self.spec.dtype]
+        full = torch.empty(self.spec.num_embeddings, self.spec.embedding_dim, dtype=dtype,
+                           device=self.output_device)
+        for shard, weight in zip(self.placement.shards, self.weights):
+            full[shard.row_start:shard.row_end, shard.col_start:shard.col_end] = weight.detach()
+        return full
+
+    def row_blocks(self) -> list[RowBlock]:
+        group = self.spec.name if self.column_wise and len(self.weights) > 1 else None
+        return [RowBlock(weight, self.spec.optimizer,
+                         (Segment(self.spec.name, 0, s.row_start, s.rows, s.col_start, s.cols),),
+                         self.spec.embedding_dim, group)
+                for s, weight in zip(self.placement.shards, self.weights)]
+
+
+# ---------------------------------------------------------------- all tables
 
 
 class InMemoryEmbeddings(nn.Module):
-    """One sum-pooled embedding bag per table, each whole on one device.
+    """Every table of a spec, placed as ``placements`` says, all in device memory.
 
-    Weights are initialised as in the paper's reference implementation, uniform in
-    +-sqrt(1/rows), from a generator seeded per table so results do not depend on
-    placement.
+    Whole tables (table-wise; data-parallel) are batched per (device, dim, dtype,
+    optimizer) in :class:`TableBatchedBags`. A data-parallel table keeps ONE copy in
+    one process: its replicas are identical by construction (same initial values,
+    and in the multi-process case their gradients are all-reduced before every
+    update), so one copy computes exactly what every replica would. Row- and
+    column-wise tables are :class:`ShardedTable` modules.
+
+    ``forward`` returns one pooled ``[B, D_t]`` float32 tensor per table, in spec
+    order, on ``output_device``; ``forward_stacked`` returns them as one
+    ``[T, B, D]`` tensor when all tables share a dim.
     """
 
-    def __init__(self, tables: TablesSpec, devices: dict[str, torch.device],
+    def __init__(self, tables: TablesSpec, placements: dict[str, TablePlacement],
                  output_device: torch.device, seed: int = 0) -> None:
         super().__init__()
         self.specs = tables.tables
+        self.names = [spec.name for spec in self.specs]
+        self.placements = placements
         self.output_device = output_device
-        self.weights = nn.ParameterList()
+        groups: dict[tuple, list[tuple[int, TableSpec]]] = {}
+        sharded: list[ShardedTable] = []
         for index, spec in enumerate(self.specs):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-            bound = math.sqrt(1.0 / spec.num_embeddings)
-            weight = torch.empty(spec.num_embeddings, spec.embedding_dim, dtype=torch.float32)
-            weight.uniform_(-bound, bound, generator=generator)
-            weight = weight.to(device=devices[spec.name], dtype=TORCH_DTYPE[spec.dtype])
-            self.weights.append(nn.Parameter(weight))
+            placement = placements[spec.name]
+            if placement.whole:
+                key = (str(placement.home(output_device)), spec.embedding_dim, spec.dtype,
+                       spec.optimizer)
+                groups.setdefault(key, []).append((index, spec))
+            else:
+                sharded.append(ShardedTable(spec, index, placement, output_device, seed))
+        self.groups = nn.ModuleList(
+            TableBatchedBags(members, placements[members[0][1].name].home(output_device), seed)
+            for members in groups.values())
+        self.sharded = nn.ModuleList(sharded)
+        self._where: dict[str, tuple[str, int, int]] = {}
+        order: list[int] = []
+        for g, group in enumerate(self.groups):
+            for k, index in enumerate(group.indices):
+                self._where[self.specs[index].name] = ("group", g, k)
+            order.extend(group.indices)
+        for s, table in enumerate(self.sharded):
+            self._where[table.spec.name] = ("sharded", s, 0)
+            order.append(table.index)
+        self.same_dim = len({spec.embedding_dim for spec in self.specs}) == 1
+        inverse = [0] * len(order)
+        for position, index in enumerate(order):
+            inverse[index] = position
+        self._identity = order == list(range(len(order)))
+        self._inverse = torch.tensor(inverse, dtype=torch.int64, device=output_device)
 
-    def weight(self, name: str) -> nn.Parameter:
-        """The weight of table ``name`` ([rows, dim])."""
-        for spec, weight in zip(self.specs, self.weights):
-            if spec.name == name:
-                return weight
-        raise KeyError(name)
+    def weight(self, name: str) -> torch.Tensor:
+        """The weight of table ``name`` ([rows, dim]). For a whole table: a view of the
+        trained weight (no autograd history; writes go through). For a sharded table:
+        a COPY assembled from its shards (writes do not go through)."""
+        if name not in self._where:
+            raise KeyError(name)
+        kind, m, k = self._where[name]
+        if kind == "group":
+            return self.groups[m].table_weight(k)
+        return self.sharded[m].full_weight()
+
+    def row_blocks(self) -> list[RowBlock]:
+        """Every weight with what it holds, for the row optimizer and checkpoints."""
+        blocks = [group.row_block() for group in self.groups]
+        for table in self.sharded:
+            blocks.extend(table.row_blocks())
+        return blocks
+
+    def _parts(self, sparse: SparseBatch) -> list[torch.Tensor]:
+        if len(sparse.ids) != len(self.specs):
+            raise ValueError(f"the batch has ids for {len(sparse.ids)} tables, the model has "
+                             f"{len(self.specs)}")
+        parts = []
+        for group in self.groups:
+            out = group([sparse.ids[i] for i in group.indices],
+                        [sparse.offsets[i] for i in group.indices])
+            parts.append(out.to(self.output_device, torch.float32))
+        for table in self.sharded:
+            parts.append(table(sparse.ids[table.index], sparse.offsets[table.index]).unsqueeze(0))
+        return parts
 
     def forward(self, sparse: SparseBatch) -> list[torch.Tensor]:
-        pooled = []
-        for spec, weight, ids, offsets in zip(self.specs, self.weights, sparse.ids, sparse.offsets):
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= spec.num_embeddings):
-                bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-                raise IndexError(f"table {spec.name!r}: id {bad} outside 0..{spec.num_embeddings - 1}")
-            out = F.embedding_bag(ids.to(weight.device), weight, offsets.to(weight.device),
-                                  mode="sum", sparse=True, include_last_offset=True)
-            pooled.append(out.to(self.output_device, torch.float32))  # [B, D_t]
+        if self.same_dim:
+            return list(self.forward_stacked(sparse).unbind(0))
+        pooled: list[torch.Tensor] = [torch.empty(0)] * len(self.specs)
+        parts = self._parts(sparse)
+        for group, out in zip(self.groups, parts):
+            for k, index in enumerate(group.indices):
+                pooled[index] = out[k]
+        for table, out in zip(self.sharded, parts[len(self.groups):]):
+            pooled[table.index] = out[0]
         return pooled
+
+    def forward_stacked(self, sparse: SparseBatch) -> torch.Tensor:
+        """Pooled outputs as one ``[T, B, D]`` tensor (tables in spec order); needs one
+        dim for all tables."""
+        if not self.same_dim:
+            raise ValueError("forward_stacked needs every table to have the same dim")
+        parts = self._parts(sparse)
+        stacked = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        return stacked if self._identity else stacked.index_select(0, self._inverse)
 
 
 def embeddings_from_plan(plan: Plan, output_device: torch.device, seed: int = 0) -> InMemoryEmbeddings:
-    """Build the tables as the plan places them.
+    """Build the tables as the plan places them, in this one process: every shard on
+    ``device_for(shard.device)`` (that GPU when present, else the CPU).
 
-    This runtime executes table-wise plans with every shard in HBM; other sharding
-    types and cache tiers raise :class:`PlanMismatchError` naming the table.
+    Executes ``table_wise``, ``row_wise``, ``table_row_wise``, ``column_wise`` and
+    ``data_parallel`` tables in the ``hbm`` tier; a shard in another tier, or shards
+    that break their sharding type's conventions, raise :class:`PlanMismatchError`
+    naming the table.
     """
-    devices = {}
-    for table in plan.tables:
-        if table.sharding is not Sharding.TABLE_WISE:
-            raise PlanMismatchError(f"table {table.name!r}: sharding {table.sharding.value!r} is "
-                                    f"not supported by this runtime yet; plan it table-wise")
-        shard = table.shards[0]
-        if shard.tier is not Tier.HBM:
-            raise PlanMismatchError(f"table {table.name!r}: tier {shard.tier.value!r} is not "
-                                    f"supported by this runtime yet; plan it in HBM")
-        devices[table.name] = device_for(shard.device)
-    return InMemoryEmbeddings(plan.tables_spec, devices, output_device, seed)
+    return InMemoryEmbeddings(plan.tables_spec, placements_from_plan(plan), output_device, seed)
 
 
 def embeddings_in_memory(tables: TablesSpec, seed: int = 0) -> InMemoryEmbeddings:
-    """Every table on the CPU, no plan needed."""
+    """Every table whole on the CPU, no plan needed."""
     cpu = torch.device("cpu")
-    return InMemoryEmbeddings(tables, {t.name: cpu for t in tables.tables}, cpu, seed)
+    return InMemoryEmbeddings(tables, {t.name: whole_table(t, cpu) for t in tables.tables}, cpu, seed)

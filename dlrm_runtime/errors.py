@@ -15,11 +15,21 @@ class PlanMismatchError(RuntimeErrorBase, ValueError):
     """The plan does not fit the tables spec, the world size or this runtime."""
 
 
+class CheckpointError(RuntimeErrorBase, ValueError):
+    """A checkpoint cannot be used: none to resume from, one from another run (its
+    fingerprint differs), an unreadable one, or a directory that already holds
+    another run's checkpoints."""
+
+
 class TrainingDivergedError(RuntimeErrorBase, ArithmeticError):
     """The loss became NaN or infinite."""
 
-    def __init__(self, step: int, loss: float) -> None:
+    def __init__(self, step: int, loss: float, checkpoint: str | None = None) -> None:
         self.step = step
         self.loss = loss
-        super().__init__(f"loss is {loss} at step {step}; lower the learning rate "
+        self.checkpoint = checkpoint
+        """The last checkpoint written before the divergence, if any."""
+        where = (f"; the last good checkpoint is {checkpoint} (continue from it with --resume)"
+                 if checkpoint else "; no checkpoint was written")
+        super().__init__(f"loss is {loss} at step {step}{where}; lower the learning rate "
                          f"(--lr, --embedding-lr) or use --seed to retry")

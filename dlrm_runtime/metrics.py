@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
+
+
+def rankdata(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank (``scipy.stats.rankdata``'s
+    default), without importing scipy.stats (over a second at start-up)."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse.reshape(-1)]
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -13,10 +13,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dlrm_runtime.checkpoint import (
+    FORMAT_VERSION,
+    check_fingerprint,
+    export_tables,
+    fingerprint,
+    import_tables,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from dlrm_runtime.config import ModelConfig, TrainConfig
-from dlrm_runtime.data import VALIDATION_OFFSET, SyntheticClicks
+from dlrm_runtime.data import VALIDATION_OFFSET, Batch, SyntheticClicks
 from dlrm_runtime.embeddings import device_for, embeddings_from_plan
-from dlrm_runtime.errors import PlanMismatchError, TrainingDivergedError
+from dlrm_runtime.errors import CheckpointError, PlanMismatchError, TrainingDivergedError
+from dlrm_runtime.memory import tune_malloc
 from dlrm_runtime.metrics import accuracy, roc_auc
 from dlrm_runtime.model import DLRM
 from dlrm_runtime.optim import RowOptimizer
@@ -40,9 +51,14 @@ class TrainResult:
     train_loss: float
     """Mean loss over the last ``log_every`` steps."""
     samples_per_s: float
-    """Training samples per second, data generation included."""
+    """Training samples per second in this process, data generation and checkpoints
+    included."""
     seconds: float
     validation: EvalResult
+    resumed_from: int | None = None
+    """The step of the checkpoint this run continued from."""
+    checkpoint: str | None = None
+    """The newest checkpoint of the run (written or resumed from)."""
 
 
 ProgressFactory = Callable[[int], "Progress"]
@@ -76,26 +92,84 @@ def check_plan_matches(plan: Plan, tables: TablesSpec) -> None:
 
 
 def build_model(plan: Plan, config: ModelConfig, seed: int = 0) -> DLRM:
-    """DLRM with its embeddings placed as ``plan`` says."""
+    """DLRM with its embeddings placed as ``plan`` says and its MLPs on device 0."""
     dense_device = device_for(0)
     embeddings = embeddings_from_plan(plan, dense_device, seed)
     dims = [t.embedding_dim for t in plan.tables_spec.tables]
-    return DLRM(config, embeddings, dims, seed).to(dense_device)
+    return DLRM(config, embeddings, dims, seed).dense_to(dense_device)
 
 
 def _dense_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """torch's fused (one kernel for all parameters) implementation."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr, fused=True)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.Adagrad(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adagrad(params, lr=lr, fused=True)
+
+
+class Trainer:
+    """The training step of one model: forward, binary cross-entropy, backward, the
+    dense optimizer on the MLPs and the fused row optimizer on the embeddings."""
+
+    def __init__(self, model: DLRM, config: TrainConfig) -> None:
+        self.model = model
+        self.config = config
+        self.device = model.mlp_layers()[0].weight.device
+        self.dense_params = model.dense_parameters()
+        self.dense_opt = _dense_optimizer(config.dense_optimizer, self.dense_params, config.lr)
+        self.row_opt = RowOptimizer.for_blocks(model.embeddings.row_blocks(), config.embedding_lr)
+
+    def step(self, batch: Batch) -> float:
+        """One step on ``batch``; returns its loss (read back: one sync per step)."""
+        logits = self.model(batch.dense.to(self.device), batch.sparse)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels.to(self.device))
+        for param in self.dense_params:  # zero_grad(set_to_none=True), without its overhead
+            param.grad = None
+        self.row_opt.zero_grad()
+        loss.backward()
+        self.dense_opt.step()
+        self.row_opt.step()
+        return float(loss.detach())
+
+    def state(self, plan: Plan, step: int, fingerprint: dict, recent: list[float]) -> dict:
+        """Everything a checkpoint holds to continue exactly after ``step`` steps."""
+        return {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "fingerprint": fingerprint,
+            "dense": {"bottom": self.model.bottom.state_dict(), "top": self.model.top.state_dict()},
+            "dense_optimizer": self.dense_opt.state_dict(),
+            "tables": export_tables(plan.tables_spec, self.row_opt),
+            "row_optimizer_steps": self.row_opt.steps,
+            "recent_losses": list(recent),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def restore(self, state: dict, path: Path) -> None:
+        """Load a checkpoint's state (fingerprint already checked); this config's
+        learning rates apply from here on."""
+        try:
+            self.model.bottom.load_state_dict(state["dense"]["bottom"])
+            self.model.top.load_state_dict(state["dense"]["top"])
+            self.dense_opt.load_state_dict(state["dense_optimizer"])
+            import_tables(state["tables"], self.row_opt, path)
+            self.row_opt.steps = int(state["row_optimizer_steps"])
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from None
+        for group in self.dense_opt.param_groups:
+            group["lr"] = self.config.lr
+        self.row_opt.lr = self.config.embedding_lr
 
 
 @torch.no_grad()
 def evaluate(model: DLRM, data: SyntheticClicks, batches: int, batch_size: int) -> EvalResult:
     model.eval()
     labels, probs, teacher, losses = [], [], [], []
-    device = next(model.parameters()).device
+    device = model.mlp_layers()[0].weight.device
     for i in range(batches):
         batch = data.batch(VALIDATION_OFFSET + i, batch_size)
         logits = model(batch.dense.to(device), batch.sparse)
@@ -118,48 +192,96 @@ def train(
 ) -> TrainResult:
     """Train on synthetic data for ``config.steps`` steps, then evaluate.
 
+    With ``config.checkpoint_dir``, checkpoints are written every
+    ``config.checkpoint_every`` steps and at the end; with ``config.resume`` the run
+    continues from the newest one and ends with the same weights as an uninterrupted
+    run (same thread count).
+
     Raises :class:`ConfigError` for bad settings, :class:`PlanMismatchError` for a plan
-    this runtime cannot execute, :class:`TrainingDivergedError` on a NaN/inf loss.
+    this runtime cannot execute, :class:`CheckpointError` for a checkpoint that is
+    missing, foreign or unreadable (or a directory holding another run's), and
+    :class:`TrainingDivergedError` on a NaN/inf loss, naming the step and the last
+    checkpoint. Tunes glibc's malloc for the process (see
+    :func:`dlrm_runtime.memory.tune_malloc`); restores torch's thread count and
+    deterministic flag on return.
     """
     config.check()
+    tune_malloc()
+    threads = torch.get_num_threads()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _train(plan, model_config, config, progress, metrics_log)
+    finally:  # leave the process as it was
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
+
+
+def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig,
+           progress: ProgressFactory | None, metrics_log: IO[str] | None) -> TrainResult:
     torch.manual_seed(config.seed)
     model = build_model(plan, model_config, config.seed)
     data = SyntheticClicks(plan.tables_spec, model_config.dense_features, config.seed)
-    dense_opt = _dense_optimizer(config.dense_optimizer, model.dense_parameters(), config.lr)
-    row_opt = RowOptimizer(plan.tables_spec.tables, list(model.embeddings.weights), config.embedding_lr)
-    device = next(model.parameters()).device
-    bar = progress(config.steps) if progress else Progress()
+    trainer = Trainer(model, config)
+    run_fingerprint = fingerprint(plan, model_config, config)
 
-    recent: list[float] = []
+    first_step, recent, resumed_from, checkpoint = 0, [], None, None
+    if config.checkpoint_dir is not None:
+        latest = latest_checkpoint(config.checkpoint_dir)
+        if config.resume:
+            if latest is None:
+                raise CheckpointError(f"no checkpoint in {config.checkpoint_dir} to resume from; "
+                                      f"run without --resume to start")
+            state = load_checkpoint(latest)
+            check_fingerprint(state.get("fingerprint", {}), run_fingerprint, latest)
+            first_step = int(state["step"])
+            if first_step > config.steps:
+                raise CheckpointError(f"checkpoint {latest} is at step {first_step}, past the "
+                                      f"{config.steps} steps asked for; ask for more steps")
+            trainer.restore(state, latest)
+            recent = [float(v) for v in state["recent_losses"]]
+            resumed_from, checkpoint = first_step, str(latest)
+        elif latest is not None:
+            raise CheckpointError(f"{config.checkpoint_dir} already holds checkpoints (newest "
+                                  f"{latest.name}); pass --resume to continue that run or "
+                                  f"choose an empty --checkpoint-dir")
+    bar = progress(config.steps) if progress else Progress()
+    if first_step:
+        bar.update(first_step, {"resumed": str(first_step)})
+
     start = time.perf_counter()
     try:
-        for step in range(config.steps):
-            batch = data.batch(step, config.batch_size)
-            logits = model(batch.dense.to(device), batch.sparse)
-            loss = F.binary_cross_entropy_with_logits(logits, batch.labels.to(device))
-            dense_opt.zero_grad(set_to_none=True)
-            row_opt.zero_grad()
-            loss.backward()
-            dense_opt.step()
-            row_opt.step()
-            value = float(loss.detach())  # sync point: one per step, needed for the NaN check
+        for step in range(first_step, config.steps):
+            value = trainer.step(data.batch(step, config.batch_size))
             if not np.isfinite(value):
-                raise TrainingDivergedError(step, value)
+                raise TrainingDivergedError(step, value, checkpoint)
             recent = (recent + [value])[-config.log_every:]
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
                 elapsed = time.perf_counter() - start
-                rate = (step + 1) * config.batch_size / elapsed
-                bar.update(step + 1, {"loss": f"{np.mean(recent):.4f}", "samples/s": f"{rate:,.0f}"})
-                _log(metrics_log, {"event": "train", "step": step + 1, "loss": float(np.mean(recent)),
+                rate = (done - first_step) * config.batch_size / elapsed
+                bar.update(done, {"loss": f"{np.mean(recent):.4f}", "samples/s": f"{rate:,.0f}"})
+                _log(metrics_log, {"event": "train", "step": done, "loss": float(np.mean(recent)),
                                    "samples_per_s": rate})
+            if config.checkpoint_dir is not None and (
+                    done == config.steps
+                    or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                path = save_checkpoint(config.checkpoint_dir, done,
+                                       trainer.state(plan, done, run_fingerprint, recent))
+                checkpoint = str(path)
+                _log(metrics_log, {"event": "checkpoint", "step": done, "path": checkpoint})
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     validation = evaluate(model, data, config.eval_batches, config.batch_size)
-    result = TrainResult(config.steps, config.batch_size, float(np.mean(recent)),
-                         config.steps * config.batch_size / seconds, seconds, validation)
+    trained = config.steps - first_step
+    result = TrainResult(config.steps, config.batch_size,
+                         float(np.mean(recent)) if recent else float("nan"),
+                         trained * config.batch_size / seconds if trained else 0.0, seconds,
+                         validation, resumed_from, checkpoint)
     _log(metrics_log, {"event": "eval", "step": config.steps, **asdict(validation)})
     return result
 

@@ -22,7 +22,7 @@ from dlrm_runtime import (
 from dlrm_runtime.data import zipf_ranks
 from dlrm_runtime.metrics import accuracy, roc_auc
 from dlrm_runtime.optim import ADAGRAD_EPS, RowOptimizer
-from planner import AccessProfile, Sharding, parse_tables, parse_topology, plan
+from planner import AccessProfile, Sharding, Tier, parse_tables, parse_topology, plan
 from planner.plan import Shard, TablePlan
 from tests.conftest import small_tables_doc, small_topology_doc
 
@@ -171,15 +171,38 @@ def test_plan_mismatch_errors() -> None:
         check_plan_matches(result, parse_tables(changed))
 
 
-def test_unsupported_sharding_is_refused() -> None:
+def test_cached_tiers_are_refused_naming_the_table() -> None:
     result = _plan()
     first = result.tables[0]
-    row_wise = TablePlan(first.name, Sharding.ROW_WISE,
-                         (Shard(0, 0, 250, 0, 8), Shard(1, 250, 500, 0, 8)), first.cost)
+    cached = TablePlan(first.name, Sharding.ROW_WISE,
+                       (Shard(0, 0, 250, 0, 8), Shard(1, 250, 500, 0, 8, Tier.DRAM_CACHE, 100)),
+                       first.cost)
     tampered = type(result)(result.tables_spec, result.topology, result.cost_model,
-                            (row_wise, *result.tables[1:]), result.devices, result.solve)
-    with pytest.raises(PlanMismatchError, match="sharding 'row_wise' is not supported"):
+                            (cached, *result.tables[1:]), result.devices, result.solve)
+    with pytest.raises(PlanMismatchError, match="table 't0': tier 'dram_cache' is not supported"):
         train(tampered, ModelConfig(bottom_mlp=(16, 8)), TrainConfig(steps=1))
+
+
+def test_row_adam_matches_sparse_adam() -> None:
+    doc = small_tables_doc(num_tables=1, rows=30)
+    doc["tables"][0]["optimizer"] = "adam"
+    spec = parse_tables(doc).tables
+    weight = torch.nn.Parameter(torch.randn(30, 8))
+    reference = torch.nn.Parameter(weight.detach().clone())
+    optimizer = RowOptimizer(spec, [weight], lr=0.05)
+    ref_optimizer = torch.optim.SparseAdam([reference], lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        ids = torch.randint(0, 30 if step else 5, (12,), generator=g)  # rows touched vary
+        offsets = torch.tensor([0, 3, 7, 12])
+        target = torch.randn(3, 8, generator=g)
+        for w, opt in ((weight, optimizer), (reference, ref_optimizer)):
+            out = torch.nn.functional.embedding_bag(ids, w, offsets, mode="sum", sparse=True,
+                                                    include_last_offset=True)
+            opt.zero_grad()
+            ((out - target) ** 2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(weight, reference, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,213 @@
+"""Training checkpoints: written atomically, refused when they come from another run.
+
+Layout: ``<dir>/ckpt-<step, 10 digits>/`` holding ``state.pt`` (``torch.save``) and
+``meta.json`` (step, fingerprint, time; for people). A checkpoint directory appears
+only by an atomic rename of a complete, fsynced temporary directory
+(``<dir>/.tmp-*``), and older checkpoints are removed only after the new one is in
+place, so a process killed at any instant leaves the previous complete checkpoint or
+the new one, never a torn one; leftovers of a killed writer are removed by the next.
+
+Embedding tables are saved independently of their placement: per table the whole
+weight and the whole per-row (Adagrad) or per-element (Adam) optimizer state,
+assembled from the blocks that hold them. The rest is the dense (MLP) weights and
+optimizer state, the step (batches are a pure function of ``(seed, index)``, so the
+step is the data position), the row optimizer's step count, the recent losses, the
+torch RNG state, and the run's fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlrm_runtime.config import ModelConfig, TrainConfig
+from dlrm_runtime.embeddings import TORCH_DTYPE
+from dlrm_runtime.errors import CheckpointError
+from dlrm_runtime.optim import RowOptimizer
+from planner import Plan, TablesSpec
+
+FORMAT_VERSION = 1
+PREFIX = "ckpt-"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+def fingerprint(plan: Plan, model: ModelConfig, config: TrainConfig) -> dict[str, Any]:
+    """What must match for a checkpoint to continue this run: the plan's inputs (tables,
+    topology, cost model), the model config, and what decides the data stream and the
+    shape of the optimizer state (seed, batch size, dense optimizer). Learning rates
+    and step counts may change on resume."""
+    model_doc = asdict(model)
+    model_doc["interaction"] = model.interaction.value
+    model_doc["bottom_mlp"] = list(model.bottom_mlp)
+    model_doc["top_mlp"] = list(model.top_mlp)
+    return {
+        "plan_inputs_sha256": plan.inputs_sha256,
+        "model": model_doc,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "dense_optimizer": config.dense_optimizer,
+    }
+
+
+def check_fingerprint(saved: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
+    differ = [key for key in sorted(set(saved) | set(expected)) if saved.get(key) != expected.get(key)]
+    if differ:
+        detail = "; ".join(f"{key}: {_short(saved.get(key))} there, {_short(expected.get(key))} here"
+                           for key in differ)
+        raise CheckpointError(f"checkpoint {path} comes from another run ({detail}); use its "
+                              f"settings, or another --checkpoint-dir to start afresh")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:12] + "..."
+
+
+# ---------------------------------------------------------------- directory
+
+
+def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        if entry.name.startswith(PREFIX) and entry.is_dir():
+            try:
+                found.append((int(entry.name[len(PREFIX):]), entry))
+            except ValueError:
+                continue
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Rename out of sight first (atomic), then delete: a kill mid-delete leaves only
+    a ``.trash-*`` leftover, never a partial ``ckpt-*``."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(directory: Path) -> None:
+    for entry in directory.iterdir():
+        if entry.name.startswith((".tmp-", ".trash-")):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any]) -> Path:
+    """Write ``state`` as the checkpoint of ``step``; then drop older checkpoints."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    with open(tmp / STATE_FILE, "wb") as out:
+        torch.save(state, out)
+        out.flush()
+        os.fsync(out.fileno())
+    meta = {"format": FORMAT_VERSION, "step": step, "fingerprint": state["fingerprint"],
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with open(tmp / META_FILE, "w", encoding="utf-8") as out:
+        out.write(json.dumps(meta, indent=1) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    _fsync_dir(tmp)
+    final = directory / f"{PREFIX}{step:010d}"
+    if final.exists():  # the same step written again (a rerun); replace it
+        _discard(final)
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    for _, older in list_checkpoints(directory):
+        if older != final:
+            _discard(older)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {STATE_FILE}") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format "
+                              f"{state.get('format') if isinstance(state, dict) else '?'}; "
+                              f"this version reads {FORMAT_VERSION}")
+    return state
+
+
+# ---------------------------------------------------------------- embedding tables
+
+
+def export_tables(tables: TablesSpec, row_opt: RowOptimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """Per table: the whole ``weight`` and optimizer state, on the CPU, assembled from
+    the blocks (whole tables, batched tables, shards) that hold them."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    specs = {spec.name: spec for spec in tables.tables}
+    for block, state in zip(row_opt.blocks, row_opt.state):
+        weight = block.weight.detach()
+        for seg in block.segments:
+            spec = specs[seg.table]
+            entry = out.get(seg.table)
+            if entry is None:
+                shape = (spec.num_embeddings, spec.embedding_dim)
+                entry = {"weight": torch.empty(shape, dtype=TORCH_DTYPE[spec.dtype])}
+                for key, tensor in state.items():
+                    entry[key] = torch.empty(shape[:tensor.dim()], dtype=tensor.dtype)
+                out[seg.table] = entry
+            rows_b = slice(seg.block_row, seg.block_row + seg.rows)
+            rows_t = slice(seg.row_start, seg.row_start + seg.rows)
+            cols_t = slice(seg.col_start, seg.col_start + seg.cols)
+            entry["weight"][rows_t, cols_t] = weight[rows_b].cpu()
+            for key, tensor in state.items():
+                if tensor.dim() == 1:  # per row; column shards hold identical copies
+                    entry[key][rows_t] = tensor[rows_b].cpu()
+                else:
+                    entry[key][rows_t, cols_t] = tensor[rows_b].cpu()
+    return out
+
+
+def import_tables(saved: dict[str, dict[str, torch.Tensor]], row_opt: RowOptimizer,
+                  path: Path) -> None:
+    """Write saved tables into the blocks, whatever their placement."""
+    with torch.no_grad():
+        for block, state in zip(row_opt.blocks, row_opt.state):
+            for seg in block.segments:
+                entry = saved.get(seg.table)
+                if entry is None or set(entry) != {"weight", *state}:
+                    raise CheckpointError(f"checkpoint {path}: table {seg.table!r} is missing "
+                                          f"or has other optimizer state")
+                rows_b = slice(seg.block_row, seg.block_row + seg.rows)
+                rows_t = slice(seg.row_start, seg.row_start + seg.rows)
+                cols_t = slice(seg.col_start, seg.col_start + seg.cols)
+                block.weight[rows_b] = entry["weight"][rows_t, cols_t]
+                for key, tensor in state.items():
+                    if tensor.dim() == 1:
+                        tensor[rows_b] = entry[key][rows_t]
+                    else:
+                        tensor[rows_b] = entry[key][rows_t, cols_t]

@@ -101,7 +101,6 @@ def test_unknown_solver() -> None:
 
 
 def test_highs_solver_agrees() -> None:
-    pytest.importorskip("highspy")
     problem = random_problem(random.Random(3), n=6, devices=3, tight=True)
     cbc = solve_packing_ilp(problem, solver="cbc")
     highs = solve_packing_ilp(problem, solver="highs")

@@ -218,3 +218,11 @@ def test_plan_rejects_bad_coverage() -> None:
     doc["tables"][0]["shards"][1]["rows"][0] += 1  # a gap between shards
     with pytest.raises(Exception, match="gap or overlap"):
         plan_from_json(doc)
+
+
+def test_planning_with_highs_matches_cbc() -> None:
+    tables, topology = _specs(num_tables=5, rows=3000, devices=2, hbm_gb=0.0008)
+    cbc = plan(tables, topology, options=PlanOptions(time_limit_s=10))
+    highs = plan(tables, topology, options=PlanOptions(time_limit_s=10, solver="highs"))
+    assert highs.solve.objective_ms == pytest.approx(cbc.solve.objective_ms, rel=1e-6)
+    assert highs.solve.lower_bound_ms <= highs.solve.objective_ms

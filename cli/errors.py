@@ -8,7 +8,12 @@ import traceback
 from collections.abc import Callable
 
 from dlrm_runtime.criteo import CriteoCacheError, CriteoFormatError
-from dlrm_runtime.errors import ConfigError, PlanMismatchError, TrainingDivergedError
+from dlrm_runtime.errors import (
+    CheckpointError,
+    ConfigError,
+    PlanMismatchError,
+    TrainingDivergedError,
+)
 from dlrm_runtime.profile import ProfileError
 from planner.cost import CostModelError
 from planner.errors import InfeasibleError, PlanFileError, PlannerError, SolverError, SpecError
@@ -38,6 +43,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (ProfileError, ExitCode.BAD_INPUT),
     (ConfigError, ExitCode.BAD_INPUT),
     (PlanMismatchError, ExitCode.BAD_INPUT),
+    (CheckpointError, ExitCode.BAD_INPUT),
     (InfeasibleError, ExitCode.INFEASIBLE),
     (SolverError, ExitCode.SOLVER),
     (TrainingDivergedError, ExitCode.DIVERGED),

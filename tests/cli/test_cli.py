@@ -219,3 +219,14 @@ def test_profile_data_then_plan(tmp_path: Path, capsys) -> None:
     assert plan_cli.main(["profile", str(data), "--tables", str(tables), "-o", str(out),
                           "--strict", "--cache", str(tmp_path / "strict.cache")]) == 2
     assert "line 6" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_exits_2(tmp_path: Path, tables_file: Path,
+                                           topology_file: Path, capsys) -> None:
+    path = _plan_file(tmp_path, tables_file, topology_file)
+    capsys.readouterr()
+    code = run_cli.main(["--plan", str(path), "--steps", "2", "--bottom-mlp", "16,8",
+                         "--checkpoint-dir", str(tmp_path / "none"), "--resume", "--no-progress"])
+    assert code == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and "Traceback" not in err

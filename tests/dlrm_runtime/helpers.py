@@ -22,13 +22,15 @@ def topology(hosts: int = 2, devices_per_host: int = 2) -> Topology:
     return parse_topology(small_topology_doc(devices=devices_per_host, hosts=hosts, hbm_gb=1.0))
 
 
-def table_wise(spec_tables: TablesSpec, topo: Topology, overrides: dict[str, TablePlan] | None = None) -> Plan:
+def table_wise(spec_tables: TablesSpec, topo: Topology,
+               overrides: dict[str, TablePlan] | None = None) -> Plan:
     """Every table whole on device ``i % world``, except the ``overrides``."""
     overrides = overrides or {}
     plans = []
     for i, spec in enumerate(spec_tables.tables):
         whole = Shard(i % topo.world_size, 0, spec.num_embeddings, 0, spec.embedding_dim)
-        plans.append(overrides.get(spec.name, TablePlan(spec.name, Sharding.TABLE_WISE, (whole,), NO_COST)))
+        default = TablePlan(spec.name, Sharding.TABLE_WISE, (whole,), NO_COST)
+        plans.append(overrides.get(spec.name, default))
     devices = tuple(DeviceLoad(d, topo.host_of(d), 0.0, 0, topo.usable_hbm_bytes)
                     for d in range(topo.world_size))
     solve = SolveReport("manual", "none", "Optimal", "Optimal", 0.0, 0.0, 0.0, 0.0, 1)

@@ -69,8 +69,9 @@ def _dense_grads(model: DLRM, spec) -> dict[str, torch.Tensor]:
     for block in model.embeddings.row_blocks():
         grad = block.sparse_grad().to_dense()
         for seg in block.segments:
-            out[seg.table][seg.row_start:seg.row_start + seg.rows,
-                           seg.col_start:seg.col_start + seg.cols] = grad[seg.block_row:seg.block_row + seg.rows]
+            rows = slice(seg.row_start, seg.row_start + seg.rows)
+            cols = slice(seg.col_start, seg.col_start + seg.cols)
+            out[seg.table][rows, cols] = grad[seg.block_row:seg.block_row + seg.rows]
     return out
 
 

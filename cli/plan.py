@@ -221,18 +221,16 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "show":
-        args = build_show_parser().parse_args(argv[1:])
-        return run_guarded(PROG, args.verbose, lambda: _show(args))
-    if argv and argv[0] == "profile":
-        args = build_profile_parser().parse_args(argv[1:])
-        return run_guarded(PROG, args.verbose, lambda: _profile(args))
-    if argv and argv[0] == "calibrate":
-        args = build_calibrate_parser().parse_args(argv[1:])
-        return run_guarded(PROG, args.verbose, lambda: _calibrate(args))
-    if argv and argv[0] == "evaluate":
-        args = build_evaluate_parser().parse_args(argv[1:])
-        return run_guarded(PROG, args.verbose, lambda: _evaluate(args))
+    subcommands = {
+        "show": (build_show_parser, _show),
+        "evaluate": (build_evaluate_parser, _evaluate),
+        "profile": (build_profile_parser, _profile),
+        "calibrate": (build_calibrate_parser, _calibrate),
+    }
+    if argv and argv[0] in subcommands:
+        build, run = subcommands[argv[0]]
+        args = build().parse_args(argv[1:])
+        return run_guarded(PROG, args.verbose, lambda: run(args))
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_options(parser, args)

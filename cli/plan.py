@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
-from tqdm import tqdm
-
 from cli.chart import draw_chart
 from cli.errors import EXIT_CODES_HELP, ExitCode, run_guarded
-from cli.report import device_table, solve_summary, table_choices
+from cli.progress import bytes_progress
+from cli.report import device_table, measured_vs_predicted, solve_summary, table_choices
 from planner import (
     AnalyticCostModel,
+    PlanFileError,
     PlanOptions,
     Sharding,
     Tier,
     load_tables,
     load_topology,
     plan,
+    plan_sha256,
     read_plan,
     write_plan,
 )
@@ -140,6 +142,10 @@ def build_show_parser() -> argparse.ArgumentParser:
     parser.add_argument("plan", metavar="PLAN", help="plan file written by dlrm-plan")
     parser.add_argument("--chart", metavar="FILE.png",
                         help="also draw per-device load and HBM bars (needs matplotlib)")
+    parser.add_argument("--measured", metavar="LOG",
+                        help="a dlrm-run --metrics-log of this plan: put the measured time per "
+                             "step (lookup, communication, dense, update) and embedding memory "
+                             "beside the plan's prediction")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
 
@@ -205,6 +211,9 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
                              "measured all-to-all rate)")
     parser.add_argument("--store-dir", metavar="DIR",
                         help="directory on the disk the store will use (default: the temp dir)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads during the probes; use the --threads of the "
+                             "dlrm-run whose step times are predicted (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="small probes (seconds, noisier)")
     parser.add_argument("--no-network", action="store_true",
                         help="skip the all-to-all probe (then the network rate is the copy rate)")
@@ -269,7 +278,38 @@ def _show(args: argparse.Namespace) -> int:
     if args.chart:
         draw_chart(result, args.chart)
         print(f"chart written to {args.chart}")
+    if args.measured:
+        for record in timing_records(args.measured, plan_sha256(result)):
+            where = f" (rank {record['rank']})" if "rank" in record else ""
+            print(f"\nmeasured by dlrm-run at step {record['step']}, batch {record['batch_size']}"
+                  f"{where}:")
+            print(measured_vs_predicted(record["measured"], record["predicted"]))
     return ExitCode.OK
+
+
+def timing_records(log: str, plan_sha: str) -> list[dict]:
+    """The newest ``timing`` record per rank of a metrics log, which must come from
+    runs of the plan with content hash ``plan_sha``."""
+    newest: dict[int, dict] = {}
+    try:
+        with open(log, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise PlanFileError(log, f"line {number} is not JSON") from None
+                if isinstance(record, dict) and record.get("event") == "timing":
+                    newest[int(record.get("rank", 0))] = record
+    except OSError as exc:
+        raise PlanFileError(log, f"cannot read the metrics log: {exc.strerror}") from None
+    if not newest:
+        raise PlanFileError(log, "no timing record: write one with dlrm-run --metrics-log")
+    records = [newest[rank] for rank in sorted(newest)]
+    for record in records:
+        if record.get("plan_sha256") != plan_sha:
+            raise PlanFileError(log, "measured on another plan (its plan_sha256 differs); pass "
+                                     "the plan file that run executed")
+    return records
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -278,13 +318,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     tables = load_tables(args.tables)
     cache_path = args.cache or f"{args.data}.cache"
-    with tqdm(total=None, unit="B", unit_scale=True, desc="parse", file=sys.stderr,
-              disable=None) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    with bytes_progress("parse") as progress:
         cache = open_or_build_cache(args.data, cache_path, tables, strict=args.strict,
                                     progress=progress)
     header = cache.header
@@ -300,11 +334,18 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
     from dlrm_runtime.calibrate import CalibrationSizes, measure, to_topology
+    from dlrm_runtime.errors import ConfigError
 
     sizes = (CalibrationSizes(rows=200_000, batch_rows=16_384, store_rows=65_536, repeats=3,
                               all_to_all_bytes=8 * 1024 * 1024)
              if args.quick else CalibrationSizes())
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     result = measure(sizes, store_dir=args.store_dir, network=not args.no_network,
                      log=lambda line: print(line, file=sys.stderr))
     topology = to_topology(result, hbm_gb=args.hbm_gb, dram_gb=args.dram_gb, devices=args.devices,

@@ -51,3 +51,41 @@ def table_choices(plan: Plan) -> str:
         lines.append(f"{t.name:<20} {t.sharding.value:<14} {_devices(t.shards):<9} {tiers:<11} "
                      f"{t.cost.total_ms:>9.4f} {t.cost.hbm_bytes / MB:>9.2f}  {explain(plan, t)}")
     return "\n".join(lines)
+
+
+_PHASES = (("lookup", "lookup_ms", "lookup_ms"),
+           ("communication", "communication_ms", "communication_ms"),
+           ("dense (MLPs, interaction)", "dense_ms", "dense_ms"),
+           ("update (emb. backward+optimizer)", "update_ms", "update_ms"),
+           ("step", "step_ms", "step_ms"))
+
+
+def _ratio(measured: float | None, predicted: float | None) -> str:
+    if measured is None or not predicted:
+        return ""
+    error = (measured - predicted) / predicted
+    return f"{error:+.0%}" if abs(error) < 10 else f"x{measured / predicted:.0f}"
+
+
+def measured_vs_predicted(measured: dict, predicted: dict) -> str:
+    """The runtime's measured time per step (and embedding memory) beside the plan's
+    prediction, from the ``timing`` record of a metrics log (``measured`` and
+    ``predicted`` objects)."""
+    steps = measured.get("steps", 0)
+    lines = [f"time per step over {steps} timed steps (ms)  measured  predicted  error"]
+    for label, m_key, p_key in _PHASES:
+        m, p = measured.get(m_key), predicted.get(p_key)
+        shown_p = "unknown" if p is None else f"{p:.3f}"
+        lines.append(f"  {label:<35}{m:>9.3f}  {shown_p:>9}  {_ratio(m, p):>5}")
+    if predicted.get("dense_ms") is None:
+        lines.append("  (no dense prediction: the plan's topology has no device.dense_gflops; "
+                     "measure it with dlrm-plan calibrate)")
+    held = measured.get("embedding_bytes")
+    planned = predicted.get("hbm_bytes", 0) + predicted.get("dram_bytes", 0)
+    if held is not None:
+        lines.append(f"  embedding memory (MB)              {held / MB:>9.2f}  {planned / MB:>9.2f}"
+                     f"  {_ratio(held, planned):>5}")
+    lines.append(f"  data loading, not in the step      {measured.get('data_ms', 0.0):>9.3f}")
+    lines.append(f"  predicted for plan devices {predicted.get('devices')} by "
+                 f"{predicted.get('cost_model')}")
+    return "\n".join(lines)

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from cli.errors import EXIT_CODES_HELP, ExitCode, run_guarded
+from cli.progress import bytes_progress
+from cli.report import measured_vs_predicted
 from dlrm_runtime import (
     ConfigError,
     Interaction,
@@ -17,6 +19,7 @@ from dlrm_runtime import (
     check_plan_matches,
     train,
 )
+from dlrm_runtime.criteo import CriteoClicks, open_or_build_cache
 from dlrm_runtime.train import Progress, TrainResult, open_metrics_log
 from planner import Plan, load_tables, read_plan
 
@@ -26,10 +29,19 @@ EXAMPLES = """\
 examples:
   dlrm-run --plan plan.json --tables examples/demo/tables.json --steps 1000
   dlrm-run --plan plan.json --bottom-mlp 128,64,16 --top-mlp 256,64,1 --metrics-log run.jsonl
+  dlrm-run --plan kaggle.plan.json --data train.txt --train-lines 0:40000000 \\
+      --validation-lines 40000000:45840617 --bottom-mlp 512,256,64,16 --top-mlp 512,256,1
 
-Trains on synthetic clicks: Zipf-distributed ids per table (the table's access.zipf,
-else 1.05) and labels drawn from a hidden teacher model. The final report compares the
-model's validation AUC with the teacher's own AUC, the best any model can reach.
+Without --data, trains on synthetic clicks: Zipf-distributed ids per table (the
+table's access.zipf, else 1.05) and labels drawn from a hidden teacher model; the
+final report compares the model's validation AUC with the teacher's own AUC, the best
+any model can reach. With --data, reads Criteo click logs (TSV: label, 13 integer and
+26 hex categorical features); the line ranges are parsed once into binary caches
+beside the data (DATA.cache for the whole file, as `dlrm-plan profile` writes, else
+DATA.START-STOP.cache) that later runs reuse.
+
+After training, the time per step is split into lookup, communication, dense and
+update (embedding backward + optimizer) and printed beside the plan's prediction.
 """
 
 
@@ -41,6 +53,18 @@ def _widths(text: str) -> tuple[int, ...]:
     if not widths or min(widths) < 1:
         raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
     return widths
+
+
+def _line_range(text: str) -> tuple[int, int | None]:
+    start, sep, stop = text.partition(":")
+    try:
+        lo = int(start) if start else 0
+        hi = int(stop) if stop else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP line numbers, got {text!r}") from None
+    if not sep or lo < 0 or (hi is not None and hi <= lo):
+        raise argparse.ArgumentTypeError(f"expected START:STOP with 0 <= START < STOP, got {text!r}")
+    return lo, hi
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="top MLP widths, ending in 1 (default: 64,1)")
     parser.add_argument("--interaction", choices=[i.value for i in Interaction], default="dot",
                         help="dot: pairwise dot products (the paper's); cat: concatenation")
+    parser.add_argument("--data", metavar="DATA",
+                        help="Criteo TSV click log to train on (default: synthetic clicks)")
+    parser.add_argument("--train-lines", type=_line_range, default=(0, None), metavar="START:STOP",
+                        help="lines of DATA to train on, 0-based, STOP exclusive or empty for "
+                             "the end (default: all)")
+    parser.add_argument("--validation-lines", type=_line_range, metavar="START:STOP",
+                        help="lines of DATA to validate on (default: no validation)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first malformed line of DATA instead of skipping "
+                             "and counting it")
     parser.add_argument("--eval-batches", type=int, default=20,
                         help="validation batches (default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=50,
@@ -126,17 +160,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_guarded(PROG, args.verbose, lambda: _run(args))
 
 
+def _cache_path(data: str, lines: tuple[int, int | None]) -> str:
+    start, stop = lines
+    if (start, stop) == (0, None):
+        return f"{data}.cache"  # the one `dlrm-plan profile` writes
+    return f"{data}.{start}-{'end' if stop is None else stop}.cache"
+
+
+def _criteo(args: argparse.Namespace, plan: Plan) -> CriteoClicks:
+    """Open (parsing once) the caches of the train and validation line ranges."""
+    caches = []
+    for what, lines in (("train", args.train_lines), ("validation", args.validation_lines)):
+        if lines is None:
+            caches.append(None)
+            continue
+        with bytes_progress(f"parse {what} lines") as progress:
+            cache = open_or_build_cache(args.data, _cache_path(args.data, lines), plan.tables_spec,
+                                        start=lines[0], stop=lines[1], strict=args.strict,
+                                        progress=progress)
+        header = cache.header
+        note = (f", {header.malformed} malformed lines skipped (--strict stops at the first)"
+                if header.malformed else "")
+        print(f"{what}: {len(cache):,} samples from lines {lines[0]}:{lines[1] or ''} of "
+              f"{args.data}{note}", file=sys.stderr)
+        caches.append(cache)
+    return CriteoClicks(caches[0], caches[1], plan.tables_spec)
+
+
 def _run(args: argparse.Namespace) -> int:
     plan = read_plan(args.plan)
     if args.tables:
         check_plan_matches(plan, load_tables(args.tables))
+    data = None
+    batch_size = args.batch_size or plan.topology.global_batch_size
+    eval_batches = args.eval_batches
+    if args.data:
+        data = _criteo(args, plan)
+        if data.validation is not None:
+            available = data.num_batches(batch_size, validation=True)
+            if available < 1:
+                raise ConfigError(f"--validation-lines hold {len(data.validation)} samples, "
+                                  f"fewer than one batch of {batch_size}")
+            eval_batches = min(eval_batches, available)
+    elif args.train_lines != (0, None) or args.validation_lines is not None:
+        raise ConfigError("--train-lines and --validation-lines need --data")
     config = TrainConfig(
         steps=args.steps,
-        batch_size=args.batch_size or plan.topology.global_batch_size,
+        batch_size=batch_size,
         lr=args.lr,
         embedding_lr=args.embedding_lr,
         dense_optimizer=args.dense_optimizer,
-        eval_batches=args.eval_batches,
+        eval_batches=eval_batches,
         log_every=args.log_every,
         seed=args.seed,
         threads=args.threads,
@@ -149,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
           f"{config.batch_size} samples", file=sys.stderr)
     log = open_metrics_log(args.metrics_log)
     try:
-        result = train(plan, model_config(args, plan), config,
+        result = train(plan, model_config(args, plan), config, data=data,
                        progress=None if args.no_progress else _TqdmProgress, metrics_log=log)
     finally:
         if log is not None:
@@ -163,10 +237,19 @@ def format_result(result: TrainResult) -> str:
     lines = [
         f"trained {result.steps} steps x {result.batch_size} samples in {result.seconds:.1f} s: "
         f"{result.samples_per_s:,.0f} samples/s, final train loss {result.train_loss:.4f}",
-        f"validation ({v.samples} samples): loss {v.loss:.4f}, AUC {v.auc:.4f}, "
-        f"accuracy {v.accuracy:.4f}; the hidden teacher's AUC {v.teacher_auc:.4f} "
-        f"(model reaches {v.auc / v.teacher_auc:.1%} of it)",
     ]
+    if v is None:
+        lines.append("no validation data (pass --validation-lines)")
+    else:
+        line = (f"validation ({v.samples} samples): loss {v.loss:.4f}, AUC {v.auc:.4f}, "
+                f"accuracy {v.accuracy:.4f}")
+        if v.teacher_auc is not None:
+            line += (f"; the hidden teacher's AUC {v.teacher_auc:.4f} "
+                     f"(model reaches {v.auc / v.teacher_auc:.1%} of it)")
+        lines.append(line)
+    if result.times is not None and result.prediction is not None:
+        lines.append(measured_vs_predicted(result.times.to_json() | {
+            "embedding_bytes": result.embedding_bytes}, result.prediction.to_json()))
     if result.resumed_from is not None:
         lines.insert(0, f"resumed from step {result.resumed_from}")
     if result.checkpoint is not None:

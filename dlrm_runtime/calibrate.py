@@ -10,7 +10,9 @@ Every figure is an effective rate for the operation the cost model charges, in G
 - store read / write: random rows through :class:`storage.TableStore` (page cache
   warm for reads; writes made durable by a checkpoint);
 - all-to-all: ``all_to_all_single`` between two local processes over gloo (NCCL when
-  two GPUs are present), bytes sent per process.
+  two GPUs are present), bytes sent per process;
+- dense: forward and backward of an MLP (fp32 ``nn.Linear`` layers of the probe's
+  width) on the compute device, in GFLOP/s, with torch's current thread count.
 
 Each is the median of a few repetitions after a warm-up.
 """
@@ -50,6 +52,9 @@ class CalibrationSizes:
     """Rows of the probe table in the store."""
     repeats: int = 5
     all_to_all_bytes: int = 64 * 1024 * 1024
+    mlp_batch: int = 2048
+    mlp_width: int = 512
+    mlp_layers: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,9 @@ class Calibration:
     """None when it was not measured."""
     backend: str
     date: str
+    dense_gflops: float = 0.0
+    threads: int = 1
+    """torch CPU threads during the probes."""
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -109,6 +117,10 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     h2d_gbps = block / seconds / GB
     log(f"host-to-device copy: {h2d_gbps:.2f} GB/s")
 
+    dense_gflops = _dense_gflops(sizes, device, sync)
+    log(f"dense MLP forward+backward ({torch.get_num_threads()} threads): "
+        f"{dense_gflops:.1f} GFLOP/s")
+
     read_gbps, write_gbps = _store_rates(sizes, store_dir, rng)
     log(f"store: read {read_gbps:.3f} GB/s, write {write_gbps:.3f} GB/s (random rows)")
 
@@ -117,7 +129,27 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
         a2a, backend = _all_to_all_gbps(sizes.all_to_all_bytes, sizes.repeats)
         log(f"all-to-all ({backend}, 2 processes): {a2a:.2f} GB/s")
     return Calibration(str(device), device_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps, a2a,
-                       backend, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                       backend, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                       dense_gflops, torch.get_num_threads())
+
+
+def _dense_gflops(sizes: CalibrationSizes, device: torch.device, sync: Callable[[], None]) -> float:
+    """Forward + backward of ``mlp_layers`` square ReLU layers: 3 x 2 x B x W x W FLOPs
+    per layer (forward, input gradient, weight gradient)."""
+    width, batch = sizes.mlp_width, sizes.mlp_batch
+    generator = torch.Generator().manual_seed(0)
+    layers = [torch.nn.Linear(width, width).to(device) for _ in range(sizes.mlp_layers)]
+    x = torch.randn(batch, width, generator=generator).to(device)
+
+    def step() -> None:
+        h = x
+        for layer in layers:
+            h = torch.relu(layer(h))
+        h.sum().backward()
+
+    seconds = _median_seconds(step, sizes.repeats, sync)
+    flops = 6.0 * batch * width * width * sizes.mlp_layers
+    return flops / seconds / 1e9
 
 
 def _store_rates(sizes: CalibrationSizes, store_dir: str | Path | None,
@@ -209,7 +241,8 @@ def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float
     return Topology(
         hosts=1,
         devices_per_host=devices,
-        device=DeviceSpec(round(hbm_gb, 3), round(cal.device_gather_gbps, 3)),
+        device=DeviceSpec(round(hbm_gb, 3), round(cal.device_gather_gbps, 3),
+                          round(cal.dense_gflops, 2) if cal.dense_gflops > 0 else None),
         host=HostSpec(round(dram_gb, 3), round(cal.host_gather_gbps, 3), round(cal.h2d_gbps, 3)),
         store=StoreSpec(round(cal.store_read_gbps, 4), round(cal.store_write_gbps, 4)),
         network=NetworkSpec(round(network, 3), round(inter_host_gbps or network, 3)),
@@ -218,5 +251,6 @@ def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float
         description=f"Calibrated on {platform.node()} ({cal.device}) by dlrm-plan calibrate",
         calibration=(("date", cal.date), ("machine", platform.platform()),
                      ("device", cal.device), ("all_to_all_backend", cal.backend),
+                     ("threads", str(cal.threads)),
                      ("method", "median of repeated probes; see dlrm_runtime/calibrate.py")),
     )

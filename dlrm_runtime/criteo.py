@@ -902,6 +902,7 @@ class CriteoClicks:
                 raise ConfigError(f"{validation.path}: table sizes differ from {train.path}")
         self.train = train
         self.validation = validation
+        self.has_validation = validation is not None
 
     @property
     def table_sizes(self) -> tuple[int, ...]:

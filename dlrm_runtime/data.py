@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -99,8 +100,23 @@ class Batch:
     """[B] float32: the probability the labels were drawn from."""
 
 
+class ClickSource(Protocol):
+    """Where training batches come from: batch ``i`` of ``B`` samples is a pure
+    function of ``(i, B)``, so a run can resume at any step; indices from
+    :data:`VALIDATION_OFFSET` on are the validation stream (when
+    ``has_validation``). :class:`SyntheticClicks` and
+    :class:`dlrm_runtime.criteo.CriteoClicks` are the two built in."""
+
+    dense_features: int
+    has_validation: bool
+
+    def batch(self, index: int, batch_size: int) -> Batch: ...
+
+
 class SyntheticClicks:
     """A deterministic stream of batches for a tables spec."""
+
+    has_validation = True
 
     def __init__(self, tables: TablesSpec, dense_features: int = 13, seed: int = 0,
                  default_zipf: float = 1.05, teacher_dim: int = 4) -> None:

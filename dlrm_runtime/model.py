@@ -206,13 +206,21 @@ class DLRM(nn.Module):
         return self
 
     def forward(self, dense: torch.Tensor, sparse: SparseBatch) -> torch.Tensor:
-        x = self.bottom(dense)  # [B, D]
+        return self.dense_forward(dense, self.lookup(sparse))
+
+    def lookup(self, sparse: SparseBatch) -> torch.Tensor | list[torch.Tensor]:
+        """The embeddings' pooled outputs: ``[T, B, D]`` or ``T x [B, D_t]``."""
         if self._stacked:
-            pooled = self.embeddings.forward_stacked(sparse)  # [T, B, D]
-        else:
-            pooled = self.embeddings(sparse)  # T x [B, D_t]
+            return self.embeddings.forward_stacked(sparse)
+        return self.embeddings(sparse)
+
+    def dense_forward(self, dense: torch.Tensor,
+                      pooled: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Bottom MLP, interaction with ``pooled`` (from :meth:`lookup`), top MLP: the
+        ``[B]`` logits."""
+        x = self.bottom(dense)  # [B, D]
         z = self.interaction(x, pooled)  # [B, I]
-        return self.top(z).squeeze(1)  # [B] logits
+        return self.top(z).squeeze(1)
 
     def mlp_layers(self) -> list[nn.Linear]:
         """Every ``nn.Linear`` of the bottom then the top MLP, in order."""

@@ -24,14 +24,21 @@ from dlrm_runtime.checkpoint import (
     save_checkpoint,
 )
 from dlrm_runtime.config import ModelConfig, TrainConfig
-from dlrm_runtime.data import VALIDATION_OFFSET, Batch, SyntheticClicks
+from dlrm_runtime.data import VALIDATION_OFFSET, Batch, ClickSource, SyntheticClicks
 from dlrm_runtime.embeddings import device_for, embeddings_from_plan
-from dlrm_runtime.errors import CheckpointError, PlanMismatchError, TrainingDivergedError
+from dlrm_runtime.errors import (
+    CheckpointError,
+    ConfigError,
+    PlanMismatchError,
+    TrainingDivergedError,
+)
 from dlrm_runtime.memory import tune_malloc
 from dlrm_runtime.metrics import accuracy, roc_auc
 from dlrm_runtime.model import DLRM
 from dlrm_runtime.optim import RowOptimizer
-from planner import Plan, TablesSpec
+from dlrm_runtime.prediction import StepPrediction, predict_step
+from dlrm_runtime.timing import PhaseTimer, StepTimes
+from planner import Plan, TablesSpec, plan_sha256
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +46,9 @@ class EvalResult:
     loss: float
     auc: float
     accuracy: float
-    teacher_auc: float
-    """AUC of the hidden teacher's probabilities: the ceiling for any model."""
+    teacher_auc: float | None
+    """AUC of the hidden teacher's probabilities, the ceiling for any model (synthetic
+    data); None for real data."""
     samples: int
 
 
@@ -54,11 +62,18 @@ class TrainResult:
     """Training samples per second in this process, data generation and checkpoints
     included."""
     seconds: float
-    validation: EvalResult
+    validation: EvalResult | None
+    """None when the data has no validation split."""
     resumed_from: int | None = None
     """The step of the checkpoint this run continued from."""
     checkpoint: str | None = None
     """The newest checkpoint of the run (written or resumed from)."""
+    times: StepTimes | None = None
+    """Measured time per step by phase (see :mod:`dlrm_runtime.timing`)."""
+    prediction: StepPrediction | None = None
+    """What the plan predicts for the same step (see :mod:`dlrm_runtime.prediction`)."""
+    embedding_bytes: int = 0
+    """Bytes of the embedding weights and their optimizer state held by this process."""
 
 
 ProgressFactory = Callable[[int], "Progress"]
@@ -120,17 +135,34 @@ class Trainer:
         self.dense_opt = _dense_optimizer(config.dense_optimizer, self.dense_params, config.lr)
         self.row_opt = RowOptimizer.for_blocks(model.embeddings.row_blocks(), config.embedding_lr)
 
-    def step(self, batch: Batch) -> float:
-        """One step on ``batch``; returns its loss (read back: one sync per step)."""
-        logits = self.model(batch.dense.to(self.device), batch.sparse)
+    def step(self, batch: Batch, timer: PhaseTimer | None = None) -> float:
+        """One step on ``batch``; returns its loss (read back: one sync per step).
+        With ``timer``, each phase's time is added to it."""
+        if timer is None:
+            logits = self.model(batch.dense.to(self.device), batch.sparse)
+            loss = self._backward(logits, batch)
+            self.dense_opt.step()
+            self.row_opt.step()
+            return float(loss.detach())
+        with timer.phase("lookup"):
+            pooled = self.model.lookup(batch.sparse)
+        with timer.phase("dense"):
+            logits = self.model.dense_forward(batch.dense.to(self.device), pooled)
+            loss = self._backward(logits, batch)
+            self.dense_opt.step()
+            value = float(loss.detach())
+        with timer.phase("update"):
+            self.row_opt.step()
+        timer.step_done()
+        return value
+
+    def _backward(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels.to(self.device))
         for param in self.dense_params:  # zero_grad(set_to_none=True), without its overhead
             param.grad = None
         self.row_opt.zero_grad()
         loss.backward()
-        self.dense_opt.step()
-        self.row_opt.step()
-        return float(loss.detach())
+        return loss
 
     def state(self, plan: Plan, step: int, fingerprint: dict, recent: list[float]) -> dict:
         """Everything a checkpoint holds to continue exactly after ``step`` steps."""
@@ -166,7 +198,9 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: DLRM, data: SyntheticClicks, batches: int, batch_size: int) -> EvalResult:
+def evaluate(model: DLRM, data: ClickSource, batches: int, batch_size: int) -> EvalResult:
+    """Loss, AUC and accuracy over validation batches ``0..batches-1``; the teacher's
+    AUC when the data has a teacher (its ``teacher_prob`` is not NaN)."""
     model.eval()
     labels, probs, teacher, losses = [], [], [], []
     device = model.mlp_layers()[0].weight.device
@@ -179,7 +213,8 @@ def evaluate(model: DLRM, data: SyntheticClicks, batches: int, batch_size: int) 
         teacher.append(batch.teacher_prob.numpy())
     model.train()
     y, p, q = np.concatenate(labels), np.concatenate(probs), np.concatenate(teacher)
-    return EvalResult(float(np.mean(losses)), roc_auc(y, p), accuracy(y, p), roc_auc(y, q), y.size)
+    teacher_auc = None if np.isnan(q).any() else roc_auc(y, q)
+    return EvalResult(float(np.mean(losses)), roc_auc(y, p), accuracy(y, p), teacher_auc, y.size)
 
 
 def train(
@@ -187,10 +222,18 @@ def train(
     model_config: ModelConfig = ModelConfig(),
     config: TrainConfig = TrainConfig(),
     *,
+    data: ClickSource | None = None,
     progress: ProgressFactory | None = None,
     metrics_log: IO[str] | None = None,
+    timing_every: int | None = None,
 ) -> TrainResult:
-    """Train on synthetic data for ``config.steps`` steps, then evaluate.
+    """Train for ``config.steps`` steps on ``data`` (default: synthetic clicks for the
+    plan's tables and this seed), then evaluate on its validation split (skipped when
+    the data has none).
+
+    Every ``timing_every``-th step (default: every step on the CPU, every 10th on CUDA,
+    where timing synchronises the device) is timed by phase; the result's ``times``
+    holds the means.
 
     With ``config.checkpoint_dir``, checkpoints are written every
     ``config.checkpoint_every`` steps and at the end; with ``config.resume`` the run
@@ -214,18 +257,26 @@ def train(
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     try:
-        return _train(plan, model_config, config, progress, metrics_log)
+        return _train(plan, model_config, config, data, progress, metrics_log, timing_every)
     finally:  # leave the process as it was
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)
 
 
-def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig,
-           progress: ProgressFactory | None, metrics_log: IO[str] | None) -> TrainResult:
+def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: ClickSource | None,
+           progress: ProgressFactory | None, metrics_log: IO[str] | None,
+           timing_every: int | None) -> TrainResult:
     torch.manual_seed(config.seed)
     model = build_model(plan, model_config, config.seed)
-    data = SyntheticClicks(plan.tables_spec, model_config.dense_features, config.seed)
+    if data is None:
+        data = SyntheticClicks(plan.tables_spec, model_config.dense_features, config.seed)
+    elif data.dense_features != model_config.dense_features:
+        raise ConfigError(f"the data has {data.dense_features} dense features, the model "
+                          f"config {model_config.dense_features}")
     trainer = Trainer(model, config)
+    timer = PhaseTimer.for_device(trainer.device)
+    if timing_every is None:
+        timing_every = 10 if trainer.device.type == "cuda" else 1
     run_fingerprint = fingerprint(plan, model_config, config)
 
     first_step, recent, resumed_from, checkpoint = 0, [], None, None
@@ -255,7 +306,13 @@ def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig,
     start = time.perf_counter()
     try:
         for step in range(first_step, config.steps):
-            value = trainer.step(data.batch(step, config.batch_size))
+            timed = timer if step % timing_every == 0 else None
+            if timed is None:
+                value = trainer.step(data.batch(step, config.batch_size))
+            else:
+                with timed.phase("data"):
+                    batch = data.batch(step, config.batch_size)
+                value = trainer.step(batch, timed)
             if not np.isfinite(value):
                 raise TrainingDivergedError(step, value, checkpoint)
             recent = (recent + [value])[-config.log_every:]
@@ -276,14 +333,37 @@ def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig,
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    validation = evaluate(model, data, config.eval_batches, config.batch_size)
+    times = timer.result()
+    prediction = predict_step(plan, model_config, config.batch_size,
+                              communication=_spans_devices(plan))
+    held = embedding_bytes(trainer)
+    _log(metrics_log, {"event": "timing", "step": config.steps, "plan_sha256": plan_sha256(plan),
+                       "batch_size": config.batch_size,
+                       "measured": {**times.to_json(), "embedding_bytes": held},
+                       "predicted": prediction.to_json()})
+    validation = None
+    if data.has_validation:
+        validation = evaluate(model, data, config.eval_batches, config.batch_size)
+        _log(metrics_log, {"event": "eval", "step": config.steps, **asdict(validation)})
     trained = config.steps - first_step
-    result = TrainResult(config.steps, config.batch_size,
-                         float(np.mean(recent)) if recent else float("nan"),
-                         trained * config.batch_size / seconds if trained else 0.0, seconds,
-                         validation, resumed_from, checkpoint)
-    _log(metrics_log, {"event": "eval", "step": config.steps, **asdict(validation)})
-    return result
+    return TrainResult(config.steps, config.batch_size,
+                       float(np.mean(recent)) if recent else float("nan"),
+                       trained * config.batch_size / seconds if trained else 0.0, seconds,
+                       validation, resumed_from, checkpoint, times, prediction, held)
+
+
+def _spans_devices(plan: Plan) -> bool:
+    """Whether this process places the plan's devices on more than one torch device
+    (then pooled outputs travel between them)."""
+    return len({device_for(d) for d in range(plan.topology.world_size)}) > 1
+
+
+def embedding_bytes(trainer: Trainer) -> int:
+    """Bytes of the embedding weights and the row optimizer's state in this process."""
+    weights = sum(p.numel() * p.element_size() for p in trainer.model.embeddings.parameters())
+    state = sum(t.numel() * t.element_size() for entry in trainer.row_opt.state
+                for t in entry.values())
+    return weights + state
 
 
 def _log(out: IO[str] | None, record: dict) -> None:

@@ -27,7 +27,16 @@ from planner.errors import (
     SolverError,
     SpecError,
 )
-from planner.plan import Plan, Shard, TablePlan, plan_from_json, plan_to_json, read_plan, write_plan
+from planner.plan import (
+    Plan,
+    Shard,
+    TablePlan,
+    plan_from_json,
+    plan_sha256,
+    plan_to_json,
+    read_plan,
+    write_plan,
+)
 from planner.specs import (
     AccessProfile,
     DType,
@@ -47,5 +56,5 @@ __all__ = [
     "ShardOption", "Sharding", "SolverError", "SpecError", "TablePlan", "TableSpec", "TablesSpec",
     "check_cost_model", "load_cost_model",
     "Tier", "Topology", "load_tables", "load_topology", "parse_tables", "parse_topology", "plan",
-    "plan_from_json", "plan_to_json", "read_plan", "write_plan",
+    "plan_from_json", "plan_sha256", "plan_to_json", "read_plan", "write_plan",
 ]

@@ -6,6 +6,7 @@ against the inputs of a run and re-costed later. JSON, with ``schema_version``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -159,6 +160,13 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         "tables_spec": plan.tables_spec.to_json(),
         "topology": plan.topology.to_json(),
     }
+
+
+def plan_sha256(plan: Plan) -> str:
+    """Identity of a plan's content (what ``write_plan`` writes), e.g. to tie a
+    training run's measurements to the plan it executed."""
+    text = json.dumps(plan_to_json(plan), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_plan(plan: Plan, path: str | Path) -> None:

@@ -176,6 +176,10 @@ class TablesSpec:
 class DeviceSpec:
     hbm_gb: float
     hbm_gbps: float
+    dense_gflops: float | None = None
+    """fp32 matrix-multiply rate (GFLOP/s) for the dense MLPs, measured by
+    ``dlrm-plan calibrate``. The planner does not use it (dense work is the same on
+    every device whatever the plan); ``dlrm-run`` uses it to predict step times."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +235,8 @@ class Topology:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        if self.device.dense_gflops is None:
+            del out["device"]["dense_gflops"]
         if not self.description:
             del out["description"]
         if self.calibration:
@@ -243,6 +249,7 @@ class Topology:
         out = self.to_json()
         out.pop("description", None)
         out.pop("calibration", None)
+        out["device"].pop("dense_gflops", None)  # not a planning input
         return _sha256(out)
 
 
@@ -350,7 +357,8 @@ def parse_topology(doc: object, file: str = "<memory>") -> Topology:
     hosts = root.integer("hosts")
     per_host = root.integer("devices_per_host")
     dev = root.child("device")
-    device = DeviceSpec(dev.number("hbm_gb"), dev.number("hbm_gbps"))
+    device = DeviceSpec(dev.number("hbm_gb"), dev.number("hbm_gbps"),
+                        dev.number("dense_gflops") if dev.has("dense_gflops") else None)
     dev.done()
     h = root.child("host")
     host = HostSpec(h.number("dram_gb"), h.number("dram_gbps"), h.number("h2d_gbps"))

@@ -100,7 +100,9 @@ def test_run_trains_and_reports(tmp_path: Path, tables_file: Path, topology_file
     assert code == ExitCode.OK
     printed = capsys.readouterr().out
     assert "samples/s" in printed and "AUC" in printed and "teacher's AUC" in printed
-    assert len(log.read_text().splitlines()) == 3
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events == ["train", "train", "timing", "eval"]
+    assert "time per step" in printed and "embedding memory" in printed
 
 
 def test_run_rejects_other_tables(tmp_path: Path, tables_file: Path, topology_file: Path,
@@ -175,6 +177,7 @@ def test_calibrate_writes_a_topology_the_planner_uses(tmp_path: Path, tables_fil
     assert topology.world_size == 2 and topology.device.hbm_gb == 0.002
     assert dict(topology.calibration)["date"].startswith("20")
     assert topology.store.read_gbps > 0 and topology.network.intra_host_gbps > 0
+    assert topology.device.dense_gflops > 0 and "dense MLP" in err
     plan_file = tmp_path / "plan.json"
     assert plan_cli.main(["--tables", str(tables_file), "--topology", str(out), "-o",
                           str(plan_file), "-q"]) == ExitCode.OK

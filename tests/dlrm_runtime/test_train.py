@@ -134,8 +134,14 @@ def test_short_training_learns() -> None:
     assert v.auc < v.teacher_auc
     assert 0.0 < v.loss < 0.69
     records = [json.loads(line) for line in log.getvalue().splitlines()]
-    assert [r["step"] for r in records] == [100, 200, 300, 300]
-    assert records[-1]["event"] == "eval" and records[-1]["auc"] == pytest.approx(v.auc)
+    assert [(r["event"], r["step"]) for r in records] == [
+        ("train", 100), ("train", 200), ("train", 300), ("timing", 300), ("eval", 300)]
+    assert records[-1]["auc"] == pytest.approx(v.auc)
+    times = result.times
+    assert times is not None and times.steps == 300
+    assert min(times.lookup_ms, times.dense_ms, times.update_ms, times.data_ms) > 0
+    assert records[-2]["measured"]["steps"] == 300
+    assert records[-2]["predicted"]["devices"] == list(range(result.prediction.devices[-1] + 1))
 
 
 def test_training_is_deterministic() -> None:

@@ -1,0 +1,117 @@
+"""What a plan predicts for one training step of one process, phase by phase, to set
+beside what :mod:`dlrm_runtime.timing` measures.
+
+The plan's cost model prices every shard on its device (lookup, communication,
+backward, optimizer; HBM and DRAM bytes). A process executes some of the plan's
+devices: one device per rank under torchrun, or all of them in one process, where
+they run one after the other on this process's device and their times add up. The
+dense part (MLPs and interaction, forward and backward) is not a planning input; it is
+predicted from its FLOPs at the topology's measured ``device.dense_gflops`` (written by
+``dlrm-plan calibrate``), and left unknown without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from dlrm_runtime.config import Interaction, ModelConfig
+from planner import AnalyticCostModel, CostModel, Plan
+from planner.cost import CostModelError, load_cost_model
+from planner.evaluate import shard_option
+
+
+@dataclass(frozen=True, slots=True)
+class StepPrediction:
+    """Predicted milliseconds per step of one process, split like
+    :class:`dlrm_runtime.timing.StepTimes`, and the embedding bytes it holds."""
+
+    lookup_ms: float
+    communication_ms: float
+    update_ms: float
+    """The cost model's backward and optimizer parts together (the runtime fuses them)."""
+    dense_ms: float | None
+    """None when the topology has no measured ``dense_gflops``."""
+    hbm_bytes: int
+    dram_bytes: int
+    devices: tuple[int, ...]
+    """The plan devices this process executes."""
+    cost_model: str
+
+    @property
+    def step_ms(self) -> float | None:
+        if self.dense_ms is None:
+            return None
+        return self.lookup_ms + self.communication_ms + self.update_ms + self.dense_ms
+
+    def to_json(self) -> dict[str, object]:
+        return {"lookup_ms": self.lookup_ms, "communication_ms": self.communication_ms,
+                "update_ms": self.update_ms, "dense_ms": self.dense_ms, "step_ms": self.step_ms,
+                "hbm_bytes": self.hbm_bytes, "dram_bytes": self.dram_bytes,
+                "devices": list(self.devices), "cost_model": self.cost_model}
+
+
+def plan_cost_model(plan: Plan) -> tuple[CostModel, str]:
+    """The cost model the plan was made with, when it can be imported here; else the
+    analytic model (the name returned says which)."""
+    try:
+        return load_cost_model(plan.cost_model), plan.cost_model
+    except CostModelError:
+        return AnalyticCostModel(), "planner.cost:AnalyticCostModel (the plan's "\
+                                    f"{plan.cost_model} cannot be loaded here)"
+
+
+def dense_flops(config: ModelConfig, embedding_dims: Sequence[int], batch_size: int) -> float:
+    """FLOPs of one step's dense part: every MLP layer's matrix product forward (2 x
+    in x out per sample) and backward (twice that: input and weight gradients), and
+    the dot interaction's Gram matrix the same way."""
+    widths_bottom = (config.dense_features, *config.bottom_mlp)
+    features = 1 + len(embedding_dims)
+    if config.interaction is Interaction.DOT:
+        width = config.bottom_mlp[-1] + features * (features - 1) // 2
+        interaction = 2.0 * features * features * config.bottom_mlp[-1]
+    else:
+        width = config.bottom_mlp[-1] + sum(embedding_dims)
+        interaction = 0.0
+    widths_top = (width, *config.top_mlp)
+    forward = interaction + sum(2.0 * a * b for widths in (widths_bottom, widths_top)
+                                for a, b in zip(widths, widths[1:]))
+    return 3.0 * forward * batch_size
+
+
+def predict_step(plan: Plan, config: ModelConfig, batch_size: int,
+                 devices: Sequence[int] | None = None, *, communication: bool = True,
+                 cost_model: tuple[CostModel, str] | None = None) -> StepPrediction:
+    """The step of a process that executes plan ``devices`` (default: all of them)
+    with a global batch of ``batch_size`` samples (the plan is re-costed at this batch
+    size: the cost model scales with it). ``communication=False`` when the executed
+    devices share one torch device, so that nothing travels between them."""
+    model, name = cost_model or plan_cost_model(plan)
+    topology = plan.topology
+    world = topology.world_size
+    devices = tuple(range(world)) if devices is None else tuple(devices)
+    if batch_size != topology.global_batch_size:
+        topology = replace(topology, batch_size_per_device=max(1, round(batch_size / world)))
+    mine = set(devices)
+    lookup = comm = update = 0.0
+    hbm = dram = 0
+    for planned in plan.tables:
+        spec = plan.tables_spec.by_name(planned.name)
+        for shard in planned.shards:
+            if shard.device not in mine:
+                continue
+            cost = model.cost(shard_option(spec, planned.sharding, planned.shards, shard, world),
+                              topology)
+            lookup += cost.lookup_ms
+            comm += cost.communication_ms if communication else 0.0
+            update += cost.backward_ms + cost.optimizer_ms
+            hbm += cost.hbm_bytes
+            dram += cost.dram_bytes
+    gflops = topology.device.dense_gflops
+    dense = None
+    if gflops:
+        # each executed device's replica of the MLPs runs on its share of the batch
+        samples = batch_size * len(devices) / world
+        dims = [t.embedding_dim for t in plan.tables_spec.tables]
+        dense = dense_flops(config, dims, round(samples)) / (gflops * 1e9) * 1e3
+    return StepPrediction(lookup, comm, update, dense, hbm, dram, devices, name)

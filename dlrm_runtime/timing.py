@@ -1,0 +1,88 @@
+"""Where a training step's time goes, measured the way the cost model splits it.
+
+A step has four phases on the process's compute device:
+
+- ``lookup``: the embedding forward (ids checked, rows gathered and pooled; for
+  cached tables the misses fetched);
+- ``communication``: pooled embeddings and their gradients moved between devices or
+  processes (all-to-all), and the dense gradients all-reduced; zero in one process
+  whose plan devices all map to the same torch device;
+- ``dense``: bottom MLP, interaction, top MLP and loss, forward and backward, and the
+  dense optimizer;
+- ``update``: the embeddings' backward and optimizer, fused (the row gradients are
+  expanded and applied in one pass, as FBGEMM's table-batched embeddings do), so
+  the cost model's ``backward`` and ``optimizer`` parts are compared with it together.
+
+``data`` (producing the batch) is measured too but is not part of the step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+PHASES = ("lookup", "communication", "dense", "update")
+
+
+@dataclass(frozen=True, slots=True)
+class StepTimes:
+    """Mean milliseconds per step of each phase over ``steps`` timed steps."""
+
+    lookup_ms: float
+    communication_ms: float
+    dense_ms: float
+    update_ms: float
+    data_ms: float
+    steps: int
+
+    @property
+    def step_ms(self) -> float:
+        """The four phases together (data excluded)."""
+        return self.lookup_ms + self.communication_ms + self.dense_ms + self.update_ms
+
+    def to_json(self) -> dict[str, float]:
+        return {"lookup_ms": self.lookup_ms, "communication_ms": self.communication_ms,
+                "dense_ms": self.dense_ms, "update_ms": self.update_ms,
+                "data_ms": self.data_ms, "step_ms": self.step_ms, "steps": self.steps}
+
+
+class PhaseTimer:
+    """Accumulates wall time per phase. On CUDA, ``sync`` (``torch.cuda.synchronize``)
+    runs at every phase boundary so that queued kernels count where they ran."""
+
+    def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
+        self._sync = sync
+        self._seconds = dict.fromkeys((*PHASES, "data"), 0.0)
+        self._steps = 0
+
+    @staticmethod
+    def for_device(device: torch.device) -> PhaseTimer:
+        return PhaseTimer(torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self._seconds[name] += time.perf_counter() - start
+
+    def step_done(self) -> None:
+        self._steps += 1
+
+    def result(self) -> StepTimes:
+        n = max(self._steps, 1)
+        ms = {k: v * 1e3 / n for k, v in self._seconds.items()}
+        return StepTimes(ms["lookup"], ms["communication"], ms["dense"], ms["update"], ms["data"],
+                         self._steps)
+
+    def reset(self) -> None:
+        for key in self._seconds:
+            self._seconds[key] = 0.0
+        self._steps = 0

@@ -1,0 +1,73 @@
+"""The plan's prediction of a step: the cost model's shards summed per process, the
+dense part from its FLOPs at the calibrated rate."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from dlrm_runtime.config import Interaction, ModelConfig
+from dlrm_runtime.prediction import dense_flops, plan_cost_model, predict_step
+from planner import AnalyticCostModel, PlanOptions, parse_tables, parse_topology, plan
+from planner.evaluate import evaluate
+from tests.conftest import small_tables_doc, small_topology_doc
+
+
+@pytest.fixture(scope="module")
+def planned():
+    tables = parse_tables(small_tables_doc())
+    topology = parse_topology(small_topology_doc(devices=2, hbm_gb=0.01))
+    return plan(tables, topology, options=PlanOptions(time_limit_s=5))
+
+
+def test_dense_flops_by_hand() -> None:
+    config = ModelConfig(13, (32, 8), (16, 1), Interaction.DOT)
+    # 3 features of dim 8 (bottom output + 2 tables): 3 pairs, top input 8 + 3 = 11
+    forward = 2 * (13 * 32 + 32 * 8) + 2 * (11 * 16 + 16 * 1) + 2 * 3 * 3 * 8
+    assert dense_flops(config, (8, 8), 10) == 3 * forward * 10
+    cat = ModelConfig(13, (32, 8), (16, 1), Interaction.CAT)
+    forward = 2 * (13 * 32 + 32 * 8) + 2 * ((8 + 16) * 16 + 16 * 1)
+    assert dense_flops(cat, (8, 8), 1) == 3 * forward
+
+
+def test_prediction_sums_the_devices_the_process_executes(planned) -> None:
+    config = ModelConfig(13, (16, 8), (16, 1))
+    batch = planned.topology.global_batch_size
+    whole = predict_step(planned, config, batch)
+    parts = [predict_step(planned, config, batch, [d]) for d in (0, 1)]
+    assert whole.devices == (0, 1) and parts[1].devices == (1,)
+    for name in ("lookup_ms", "communication_ms", "update_ms"):
+        assert getattr(whole, name) == pytest.approx(sum(getattr(p, name) for p in parts))
+    assert whole.hbm_bytes == sum(p.hbm_bytes for p in parts)
+    # the same numbers the plan was costed with: each device's total is its load
+    recosted = evaluate(planned, AnalyticCostModel(), "analytic")
+    for device, part in zip(recosted.devices, parts):
+        assert part.lookup_ms + part.communication_ms + part.update_ms == pytest.approx(
+            device.load_ms)
+        assert part.hbm_bytes == device.hbm_bytes
+    assert whole.dense_ms is None and whole.step_ms is None  # no calibrated dense rate
+    assert predict_step(planned, config, batch, communication=False).communication_ms == 0
+
+
+def test_batch_size_and_dense_rate(planned) -> None:
+    config = ModelConfig(13, (16, 8), (16, 1))
+    batch = planned.topology.global_batch_size
+    device = replace(planned.topology.device, dense_gflops=10.0)
+    calibrated = replace(planned, topology=replace(planned.topology, device=device))
+    one = predict_step(calibrated, config, batch)
+    double = predict_step(calibrated, config, 2 * batch)
+    assert double.lookup_ms == pytest.approx(2 * one.lookup_ms)
+    dims = [t.embedding_dim for t in planned.tables_spec.tables]
+    assert one.dense_ms == pytest.approx(dense_flops(config, dims, batch) / 10e9 * 1e3)
+    # one rank of two runs the MLPs on half the batch
+    half = predict_step(calibrated, config, batch, [0])
+    assert half.dense_ms == pytest.approx(one.dense_ms / 2)
+    assert one.step_ms == pytest.approx(one.lookup_ms + one.communication_ms + one.update_ms
+                                        + one.dense_ms)
+
+
+def test_unloadable_cost_model_falls_back_to_the_analytic_one(planned) -> None:
+    model, name = plan_cost_model(replace(planned, cost_model="nowhere.module:Model"))
+    assert isinstance(model, AnalyticCostModel) and "cannot be loaded" in name
+    assert plan_cost_model(planned)[1] == planned.cost_model

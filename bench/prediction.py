@@ -27,14 +27,12 @@ import platform
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner import load_topology, parse_tables  # noqa: E402
-from planner.specs import GB  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TIE = 0.05

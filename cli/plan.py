@@ -25,13 +25,13 @@ from planner import (
     write_plan,
 )
 from planner.api import cost_model_name
-from planner.plan import write_json_atomic
-from planner.specs import parse_topology
 from planner.baselines import BASELINES
 from planner.constraints import NO_CONSTRAINTS, load_constraints
 from planner.cost import load_cost_model
 from planner.evaluate import evaluate
 from planner.options import OptionSettings
+from planner.plan import write_json_atomic
+from planner.specs import parse_topology
 
 PROG = "dlrm-plan"
 

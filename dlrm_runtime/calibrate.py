@@ -11,8 +11,9 @@ Every figure is an effective rate for the operation the cost model charges, in G
   warm for reads; writes made durable by a checkpoint);
 - all-to-all: ``all_to_all_single`` between two local processes over gloo (NCCL when
   two GPUs are present), bytes sent per process;
-- dense: forward and backward of an MLP (fp32 ``nn.Linear`` layers of the probe's
-  width) on the compute device, in GFLOP/s, with torch's current thread count.
+- dense: forward and backward of wide MLP layers (compute-bound: GFLOP/s) and a
+  DLRM-shaped dense step (narrow layers, memory-bound: GB/s), on the compute device
+  with torch's current thread count.
 
 Each is the median of a few repetitions after a warm-up.
 """
@@ -35,6 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dlrm_runtime.config import ModelConfig
+from dlrm_runtime.model import DLRM
+from dlrm_runtime.prediction import dense_bytes, dense_flops
 from planner.specs import DeviceSpec, HostSpec, NetworkSpec, StoreSpec, Topology
 from storage import TableStore
 
@@ -70,6 +74,7 @@ class Calibration:
     backend: str
     date: str
     dense_gflops: float = 0.0
+    dense_gbps: float = 0.0
     threads: int = 1
     """torch CPU threads during the probes."""
 
@@ -117,9 +122,9 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     h2d_gbps = block / seconds / GB
     log(f"host-to-device copy: {h2d_gbps:.2f} GB/s")
 
-    dense_gflops = _dense_gflops(sizes, device, sync)
+    dense_gflops, dense_gbps = _dense_rates(sizes, device, sync)
     log(f"dense MLP forward+backward ({torch.get_num_threads()} threads): "
-        f"{dense_gflops:.1f} GFLOP/s")
+        f"{dense_gflops:.1f} GFLOP/s, {dense_gbps:.2f} GB/s")
 
     read_gbps, write_gbps = _store_rates(sizes, store_dir, rng)
     log(f"store: read {read_gbps:.3f} GB/s, write {write_gbps:.3f} GB/s (random rows)")
@@ -130,26 +135,51 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
         log(f"all-to-all ({backend}, 2 processes): {a2a:.2f} GB/s")
     return Calibration(str(device), device_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps, a2a,
                        backend, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                       dense_gflops, torch.get_num_threads())
+                       dense_gflops, dense_gbps, torch.get_num_threads())
 
 
-def _dense_gflops(sizes: CalibrationSizes, device: torch.device, sync: Callable[[], None]) -> float:
-    """Forward + backward of ``mlp_layers`` square ReLU layers: 3 x 2 x B x W x W FLOPs
-    per layer (forward, input gradient, weight gradient)."""
+def _dense_rates(sizes: CalibrationSizes, device: torch.device,
+                 sync: Callable[[], None]) -> tuple[float, float]:
+    """(GFLOP/s, GB/s) of the dense step. GFLOP/s: forward + backward of square ReLU
+    layers wide enough to be compute-bound (3 x 2 x B x W x W FLOPs per layer). GB/s:
+    a DLRM-shaped dense step (narrow MLPs, dot interaction over 8 tables, BCE loss,
+    fused Adagrad), its time beyond its FLOPs divided by its bytes, both counted as
+    :mod:`dlrm_runtime.prediction` counts them."""
     width, batch = sizes.mlp_width, sizes.mlp_batch
     generator = torch.Generator().manual_seed(0)
     layers = [torch.nn.Linear(width, width).to(device) for _ in range(sizes.mlp_layers)]
     x = torch.randn(batch, width, generator=generator).to(device)
 
-    def step() -> None:
+    def wide() -> None:
         h = x
         for layer in layers:
             h = torch.relu(layer(h))
         h.sum().backward()
 
-    seconds = _median_seconds(step, sizes.repeats, sync)
-    flops = 6.0 * batch * width * width * sizes.mlp_layers
-    return flops / seconds / 1e9
+    gflops = 6.0 * batch * width * width * sizes.mlp_layers / _median_seconds(
+        wide, sizes.repeats, sync) / 1e9
+
+    config, dims = ModelConfig(13, (64, 16), (64, 1)), (16,) * 8
+    probe_batch = 2 * batch
+    model = DLRM(config, torch.nn.Identity(), dims).dense_to(device)
+    optimizer = torch.optim.Adagrad(model.dense_parameters(), lr=0.01)
+    dense = torch.randn(probe_batch, 13, generator=generator).to(device)
+    pooled = torch.randn(len(dims), probe_batch, 16, generator=generator).to(device)
+    pooled.requires_grad_(True)
+    labels = (torch.rand(probe_batch, generator=generator) < 0.3).float().to(device)
+
+    def narrow() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        pooled.grad = None
+        logits = model.dense_forward(dense, pooled)
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
+        optimizer.step()
+
+    seconds = _median_seconds(narrow, sizes.repeats, sync)
+    beyond_flops = seconds - dense_flops(config, dims, probe_batch) / (gflops * 1e9)
+    floor = 0.05 * seconds  # the probe is memory-bound; never divide by ~0
+    gbps = dense_bytes(config, dims, probe_batch) / max(beyond_flops, floor) / GB
+    return gflops, gbps
 
 
 def _store_rates(sizes: CalibrationSizes, store_dir: str | Path | None,
@@ -242,7 +272,8 @@ def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float
         hosts=1,
         devices_per_host=devices,
         device=DeviceSpec(round(hbm_gb, 3), round(cal.device_gather_gbps, 3),
-                          round(cal.dense_gflops, 2) if cal.dense_gflops > 0 else None),
+                          round(cal.dense_gflops, 2) if cal.dense_gflops > 0 else None,
+                          round(cal.dense_gbps, 3) if cal.dense_gbps > 0 else None),
         host=HostSpec(round(dram_gb, 3), round(cal.host_gather_gbps, 3), round(cal.h2d_gbps, 3)),
         store=StoreSpec(round(cal.store_read_gbps, 4), round(cal.store_write_gbps, 4)),
         network=NetworkSpec(round(network, 3), round(inter_host_gbps or network, 3)),

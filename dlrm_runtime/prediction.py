@@ -5,9 +5,10 @@ The plan's cost model prices every shard on its device (lookup, communication,
 backward, optimizer; HBM and DRAM bytes). A process executes some of the plan's
 devices: one device per rank under torchrun, or all of them in one process, where
 they run one after the other on this process's device and their times add up. The
-dense part (MLPs and interaction, forward and backward) is not a planning input; it is
-predicted from its FLOPs at the topology's measured ``device.dense_gflops`` (written by
-``dlrm-plan calibrate``), and left unknown without it.
+dense part (MLPs and interaction, forward and backward, and the dense optimizer) is not
+a planning input; it is predicted from its FLOPs and bytes at the topology's measured
+``device.dense_gflops`` and ``device.dense_gbps`` (written by ``dlrm-plan calibrate``),
+and left unknown without them.
 """
 
 from __future__ import annotations
@@ -79,6 +80,37 @@ def dense_flops(config: ModelConfig, embedding_dims: Sequence[int], batch_size: 
     return 3.0 * forward * batch_size
 
 
+def dense_bytes(config: ModelConfig, embedding_dims: Sequence[int], batch_size: int) -> float:
+    """Bytes of the dense step's tensors, fp32, each counted once: every activation
+    (MLP layer outputs, the interaction's features, products and output, the logits)
+    and every parameter. The step passes over each several times (forward, ReLU,
+    backward, optimizer); the calibrated ``dense_gbps`` is measured with this same
+    count on a DLRM-shaped probe, so those passes are priced in it."""
+    widths_bottom = (config.dense_features, *config.bottom_mlp)
+    features = 1 + len(embedding_dims)
+    if config.interaction is Interaction.DOT:
+        width = config.bottom_mlp[-1] + features * (features - 1) // 2
+        interaction = features * config.bottom_mlp[-1] + features * features + width
+    else:
+        width = config.bottom_mlp[-1] + sum(embedding_dims)
+        interaction = width
+    widths_top = (width, *config.top_mlp)
+    activations = sum(widths_bottom[1:]) + interaction + sum(widths_top[1:])
+    parameters = sum((a + 1) * b for widths in (widths_bottom, widths_top)
+                     for a, b in zip(widths, widths[1:]))
+    return 4.0 * (activations * batch_size + parameters)
+
+
+def dense_ms(config: ModelConfig, embedding_dims: Sequence[int], batch_size: int,
+             gflops: float, gbps: float | None) -> float:
+    """Predicted milliseconds of the dense step: its FLOPs at ``gflops`` plus its
+    bytes at ``gbps`` (when measured)."""
+    seconds = dense_flops(config, embedding_dims, batch_size) / (gflops * 1e9)
+    if gbps:
+        seconds += dense_bytes(config, embedding_dims, batch_size) / (gbps * 1e9)
+    return seconds * 1e3
+
+
 def predict_step(plan: Plan, config: ModelConfig, batch_size: int,
                  devices: Sequence[int] | None = None, *, communication: bool = True,
                  cost_model: tuple[CostModel, str] | None = None) -> StepPrediction:
@@ -111,7 +143,7 @@ def predict_step(plan: Plan, config: ModelConfig, batch_size: int,
     dense = None
     if gflops:
         # each executed device's replica of the MLPs runs on its share of the batch
-        samples = batch_size * len(devices) / world
+        samples = round(batch_size * len(devices) / world)
         dims = [t.embedding_dim for t in plan.tables_spec.tables]
-        dense = dense_flops(config, dims, round(samples)) / (gflops * 1e9) * 1e3
+        dense = dense_ms(config, dims, samples, gflops, topology.device.dense_gbps)
     return StepPrediction(lookup, comm, update, dense, hbm, dram, devices, name)

@@ -24,7 +24,13 @@ from dlrm_runtime.checkpoint import (
     save_checkpoint,
 )
 from dlrm_runtime.config import ModelConfig, TrainConfig
-from dlrm_runtime.data import VALIDATION_OFFSET, Batch, ClickSource, SyntheticClicks
+from dlrm_runtime.data import (
+    VALIDATION_OFFSET,
+    Batch,
+    ClickSource,
+    Prefetcher,
+    SyntheticClicks,
+)
 from dlrm_runtime.embeddings import device_for, embeddings_from_plan
 from dlrm_runtime.errors import (
     CheckpointError,
@@ -82,10 +88,10 @@ ProgressFactory = Callable[[int], "Progress"]
 class Progress:
     """What the loop reports to; the CLI passes a tqdm-backed one."""
 
-    def update(self, steps: int, postfix: dict[str, str]) -> None:  # noqa: D102
+    def update(self, steps: int, postfix: dict[str, str]) -> None:
         pass
 
-    def close(self) -> None:  # noqa: D102
+    def close(self) -> None:
         pass
 
 
@@ -305,31 +311,32 @@ def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: Cli
 
     start = time.perf_counter()
     try:
-        for step in range(first_step, config.steps):
-            timed = timer if step % timing_every == 0 else None
-            if timed is None:
-                value = trainer.step(data.batch(step, config.batch_size))
-            else:
-                with timed.phase("data"):
-                    batch = data.batch(step, config.batch_size)
-                value = trainer.step(batch, timed)
-            if not np.isfinite(value):
-                raise TrainingDivergedError(step, value, checkpoint)
-            recent = (recent + [value])[-config.log_every:]
-            done = step + 1
-            if done % config.log_every == 0 or done == config.steps:
-                elapsed = time.perf_counter() - start
-                rate = (done - first_step) * config.batch_size / elapsed
-                bar.update(done, {"loss": f"{np.mean(recent):.4f}", "samples/s": f"{rate:,.0f}"})
-                _log(metrics_log, {"event": "train", "step": done, "loss": float(np.mean(recent)),
-                                   "samples_per_s": rate})
-            if config.checkpoint_dir is not None and (
-                    done == config.steps
-                    or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-                path = save_checkpoint(config.checkpoint_dir, done,
-                                       trainer.state(plan, done, run_fingerprint, recent))
-                checkpoint = str(path)
-                _log(metrics_log, {"event": "checkpoint", "step": done, "path": checkpoint})
+        with Prefetcher(data, config.batch_size, first_step, config.steps) as batches:
+            for step in range(first_step, config.steps):
+                timed = timer if step % timing_every == 0 else None
+                if timed is None:
+                    value = trainer.step(batches.next())
+                else:
+                    with timed.phase("data"):  # the wait for the prefetched batch
+                        batch = batches.next()
+                    value = trainer.step(batch, timed)
+                if not np.isfinite(value):
+                    raise TrainingDivergedError(step, value, checkpoint)
+                recent = (recent + [value])[-config.log_every:]
+                done = step + 1
+                if done % config.log_every == 0 or done == config.steps:
+                    elapsed = time.perf_counter() - start
+                    rate = (done - first_step) * config.batch_size / elapsed
+                    bar.update(done, {"loss": f"{np.mean(recent):.4f}", "samples/s": f"{rate:,.0f}"})
+                    _log(metrics_log, {"event": "train", "step": done, "loss": float(np.mean(recent)),
+                                       "samples_per_s": rate})
+                if config.checkpoint_dir is not None and (
+                        done == config.steps
+                        or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                    path = save_checkpoint(config.checkpoint_dir, done,
+                                           trainer.state(plan, done, run_fingerprint, recent))
+                    checkpoint = str(path)
+                    _log(metrics_log, {"event": "checkpoint", "step": done, "path": checkpoint})
     finally:
         bar.close()
     seconds = time.perf_counter() - start

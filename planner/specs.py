@@ -172,14 +172,21 @@ class TablesSpec:
         raise KeyError(name)
 
 
+DENSE_RATES = ("dense_gflops", "dense_gbps")
+"""Optional measured device rates that predict the dense part of a step."""
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceSpec:
     hbm_gb: float
     hbm_gbps: float
     dense_gflops: float | None = None
-    """fp32 matrix-multiply rate (GFLOP/s) for the dense MLPs, measured by
+    """fp32 matrix-multiply rate (GFLOP/s) of the dense MLPs, measured by
     ``dlrm-plan calibrate``. The planner does not use it (dense work is the same on
     every device whatever the plan); ``dlrm-run`` uses it to predict step times."""
+    dense_gbps: float | None = None
+    """Rate (GB/s) at which the dense step moves its activations and parameters (the
+    element-wise and memory-bound part of narrow MLPs), measured and used likewise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +242,9 @@ class Topology:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        if self.device.dense_gflops is None:
-            del out["device"]["dense_gflops"]
+        for key in DENSE_RATES:
+            if out["device"][key] is None:
+                del out["device"][key]
         if not self.description:
             del out["description"]
         if self.calibration:
@@ -249,7 +257,8 @@ class Topology:
         out = self.to_json()
         out.pop("description", None)
         out.pop("calibration", None)
-        out["device"].pop("dense_gflops", None)  # not a planning input
+        for key in DENSE_RATES:  # not planning inputs
+            out["device"].pop(key, None)
         return _sha256(out)
 
 
@@ -358,7 +367,7 @@ def parse_topology(doc: object, file: str = "<memory>") -> Topology:
     per_host = root.integer("devices_per_host")
     dev = root.child("device")
     device = DeviceSpec(dev.number("hbm_gb"), dev.number("hbm_gbps"),
-                        dev.number("dense_gflops") if dev.has("dense_gflops") else None)
+                        *(dev.number(key) if dev.has(key) else None for key in DENSE_RATES))
     dev.done()
     h = root.child("host")
     host = HostSpec(h.number("dram_gb"), h.number("dram_gbps"), h.number("h2d_gbps"))

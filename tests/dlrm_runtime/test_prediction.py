@@ -8,7 +8,13 @@ from dataclasses import replace
 import pytest
 
 from dlrm_runtime.config import Interaction, ModelConfig
-from dlrm_runtime.prediction import dense_flops, plan_cost_model, predict_step
+from dlrm_runtime.prediction import (
+    dense_bytes,
+    dense_flops,
+    dense_ms,
+    plan_cost_model,
+    predict_step,
+)
 from planner import AnalyticCostModel, PlanOptions, parse_tables, parse_topology, plan
 from planner.evaluate import evaluate
 from tests.conftest import small_tables_doc, small_topology_doc
@@ -71,3 +77,26 @@ def test_unloadable_cost_model_falls_back_to_the_analytic_one(planned) -> None:
     model, name = plan_cost_model(replace(planned, cost_model="nowhere.module:Model"))
     assert isinstance(model, AnalyticCostModel) and "cannot be loaded" in name
     assert plan_cost_model(planned)[1] == planned.cost_model
+
+
+def test_dense_rates_round_trip_and_do_not_change_the_planning_inputs() -> None:
+    doc = small_topology_doc()
+    plain = parse_topology(doc)
+    doc["device"]["dense_gflops"], doc["device"]["dense_gbps"] = 40.0, 2.5
+    measured = parse_topology(doc)
+    assert (measured.device.dense_gflops, measured.device.dense_gbps) == (40.0, 2.5)
+    assert parse_topology(measured.to_json()) == measured
+    assert "dense_gflops" not in plain.to_json()["device"]
+    assert measured.sha256() == plain.sha256()
+
+
+def test_dense_time_adds_flops_and_bytes() -> None:
+    config = ModelConfig(13, (32, 8), (16, 1))
+    dims = (8, 8)
+    flops, nbytes = dense_flops(config, dims, 100), dense_bytes(config, dims, 100)
+    # activations 32+8 | features 3x8, products 3x3, output 8+3 | 16+1, and parameters
+    params = (14 * 32 + 33 * 8) + (12 * 16 + 17 * 1)
+    assert nbytes == 4 * ((32 + 8 + 24 + 9 + 11 + 16 + 1) * 100 + params)
+    assert dense_ms(config, dims, 100, 2.0, None) == pytest.approx(flops / 2e9 * 1e3)
+    assert dense_ms(config, dims, 100, 2.0, 0.5) == pytest.approx(
+        (flops / 2e9 + nbytes / 0.5e9) * 1e3)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch
 from tqdm import tqdm
 
 from cli.errors import EXIT_CODES_HELP, ExitCode, run_guarded
@@ -19,7 +20,9 @@ from dlrm_runtime import (
     check_plan_matches,
     train,
 )
+from dlrm_runtime.collectives import init_from_env, shutdown
 from dlrm_runtime.criteo import CriteoClicks, open_or_build_cache
+from dlrm_runtime.distributed import train_distributed
 from dlrm_runtime.train import Progress, TrainResult, open_metrics_log
 from planner import Plan, load_tables, read_plan
 
@@ -167,7 +170,7 @@ def _cache_path(data: str, lines: tuple[int, int | None]) -> str:
     return f"{data}.{start}-{'end' if stop is None else stop}.cache"
 
 
-def _criteo(args: argparse.Namespace, plan: Plan) -> CriteoClicks:
+def _criteo(args: argparse.Namespace, plan: Plan, verbose: bool) -> CriteoClicks:
     """Open (parsing once) the caches of the train and validation line ranges."""
     caches = []
     for what, lines in (("train", args.train_lines), ("validation", args.validation_lines)):
@@ -181,13 +184,22 @@ def _criteo(args: argparse.Namespace, plan: Plan) -> CriteoClicks:
         header = cache.header
         note = (f", {header.malformed} malformed lines skipped (--strict stops at the first)"
                 if header.malformed else "")
-        print(f"{what}: {len(cache):,} samples from lines {lines[0]}:{lines[1] or ''} of "
-              f"{args.data}{note}", file=sys.stderr)
+        if verbose:
+                print(f"{what}: {len(cache):,} samples from lines {lines[0]}:{lines[1] or ''} of "
+                  f"{args.data}{note}", file=sys.stderr)
         caches.append(cache)
     return CriteoClicks(caches[0], caches[1], plan.tables_spec)
 
 
 def _run(args: argparse.Namespace) -> int:
+    world = init_from_env()  # 1 unless launched by torchrun with several processes
+    try:
+        return _train(args, world, torch.distributed.get_rank() if world > 1 else 0)
+    finally:
+        shutdown()
+
+
+def _train(args: argparse.Namespace, world: int, rank: int) -> int:
     plan = read_plan(args.plan)
     if args.tables:
         check_plan_matches(plan, load_tables(args.tables))
@@ -195,7 +207,11 @@ def _run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or plan.topology.global_batch_size
     eval_batches = args.eval_batches
     if args.data:
-        data = _criteo(args, plan)
+        if rank > 0:  # rank 0 parses the data into the caches first
+            torch.distributed.barrier()
+        data = _criteo(args, plan, verbose=rank == 0)
+        if rank == 0 and world > 1:
+            torch.distributed.barrier()
         if data.validation is not None:
             available = data.num_batches(batch_size, validation=True)
             if available < 1:
@@ -219,16 +235,22 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume,
         deterministic=args.deterministic,
     )
-    print(f"training {len(plan.tables)} tables from {args.plan}: {config.steps} steps of "
-          f"{config.batch_size} samples", file=sys.stderr)
-    log = open_metrics_log(args.metrics_log)
+    lead = rank == 0
+    if lead:
+        where = f" on {world} processes" if world > 1 else ""
+        print(f"training {len(plan.tables)} tables from {args.plan}{where}: {config.steps} "
+              f"steps of {config.batch_size} samples", file=sys.stderr)
+    log = open_metrics_log(args.metrics_log) if lead else None
+    run = train_distributed if world > 1 else train
     try:
-        result = train(plan, model_config(args, plan), config, data=data,
-                       progress=None if args.no_progress else _TqdmProgress, metrics_log=log)
+        result = run(plan, model_config(args, plan), config, data=data,
+                     progress=None if args.no_progress or not lead else _TqdmProgress,
+                     metrics_log=log)
     finally:
         if log is not None:
             log.close()
-    print(format_result(result))
+    if lead:
+        print(format_result(result))
     return ExitCode.OK
 
 

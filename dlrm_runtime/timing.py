@@ -50,6 +50,23 @@ class StepTimes:
                 "data_ms": self.data_ms, "step_ms": self.step_ms, "steps": self.steps}
 
 
+class Stopwatch:
+    """Seconds spent in some calls (e.g. every collective of a step), wherever they
+    run; a phase that contains them gives them to another with
+    :meth:`PhaseTimer.move`."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 class PhaseTimer:
     """Accumulates wall time per phase. On CUDA, ``sync`` (``torch.cuda.synchronize``)
     runs at every phase boundary so that queued kernels count where they ran."""
@@ -72,6 +89,11 @@ class PhaseTimer:
         finally:
             self._sync()
             self._seconds[name] += time.perf_counter() - start
+
+    def move(self, source: str, target: str, seconds: float) -> None:
+        """Count ``seconds`` measured inside phase ``source`` to ``target`` instead."""
+        self._seconds[source] -= seconds
+        self._seconds[target] += seconds
 
     def step_done(self) -> None:
         self._steps += 1

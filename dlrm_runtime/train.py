@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import numpy as np
 import torch
@@ -274,12 +274,80 @@ def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: Cli
            timing_every: int | None) -> TrainResult:
     torch.manual_seed(config.seed)
     model = build_model(plan, model_config, config.seed)
+    data = data_for(plan, model_config, config, data)
+    trainer = Trainer(model, config)
+    return run_loop(
+        plan, model_config, config, data, trainer, Peers(),
+        save_state=lambda step, fp, recent: trainer.state(plan, step, fp, recent),
+        validate=lambda: evaluate(model, data, config.eval_batches, config.batch_size),
+        devices=tuple(range(plan.topology.world_size)), communication=_spans_devices(plan),
+        progress=progress, metrics_log=metrics_log, timing_every=timing_every)
+
+
+def data_for(plan: Plan, model_config: ModelConfig, config: TrainConfig,
+             data: ClickSource | None) -> ClickSource:
+    """``data``, checked against the model, or synthetic clicks for the plan's tables."""
     if data is None:
-        data = SyntheticClicks(plan.tables_spec, model_config.dense_features, config.seed)
-    elif data.dense_features != model_config.dense_features:
+        return SyntheticClicks(plan.tables_spec, model_config.dense_features, config.seed)
+    if data.dense_features != model_config.dense_features:
         raise ConfigError(f"the data has {data.dense_features} dense features, the model "
                           f"config {model_config.dense_features}")
-    trainer = Trainer(model, config)
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """The processes that train together (just this one by default). Rank 0 decides
+    which checkpoint to resume, writes the metrics log, the progress bar and the
+    checkpoints; the others follow."""
+
+    rank: int = 0
+    world: int = 1
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's ``value``, on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: object) -> list[object] | None:
+        """Every rank's ``value`` in rank order on rank 0; None on the others."""
+        if self.world == 1:
+            return [value]
+        out: list[object] | None = [None] * self.world if self.rank == 0 else None
+        torch.distributed.gather_object(value, out, dst=0)
+        return out
+
+
+class Stepper(Protocol):
+    """What :func:`run_loop` trains: :class:`Trainer`, or one rank's
+    :class:`~dlrm_runtime.distributed.DistributedTrainer`."""
+
+    model: DLRM
+    row_opt: RowOptimizer
+    device: torch.device
+
+    def step(self, batch: Batch, timer: PhaseTimer | None = None) -> float: ...
+
+    def restore(self, state: dict, path: Path) -> None: ...
+
+
+def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: ClickSource,
+             trainer: Stepper, peers: Peers, *,
+             save_state: Callable[[int, dict, list[float]], dict | None],
+             validate: Callable[[], EvalResult], devices: tuple[int, ...], communication: bool,
+             progress: ProgressFactory | None, metrics_log: IO[str] | None,
+             timing_every: int | None) -> TrainResult:
+    """The training loop of :func:`train` and of every rank of
+    :func:`~dlrm_runtime.distributed.train_distributed`: resume, steps on prefetched
+    batches, progress and metrics, checkpoints, timing against the prediction for the
+    plan ``devices`` this process executes, validation. ``save_state(step,
+    fingerprint, recent_losses)`` returns what to checkpoint (None on ranks that do
+    not write)."""
+    lead = peers.rank == 0
+    log = metrics_log if lead else None
     timer = PhaseTimer.for_device(trainer.device)
     if timing_every is None:
         timing_every = 10 if trainer.device.type == "cuda" else 1
@@ -287,12 +355,14 @@ def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: Cli
 
     first_step, recent, resumed_from, checkpoint = 0, [], None, None
     if config.checkpoint_dir is not None:
-        latest = latest_checkpoint(config.checkpoint_dir)
+        found = latest_checkpoint(config.checkpoint_dir) if lead else None
+        latest = peers.broadcast(None if found is None else str(found))
+        latest = None if latest is None else Path(latest)
         if config.resume:
             if latest is None:
                 raise CheckpointError(f"no checkpoint in {config.checkpoint_dir} to resume from; "
                                       f"run without --resume to start")
-            state = load_checkpoint(latest)
+            state = load_checkpoint(latest)  # every rank reads it: a shared directory
             check_fingerprint(state.get("fingerprint", {}), run_fingerprint, latest)
             first_step = int(state["step"])
             if first_step > config.steps:
@@ -301,11 +371,12 @@ def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: Cli
             trainer.restore(state, latest)
             recent = [float(v) for v in state["recent_losses"]]
             resumed_from, checkpoint = first_step, str(latest)
+            del state
         elif latest is not None:
             raise CheckpointError(f"{config.checkpoint_dir} already holds checkpoints (newest "
                                   f"{latest.name}); pass --resume to continue that run or "
                                   f"choose an empty --checkpoint-dir")
-    bar = progress(config.steps) if progress else Progress()
+    bar = progress(config.steps) if progress and lead else Progress()
     if first_step:
         bar.update(first_step, {"resumed": str(first_step)})
 
@@ -320,38 +391,39 @@ def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: Cli
                     with timed.phase("data"):  # the wait for the prefetched batch
                         batch = batches.next()
                     value = trainer.step(batch, timed)
-                if not np.isfinite(value):
+                if not np.isfinite(value):  # the global loss: every rank stops here alike
                     raise TrainingDivergedError(step, value, checkpoint)
                 recent = (recent + [value])[-config.log_every:]
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps:
-                    elapsed = time.perf_counter() - start
-                    rate = (done - first_step) * config.batch_size / elapsed
+                    rate = (done - first_step) * config.batch_size / (time.perf_counter() - start)
                     bar.update(done, {"loss": f"{np.mean(recent):.4f}", "samples/s": f"{rate:,.0f}"})
-                    _log(metrics_log, {"event": "train", "step": done, "loss": float(np.mean(recent)),
-                                       "samples_per_s": rate})
+                    _log(log, {"event": "train", "step": done, "loss": float(np.mean(recent)),
+                               "samples_per_s": rate, "world_size": peers.world})
                 if config.checkpoint_dir is not None and (
                         done == config.steps
                         or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-                    path = save_checkpoint(config.checkpoint_dir, done,
-                                           trainer.state(plan, done, run_fingerprint, recent))
-                    checkpoint = str(path)
-                    _log(metrics_log, {"event": "checkpoint", "step": done, "path": checkpoint})
+                    state = save_state(done, run_fingerprint, recent)  # may gather to rank 0
+                    path = save_checkpoint(config.checkpoint_dir, done, state) if lead else None
+                    checkpoint = str(peers.broadcast(None if path is None else str(path)))
+                    _log(log, {"event": "checkpoint", "step": done, "path": checkpoint})
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     times = timer.result()
-    prediction = predict_step(plan, model_config, config.batch_size,
-                              communication=_spans_devices(plan))
+    prediction = predict_step(plan, model_config, config.batch_size, devices,
+                              communication=communication)
     held = embedding_bytes(trainer)
-    _log(metrics_log, {"event": "timing", "step": config.steps, "plan_sha256": plan_sha256(plan),
-                       "batch_size": config.batch_size,
-                       "measured": {**times.to_json(), "embedding_bytes": held},
-                       "predicted": prediction.to_json()})
+    record = {"measured": {**times.to_json(), "embedding_bytes": held},
+              "predicted": prediction.to_json()}
+    for rank, mine in enumerate(peers.gather(record) or []):
+        where = {"rank": rank} if peers.world > 1 else {}
+        _log(log, {"event": "timing", "step": config.steps, "plan_sha256": plan_sha256(plan),
+                   "batch_size": config.batch_size, **where, **mine})
     validation = None
     if data.has_validation:
-        validation = evaluate(model, data, config.eval_batches, config.batch_size)
-        _log(metrics_log, {"event": "eval", "step": config.steps, **asdict(validation)})
+        validation = validate()
+        _log(log, {"event": "eval", "step": config.steps, **asdict(validation)})
     trained = config.steps - first_step
     return TrainResult(config.steps, config.batch_size,
                        float(np.mean(recent)) if recent else float("nan"),
@@ -365,7 +437,7 @@ def _spans_devices(plan: Plan) -> bool:
     return len({device_for(d) for d in range(plan.topology.world_size)}) > 1
 
 
-def embedding_bytes(trainer: Trainer) -> int:
+def embedding_bytes(trainer: Stepper) -> int:
     """Bytes of the embedding weights and the row optimizer's state in this process."""
     weights = sum(p.numel() * p.element_size() for p in trainer.model.embeddings.parameters())
     state = sum(t.numel() * t.element_size() for entry in trainer.row_opt.state

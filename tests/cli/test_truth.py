@@ -118,3 +118,32 @@ def test_calibrated_dense_rate_gives_a_full_prediction(tmp_path: Path, tables_fi
     out = capsys.readouterr().out
     step = [line for line in out.splitlines() if line.strip().startswith("step")][0]
     assert "unknown" not in step and float(step.split()[2]) > 0
+
+
+def test_dlrm_run_under_torchrun(tmp_path: Path, tables_file: Path, topology_file: Path) -> None:
+    import subprocess
+    import sys
+
+    plan = _plan_file(tmp_path, tables_file, topology_file)  # 2 devices: 2 processes
+    log = tmp_path / "run.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "cli.run", "--plan", str(plan), "--steps", "4", "--batch-size", "32",
+         "--bottom-mlp", "16,8", "--threads", "1", "--eval-batches", "1", "--no-progress",
+         "--metrics-log", str(log)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "on 2 processes" in done.stderr and done.stdout.count("trained 4 steps") == 1
+    ranks = [json.loads(line).get("rank") for line in log.read_text().splitlines()
+             if '"timing"' in line]
+    assert ranks == [0, 1]
+    three = write_json(tmp_path / "three.json", small_topology_doc(devices=3))
+    other = tmp_path / "plan3.json"
+    assert plan_cli.main(["--tables", str(tables_file), "--topology", str(three), "-o",
+                          str(other), "-q"]) == ExitCode.OK
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "cli.run", "--plan", str(other), "--steps", "1", "--bottom-mlp", "16,8",
+         "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert done.returncode != 0
+    assert "the plan has 3 devices but the world size is 2" in done.stderr

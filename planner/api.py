@@ -36,8 +36,10 @@ from planner.placement import PlacedShard, PlacementRules, place
 from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan
 from planner.specs import GB, TablesSpec, Topology
 
-PACKING_CUTS = (0.97, 0.92, 0.85)
-"""HBM shares the choice is re-solved with when its shards cannot be packed."""
+PACKING_CUTS = ((1.0, 1 / 2), (1.0, 1 / 4), (0.97, 1 / 4), (0.92, 1 / 4), (0.85, 1 / 4),
+                (0.85, None))
+"""When the chosen shards cannot be packed, the choice is re-solved with these cuts in
+turn: (share of the total HBM, largest shard as a share of a device's HBM or None)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +47,10 @@ class PlanOptions:
     """How to plan."""
 
     time_limit_s: float = 60.0
-    """Budget of the solver stages (option choice 30 %, placement 20 %, the exact ILP on
-    small instances 40 %, re-solves after packing cuts 5 % each); the best plan found
-    within it is returned with its gap."""
+    """Budget of the solver stages (option choice 30 %, placement 20 %, re-solves after
+    packing cuts 5 % each, no new cut after half the budget; the exact ILP on small
+    instances 40 %, or what the others left of 90 %); the best plan found within it
+    is returned with its gap."""
     threads: int = 1
     solver: str = "cbc"
     """``cbc`` (bundled with PuLP) or ``highs`` (needs highspy)."""
@@ -108,11 +111,11 @@ def plan(
         candidates = [table_options(t, topology, model, replace(s, tiers=frozenset({Tier.HBM})))
                       for t, s in zip(tables.tables, per_table)]
         if all(candidates):
-            search = _search(candidates, topology, options, rules, relaxed=True)
+            search = _search(candidates, topology, options, rules, relaxed=True, started=start)
     if search is None:
         candidates = [table_options(t, topology, model, s) for t, s in zip(tables.tables, per_table)]
         check_capacity(tables, topology, candidates, model, per_table)
-        search = _search(candidates, topology, options, rules, relaxed=False)
+        search = _search(candidates, topology, options, rules, relaxed=False, started=start)
         if search is None:
             raise _choice_infeasible(tables, topology, candidates)
     found.extend(search.found)
@@ -149,7 +152,7 @@ class _Search:
 
 
 def _search(candidates: list[list[TableOption]], topology: Topology, options: PlanOptions,
-            rules: PlacementRules, relaxed: bool) -> _Search | None:
+            rules: PlacementRules, relaxed: bool, started: float) -> _Search | None:
     """Choice, placement and (small instances) the exact ILP over ``candidates``.
 
     ``relaxed``: the candidates lack the cache tiers, so only memory-free problems give
@@ -168,7 +171,9 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
     elif relaxed:
         return None
     if not rules.active and exact_size(candidates, topology) <= EXACT_MAX_TERMS:
-        exact = solve_exact(candidates, topology, time_limit_s=0.4 * budget,
+        # 40 % of the budget, or what the earlier stages left of 90 % of it
+        left = 0.9 * budget - (time.perf_counter() - started)
+        exact = solve_exact(candidates, topology, time_limit_s=max(0.4 * budget, left),
                             threads=options.threads,
                             warm_choice=heuristic.choice if heuristic is not None else None,
                             warm_placed=heuristic.placed if heuristic is not None else (),
@@ -215,9 +220,14 @@ def _choose_and_place(candidates: Sequence[Sequence[TableOption]], topology: Top
     """Pack the chosen options; when packing fails for memory, re-solve the choice
     with less HBM (a cut) and try again."""
     budget = options.time_limit_s
-    for share in (1.0, *PACKING_CUTS):
-        if share < 1.0:
-            cut = AggregateCut(int(topology.usable_hbm_bytes * topology.world_size * share))
+    capacity = topology.usable_hbm_bytes
+    give_up = time.perf_counter() + 0.5 * budget
+    for share, shard in ((1.0, None), *PACKING_CUTS):
+        if (share, shard) != (1.0, None):
+            if time.perf_counter() > give_up:
+                return None
+            cut = AggregateCut(int(capacity * topology.world_size * share),
+                               None if shard is None else int(capacity * shard))
             again = solve_aggregate(candidates, topology, time_limit_s=0.05 * budget,
                                     threads=options.threads, solver=options.solver, cut=cut)
             if not again.choice:

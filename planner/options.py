@@ -9,12 +9,15 @@ data-parallel), or one shard per device of a single host (table-row-wise).
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from planner.cost import CostModel, ShardCost, ShardOption, Sharding, Tier
+import numpy as np
+
+from planner.cost import CostModel, ShardCost, Sharding, ShardOption, Tier
 from planner.specs import TableSpec, Topology
 
 
@@ -128,8 +131,18 @@ class TableOption:
 
 def _split(total: int, parts: int) -> list[tuple[int, int]]:
     """Split ``range(total)`` into ``parts`` contiguous near-equal ranges."""
-    bounds = [total * i // parts for i in range(parts + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+    if parts > 64 and total * parts < 2**62:  # numpy for row-wise over many devices
+        bounds = (np.arange(parts + 1, dtype=np.int64) * total // parts).tolist()
+    else:
+        bounds = [total * i // parts for i in range(parts + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def _split_lengths(total: int, parts: int) -> Counter[int]:
+    """How many ranges of :func:`_split` ``(total, parts)`` have each length: the
+    ``total % parts`` longer ones one row longer than the rest."""
+    q, r = divmod(total, parts)
+    return Counter({n: k for n, k in ((q + 1, r), (q, parts - r)) if k})
 
 
 def _tiers(settings: OptionSettings) -> list[tuple[Tier, float]]:
@@ -178,8 +191,11 @@ def table_options(
     for sharding, placement, row_ranges, col_ranges, lookup_share, output_share in layouts:
         tiers = [(Tier.HBM, 1.0)] if sharding is Sharding.DATA_PARALLEL else _tiers(settings)
         count = len(row_ranges) * len(col_ranges)
-        shapes = sorted(Counter((r1 - r0, c1 - c0) for r0, r1 in row_ranges
-                                for c0, c1 in col_ranges).items())
+        # Every layout's ranges are _split ones, or (data-parallel) repeats of all rows.
+        row_lengths = (Counter({rows: len(row_ranges)}) if sharding is Sharding.DATA_PARALLEL
+                       else _split_lengths(rows, len(row_ranges)))
+        shapes = sorted(((r, c), nr * nc) for r, nr in row_lengths.items()
+                        for c, nc in _split_lengths(dim, len(col_ranges)).items())
         for tier, fraction in tiers:
             priced = []
             for (rows_, cols_), number in shapes:

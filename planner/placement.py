@@ -3,16 +3,20 @@
 Shards bound to devices (row-wise over all devices, data-parallel) go first; each
 table-row-wise option takes the host that keeps the largest load smallest; free
 shards follow longest-first onto the least-loaded device with room (HBM per device,
-DRAM per host). A local search then moves or swaps shards off the slowest device
-while that lowers it. Small instances are finished by the exact packing ILP.
+DRAM per host). Pairs of devices then re-split their shards (``planner.balance``:
+strong when each device holds few shards), a local search moves or swaps shards off
+the slowest device while that lowers it, and tables on the slowest device may switch
+to options with more shards. Small instances are finished by the exact packing ILP.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from planner.balance import BalanceProblem, balance_pairs
 from planner.options import Placement, ShardSlot, TableOption
 from planner.packing import PackingProblem, solve_packing_ilp
 from planner.specs import GB, Topology
@@ -32,7 +36,8 @@ class PlacedShard:
 @dataclass(frozen=True, slots=True)
 class PlacementResult:
     options: tuple[TableOption, ...]
-    """Each table's option: the given one, or a finer one the split step chose."""
+    """Each table's option: the given one, or one with smaller shards that the split
+    step or the memory repair chose."""
     shards: tuple[PlacedShard, ...]
     loads_ms: tuple[float, ...]
     hbm_bytes: tuple[int, ...]
@@ -130,7 +135,10 @@ def place(
 ) -> PlacementResult | None:
     """Place every shard of ``options`` (one per table); ``None`` when some shard fits
     nowhere. With ``alternatives`` (every table's candidate options), tables on the
-    slowest device may switch to an option with more shards when that lowers it."""
+    slowest device may switch to an option with more shards when that lowers it, and
+    under tight memory a table whose shard fits nowhere may switch to one whose shards
+    fit."""
+    start = time.perf_counter()
     state = _State(topology, options, rules)
     per_host = topology.devices_per_host
     free: list[tuple[int, ShardSlot]] = []
@@ -161,22 +169,70 @@ def place(
 
     fixed = len(state.placed)
     free.sort(key=lambda item: (-item[1].cost.total_ms, -item[1].cost.hbm_bytes, item[0]))
-    for table, slot in free:
-        device = _least_loaded_fitting(state, table, slot)
-        if device is None:
-            free.sort(key=lambda item: (-item[1].cost.hbm_bytes, item[0]))
-            return _memory_first(options, topology, state, fixed, free)
-        state.add(table, slot, device)
-        state.placed.append(PlacedShard(table, slot, device))
-    deadline = time.perf_counter() + time_limit_s / 2
+    if not _longest_first(state, free):
+        free.sort(key=lambda item: (-item[1].cost.hbm_bytes, item[0]))
+        return _memory_first(state, fixed, free, alternatives, start + time_limit_s / 2)
+    refine = 0 < len(free) * topology.world_size <= EXACT_PACKING_MAX_BINARIES
+    # The heuristics take the whole budget, or half when the exact ILP refines them.
+    deadline = start + (time_limit_s / 2 if refine else time_limit_s)
+    _balance(state, fixed, start + (deadline - start) / 2)
     _local_search(state, fixed, deadline)
     if alternatives is not None:
+        before = list(state.options)
         _split_heavy(state, fixed, alternatives, deadline)
-        _local_search(state, fixed, deadline)
+        if state.options != before:
+            _local_search(state, fixed, deadline)
+            _balance(state, fixed, deadline)
     exact = False
-    if 0 < len(free) * topology.world_size <= EXACT_PACKING_MAX_BINARIES:
+    if refine:
         exact = _refine_exactly(state, fixed, time_limit_s / 2, solver, threads)
     return _result(state, exact)
+
+
+def _longest_first(state: _State, free: Sequence[tuple[int, ShardSlot]]) -> bool:
+    """Each free shard, in the given order, onto the least-loaded device with room
+    (ties: the lowest index); ``False`` when one fits nowhere."""
+    heap = [(load, device) for device, load in enumerate(state.loads)]
+    heapq.heapify(heap)
+    for table, slot in free:
+        skipped = []
+        while heap and not state.fits(table, slot, heap[0][1]):
+            skipped.append(heapq.heappop(heap))
+        if not heap:
+            return False
+        _, device = heapq.heappop(heap)
+        state.add(table, slot, device)
+        state.placed.append(PlacedShard(table, slot, device))
+        heapq.heappush(heap, (state.loads[device], device))
+        for item in skipped:
+            heapq.heappush(heap, item)
+    return True
+
+
+def _balance(state: _State, fixed: int, deadline: float) -> None:
+    """Pairwise re-splitting (``planner.balance``) of the free shards of tables that
+    no user rule ties to a device, host, group or away from other tables."""
+    rules = state.rules
+    movable = [i for i in range(fixed, len(state.placed))
+               if rules is None or not (rules.pinned(state.placed[i].table)
+                                        or rules.apart[state.placed[i].table])]
+    if not movable or time.perf_counter() >= deadline:
+        return
+    topology = state.topology
+    shards = [state.placed[i] for i in movable]
+    base_load, base_hbm, base_dram = list(state.loads), list(state.hbm), list(state.dram)
+    for p in shards:
+        base_load[p.device] -= p.slot.cost.total_ms
+        base_hbm[p.device] -= p.slot.cost.hbm_bytes
+        base_dram[topology.host_of(p.device)] -= p.slot.cost.dram_bytes
+    problem = BalanceProblem(
+        tuple(p.slot.cost.total_ms for p in shards), tuple(p.slot.cost.hbm_bytes for p in shards),
+        tuple(p.slot.cost.dram_bytes for p in shards), tuple(base_load), tuple(base_hbm),
+        tuple(base_dram), state.hbm_cap, state.dram_cap, topology.devices_per_host)
+    result = balance_pairs(problem, tuple(p.device for p in shards), deadline=deadline)
+    for index, shard, device in zip(movable, shards, result):
+        if device != shard.device:
+            _move(state, index, device)
 
 
 def _least_loaded_fitting(state: _State, table: int, slot: ShardSlot) -> int | None:
@@ -187,21 +243,71 @@ def _least_loaded_fitting(state: _State, table: int, slot: ShardSlot) -> int | N
     return best
 
 
-def _memory_first(options, topology, state: _State, fixed: int,
-                  free: list[tuple[int, ShardSlot]]) -> PlacementResult | None:
-    """Retry the free shards largest-memory-first (best fit), for tight memory."""
+def _memory_first(state: _State, fixed: int, free: list[tuple[int, ShardSlot]],
+                  alternatives: Sequence[Sequence[TableOption]] | None,
+                  deadline: float) -> PlacementResult | None:
+    """Retry the free shards largest-memory-first (best fit), for tight memory. A table
+    with a shard that fits nowhere switches, when ``alternatives`` are given, to its
+    fastest free option whose shards all fit (smaller shards fill the gaps)."""
     for shard in state.placed[fixed:]:
         state.add(shard.table, shard.slot, shard.device, sign=-1)
     del state.placed[fixed:]
+    switched: set[int] = set()
     for table, slot in free:
-        fitting = [d for d in range(len(state.loads)) if state.fits(table, slot, d)]
-        if not fitting:
-            return None
-        device = min(fitting, key=lambda d: (state.hbm_cap - state.hbm[d], state.loads[d]))
+        if table in switched:
+            continue
+        device = _best_fit(state, table, slot)
+        if device is None:
+            if alternatives is None or not _refit(state, fixed, table, alternatives[table]):
+                return None
+            switched.add(table)
+            continue
         state.add(table, slot, device)
         state.placed.append(PlacedShard(table, slot, device))
-    _local_search(state, fixed, deadline=time.perf_counter() + 2.0)
+    _balance(state, fixed, time.perf_counter() + (deadline - time.perf_counter()) / 2)
+    _local_search(state, fixed, deadline)
+    if alternatives is not None:
+        _split_heavy(state, fixed, alternatives, deadline)
+        _local_search(state, fixed, deadline)
     return _result(state, False)
+
+
+def _best_fit(state: _State, table: int, slot: ShardSlot) -> int | None:
+    """The device with room whose free HBM is least (ties: least loaded)."""
+    fitting = [d for d in range(len(state.loads)) if state.fits(table, slot, d)]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda d: (state.hbm_cap - state.hbm[d], state.loads[d]))
+
+
+def _refit(state: _State, fixed: int, table: int, alternatives: Sequence[TableOption]) -> bool:
+    """Replace ``table``'s placed shards by those of its fastest other free option
+    whose shards all fit, best fit; ``False`` (nothing changed) when none does."""
+    current = state.options[table]
+    old = [p for p in state.placed[fixed:] if p.table == table]
+    for p in old:
+        state.add(table, p.slot, p.device, sign=-1)
+    state.placed[fixed:] = [p for p in state.placed[fixed:] if p.table != table]
+    for option in sorted((o for o in alternatives
+                          if o.placement is Placement.FREE and o is not current),
+                         key=lambda o: (o.total_ms, o.max_shard_hbm_bytes)):
+        new: list[PlacedShard] = []
+        for slot in sorted(option.shards, key=lambda s: -s.cost.hbm_bytes):
+            device = _best_fit(state, table, slot)
+            if device is None:
+                break
+            state.add(table, slot, device)
+            new.append(PlacedShard(table, slot, device))
+        if len(new) == option.num_shards:
+            state.placed.extend(new)
+            state.options[table] = option
+            return True
+        for p in new:
+            state.add(table, p.slot, p.device, sign=-1)
+    for p in old:
+        state.add(table, p.slot, p.device)
+    state.placed.extend(old)
+    return False
 
 
 def _local_search(state: _State, fixed: int, deadline: float) -> None:

@@ -109,10 +109,12 @@ def run_plan(name: str, w: Workload, plan_args: list[str], work: Path, steps: in
         return {"plan": name, "error": f"dlrm-plan: {made.stderr.strip().splitlines()[-1]}"}
     log = work / f"{name}.jsonl"
     store = work / f"{name}.store"
+    tiers = {s["tier"] for t in json.loads(plan.read_text())["tables"] for s in t["shards"]}
+    cached = ["--store-dir", str(store)] if tiers != {"hbm"} else []
     ran = _run([str(BIN / "dlrm-run"), "--plan", str(plan), "--steps", str(steps),
                 "--threads", str(threads), "--no-progress", "--eval-batches", "1",
                 "--bottom-mlp", w.bottom, "--top-mlp", w.top, "--metrics-log", str(log),
-                "--store-dir", str(store)])
+                *cached])
     if ran.returncode:
         return {"plan": name, "error": f"dlrm-run: {ran.stderr.strip().splitlines()[-1]}"}
     record = [json.loads(line) for line in log.read_text().splitlines()

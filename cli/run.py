@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "at the end and every --checkpoint-every steps")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                         help="steps between checkpoints (default: only at the end)")
+    parser.add_argument("--store-dir", metavar="DIR",
+                        help="table store for the tables the plan puts in a cached tier "
+                             "(dram_cache, store_cache): created with their initial values "
+                             "when empty, else continued with --resume; checkpoints commit "
+                             "it together with --checkpoint-dir")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in --checkpoint-dir; the run "
                              "ends with the same weights as an uninterrupted one")
@@ -233,6 +238,7 @@ def _train(args: argparse.Namespace, world: int, rank: int) -> int:
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        store_dir=args.store_dir,
         deterministic=args.deterministic,
     )
     lead = rank == 0

@@ -7,6 +7,16 @@ only by an atomic rename of a complete, fsynced temporary directory
 place, so a process killed at any instant leaves the previous complete checkpoint or
 the new one, never a torn one; leftovers of a killed writer are removed by the next.
 
+Tables in a cached tier (:mod:`dlrm_runtime.cached`) are not saved here: their
+weights and optimizer state live in the table store, which the embeddings checkpoint
+themselves (``embeddings.checkpoint(step)``; the row optimizer never sees them, so
+:func:`export_tables` and :func:`import_tables` skip them). The two checkpoints are
+separate commits, so a run with cached tables writes the runtime checkpoint of step S
+keeping the previous one (``save_checkpoint(..., keep=2)``), then checkpoints the
+store at S; resuming takes the runtime checkpoint of the store's step
+(:func:`checkpoint_of_step`). A crash between the two leaves the store at the
+previous step, whose runtime checkpoint is still there.
+
 Embedding tables are saved independently of their placement: per table the whole
 weight and the whole per-row (Adagrad) or per-element (Adam) optimizer state,
 assembled from the blocks that hold them. The rest is the dense (MLP) weights and
@@ -118,8 +128,20 @@ def _remove_leftovers(directory: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any]) -> Path:
-    """Write ``state`` as the checkpoint of ``step``; then drop older checkpoints."""
+def checkpoint_of_step(directory: str | Path, step: int) -> Path | None:
+    """The complete checkpoint of ``step`` in ``directory``, if there is one."""
+    for found, path in list_checkpoints(directory):
+        if found == step:
+            return path
+    return None
+
+
+def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any],
+                    keep: int = 1) -> Path:
+    """Write ``state`` as the checkpoint of ``step``; then drop older checkpoints but
+    the newest ``keep`` (this one included)."""
+    if keep < 1:
+        raise CheckpointError(f"keep must be >= 1, got {keep}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(directory)
@@ -140,9 +162,9 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any]) -> 
         _discard(final)
     os.replace(tmp, final)
     _fsync_dir(directory)
-    for _, older in list_checkpoints(directory):
-        if older != final:
-            _discard(older)
+    others = [path for _, path in list_checkpoints(directory) if path != final]
+    for older in others[:max(0, len(others) - (keep - 1))]:
+        _discard(older)
     return final
 
 

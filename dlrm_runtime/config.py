@@ -68,6 +68,11 @@ class TrainConfig:
     """Continue from the newest checkpoint in ``checkpoint_dir`` (it must exist and
     come from the same plan inputs, model config, seed, batch size and dense
     optimizer); the learning rates of this config apply from there on."""
+    store_dir: str | None = None
+    """Directory of the table store that holds the tables planned in a cached tier
+    (``dram_cache``, ``store_cache``): created with the tables' initial values when
+    missing or empty, else opened as it is (at its last checkpoint). Needed only when
+    the plan caches a table."""
     deterministic: bool = False
     """``torch.use_deterministic_algorithms(True)`` while training: an op without a
     deterministic implementation raises instead of running. On the CPU every op of

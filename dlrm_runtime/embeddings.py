@@ -12,6 +12,10 @@ Two kinds of modules serve the tables, both sum-pooled bags:
   and combines the shards' pooled outputs (partial sums added, or columns
   concatenated).
 
+Tables in a cached tier (``dram_cache``, ``store_cache``) are
+:class:`~dlrm_runtime.cached.CachedTable` modules: row caches over the table store,
+trained inside the backward; :class:`InMemoryEmbeddings` holds them beside the others.
+
 Both describe their weights to the row optimizer as :class:`RowBlock` objects, whose
 :class:`Segment` entries say which rows and columns of which table each block holds;
 checkpoints use the same description to save tables independently of placement.
@@ -39,8 +43,8 @@ from planner import DType, Optimizer, Plan, Sharding, TablesSpec, TableSpec
 
 __all__ = [
     "InMemoryEmbeddings", "PooledLookup", "RowBlock", "Segment", "ShardedTable", "TORCH_DTYPE",
-    "TableBatchedBags", "bag_of_ids", "device_for", "embeddings_from_plan", "embeddings_in_memory",
-    "expand_pooled", "init_table",
+    "TableBatchedBags", "bag_of_ids", "check_range", "device_for", "embeddings_from_plan", "embeddings_in_memory",
+    "expand_pooled", "init_generator", "init_table",
 ]
 
 TORCH_DTYPE = {DType.FP32: torch.float32, DType.FP16: torch.float16, DType.BF16: torch.bfloat16}
@@ -49,8 +53,12 @@ TORCH_DTYPE = {DType.FP32: torch.float32, DType.FP16: torch.float16, DType.BF16:
 # ---------------------------------------------------------------- initialisation
 
 
-def _generator(index: int, seed: int) -> torch.Generator:
+def init_generator(index: int, seed: int) -> torch.Generator:
+    """The generator of table ``index``'s initial values (see :func:`init_table`)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+_generator = init_generator
 
 
 def init_table(spec: TableSpec, index: int, seed: int) -> torch.Tensor:
@@ -196,11 +204,16 @@ def _range_error(spec: TableSpec, ids: torch.Tensor) -> IndexError:
     return IndexError(f"table {spec.name!r}: id {bad} outside 0..{spec.num_embeddings - 1}")
 
 
-def _check_range(spec: TableSpec, ids: torch.Tensor) -> None:
+def check_range(spec: TableSpec, ids: torch.Tensor) -> None:
+    """:class:`IndexError` naming the table, the id and the row count for an id outside
+    the table."""
     if ids.numel():
         low, high = torch.aminmax(ids)
         if int(low) < 0 or int(high) >= spec.num_embeddings:
             raise _range_error(spec, ids)
+
+
+_check_range = check_range
 
 
 class TableBatchedBags(nn.Module):
@@ -379,7 +392,9 @@ class ShardedTable(nn.Module):
 
 
 class InMemoryEmbeddings(nn.Module):
-    """Every table of a spec, placed as ``placements`` says, all in device memory.
+    """Every table of a spec, placed as ``placements`` says: in device memory, or (tables
+    in a cached tier) through row caches over the tiered store in ``store_dir``
+    (:class:`~dlrm_runtime.cached.CachedTables`).
 
     Whole tables (table-wise; data-parallel) are batched per (device, dim, dtype,
     optimizer) in :class:`TableBatchedBags`. A data-parallel table keeps ONE copy in
@@ -391,10 +406,16 @@ class InMemoryEmbeddings(nn.Module):
     ``forward`` returns one pooled ``[B, D_t]`` float32 tensor per table, in spec
     order, on ``output_device``; ``forward_stacked`` returns them as one
     ``[T, B, D]`` tensor when all tables share a dim.
+
+    Cached tables train inside ``loss.backward()`` with ``embedding_lr`` and are not
+    among :meth:`row_blocks`. The training loop drives them with :meth:`prefetch`,
+    :meth:`cache_stats`, :meth:`checkpoint`, :meth:`restore` and :meth:`close`, which
+    do nothing (or return None) for a model without cached tables.
     """
 
     def __init__(self, tables: TablesSpec, placements: dict[str, TablePlacement],
-                 output_device: torch.device, seed: int = 0) -> None:
+                 output_device: torch.device, seed: int = 0, *,
+                 store_dir: str | None = None, embedding_lr: float | None = None) -> None:
         super().__init__()
         self.specs = tables.tables
         self.names = [spec.name for spec in self.specs]
@@ -404,6 +425,8 @@ class InMemoryEmbeddings(nn.Module):
         sharded: list[ShardedTable] = []
         for index, spec in enumerate(self.specs):
             placement = placements[spec.name]
+            if placement.cached:
+                continue
             if placement.whole:
                 key = (str(placement.home(output_device)), spec.embedding_dim, spec.dtype,
                        spec.optimizer)
@@ -414,6 +437,13 @@ class InMemoryEmbeddings(nn.Module):
             TableBatchedBags(members, placements[members[0][1].name].home(output_device), seed)
             for members in groups.values())
         self.sharded = nn.ModuleList(sharded)
+        self.cached = None
+        if any(p.cached for p in placements.values()):
+            from dlrm_runtime.cached import CachedTables  # it builds on this module
+
+            self.cached = CachedTables(tables, placements, output_device, seed, store_dir,
+                                       embedding_lr)
+        self._next_batch: SparseBatch | None = None
         self._where: dict[str, tuple[str, int, int]] = {}
         order: list[int] = []
         for g, group in enumerate(self.groups):
@@ -422,6 +452,9 @@ class InMemoryEmbeddings(nn.Module):
             order.extend(group.indices)
         for s, table in enumerate(self.sharded):
             self._where[table.spec.name] = ("sharded", s, 0)
+            order.append(table.index)
+        for c, table in enumerate(self._cached_tables()):
+            self._where[table.spec.name] = ("cached", c, 0)
             order.append(table.index)
         self.same_dim = len({spec.embedding_dim for spec in self.specs}) == 1
         inverse = [0] * len(order)
@@ -439,14 +472,75 @@ class InMemoryEmbeddings(nn.Module):
         kind, m, k = self._where[name]
         if kind == "group":
             return self.groups[m].table_weight(k)
+        if kind == "cached":
+            return self._cached_tables()[m].full_weight()
         return self.sharded[m].full_weight()
 
     def row_blocks(self) -> list[RowBlock]:
-        """Every weight with what it holds, for the row optimizer and checkpoints."""
+        """Every in-memory weight with what it holds, for the row optimizer and
+        checkpoints (cached tables update themselves and live in the store)."""
         blocks = [group.row_block() for group in self.groups]
         for table in self.sharded:
             blocks.extend(table.row_blocks())
         return blocks
+
+    # ---- cached tables: what the training loop calls -------------------------------
+    def _cached_tables(self) -> list:
+        return list(self.cached.tables) if self.cached is not None else []
+
+    @property
+    def embedding_lr(self) -> float | None:
+        """Learning rate of the cached tables' fused row optimizer (None: not set)."""
+        return self.cached.embedding_lr if self.cached is not None else None
+
+    @embedding_lr.setter
+    def embedding_lr(self, lr: float | None) -> None:
+        if self.cached is not None:
+            self.cached.embedding_lr = lr
+
+    def prefetch(self, next_sparse: SparseBatch) -> None:
+        """Announce the batch AFTER the one of the next forward: right after that
+        forward's cache lookups, the rows of ``next_sparse`` missing from the caches
+        are read from the store on background threads, overlapping the rest of the
+        step. Call it before ``Trainer.step(batch)`` with the following batch."""
+        if self.cached is not None:
+            if len(next_sparse.ids) != len(self.specs):
+                raise ValueError(f"the batch has ids for {len(next_sparse.ids)} tables, the "
+                                 f"model has {len(self.specs)}")
+            self._next_batch = next_sparse
+
+    def cache_stats(self) -> dict[str, float] | None:
+        """None without cached tables; else counters summed over every cache since it
+        was built: ``hit_rate`` (hits / accesses), ``accesses``, ``hits``, ``misses``,
+        ``evictions``, ``write_backs``, ``uncached``, ``prefetched_rows``,
+        ``store_read_bytes``, ``store_written_bytes``, ``background_read_s``,
+        ``background_wait_s``, ``background_hidden_s``, and ``hit_rate/<table>`` per
+        cached table."""
+        return self.cached.stats() if self.cached is not None else None
+
+    @property
+    def store_checkpoint_step(self) -> int | None:
+        """The step of the table store's last checkpoint (None: none, or no store)."""
+        return self.cached.checkpoint_step if self.cached is not None else None
+
+    def checkpoint(self, step: int) -> None:
+        """Make the cached tables durable at ``step``: dirty cached rows are written
+        back and the store checkpoints (fsynced; a crash later reopens it at ``step``)."""
+        if self.cached is not None:
+            self.cached.checkpoint(step)
+
+    def restore(self, step: int) -> None:
+        """Return the cached tables to the store's checkpoint of ``step``
+        (:class:`~dlrm_runtime.errors.CheckpointError` if its last checkpoint is of
+        another step); the caches start empty."""
+        if self.cached is not None:
+            self.cached.restore(step)
+
+    def close(self) -> None:
+        """Stop the caches' background threads and close the store (writes after its
+        last checkpoint are rolled back). The model cannot look up cached tables after."""
+        if self.cached is not None:
+            self.cached.close()
 
     def _parts(self, sparse: SparseBatch) -> list[torch.Tensor]:
         if len(sparse.ids) != len(self.specs):
@@ -459,6 +553,13 @@ class InMemoryEmbeddings(nn.Module):
             parts.append(out.to(self.output_device, torch.float32))
         for table in self.sharded:
             parts.append(table(sparse.ids[table.index], sparse.offsets[table.index]).unsqueeze(0))
+        for table in self._cached_tables():
+            parts.append(table(sparse.ids[table.index], sparse.offsets[table.index]).unsqueeze(0))
+        if self._next_batch is not None and self.cached is not None:
+            # the caches are resolved for this batch: read the next one's misses while
+            # the rest of the step (MLPs, backward, optimizers) computes
+            self.cached.prefetch(self._next_batch)
+        self._next_batch = None
         return parts
 
     def forward(self, sparse: SparseBatch) -> list[torch.Tensor]:
@@ -469,7 +570,7 @@ class InMemoryEmbeddings(nn.Module):
         for group, out in zip(self.groups, parts):
             for k, index in enumerate(group.indices):
                 pooled[index] = out[k]
-        for table, out in zip(self.sharded, parts[len(self.groups):]):
+        for table, out in zip([*self.sharded, *self._cached_tables()], parts[len(self.groups):]):
             pooled[table.index] = out[0]
         return pooled
 
@@ -483,16 +584,24 @@ class InMemoryEmbeddings(nn.Module):
         return stacked if self._identity else stacked.index_select(0, self._inverse)
 
 
-def embeddings_from_plan(plan: Plan, output_device: torch.device, seed: int = 0) -> InMemoryEmbeddings:
+def embeddings_from_plan(plan: Plan, output_device: torch.device, seed: int = 0, *,
+                         store_dir: str | None = None,
+                         embedding_lr: float | None = None) -> InMemoryEmbeddings:
     """Build the tables as the plan places them, in this one process: every shard on
     ``device_for(shard.device)`` (that GPU when present, else the CPU).
 
     Executes ``table_wise``, ``row_wise``, ``table_row_wise``, ``column_wise`` and
-    ``data_parallel`` tables in the ``hbm`` tier; a shard in another tier, or shards
-    that break their sharding type's conventions, raise :class:`PlanMismatchError`
-    naming the table.
+    ``data_parallel`` tables in the ``hbm`` tier, and ``table_wise``, ``row_wise`` and
+    ``table_row_wise`` tables in the cached tiers (``dram_cache``, ``store_cache``:
+    row caches of the shards' ``cache_rows`` over the table store in ``store_dir``,
+    created with :func:`init_table`'s values or opened; see
+    :mod:`dlrm_runtime.cached`). Shards that break their sharding type's conventions
+    raise :class:`PlanMismatchError` naming the table; cached tables without
+    ``store_dir`` raise :class:`~dlrm_runtime.errors.ConfigError`. ``embedding_lr``
+    is the cached tables' learning rate (settable later as ``.embedding_lr``).
     """
-    return InMemoryEmbeddings(plan.tables_spec, placements_from_plan(plan), output_device, seed)
+    return InMemoryEmbeddings(plan.tables_spec, placements_from_plan(plan), output_device, seed,
+                              store_dir=store_dir, embedding_lr=embedding_lr)
 
 
 def embeddings_in_memory(tables: TablesSpec, seed: int = 0) -> InMemoryEmbeddings:

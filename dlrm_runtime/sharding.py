@@ -12,8 +12,11 @@ Conventions (one :class:`~planner.Shard` = a row range and a column range on one
   pooled outputs are concatenated in column order;
 - ``data_parallel``: one shard per device, each the whole table (replicas).
 
-Only the ``hbm`` tier is executed here; cached tiers (``dram_cache``, ``store_cache``)
-need the tiered store and raise :class:`PlanMismatchError` naming the table.
+Tiers: ``hbm`` shards hold their rows in device memory; ``dram_cache`` and
+``store_cache`` shards are a row cache of ``cache_rows`` slots on the device over the
+table in the tiered store (:mod:`dlrm_runtime.cached`). A cached table must be
+``table_wise``, ``row_wise`` or ``table_row_wise`` with every shard in the same cached
+tier; other combinations raise :class:`PlanMismatchError` naming the table.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class ShardPlacement:
     row_end: int
     col_start: int
     col_end: int
+    tier: Tier = Tier.HBM
+    """Where the shard's rows live (see the module docstring)."""
+    cache_rows: int = 0
+    """Device cache slots of a cached shard (0 for ``hbm``)."""
 
     @property
     def rows(self) -> int:
@@ -69,6 +76,11 @@ class TablePlacement:
         data-parallel replicas, which are identical by construction)."""
         return self.sharding in (Sharding.TABLE_WISE, Sharding.DATA_PARALLEL)
 
+    @property
+    def cached(self) -> bool:
+        """True when the table's shards are row caches over the tiered store."""
+        return self.shards[0].tier is not Tier.HBM
+
     def home(self, output_device: torch.device) -> torch.device:
         """The device of the one copy kept for a whole table: the replica on the
         output device when there is one, else the first shard's device."""
@@ -88,17 +100,15 @@ def placement_from_plan(spec: TableSpec, table: TablePlan, topology: Topology) -
     """Check ``table``'s shards against its sharding type's conventions and map them to
     torch devices; every violation is a :class:`PlanMismatchError` naming the table."""
     name = table.name
+    _check_tiers(table)
     for s in table.shards:
-        if s.tier is not Tier.HBM:
-            raise PlanMismatchError(
-                f"table {name!r}: tier {s.tier.value!r} is not supported by this runtime yet "
-                f"(cached tiers need the tiered store); plan it in HBM")
         if not 0 <= s.device < topology.world_size:
             raise PlanMismatchError(f"table {name!r}: device {s.device} outside "
                                     f"0..{topology.world_size - 1}")
     rows, dim = spec.num_embeddings, spec.embedding_dim
     shards = tuple(ShardPlacement(s.device, device_for(s.device), s.row_start, s.row_end,
-                                  s.col_start, s.col_end) for s in table.shards)
+                                  s.col_start, s.col_end, s.tier, s.cache_rows)
+                   for s in table.shards)
     kind = table.sharding
 
     def whole(s: ShardPlacement) -> bool:
@@ -136,6 +146,36 @@ def placement_from_plan(spec: TableSpec, table: TablePlan, topology: Topology) -
     else:  # pragma: no cover - every Sharding member is handled above
         raise PlanMismatchError(f"table {name!r}: sharding {kind.value!r} is not supported")
     return TablePlacement(kind, shards)
+
+
+CACHED_SHARDINGS = (Sharding.TABLE_WISE, Sharding.ROW_WISE, Sharding.TABLE_ROW_WISE)
+"""Shardings whose shards may be row caches (a column shard's cache would need the
+row-wise Adagrad statistics of the other column shards)."""
+
+
+def _check_tiers(table: TablePlan) -> None:
+    """A table is all ``hbm``, or all in one cached tier with a sharding that supports it."""
+    tiers = {s.tier for s in table.shards}
+    if tiers == {Tier.HBM} or not tiers:
+        return
+    name = table.name
+    if len(tiers) > 1:
+        cached = sorted(t.value for t in tiers if t is not Tier.HBM)
+        raise PlanMismatchError(f"table {name!r}: tier {cached[0]!r} is not supported mixed "
+                                f"with other tiers in one table (its shards use "
+                                f"{sorted(t.value for t in tiers)}); plan every shard of a "
+                                f"table in one tier")
+    tier = next(iter(tiers))
+    if table.sharding not in CACHED_SHARDINGS:
+        raise PlanMismatchError(
+            f"table {name!r}: {table.sharding.value} shards in tier {tier.value!r} are not "
+            f"supported (cached tiers need {', '.join(k.value for k in CACHED_SHARDINGS)}); "
+            f"plan it in hbm or with one of those shardings")
+    for s in table.shards:
+        if s.cache_rows < 1:
+            raise PlanMismatchError(f"table {name!r}: tier {tier.value!r} is not supported "
+                                    f"without cache rows (a shard has cache_rows = "
+                                    f"{s.cache_rows}); give every cached shard cache_rows >= 1")
 
 
 def _check_tiling(name: str, kind: Sharding, what: str, ranges: list[tuple[int, int]],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from dlrm_runtime.checkpoint import (
     FORMAT_VERSION,
     check_fingerprint,
+    checkpoint_of_step,
     export_tables,
     fingerprint,
     import_tables,
@@ -43,7 +45,7 @@ from dlrm_runtime.metrics import accuracy, roc_auc
 from dlrm_runtime.model import DLRM
 from dlrm_runtime.optim import RowOptimizer
 from dlrm_runtime.prediction import StepPrediction, predict_step
-from dlrm_runtime.timing import PhaseTimer, StepTimes
+from dlrm_runtime.timing import PhaseTimer, StepTimes, Stopwatch
 from planner import Plan, TablesSpec, plan_sha256
 
 
@@ -112,10 +114,14 @@ def check_plan_matches(plan: Plan, tables: TablesSpec) -> None:
                                 f"re-run dlrm-plan with this tables spec")
 
 
-def build_model(plan: Plan, config: ModelConfig, seed: int = 0) -> DLRM:
-    """DLRM with its embeddings placed as ``plan`` says and its MLPs on device 0."""
+def build_model(plan: Plan, config: ModelConfig, seed: int = 0, *, store_dir: str | None = None,
+                embedding_lr: float | None = None) -> DLRM:
+    """DLRM with its embeddings placed as ``plan`` says and its MLPs on device 0; tables
+    in a cached tier go through row caches over the table store in ``store_dir`` (see
+    :func:`~dlrm_runtime.embeddings.embeddings_from_plan`)."""
     dense_device = device_for(0)
-    embeddings = embeddings_from_plan(plan, dense_device, seed)
+    embeddings = embeddings_from_plan(plan, dense_device, seed, store_dir=store_dir,
+                                      embedding_lr=embedding_lr)
     dims = [t.embedding_dim for t in plan.tables_spec.tables]
     return DLRM(config, embeddings, dims, seed).dense_to(dense_device)
 
@@ -140,6 +146,7 @@ class Trainer:
         self.dense_params = model.dense_parameters()
         self.dense_opt = _dense_optimizer(config.dense_optimizer, self.dense_params, config.lr)
         self.row_opt = RowOptimizer.for_blocks(model.embeddings.row_blocks(), config.embedding_lr)
+        _set_cached_lr(model, config.embedding_lr)
 
     def step(self, batch: Batch, timer: PhaseTimer | None = None) -> float:
         """One step on ``batch``; returns its loss (read back: one sync per step).
@@ -150,15 +157,24 @@ class Trainer:
             self.dense_opt.step()
             self.row_opt.step()
             return float(loss.detach())
-        with timer.phase("lookup"):
-            pooled = self.model.lookup(batch.sparse)
-        with timer.phase("dense"):
-            logits = self.model.dense_forward(batch.dense.to(self.device), pooled)
-            loss = self._backward(logits, batch)
-            self.dense_opt.step()
-            value = float(loss.detach())
-        with timer.phase("update"):
-            self.row_opt.step()
+        cached = getattr(self.model.embeddings, "cached", None)
+        clock = Stopwatch()
+        if cached is not None:  # cached tables update inside the backward
+            cached.time_updates(clock)
+        try:
+            with timer.phase("lookup"):
+                pooled = self.model.lookup(batch.sparse)
+            with timer.phase("dense"):
+                logits = self.model.dense_forward(batch.dense.to(self.device), pooled)
+                loss = self._backward(logits, batch)
+                self.dense_opt.step()
+                value = float(loss.detach())
+            timer.move("dense", "update", clock.seconds)
+            with timer.phase("update"):
+                self.row_opt.step()
+        finally:
+            if cached is not None:
+                cached.time_updates(None)
         timer.step_done()
         return value
 
@@ -201,6 +217,13 @@ class Trainer:
         for group in self.dense_opt.param_groups:
             group["lr"] = self.config.lr
         self.row_opt.lr = self.config.embedding_lr
+        _set_cached_lr(self.model, self.config.embedding_lr)
+
+
+def _set_cached_lr(model: DLRM, lr: float) -> None:
+    """Cached tables update inside the backward with their own learning rate."""
+    if getattr(model.embeddings, "cached", None) is not None:
+        model.embeddings.embedding_lr = lr
 
 
 @torch.no_grad()
@@ -273,15 +296,19 @@ def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: Cli
            progress: ProgressFactory | None, metrics_log: IO[str] | None,
            timing_every: int | None) -> TrainResult:
     torch.manual_seed(config.seed)
-    model = build_model(plan, model_config, config.seed)
     data = data_for(plan, model_config, config, data)
-    trainer = Trainer(model, config)
-    return run_loop(
-        plan, model_config, config, data, trainer, Peers(),
-        save_state=lambda step, fp, recent: trainer.state(plan, step, fp, recent),
-        validate=lambda: evaluate(model, data, config.eval_batches, config.batch_size),
-        devices=tuple(range(plan.topology.world_size)), communication=_spans_devices(plan),
-        progress=progress, metrics_log=metrics_log, timing_every=timing_every)
+    model = build_model(plan, model_config, config.seed, store_dir=config.store_dir,
+                        embedding_lr=config.embedding_lr)
+    try:
+        trainer = Trainer(model, config)
+        return run_loop(
+            plan, model_config, config, data, trainer, Peers(),
+            save_state=lambda step, fp, recent: trainer.state(plan, step, fp, recent),
+            validate=lambda: evaluate(model, data, config.eval_batches, config.batch_size),
+            devices=tuple(range(plan.topology.world_size)), communication=_spans_devices(plan),
+            progress=progress, metrics_log=metrics_log, timing_every=timing_every)
+    finally:
+        model.embeddings.close()  # cached tables: the store rolls back to its checkpoint
 
 
 def data_for(plan: Plan, model_config: ModelConfig, config: TrainConfig,
@@ -348,14 +375,24 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
     not write)."""
     lead = peers.rank == 0
     log = metrics_log if lead else None
+    embeddings = trainer.model.embeddings
+    cached = getattr(embeddings, "cached", None) is not None  # tables in the table store
     timer = PhaseTimer.for_device(trainer.device)
     if timing_every is None:
         timing_every = 10 if trainer.device.type == "cuda" else 1
     run_fingerprint = fingerprint(plan, model_config, config)
 
     first_step, recent, resumed_from, checkpoint = 0, [], None, None
+    if cached and not config.resume and embeddings.store_checkpoint_step is not None:
+        raise CheckpointError(f"the table store in {config.store_dir} already holds tables "
+                              f"trained to step {embeddings.store_checkpoint_step}; pass "
+                              f"--resume with that run's --checkpoint-dir, or use another "
+                              f"--store-dir")
     if config.checkpoint_dir is not None:
-        found = latest_checkpoint(config.checkpoint_dir) if lead else None
+        if cached and config.resume:  # the runtime checkpoint of the store's step
+            found = _checkpoint_for_store(config, embeddings.store_checkpoint_step)
+        else:
+            found = latest_checkpoint(config.checkpoint_dir) if lead else None
         latest = peers.broadcast(None if found is None else str(found))
         latest = None if latest is None else Path(latest)
         if config.resume:
@@ -369,6 +406,8 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
                 raise CheckpointError(f"checkpoint {latest} is at step {first_step}, past the "
                                       f"{config.steps} steps asked for; ask for more steps")
             trainer.restore(state, latest)
+            if cached:
+                embeddings.restore(first_step)
             recent = [float(v) for v in state["recent_losses"]]
             resumed_from, checkpoint = first_step, str(latest)
             del state
@@ -383,28 +422,42 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
     start = time.perf_counter()
     try:
         with Prefetcher(data, config.batch_size, first_step, config.steps) as batches:
+            upcoming: Batch | None = None
             for step in range(first_step, config.steps):
                 timed = timer if step % timing_every == 0 else None
-                if timed is None:
-                    value = trainer.step(batches.next())
-                else:
-                    with timed.phase("data"):  # the wait for the prefetched batch
-                        batch = batches.next()
-                    value = trainer.step(batch, timed)
+                with timed.phase("data") if timed else contextlib.nullcontext():
+                    batch = upcoming if upcoming is not None else batches.next()
+                    upcoming = None
+                    if cached and step + 1 < config.steps:
+                        # the caches read the next batch's missing rows during this step
+                        upcoming = batches.next()
+                        embeddings.prefetch(upcoming.sparse)
+                value = trainer.step(batch, timed)
                 if not np.isfinite(value):  # the global loss: every rank stops here alike
                     raise TrainingDivergedError(step, value, checkpoint)
                 recent = (recent + [value])[-config.log_every:]
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps:
                     rate = (done - first_step) * config.batch_size / (time.perf_counter() - start)
-                    bar.update(done, {"loss": f"{np.mean(recent):.4f}", "samples/s": f"{rate:,.0f}"})
-                    _log(log, {"event": "train", "step": done, "loss": float(np.mean(recent)),
-                               "samples_per_s": rate, "world_size": peers.world})
+                    postfix = {"loss": f"{np.mean(recent):.4f}", "samples/s": f"{rate:,.0f}"}
+                    record = {"event": "train", "step": done, "loss": float(np.mean(recent)),
+                              "samples_per_s": rate, "world_size": peers.world}
+                    if cached:
+                        stats = embeddings.cache_stats()
+                        postfix["hit"] = f"{stats['hit_rate']:.1%}"
+                        record["cache"] = stats
+                    bar.update(done, postfix)
+                    _log(log, record)
                 if config.checkpoint_dir is not None and (
                         done == config.steps
                         or (config.checkpoint_every and done % config.checkpoint_every == 0)):
                     state = save_state(done, run_fingerprint, recent)  # may gather to rank 0
-                    path = save_checkpoint(config.checkpoint_dir, done, state) if lead else None
+                    # with cached tables, two commits: the runtime's (keeping the previous
+                    # one) then the store's; a crash between them resumes the previous step
+                    path = (save_checkpoint(config.checkpoint_dir, done, state,
+                                            keep=2 if cached else 1) if lead else None)
+                    if cached:
+                        embeddings.checkpoint(done)
                     checkpoint = str(peers.broadcast(None if path is None else str(path)))
                     _log(log, {"event": "checkpoint", "step": done, "path": checkpoint})
     finally:
@@ -438,11 +491,27 @@ def _spans_devices(plan: Plan) -> bool:
 
 
 def embedding_bytes(trainer: Stepper) -> int:
-    """Bytes of the embedding weights and the row optimizer's state in this process."""
-    weights = sum(p.numel() * p.element_size() for p in trainer.model.embeddings.parameters())
+    """Bytes of the embedding weights and the row optimizer's state this process holds
+    on its devices (for cached tables: the cached rows)."""
+    embeddings = trainer.model.embeddings
+    weights = sum(p.numel() * p.element_size() for p in embeddings.parameters())
     state = sum(t.numel() * t.element_size() for entry in trainer.row_opt.state
                 for t in entry.values())
-    return weights + state
+    cached = getattr(embeddings, "cached", None)
+    return weights + state + (cached.resident_bytes() if cached is not None else 0)
+
+
+def _checkpoint_for_store(config: TrainConfig, store_step: int | None) -> Path | None:
+    """The runtime checkpoint that goes with the table store's last checkpoint."""
+    if store_step is None:
+        raise CheckpointError(f"the table store in {config.store_dir} holds no checkpoint to "
+                              f"resume from; run without --resume to start")
+    found = checkpoint_of_step(config.checkpoint_dir, store_step)
+    if found is None:
+        raise CheckpointError(f"the table store in {config.store_dir} is at step {store_step} "
+                              f"but {config.checkpoint_dir} has no checkpoint of that step; "
+                              f"pass the --checkpoint-dir of the run that wrote the store")
+    return found
 
 
 def _log(out: IO[str] | None, record: dict) -> None:

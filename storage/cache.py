@@ -282,6 +282,32 @@ class RowCache:
 
         self._update(rows, summed, step, needs_state=True)
 
+    def mark_dirty(self, slots: Any) -> None:
+        """The caller updated the rows in ``slots`` (int, on the device or host; repeats
+        allowed) in place in :attr:`weights` (and :attr:`state`), e.g. with its own fused
+        optimizer step on the slots of the last :meth:`lookup`: write them back on
+        eviction and at :meth:`flush`. Refused over a read-only store; every slot must
+        hold a row."""
+        if self._store.mode != "r+":
+            raise ReadOnlyStoreError(self._store.path, f"RowCache.mark_dirty on table "
+                                                       f"{self._table!r}")
+        index = torch_to_numpy(slots) if is_torch_tensor(slots) else np.asarray(slots)
+        if index.ndim != 1 or (index.size and index.dtype.kind not in "iu"):
+            raise RowShapeError(self._table, f"slots must be a 1-D integer array, got shape "
+                                             f"{index.shape} and dtype {index.dtype}")
+        if index.size == 0:
+            return
+        index = index.astype(np.int64, copy=False)
+        if int(index.min()) < 0 or int(index.max()) >= self._filled:
+            raise CacheArgumentError(f"table {self._table!r}: mark_dirty needs slots holding "
+                                     f"rows (0..{self._filled - 1}), got "
+                                     f"{int(index.min())}..{int(index.max())}")
+        self._dirty[index] = True
+        self._worker.invalidate(self._slot_row[index])
+        moved = index.size * self._row_bytes
+        self._counts.device_read += moved
+        self._counts.device_written += moved
+
     # ---- durability ---------------------------------------------------------------------
     def flush(self) -> None:
         """Write every dirty row (and its state) back to the store in one scatter; the

@@ -22,7 +22,10 @@ Semantics worth knowing:
 * ``add_table`` is not part of a checkpoint: a table is durable once it returns.
 * One writer (``mode="r+"``, an exclusive lock) or any number of readers (``"r"``,
   a shared lock) at a time. A reader refuses a store that a crashed writer left
-  with uncommitted writes (:class:`RecoveryRequiredError`). Not thread-safe.
+  with uncommitted writes (:class:`RecoveryRequiredError`). Not thread-safe, except
+  that ``gather``/``scatter`` calls on *different* tables may come from different
+  threads (scatters are serialised by a lock: they share the journal), as the row
+  caches of several tables do with their background threads.
 * bf16 tables store and return raw bf16 bits as ``uint16`` (see :mod:`storage.dtypes`).
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -99,6 +103,9 @@ class TableStore:
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
         self._close_hooks: list[Callable[[], None]] = []
+        self._write_lock = threading.Lock()
+        """Serialises :meth:`scatter` calls (the row caches of different tables write
+        back on their own threads; the undo journal is shared)."""
 
     # ---- opening ------------------------------------------------------------------
     @classmethod
@@ -247,8 +254,10 @@ class TableStore:
         """Add a table of ``num_rows`` x ``dim`` and write its initial rows.
 
         ``init``: ``"uniform"`` (U(-sqrt(1/num_rows), +sqrt(1/num_rows)), the DLRM
-        paper's init, from ``seed``), ``"zeros"``, or a numpy array / torch tensor of
-        shape (num_rows, dim) to import. ``optimizer_state="rowwise_adagrad"`` adds a
+        paper's init, from ``seed``), ``"zeros"``, a numpy array / torch tensor of
+        shape (num_rows, dim) to import, or a callable ``init(row_start, row_stop)``
+        returning those rows (:data:`storage.tables.BlockInit`; called for consecutive
+        blocks in row order, so a table larger than memory can be imported). ``optimizer_state="rowwise_adagrad"`` adds a
         zero-initialised fp32 (num_rows, 1) state array. ``chunk_rows`` defaults to
         64 MiB chunks (DEFAULT_CHUNK_BYTES). ``progress(rows_done, rows_total)`` is called
         after each written block.
@@ -258,7 +267,9 @@ class TableStore:
         spec = make_spec(name, num_rows, dim, dtype, init, seed, optimizer_state, chunk_rows)
         if name in self._specs or (self._path / name).exists():
             raise TableExistsError(self._path, name)
-        values = check_init_array(spec, init) if spec.init == "array" else None
+        values: Any = None
+        if spec.init == "array":
+            values = init if _is_block_init(init) else check_init_array(spec, init)
         build_table(self._path, spec, values, progress)
         self._specs[name] = spec
         return TableInfo.of(spec)
@@ -296,6 +307,25 @@ class TableStore:
         files = self._chunk_files(name, STATE if state else WEIGHT)
         files.prefetch(self._ids(name, ids))
 
+    def warm(self, name: str) -> None:
+        """Ask the kernel to read the whole table (weights and optimizer state) into the
+        page cache in the background (``posix_fadvise(WILLNEED)`` on every chunk file):
+        afterwards its rows are served from host memory. Returns at once."""
+        self._check_open()
+        spec = self._spec(name)
+        roles = (WEIGHT, STATE) if spec.optimizer_state is not None else (WEIGHT,)
+        for role in roles:
+            layout = self._chunk_files(name, role).layout
+            for chunk in range(layout.num_chunks):
+                try:
+                    fd = os.open(layout.chunk_path(chunk), os.O_RDONLY)
+                except FileNotFoundError:  # an all-fill chunk zarr never wrote
+                    continue
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+
     def _gather(self, name: str, role: str, ids: Any, out: np.ndarray | None) -> np.ndarray:
         self._check_open()
         files = self._chunk_files(name, role)
@@ -320,15 +350,16 @@ class TableStore:
             return
         unique, last = _last_occurrence(id_array)
         values = values[last] if last is not None else values
-        fresh = files.unjournaled(unique)
-        journal = self._writer_journal()
-        if fresh.any():
-            new_ids = unique[fresh]
-            old = np.empty((new_ids.size, files.layout.width), dtype=files.layout.dtype_str)
-            files.read(new_ids, old)
-            journal.append(f"{name}/{role}", new_ids, old)  # durable before the data write
-            files.mark_journaled(new_ids)
-        files.write(unique, values)
+        with self._write_lock:  # one journal for every table: one writer at a time
+            fresh = files.unjournaled(unique)
+            journal = self._writer_journal()
+            if fresh.any():
+                new_ids = unique[fresh]
+                old = np.empty((new_ids.size, files.layout.width), dtype=files.layout.dtype_str)
+                files.read(new_ids, old)
+                journal.append(f"{name}/{role}", new_ids, old)  # durable before the data write
+                files.mark_journaled(new_ids)
+            files.write(unique, values)
 
     # ---- durability ---------------------------------------------------------------
     def flush(self) -> None:
@@ -500,6 +531,11 @@ def _last_occurrence(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     reversed_ids = ids[::-1]
     unique, first_in_reversed = np.unique(reversed_ids, return_index=True)
     return unique, ids.size - 1 - first_in_reversed
+
+
+def _is_block_init(init: Any) -> bool:
+    """A :data:`~storage.tables.BlockInit` callable (not an array or tensor to import)."""
+    return callable(init) and not isinstance(init, np.ndarray) and not is_torch_tensor(init)
 
 
 def _is_store(root: Path) -> bool:

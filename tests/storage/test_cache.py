@@ -444,6 +444,37 @@ def test_flush_checkpoint_reopen(tmp_path: Path) -> None:
         assert np.array_equal(store.read_table("t", state=True)[:, 0], ref.state.numpy())
 
 
+def test_rows_updated_in_place_and_marked_dirty_are_written_back(tmp_path: Path) -> None:
+    """A caller's own step on the slots of a lookup (what the runtime's fused optimizer
+    does), then ``mark_dirty``: the rows reach the store on eviction and at flush, with
+    their state; bad slots and a read-only store are refused."""
+    path = tmp_path / "s"
+    with make_store(path) as store:
+        expected = store.read_table("t")
+        with RowCache(store, "t", slots=4, with_state=True) as cache:
+            for ids in ([1, 2, 3], [2, 3, 4], [10, 11, 12, 13]):  # the last evicts all
+                slots = cache.lookup(torch.tensor(ids))
+                cache.weights[slots] += 1.0
+                assert cache.state is not None
+                cache.state[slots] += 0.5
+                cache.mark_dirty(slots)
+                expected[ids] += 1.0
+            assert np.array_equal(store.gather("t", [1, 2, 3, 4]), expected[[1, 2, 3, 4]])
+            cache.flush()
+            with pytest.raises(CacheArgumentError, match="mark_dirty needs slots holding rows"):
+                cache.mark_dirty(torch.tensor([7]))
+            with pytest.raises(RowShapeError, match="slots must be a 1-D integer array"):
+                cache.mark_dirty(torch.zeros(2, 2, dtype=torch.int64))
+            cache.mark_dirty(torch.zeros(0, dtype=torch.int64))
+        assert np.array_equal(store.read_table("t"), expected)
+        state = store.read_table("t", state=True)[:, 0]
+        assert state[[1, 4, 10]].tolist() == [0.5, 0.5, 0.5] and state[[2, 3]].tolist() == [1, 1]
+    with TableStore.open(path, mode="r") as store:
+        cache = RowCache(store, "t", slots=4)
+        with pytest.raises(ReadOnlyStoreError, match="mark_dirty"):
+            cache.mark_dirty(cache.lookup(torch.tensor([1])))
+
+
 def test_read_only_store_refuses_updates_before_work(tmp_path: Path) -> None:
     path = tmp_path / "s"
     make_store(path).close()

@@ -4,6 +4,7 @@ with real SIGKILLs, and every error path."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -163,6 +164,67 @@ def test_import_numpy_and_torch(tmp_path: Path) -> None:
         bits = store.gather("tbf", [1, 2])
         back = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
         assert back.tolist() == [[1.0, 2, 3, 4], [-1, -2, -3, -4]]
+
+
+def test_import_in_blocks_from_a_callable(tmp_path: Path) -> None:
+    """``init`` as a callable: asked for consecutive blocks in row order, any of numpy or
+    torch, converted to the stored dtype; a block of the wrong shape or kind is refused
+    naming the table, and no table is left behind."""
+    rng = np.random.default_rng(7)
+    values = rng.standard_normal((1000, 4)).astype(np.float32)
+    asked: list[tuple[int, int]] = []
+
+    def blocks(start: int, stop: int) -> torch.Tensor:
+        asked.append((start, stop))
+        return torch.from_numpy(values[start:stop])
+
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 1000, 4, init=blocks, chunk_rows=256)
+        assert asked[0][0] == 0 and asked[-1][1] == 1000
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(asked))
+        assert np.array_equal(store.gather("t", np.arange(1000)), values)
+        store.add_table("h", 1000, 4, dtype="fp16", init=lambda a, b: values[a:b])
+        assert np.array_equal(store.read_table("h"), values.astype(np.float16))
+        with pytest.raises(TableSpecError, match="'bad'.*block has shape \\(3, 4\\)"):
+            store.add_table("bad", 1000, 4, init=lambda a, b: values[:3])
+        with pytest.raises(TableSpecError, match="'ints'.*must be floating point"):
+            store.add_table("ints", 10, 4, init=lambda a, b: np.zeros((b - a, 4), np.int32))
+        assert store.tables() == ("h", "t")
+        store.warm("t")  # page-cache hint only: rows read the same afterwards
+        assert np.array_equal(store.gather("t", [999, 0]), values[[999, 0]])
+
+
+def test_maps_of_large_arrays_are_released_without_losing_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An array larger than the mapped-bytes budget unmaps its pages as rows are touched
+    (bounded resident set); written rows survive in the page cache, a checkpoint makes
+    them durable and a rollback still restores the old ones."""
+    from storage import chunks
+
+    monkeypatch.setattr(chunks, "MAPPED_BYTES_BUDGET", 16 * 4096)
+    rng = np.random.default_rng(3)
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 8192, 64, init=np.zeros((8192, 64), np.float32), chunk_rows=1024)
+        released = []
+        files = None
+        expected = np.zeros((8192, 64), np.float32)
+        for step in range(6):
+            ids = rng.choice(8192, 500, replace=False)
+            values = rng.standard_normal((500, 64)).astype(np.float32)
+            store.scatter("t", ids, values)
+            expected[ids] = values
+            files = store._files[("t", "weight")]
+            released.append(files._touched_pages)
+            assert np.array_equal(store.gather("t", ids), values)
+        assert files is not None and files._release_pages == 16
+        assert max(released) < 16 + 2 * 500  # released at least once per call past the budget
+        store.checkpoint(1)
+        assert np.array_equal(store.gather("t", np.arange(8192)), expected)
+        store.scatter("t", [0, 1], np.ones((2, 64), np.float32))
+        store.rollback()
+        assert np.array_equal(store.gather("t", np.arange(8192)), expected)
+    with TableStore.open(tmp_path / "s") as store:
+        assert np.array_equal(store.read_table("t"), expected)
 
 
 def test_bf16_rounding_matches_torch_and_fp16_overflow_is_inf(tmp_path: Path) -> None:

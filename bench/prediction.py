@@ -71,7 +71,6 @@ PLANS = {
     "greedy": ["--baseline", "greedy"],
     "random": ["--baseline", "random"],
     "row_wise": ["--sharding", "row_wise"],
-    "column_wise": ["--sharding", "column_wise"],
     "dram_cache": ["--tiers", "dram_cache", "--cache-fractions", "0.05"],
     "store_cache": ["--tiers", "store_cache", "--cache-fractions", "0.05"],
 }

@@ -11,6 +11,9 @@ Every figure is an effective rate for the operation the cost model charges, in G
   warm for reads; writes made durable by a checkpoint);
 - all-to-all: ``all_to_all_single`` between two local processes over gloo (NCCL when
   two GPUs are present), bytes sent per process;
+- runtime overheads: training steps of this runtime's own embedding modules on a
+  probe table, whole, in 4 row shards and cached over the store: the time per extra
+  shard and the cache bookkeeping per looked-up id, beyond moving bytes;
 - dense: forward and backward of wide MLP layers (compute-bound: GFLOP/s) and a
   DLRM-shaped dense step (narrow layers, memory-bound: GB/s), on the compute device
   with torch's current thread count.
@@ -37,8 +40,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dlrm_runtime.config import ModelConfig
+from dlrm_runtime.data import ZipfSampler
+from dlrm_runtime.embeddings import InMemoryEmbeddings
 from dlrm_runtime.model import DLRM
+from dlrm_runtime.optim import RowOptimizer
 from dlrm_runtime.prediction import dense_bytes, dense_flops
+from dlrm_runtime.sharding import ShardPlacement, TablePlacement
+from dlrm_runtime.sparse import SparseBatch
+from planner import Sharding, TableSpec, TablesSpec, Tier
 from planner.specs import DeviceSpec, HostSpec, NetworkSpec, StoreSpec, Topology
 from storage import TableStore
 
@@ -59,6 +68,8 @@ class CalibrationSizes:
     mlp_batch: int = 2048
     mlp_width: int = 512
     mlp_layers: int = 3
+    overhead_rows: int = 200_000
+    """Rows of the probe table (dim 16) of the runtime-overhead probes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +86,8 @@ class Calibration:
     date: str
     dense_gflops: float = 0.0
     dense_gbps: float = 0.0
+    shard_overhead_ms: float = 0.0
+    cache_ns_per_lookup: float = 0.0
     threads: int = 1
     """torch CPU threads during the probes."""
 
@@ -129,13 +142,17 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     read_gbps, write_gbps = _store_rates(sizes, store_dir, rng)
     log(f"store: read {read_gbps:.3f} GB/s, write {write_gbps:.3f} GB/s (random rows)")
 
+    shard_ms, cache_ns = _runtime_overheads(sizes, device, sync, store_dir, read_gbps, write_gbps)
+    log(f"runtime: {shard_ms:.3f} ms per extra shard, {cache_ns:.0f} ns of cache bookkeeping "
+        f"per cached lookup")
+
     a2a, backend = (None, "none")
     if network:
         a2a, backend = _all_to_all_gbps(sizes.all_to_all_bytes, sizes.repeats)
         log(f"all-to-all ({backend}, 2 processes): {a2a:.2f} GB/s")
     return Calibration(str(device), device_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps, a2a,
                        backend, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                       dense_gflops, dense_gbps, torch.get_num_threads())
+                       dense_gflops, dense_gbps, shard_ms, cache_ns, torch.get_num_threads())
 
 
 def _dense_rates(sizes: CalibrationSizes, device: torch.device,
@@ -180,6 +197,56 @@ def _dense_rates(sizes: CalibrationSizes, device: torch.device,
     floor = 0.05 * seconds  # the probe is memory-bound; never divide by ~0
     gbps = dense_bytes(config, dims, probe_batch) / max(beyond_flops, floor) / GB
     return gflops, gbps
+
+
+def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Callable[[], None],
+                       store_dir: str | Path | None, read_gbps: float,
+                       write_gbps: float) -> tuple[float, float]:
+    """(ms per shard, ns per looked-up id of a cached shard) that this runtime spends
+    beyond moving bytes, from training steps of its own embedding modules on one probe
+    table (Zipf ids, one per sample): whole, in 4 row shards, and cached over the store
+    (5 % of its rows in the cache). Both are the excess over the whole table's step;
+    the cached one minus its misses' store traffic at the measured rates."""
+    rows, dim, batch = sizes.overhead_rows, 16, 2 * sizes.mlp_batch
+    spec = TableSpec("probe", rows, dim, 1.0)
+    tables = TablesSpec((spec,))
+    ranks = ZipfSampler(rows, 1.05).ranks(np.random.default_rng(2).random((8, batch)))
+    batches = [SparseBatch((torch.from_numpy(r % rows),),
+                           (torch.arange(batch + 1, dtype=torch.int64),)) for r in ranks]
+
+    def shards(count: int, tier: Tier = Tier.HBM, cache_rows: int = 0) -> TablePlacement:
+        cuts = [rows * k // count for k in range(count + 1)]
+        return TablePlacement(Sharding.TABLE_WISE if count == 1 else Sharding.ROW_WISE,
+                              tuple(ShardPlacement(0, device, lo, hi, 0, dim, tier, cache_rows)
+                                    for lo, hi in zip(cuts, cuts[1:])))
+
+    def step_seconds(embeddings: InMemoryEmbeddings) -> float:
+        optimizer = RowOptimizer.for_blocks(embeddings.row_blocks(), 0.01)
+        turn = iter(range(1 << 30))
+
+        def step() -> None:
+            optimizer.zero_grad()
+            embeddings.forward_stacked(batches[next(turn) % len(batches)]).sum().backward()
+            optimizer.step()
+
+        return _median_seconds(step, sizes.repeats, sync)
+
+    whole = step_seconds(InMemoryEmbeddings(tables, {"probe": shards(1)}, device))
+    split = step_seconds(InMemoryEmbeddings(tables, {"probe": shards(4)}, device))
+    shard_ms = max(0.0, (split - whole) / 3 * 1e3)
+    with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
+        cached = InMemoryEmbeddings(tables, {"probe": shards(1, Tier.STORE_CACHE, rows // 20)},
+                                    device, store_dir=tmp, embedding_lr=0.01)
+        try:
+            seconds = step_seconds(cached)
+            stats = cached.cache_stats() or {}
+        finally:
+            cached.close()
+    accesses = max(1.0, stats.get("accesses", 1.0))
+    misses_per_step = stats.get("misses", 0.0) / accesses * batch
+    traffic = misses_per_step * dim * 4 * (1 / (read_gbps * GB) + 1 / (write_gbps * GB))
+    cache_ns = max(0.0, (seconds - whole - traffic) / batch * 1e9)
+    return shard_ms, cache_ns
 
 
 def _store_rates(sizes: CalibrationSizes, store_dir: str | Path | None,
@@ -273,7 +340,8 @@ def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float
         devices_per_host=devices,
         device=DeviceSpec(round(hbm_gb, 3), round(cal.device_gather_gbps, 3),
                           round(cal.dense_gflops, 2) if cal.dense_gflops > 0 else None,
-                          round(cal.dense_gbps, 3) if cal.dense_gbps > 0 else None),
+                          round(cal.dense_gbps, 3) if cal.dense_gbps > 0 else None,
+                          round(cal.shard_overhead_ms, 4), round(cal.cache_ns_per_lookup, 1)),
         host=HostSpec(round(dram_gb, 3), round(cal.host_gather_gbps, 3), round(cal.h2d_gbps, 3)),
         store=StoreSpec(round(cal.store_read_gbps, 4), round(cal.store_write_gbps, 4)),
         network=NetworkSpec(round(network, 3), round(inter_host_gbps or network, 3)),

@@ -174,6 +174,8 @@ class TablesSpec:
 
 DENSE_RATES = ("dense_gflops", "dense_gbps")
 """Optional measured device rates that predict the dense part of a step."""
+OVERHEADS = ("shard_overhead_ms", "cache_ns_per_lookup")
+"""Optional measured fixed costs of the runtime (0: none, as on a datasheet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +189,12 @@ class DeviceSpec:
     dense_gbps: float | None = None
     """Rate (GB/s) at which the dense step moves its activations and parameters (the
     element-wise and memory-bound part of narrow MLPs), measured and used likewise."""
+    shard_overhead_ms: float = 0.0
+    """Time per shard per step beyond moving its bytes (dispatch, id routing, kernel
+    launches), measured by ``dlrm-plan calibrate`` on this runtime; a planning input."""
+    cache_ns_per_lookup: float = 0.0
+    """Row-cache bookkeeping (index probes, slot management) per looked-up id of a
+    cached shard, measured likewise; a planning input."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +252,9 @@ class Topology:
         out = asdict(self)
         for key in DENSE_RATES:
             if out["device"][key] is None:
+                del out["device"][key]
+        for key in OVERHEADS:  # older files and datasheet topologies have none
+            if not out["device"][key]:
                 del out["device"][key]
         if not self.description:
             del out["description"]
@@ -367,7 +378,8 @@ def parse_topology(doc: object, file: str = "<memory>") -> Topology:
     per_host = root.integer("devices_per_host")
     dev = root.child("device")
     device = DeviceSpec(dev.number("hbm_gb"), dev.number("hbm_gbps"),
-                        *(dev.number(key) if dev.has(key) else None for key in DENSE_RATES))
+                        *(dev.number(key) if dev.has(key) else None for key in DENSE_RATES),
+                        *(dev.number(key, positive=False, default=0.0) for key in OVERHEADS))
     dev.done()
     h = root.child("host")
     host = HostSpec(h.number("dram_gb"), h.number("dram_gbps"), h.number("h2d_gbps"))

@@ -100,3 +100,28 @@ def test_dense_time_adds_flops_and_bytes() -> None:
     assert dense_ms(config, dims, 100, 2.0, None) == pytest.approx(flops / 2e9 * 1e3)
     assert dense_ms(config, dims, 100, 2.0, 0.5) == pytest.approx(
         (flops / 2e9 + nbytes / 0.5e9) * 1e3)
+
+
+def test_measured_overheads_are_charged_per_shard_and_per_cached_lookup() -> None:
+    from planner import ShardOption, Sharding, TableSpec, Tier
+
+    doc = small_topology_doc()
+    plain = parse_topology(doc)
+    doc["device"]["shard_overhead_ms"], doc["device"]["cache_ns_per_lookup"] = 0.5, 100.0
+    measured = parse_topology(doc)
+    assert parse_topology(measured.to_json()) == measured
+    assert "shard_overhead_ms" not in plain.to_json()["device"]  # old files stay valid
+    assert measured.sha256() != plain.sha256()  # they are planning inputs
+    table = TableSpec("t", 1000, 8, 2.0)
+    model = AnalyticCostModel()
+    hbm = ShardOption(table, Sharding.TABLE_WISE, 1000, 8)
+    cached = ShardOption(table, Sharding.TABLE_WISE, 1000, 8, tier=Tier.STORE_CACHE,
+                         cache_rows=100)
+    lookups = plain.global_batch_size * 2.0
+    assert model.cost(hbm, measured).lookup_ms == pytest.approx(
+        model.cost(hbm, plain).lookup_ms + 0.5)
+    assert model.cost(cached, measured).lookup_ms == pytest.approx(
+        model.cost(cached, plain).lookup_ms + 0.5 + lookups * 100e-6)
+    with pytest.raises(Exception, match="shard_overhead_ms"):
+        doc["device"]["shard_overhead_ms"] = -1
+        parse_topology(doc)

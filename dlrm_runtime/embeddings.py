@@ -7,10 +7,10 @@ Two kinds of modules serve the tables, both sum-pooled bags:
   looks all of them up with one ``embedding_bag`` call (a "table-batched" embedding
   bag, like FBGEMM's TBE): one kernel and one sparse gradient per group instead of
   one per table;
-- :class:`ShardedTable` holds one row-, table-row- or column-wise table as one
-  parameter per shard on the shard's device, routes ids to the shards that own them
-  and combines the shards' pooled outputs (partial sums added, or columns
-  concatenated).
+- :class:`ShardedTable` holds one row-, table-row- or column-wise table. Row shards
+  that share a torch device share one weight (one kernel pools them; ids are routed
+  and partial sums added only across devices); column shards are one parameter each,
+  their pooled outputs concatenated.
 
 Tables in a cached tier (``dram_cache``, ``store_cache``) are
 :class:`~dlrm_runtime.cached.CachedTable` modules: row caches over the table store,
@@ -309,18 +309,31 @@ class TableBatchedBags(nn.Module):
 
 class ShardedTable(nn.Module):
     """One table split row-wise (``row_wise``, ``table_row_wise``) or column-wise
-    (``column_wise``), one parameter per shard on the shard's device.
+    (``column_wise``).
 
-    Row-wise: each id is routed to the shard owning its row and rebased to the shard's
-    first row; each shard pools the ids it owns per sample (an empty bag pools to
-    zero) and the partial sums are added on the output device. Column-wise: every
-    shard pools every id over its columns; the outputs are concatenated in column
-    order. Every shard is looked up every batch, even with no ids, so each gets a
-    (possibly empty) gradient and its optimizer step count stays the table's.
+    Row-wise: the shards that live on one torch device share ONE weight (their rows
+    concatenated in row order; one :class:`RowBlock` with a :class:`Segment` per
+    shard), like :class:`TableBatchedBags`. The pooled sum of a bag is the sum of its
+    shards' partial sums, so when every shard lives on one device (always, in one
+    process without GPUs) the table is pooled by a single ``embedding_bag`` over the
+    unrouted ids: no routing, no partial sums to add. With shards on several devices,
+    ids are routed once (one ``bucketize``, one stable sort by device, one
+    ``bincount`` for every device's bag offsets), each device pools the ids it owns
+    per sample (an empty bag pools to zero) and the partial sums are added on the
+    output device. Gradients are kept pooled (:class:`PooledLookup`) for the row
+    optimizer. ``merge_devices=False`` keeps one weight per plan device instead (as
+    on a machine with a GPU per plan device; on the CPU it exercises the routed path).
+
+    Column-wise: one parameter per shard; every shard pools every id over its
+    columns; the outputs are concatenated in column order.
+
+    Every weight is looked up every batch, even with no ids, so each gets a (possibly
+    empty) gradient and its optimizer step count stays the table's.
     """
 
     def __init__(self, spec: TableSpec, index: int, placement: TablePlacement,
-                 output_device: torch.device, seed: int = 0) -> None:
+                 output_device: torch.device, seed: int = 0, *,
+                 merge_devices: bool = True) -> None:
         super().__init__()
         if placement.sharding not in (Sharding.ROW_WISE, Sharding.TABLE_ROW_WISE,
                                       Sharding.COLUMN_WISE):
@@ -331,18 +344,67 @@ class ShardedTable(nn.Module):
         self.placement = placement
         self.output_device = output_device
         self.column_wise = placement.sharding is Sharding.COLUMN_WISE
-        full = init_table(spec, index, seed)
+        shards = placement.shards
         dtype = TORCH_DTYPE[spec.dtype]
-        self.weights = nn.ParameterList()
-        for shard in placement.shards:
-            piece = full[shard.row_start:shard.row_end, shard.col_start:shard.col_end]
-            weight = empty_weight(shard.rows, shard.cols, dtype, shard.device)
-            weight.copy_(piece)
-            self.weights.append(nn.Parameter(weight))
+        self.parts = nn.ParameterList()
+        """Column-wise: one weight per shard. Row-wise: one weight per device group."""
+        if self.column_wise:
+            full = init_table(spec, index, seed)
+            for shard in shards:
+                weight = empty_weight(shard.rows, shard.cols, dtype, shard.device)
+                weight.copy_(full[shard.row_start:shard.row_end, shard.col_start:shard.col_end])
+                self.parts.append(nn.Parameter(weight))
+            return
+        # ---- row-wise: group the shards by device, one weight per group
+        keys: dict[object, int] = {}
+        self.shard_group: list[int] = []
+        """The group (weight) of every shard."""
+        self.shard_base: list[int] = []
+        """The first row of every shard in its group's weight."""
+        group_rows: list[int] = []
+        for shard in shards:
+            key = str(shard.device) if merge_devices else shard.plan_device
+            g = keys.setdefault(key, len(keys))
+            if g == len(group_rows):
+                group_rows.append(0)
+            self.shard_group.append(g)
+            self.shard_base.append(group_rows[g])
+            group_rows[g] += shard.rows
+        self.group_devices = [shards[self.shard_group.index(g)].device
+                              for g in range(len(group_rows))]
+        # a single group whose rows are the table's rows: ids need no routing
+        self.unrouted = len(group_rows) == 1 and all(
+            base == shard.row_start for shard, base in zip(shards, self.shard_base))
+        weights = [empty_weight(rows, spec.embedding_dim, dtype, device)
+                   for rows, device in zip(group_rows, self.group_devices)]
+        if self.unrouted:
+            _fill_init(weights[0], spec, index, seed)
+        else:
+            full = init_table(spec, index, seed)
+            for shard, g, base in zip(shards, self.shard_group, self.shard_base):
+                weights[g][base:base + shard.rows].copy_(full[shard.row_start:shard.row_end])
+        self.pending: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+        """Per group, its :class:`PooledLookup` gradients since the last ``zero_grad``."""
+        for weight in weights:
+            self.parts.append(nn.Parameter(weight))
+            self.pending.append([])
         # first row of every shard but the first: bucketize gives the owning shard
-        self.boundaries = torch.tensor([s.row_start for s in placement.shards[1:]],
-                                       dtype=torch.int64)
-        self.row_starts = [s.row_start for s in placement.shards]
+        self.boundaries = torch.tensor([s.row_start for s in shards[1:]], dtype=torch.int64)
+        self.shard_group_t = torch.tensor(self.shard_group, dtype=torch.int64)
+        self.shard_shift_t = torch.tensor([base - s.row_start
+                                           for s, base in zip(shards, self.shard_base)],
+                                          dtype=torch.int64)
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """Every shard's weight, in shard order: the parameters (column-wise) or views
+        of the group weights holding them (row-wise; no autograd history, writes go
+        through)."""
+        if self.column_wise:
+            return list(self.parts)
+        return [self.parts[g].detach()[base:base + shard.rows]
+                for shard, g, base in zip(self.placement.shards, self.shard_group,
+                                          self.shard_base)]
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """``ids``, ``offsets`` (``B + 1``) -> pooled ``[B, dim]`` float32 on the
@@ -351,25 +413,38 @@ class ShardedTable(nn.Module):
         if self.column_wise:
             outs = [F.embedding_bag(ids.to(w.device), w, offsets.to(w.device), mode="sum",
                                     sparse=True, include_last_offset=True)
-                    for w in self.weights]
+                    for w in self.parts]
             return torch.cat([o.to(self.output_device, torch.float32) for o in outs], dim=1)
+        if self.unrouted:
+            return self._lookup(0, ids, offsets[:-1]).to(self.output_device, torch.float32)
         batch = offsets.numel() - 1
-        bags = torch.repeat_interleave(torch.arange(batch, device=ids.device), offsets.diff(),
-                                       output_size=ids.numel())
-        owner = torch.bucketize(ids, self.boundaries.to(ids.device), right=True)
+        n = ids.numel()
+        device = ids.device
+        groups = len(self.parts)
+        owner = torch.bucketize(ids, self.boundaries.to(device), right=True)
+        local = ids + self.shard_shift_t.to(device)[owner]
+        group = self.shard_group_t.to(device)[owner]
+        bags = bag_of_ids(offsets[:-1], n)
+        # ids per (group, bag); the ids of a group stay in bag order (stable sort)
+        counts = torch.bincount(group * batch + bags, minlength=groups * batch).view(groups, batch)
+        starts = torch.cumsum(counts, 1) - counts  # [groups, batch]
+        local = local[torch.sort(group, stable=True).indices]
+        sizes = counts.sum(1).tolist()
         total = None
-        for s, weight in enumerate(self.weights):
-            mine = owner == s
-            local = ids[mine] - self.row_starts[s]
-            counts = torch.bincount(bags[mine], minlength=batch)
-            shard_offsets = torch.zeros(batch + 1, dtype=torch.int64, device=ids.device)
-            torch.cumsum(counts, 0, out=shard_offsets[1:])
-            out = F.embedding_bag(local.to(weight.device), weight, shard_offsets.to(weight.device),
-                                  mode="sum", sparse=True, include_last_offset=True)
-            out = out.to(self.output_device, torch.float32)
-            total = out if total is None else total + out
+        for g, group_ids in enumerate(torch.split(local, sizes)):
+            out = self._lookup(g, group_ids, starts[g]).to(self.output_device, torch.float32)
+            total = out if total is None else total.add_(out)  # no saved tensor is changed
         assert total is not None
         return total
+
+    def _lookup(self, g: int, ids: torch.Tensor, bag_offsets: torch.Tensor) -> torch.Tensor:
+        """Group ``g``'s sum-pooled lookup of its (local) ``ids``, bags starting at
+        ``bag_offsets``, on the group's device."""
+        weight = self.parts[g]
+        ids, bag_offsets = ids.to(weight.device), bag_offsets.to(weight.device)
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return PooledLookup.apply(weight, ids, bag_offsets, self.pending[g])
+        return F.embedding_bag(ids, weight, bag_offsets, mode="sum")
 
     def full_weight(self) -> torch.Tensor:
         """The whole table assembled from its shards: a copy on the output device."""
@@ -381,11 +456,21 @@ class ShardedTable(nn.Module):
         return full
 
     def row_blocks(self) -> list[RowBlock]:
-        group = self.spec.name if self.column_wise and len(self.weights) > 1 else None
-        return [RowBlock(weight, self.spec.optimizer,
-                         (Segment(self.spec.name, 0, s.row_start, s.rows, s.col_start, s.cols),),
-                         self.spec.embedding_dim, group)
-                for s, weight in zip(self.placement.shards, self.weights)]
+        shards = self.placement.shards
+        if self.column_wise:
+            group = self.spec.name if len(self.parts) > 1 else None
+            return [RowBlock(weight, self.spec.optimizer,
+                             (Segment(self.spec.name, 0, s.row_start, s.rows, s.col_start, s.cols),),
+                             self.spec.embedding_dim, group)
+                    for s, weight in zip(shards, self.parts)]
+        blocks = []
+        for g, weight in enumerate(self.parts):
+            segments = tuple(Segment(self.spec.name, base, s.row_start, s.rows, 0, s.cols)
+                             for s, sg, base in zip(shards, self.shard_group, self.shard_base)
+                             if sg == g)
+            blocks.append(RowBlock(weight, self.spec.optimizer, segments, self.spec.embedding_dim,
+                                   pending=self.pending[g]))
+        return blocks
 
 
 # ---------------------------------------------------------------- all tables

@@ -329,3 +329,54 @@ def test_equal_length_tables_take_the_broadcast_path() -> None:
     ids[1][5] = 1000
     with pytest.raises(IndexError, match="table 't1': id 1000 outside 0..999"):
         embeddings(SparseBatch(tuple(ids), batch.sparse.offsets))
+
+
+@pytest.mark.parametrize("sharding", [Sharding.ROW_WISE, Sharding.TABLE_ROW_WISE])
+@pytest.mark.parametrize("merge", [True, False])
+def test_row_wise_tables_pool_once_or_route_per_device(sharding: Sharding, merge: bool) -> None:
+    """Row shards on one device share one weight pooled by one lookup (``merge``); one
+    weight per plan device (as with a GPU each) routes the ids. Both look up, take
+    gradients and train like the whole table, including devices that see no ids."""
+    from dlrm_runtime.optim import RowOptimizer
+    from dlrm_runtime.sharding import placements_from_plan
+
+    spec, _, plan = _plans(sharding)
+    placements = placements_from_plan(plan)
+    whole = embeddings_in_memory(spec, seed=5)
+    data = SyntheticClicks(spec, seed=5)
+    batches = [_lopsided_batch(spec), *(data.batch(i, 16) for i in range(3))]
+    for index, t in enumerate(spec.tables):
+        placement = placements[t.name]
+        table = ShardedTable(t, index, placement, CPU, seed=5, merge_devices=merge)
+        blocks = table.row_blocks()
+        devices = {s.plan_device for s in placement.shards}
+        assert table.unrouted == merge and len(blocks) == (1 if merge else len(devices))
+        assert sum(len(b.segments) for b in blocks) == len(placement.shards)
+        assert [tuple(w.shape) for w in table.weights] == [(s.rows, t.embedding_dim)
+                                                           for s in placement.shards]
+        assert torch.equal(table.full_weight(), whole.weight(t.name))
+        plain = torch.nn.Parameter(whole.weight(t.name).clone())
+        opt, plain_opt = RowOptimizer.for_blocks(blocks, lr=0.3), RowOptimizer([t], [plain], lr=0.3)
+        for step, batch in enumerate(batches):
+            ids, offsets = batch.sparse.ids[index], batch.sparse.offsets[index]
+            opt.zero_grad()
+            plain_opt.zero_grad()
+            out = table(ids, offsets)
+            expected = F.embedding_bag(ids, plain, offsets, mode="sum", sparse=True,
+                                       include_last_offset=True)
+            torch.testing.assert_close(out, expected.detach())
+            with torch.no_grad():
+                torch.testing.assert_close(table(ids, offsets), expected.detach())
+            target = torch.randn(out.shape, generator=torch.Generator().manual_seed(step))
+            ((out - target) ** 2).sum().backward()
+            ((expected - target) ** 2).sum().backward()
+            grad = torch.zeros_like(plain)
+            for block in blocks:
+                dense = block.sparse_grad().to_dense()
+                for seg in block.segments:
+                    grad[seg.row_start:seg.row_start + seg.rows] = \
+                        dense[seg.block_row:seg.block_row + seg.rows]
+            torch.testing.assert_close(grad, plain.grad.to_dense())
+            opt.step()
+            plain_opt.step()
+            torch.testing.assert_close(table.full_weight(), plain.detach(), atol=1e-6, rtol=1e-5)

@@ -3,7 +3,8 @@
 Every figure is an effective rate for the operation the cost model charges, in GB/s
 (1e9 bytes/s) of embedding-row bytes moved:
 
-- device gather: ``index_select`` of random rows of a table on the compute device;
+- device gather: ``index_select`` of random rows of a table on the compute device
+  (logged; the topology's ``hbm_gbps`` is the runtime's embedding step rate below);
 - host gather: numpy ``take`` of random rows in host memory;
 - host-to-device: copying a gathered block to the device (a memory copy on a CPU-only
   machine);
@@ -24,6 +25,7 @@ Each is the median of a few repetitions after a warm-up.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import platform
 import socket
@@ -68,8 +70,11 @@ class CalibrationSizes:
     mlp_batch: int = 2048
     mlp_width: int = 512
     mlp_layers: int = 3
-    overhead_rows: int = 200_000
-    """Rows of the probe table (dim 16) of the runtime-overhead probes."""
+    overhead_batches: int = 24
+    """Batches of the runtime probes: half warm up (and fill the cache), half are timed."""
+    overhead_rows: int = 1_000_000
+    """Rows of the probe table (dim 16, 64 MB: beyond the CPU caches) of the runtime
+    probes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +92,8 @@ class Calibration:
     dense_gflops: float = 0.0
     dense_gbps: float = 0.0
     shard_overhead_ms: float = 0.0
-    cache_ns_per_lookup: float = 0.0
+    cache_shard_overhead_ms: float = 0.0
+    cache_ns_per_miss: float = 0.0
     threads: int = 1
     """torch CPU threads during the probes."""
 
@@ -117,7 +123,7 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     ids = torch.from_numpy(rng.integers(0, sizes.rows, sizes.batch_rows)).to(device)
     seconds = _median_seconds(lambda: torch.index_select(table, 0, ids), sizes.repeats, sync)
     device_gbps = block / seconds / GB
-    log(f"device gather ({device.type}): {device_gbps:.2f} GB/s")
+    log(f"device gather ({device.type}, index_select): {device_gbps:.2f} GB/s")
 
     host = np.random.default_rng(1).random((sizes.rows, sizes.dim), dtype=np.float32)
     host_ids = rng.integers(0, sizes.rows, sizes.batch_rows)
@@ -142,17 +148,21 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     read_gbps, write_gbps = _store_rates(sizes, store_dir, rng)
     log(f"store: read {read_gbps:.3f} GB/s, write {write_gbps:.3f} GB/s (random rows)")
 
-    shard_ms, cache_ns = _runtime_overheads(sizes, device, sync, store_dir, read_gbps, write_gbps)
-    log(f"runtime: {shard_ms:.3f} ms per extra shard, {cache_ns:.0f} ns of cache bookkeeping "
-        f"per cached lookup")
+    step_gbps, shard_ms, cache_shard_ms, cache_ns = _runtime_overheads(
+        sizes, device, sync, store_dir, read_gbps, write_gbps)
+    log(f"runtime: embedding step {step_gbps:.2f} GB/s (used as the device rate), "
+        f"{shard_ms:.3f} ms per extra shard, {cache_shard_ms:.3f} ms per cached shard, "
+        f"{cache_ns:.0f} ns of cache work "
+        f"per cache miss")
 
     a2a, backend = (None, "none")
     if network:
         a2a, backend = _all_to_all_gbps(sizes.all_to_all_bytes, sizes.repeats)
         log(f"all-to-all ({backend}, 2 processes): {a2a:.2f} GB/s")
-    return Calibration(str(device), device_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps, a2a,
+    return Calibration(str(device), step_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps, a2a,
                        backend, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                       dense_gflops, dense_gbps, shard_ms, cache_ns, torch.get_num_threads())
+                       dense_gflops, dense_gbps, shard_ms, cache_shard_ms, cache_ns,
+                       torch.get_num_threads())
 
 
 def _dense_rates(sizes: CalibrationSizes, device: torch.device,
@@ -201,18 +211,26 @@ def _dense_rates(sizes: CalibrationSizes, device: torch.device,
 
 def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Callable[[], None],
                        store_dir: str | Path | None, read_gbps: float,
-                       write_gbps: float) -> tuple[float, float]:
-    """(ms per shard, ns per looked-up id of a cached shard) that this runtime spends
-    beyond moving bytes, from training steps of its own embedding modules on one probe
-    table (Zipf ids, one per sample): whole, in 4 row shards, and cached over the store
-    (5 % of its rows in the cache). Both are the excess over the whole table's step;
-    the cached one minus its misses' store traffic at the measured rates."""
+                       write_gbps: float) -> tuple[float, float, float, float]:
+    """(GB/s, ms per shard, ms per cached shard, ns per cache miss) of this runtime's
+    own embedding modules,
+    from training steps (lookup, backward, SGD update) on one probe table (Zipf ids
+    spread over the rows, one per sample): whole, in 4 row shards, and cached over the
+    store (5 % of its rows in the cache, in 1 and in 4 row shards). GB/s: the bytes the cost model charges for
+    the whole table's step (the rows read by the lookup, read and written by the
+    update: 3 x the looked-up bytes) over its time. The overheads are the excess over
+    the whole table's step: per extra shard; per extra cached shard (4 caches against
+    1 over the same rows and slots); per miss, the single cache's excess less its
+    misses' store traffic at the measured rates and its per-shard part."""
     rows, dim, batch = sizes.overhead_rows, 16, 2 * sizes.mlp_batch
     spec = TableSpec("probe", rows, dim, 1.0)
     tables = TablesSpec((spec,))
-    ranks = ZipfSampler(rows, 1.05).ranks(np.random.default_rng(2).random((8, batch)))
-    batches = [SparseBatch((torch.from_numpy(r % rows),),
-                           (torch.arange(batch + 1, dtype=torch.int64),)) for r in ranks]
+    rng = np.random.default_rng(2)
+    # hot rows spread over the table, as hashed categorical values are
+    ranks = ZipfSampler(rows, 1.05).ranks(rng.random((sizes.overhead_batches, batch)))
+    permuted = (ranks * 7919 + 13) % rows if math.gcd(7919, rows) == 1 else ranks
+    batches = [SparseBatch((torch.from_numpy(r),), (torch.arange(batch + 1, dtype=torch.int64),))
+               for r in permuted]
 
     def shards(count: int, tier: Tier = Tier.HBM, cache_rows: int = 0) -> TablePlacement:
         cuts = [rows * k // count for k in range(count + 1)]
@@ -220,33 +238,50 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
                               tuple(ShardPlacement(0, device, lo, hi, 0, dim, tier, cache_rows)
                                     for lo, hi in zip(cuts, cuts[1:])))
 
-    def step_seconds(embeddings: InMemoryEmbeddings) -> float:
+    def step_seconds(embeddings: InMemoryEmbeddings) -> tuple[float, float]:
+        """Mean seconds per step over the probe batches after a warm-up pass, and the
+        cache misses per step in them (0 without a cache)."""
         optimizer = RowOptimizer.for_blocks(embeddings.row_blocks(), 0.01)
-        turn = iter(range(1 << 30))
 
-        def step() -> None:
+        def step(batch: SparseBatch) -> None:
             optimizer.zero_grad()
-            embeddings.forward_stacked(batches[next(turn) % len(batches)]).sum().backward()
+            embeddings.forward_stacked(batch).sum().backward()
             optimizer.step()
 
-        return _median_seconds(step, sizes.repeats, sync)
+        for batch in batches[:len(batches) // 2]:
+            step(batch)
+        before = (embeddings.cache_stats() or {}).get("misses", 0.0)
+        timed = batches[len(batches) // 2:]
+        sync()
+        start = time.perf_counter()
+        for batch in timed:
+            step(batch)
+        sync()
+        seconds = (time.perf_counter() - start) / len(timed)
+        misses = ((embeddings.cache_stats() or {}).get("misses", 0.0) - before) / len(timed)
+        return seconds, misses
 
-    whole = step_seconds(InMemoryEmbeddings(tables, {"probe": shards(1)}, device))
-    split = step_seconds(InMemoryEmbeddings(tables, {"probe": shards(4)}, device))
+    whole, _ = step_seconds(InMemoryEmbeddings(tables, {"probe": shards(1)}, device))
+    split, _ = step_seconds(InMemoryEmbeddings(tables, {"probe": shards(4)}, device))
     shard_ms = max(0.0, (split - whole) / 3 * 1e3)
-    with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
-        cached = InMemoryEmbeddings(tables, {"probe": shards(1, Tier.STORE_CACHE, rows // 20)},
-                                    device, store_dir=tmp, embedding_lr=0.01)
-        try:
-            seconds = step_seconds(cached)
-            stats = cached.cache_stats() or {}
-        finally:
-            cached.close()
-    accesses = max(1.0, stats.get("accesses", 1.0))
-    misses_per_step = stats.get("misses", 0.0) / accesses * batch
-    traffic = misses_per_step * dim * 4 * (1 / (read_gbps * GB) + 1 / (write_gbps * GB))
-    cache_ns = max(0.0, (seconds - whole - traffic) / batch * 1e9)
-    return shard_ms, cache_ns
+    measured = []
+    for count in (1, 4):  # the same rows and cache slots in 1 and in 4 cached shards
+        with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
+            placement = shards(count, Tier.STORE_CACHE, rows // 20 // count)
+            cached = InMemoryEmbeddings(tables, {"probe": placement}, device, store_dir=tmp,
+                                        embedding_lr=0.01)
+            try:
+                measured.append(step_seconds(cached))
+            finally:
+                cached.close()
+    (one, misses), (four, _) = measured
+    cache_shard_ms = max(0.0, (four - one) / 3 * 1e3 - shard_ms)
+    misses = max(1.0, misses)
+    traffic = misses * dim * 4 * (1 / (read_gbps * GB) + 1 / (write_gbps * GB))
+    excess = one - whole - traffic - cache_shard_ms / 1e3
+    cache_ns = max(0.0, excess / misses * 1e9)
+    step_gbps = 3 * batch * dim * 4 / whole / GB
+    return step_gbps, shard_ms, cache_shard_ms, cache_ns
 
 
 def _store_rates(sizes: CalibrationSizes, store_dir: str | Path | None,
@@ -341,7 +376,8 @@ def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float
         device=DeviceSpec(round(hbm_gb, 3), round(cal.device_gather_gbps, 3),
                           round(cal.dense_gflops, 2) if cal.dense_gflops > 0 else None,
                           round(cal.dense_gbps, 3) if cal.dense_gbps > 0 else None,
-                          round(cal.shard_overhead_ms, 4), round(cal.cache_ns_per_lookup, 1)),
+                          round(cal.shard_overhead_ms, 4), round(cal.cache_shard_overhead_ms, 4),
+                          round(cal.cache_ns_per_miss, 1)),
         host=HostSpec(round(dram_gb, 3), round(cal.host_gather_gbps, 3), round(cal.h2d_gbps, 3)),
         store=StoreSpec(round(cal.store_read_gbps, 4), round(cal.store_write_gbps, 4)),
         network=NetworkSpec(round(network, 3), round(inter_host_gbps or network, 3)),

@@ -174,7 +174,7 @@ class TablesSpec:
 
 DENSE_RATES = ("dense_gflops", "dense_gbps")
 """Optional measured device rates that predict the dense part of a step."""
-OVERHEADS = ("shard_overhead_ms", "cache_ns_per_lookup")
+OVERHEADS = ("shard_overhead_ms", "cache_shard_overhead_ms", "cache_ns_per_miss")
 """Optional measured fixed costs of the runtime (0: none, as on a datasheet)."""
 
 
@@ -192,9 +192,13 @@ class DeviceSpec:
     shard_overhead_ms: float = 0.0
     """Time per shard per step beyond moving its bytes (dispatch, id routing, kernel
     launches), measured by ``dlrm-plan calibrate`` on this runtime; a planning input."""
-    cache_ns_per_lookup: float = 0.0
-    """Row-cache bookkeeping (index probes, slot management) per looked-up id of a
-    cached shard, measured likewise; a planning input."""
+    cache_shard_overhead_ms: float = 0.0
+    """Time per cached shard per step beyond an in-memory shard's (the row cache's
+    per-call work: index probes, slot bookkeeping, its fused update), measured
+    likewise; a planning input."""
+    cache_ns_per_miss: float = 0.0
+    """Row-cache work per miss of a cached shard beyond moving its bytes (fetch,
+    install, eviction, write-back bookkeeping), measured likewise; a planning input."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -179,7 +179,7 @@ def test_calibrate_writes_a_topology_the_planner_uses(tmp_path: Path, tables_fil
     assert topology.store.read_gbps > 0 and topology.network.intra_host_gbps > 0
     assert topology.device.dense_gflops > 0 and "dense MLP" in err
     assert "per extra shard" in err and topology.device.shard_overhead_ms >= 0
-    assert topology.device.cache_ns_per_lookup >= 0
+    assert topology.device.cache_ns_per_miss >= 0
     plan_file = tmp_path / "plan.json"
     assert plan_cli.main(["--tables", str(tables_file), "--topology", str(out), "-o",
                           str(plan_file), "-q"]) == ExitCode.OK

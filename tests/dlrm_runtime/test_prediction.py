@@ -107,7 +107,7 @@ def test_measured_overheads_are_charged_per_shard_and_per_cached_lookup() -> Non
 
     doc = small_topology_doc()
     plain = parse_topology(doc)
-    doc["device"]["shard_overhead_ms"], doc["device"]["cache_ns_per_lookup"] = 0.5, 100.0
+    doc["device"]["shard_overhead_ms"], doc["device"]["cache_ns_per_miss"] = 0.5, 100.0
     measured = parse_topology(doc)
     assert parse_topology(measured.to_json()) == measured
     assert "shard_overhead_ms" not in plain.to_json()["device"]  # old files stay valid
@@ -120,8 +120,9 @@ def test_measured_overheads_are_charged_per_shard_and_per_cached_lookup() -> Non
     lookups = plain.global_batch_size * 2.0
     assert model.cost(hbm, measured).lookup_ms == pytest.approx(
         model.cost(hbm, plain).lookup_ms + 0.5)
+    misses = lookups * (1 - cached.hit_rate)
     assert model.cost(cached, measured).lookup_ms == pytest.approx(
-        model.cost(cached, plain).lookup_ms + 0.5 + lookups * 100e-6)
+        model.cost(cached, plain).lookup_ms + 0.5 + misses * 100e-6)
     with pytest.raises(Exception, match="shard_overhead_ms"):
         doc["device"]["shard_overhead_ms"] = -1
         parse_topology(doc)

@@ -77,6 +77,9 @@ def measured_vs_predicted(measured: dict, predicted: dict) -> str:
         m, p = measured.get(m_key), predicted.get(p_key)
         shown_p = "unknown" if p is None else f"{p:.3f}"
         lines.append(f"  {label:<35}{m:>9.3f}  {shown_p:>9}  {_ratio(m, p):>5}")
+    if not predicted.get("calibrated", True):
+        lines.append("  (the plan's topology is not calibrated: its rates describe other hardware; "
+                     "plan with a topology from dlrm-plan calibrate to predict this machine)")
     if predicted.get("dense_ms") is None:
         lines.append("  (no dense prediction: the plan's topology has no device.dense_gflops; "
                      "measure it with dlrm-plan calibrate)")

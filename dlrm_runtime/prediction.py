@@ -38,6 +38,9 @@ class StepPrediction:
     devices: tuple[int, ...]
     """The plan devices this process executes."""
     cost_model: str
+    calibrated: bool = False
+    """Whether the plan's topology was measured (``dlrm-plan calibrate``) rather than
+    written from datasheets: only then should it match this machine."""
 
     @property
     def step_ms(self) -> float | None:
@@ -49,7 +52,8 @@ class StepPrediction:
         return {"lookup_ms": self.lookup_ms, "communication_ms": self.communication_ms,
                 "update_ms": self.update_ms, "dense_ms": self.dense_ms, "step_ms": self.step_ms,
                 "hbm_bytes": self.hbm_bytes, "dram_bytes": self.dram_bytes,
-                "devices": list(self.devices), "cost_model": self.cost_model}
+                "devices": list(self.devices), "cost_model": self.cost_model,
+                "calibrated": self.calibrated}
 
 
 def plan_cost_model(plan: Plan) -> tuple[CostModel, str]:
@@ -146,4 +150,5 @@ def predict_step(plan: Plan, config: ModelConfig, batch_size: int,
         samples = round(batch_size * len(devices) / world)
         dims = [t.embedding_dim for t in plan.tables_spec.tables]
         dense = dense_ms(config, dims, samples, gflops, topology.device.dense_gbps)
-    return StepPrediction(lookup, comm, update, dense, hbm, dram, devices, name)
+    return StepPrediction(lookup, comm, update, dense, hbm, dram, devices, name,
+                          bool(plan.topology.calibration))

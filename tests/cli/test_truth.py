@@ -91,7 +91,7 @@ def test_show_measured_puts_the_run_beside_the_plan(tmp_path: Path, tables_file:
     assert plan_cli.main(["show", str(plan), "--measured", str(log)]) == ExitCode.OK
     out = capsys.readouterr().out
     assert "measured by dlrm-run at step 5" in out and "update (emb. backward+optimizer)" in out
-    assert "no dense prediction" in out
+    assert "no dense prediction" in out and "not calibrated" in out
 
     other = tmp_path / "other.json"
     assert plan_cli.main(["--tables", str(tables_file), "--topology", str(topology_file),

@@ -33,6 +33,7 @@ import pickle
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from dlrm_runtime.config import ModelConfig, TrainConfig
-from dlrm_runtime.embeddings import TORCH_DTYPE
+from dlrm_runtime.embeddings import TORCH_DTYPE, Segment
 from dlrm_runtime.errors import CheckpointError
 from dlrm_runtime.optim import RowOptimizer
 from planner import Plan, TablesSpec
@@ -186,32 +187,54 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- embedding tables
 
 
+TablePiece = tuple[Segment, torch.Tensor, dict[str, torch.Tensor]]
+"""One segment of a block: its rows of the weight and of each optimizer state tensor."""
+
+
+def table_pieces(row_opt: RowOptimizer, skip: set[int] = frozenset()) -> list[TablePiece]:
+    """Every segment of the row optimizer's blocks with its rows (copies on the CPU),
+    except blocks whose weight's ``id`` is in ``skip``."""
+    pieces = []
+    for block, state in zip(row_opt.blocks, row_opt.state):
+        if id(block.weight) in skip:
+            continue
+        weight = block.weight.detach()
+        for seg in block.segments:
+            rows = slice(seg.block_row, seg.block_row + seg.rows)
+            pieces.append((seg, weight[rows].cpu().clone(),
+                           {key: tensor[rows].cpu().clone() for key, tensor in state.items()}))
+    return pieces
+
+
+def assemble_tables(tables: TablesSpec, pieces: Iterable[TablePiece]
+                    ) -> dict[str, dict[str, torch.Tensor]]:
+    """Per table: the whole ``weight`` and optimizer state, put together from its pieces."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    specs = {spec.name: spec for spec in tables.tables}
+    for seg, weight, state in pieces:
+        spec = specs[seg.table]
+        entry = out.get(seg.table)
+        if entry is None:
+            shape = (spec.num_embeddings, spec.embedding_dim)
+            entry = {"weight": torch.empty(shape, dtype=TORCH_DTYPE[spec.dtype])}
+            for key, tensor in state.items():
+                entry[key] = torch.empty(shape[:tensor.dim()], dtype=tensor.dtype)
+            out[seg.table] = entry
+        rows = slice(seg.row_start, seg.row_start + seg.rows)
+        cols = slice(seg.col_start, seg.col_start + seg.cols)
+        entry["weight"][rows, cols] = weight
+        for key, tensor in state.items():
+            if tensor.dim() == 1:  # per row; column shards hold identical copies
+                entry[key][rows] = tensor
+            else:
+                entry[key][rows, cols] = tensor
+    return out
+
+
 def export_tables(tables: TablesSpec, row_opt: RowOptimizer) -> dict[str, dict[str, torch.Tensor]]:
     """Per table: the whole ``weight`` and optimizer state, on the CPU, assembled from
     the blocks (whole tables, batched tables, shards) that hold them."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    specs = {spec.name: spec for spec in tables.tables}
-    for block, state in zip(row_opt.blocks, row_opt.state):
-        weight = block.weight.detach()
-        for seg in block.segments:
-            spec = specs[seg.table]
-            entry = out.get(seg.table)
-            if entry is None:
-                shape = (spec.num_embeddings, spec.embedding_dim)
-                entry = {"weight": torch.empty(shape, dtype=TORCH_DTYPE[spec.dtype])}
-                for key, tensor in state.items():
-                    entry[key] = torch.empty(shape[:tensor.dim()], dtype=tensor.dtype)
-                out[seg.table] = entry
-            rows_b = slice(seg.block_row, seg.block_row + seg.rows)
-            rows_t = slice(seg.row_start, seg.row_start + seg.rows)
-            cols_t = slice(seg.col_start, seg.col_start + seg.cols)
-            entry["weight"][rows_t, cols_t] = weight[rows_b].cpu()
-            for key, tensor in state.items():
-                if tensor.dim() == 1:  # per row; column shards hold identical copies
-                    entry[key][rows_t] = tensor[rows_b].cpu()
-                else:
-                    entry[key][rows_t, cols_t] = tensor[rows_b].cpu()
-    return out
+    return assemble_tables(tables, table_pieces(row_opt))
 
 
 def import_tables(saved: dict[str, dict[str, torch.Tensor]], row_opt: RowOptimizer,

@@ -42,10 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dlrm_runtime.checkpoint import (
-    FORMAT_VERSION,
-    import_tables,
-)
+from dlrm_runtime.checkpoint import assemble_tables, table_pieces
 from dlrm_runtime.collectives import (
     ProcessGroupInfo,
     all_to_all,
@@ -63,7 +60,6 @@ from dlrm_runtime.embeddings import (
     init_table,
 )
 from dlrm_runtime.errors import (
-    CheckpointError,
     ConfigError,
     PlanMismatchError,
 )
@@ -80,7 +76,9 @@ from dlrm_runtime.train import (
     ProgressFactory,
     TrainResult,
     _dense_optimizer,
+    checkpoint_state,
     data_for,
+    restore_state,
     run_loop,
 )
 from planner import Optimizer, Plan, Sharding, TableSpec, Tier
@@ -591,40 +589,15 @@ class DistributedTrainer:
     def gather_tables(self) -> dict[str, dict[str, torch.Tensor]] | None:
         """Every table whole with its optimizer state, on rank 0 (None elsewhere), as
         :func:`dlrm_runtime.checkpoint.export_tables` lays it out. A collective."""
-        replicas = self.embeddings.replica_weights()
-        pieces = []
-        for block, state in zip(self.row_opt.blocks, self.row_opt.state):
-            if id(block.weight) in replicas and self.rank != 0:
-                continue  # identical on every rank: rank 0's copy
-            weight = block.weight.detach()
-            for seg in block.segments:
-                rows = slice(seg.block_row, seg.block_row + seg.rows)
-                pieces.append((seg, weight[rows].cpu().clone(),
-                               {key: tensor[rows].cpu().clone() for key, tensor in state.items()}))
+        # replicas are identical on every rank: rank 0's copy
+        skip = self.embeddings.replica_weights() if self.rank != 0 else set()
+        pieces = table_pieces(self.row_opt, skip)
         gathered: list[Any] | None = [None] * self.world if self.rank == 0 else None
         dist.gather_object(pieces, gathered, dst=0)
         if gathered is None:
             return None
-        specs = {spec.name: spec for spec in self.plan.tables_spec.tables}
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for seg, weight, state in (piece for rank_pieces in gathered for piece in rank_pieces):
-            spec = specs[seg.table]
-            entry = out.get(seg.table)
-            if entry is None:
-                shape = (spec.num_embeddings, spec.embedding_dim)
-                entry = {"weight": torch.empty(shape, dtype=TORCH_DTYPE[spec.dtype])}
-                for key, tensor in state.items():
-                    entry[key] = torch.empty(shape[:tensor.dim()], dtype=tensor.dtype)
-                out[seg.table] = entry
-            rows = slice(seg.row_start, seg.row_start + seg.rows)
-            cols = slice(seg.col_start, seg.col_start + seg.cols)
-            entry["weight"][rows, cols] = weight
-            for key, tensor in state.items():
-                if tensor.dim() == 1:  # per row; column shards hold identical copies
-                    entry[key][rows] = tensor
-                else:
-                    entry[key][rows, cols] = tensor
-        return out
+        return assemble_tables(self.plan.tables_spec,
+                               (piece for rank_pieces in gathered for piece in rank_pieces))
 
     def state(self, step: int, run_fingerprint: dict, recent: list[float]) -> dict | None:
         """On rank 0, what :meth:`dlrm_runtime.train.Trainer.state` returns for the same
@@ -632,35 +605,12 @@ class DistributedTrainer:
         tables = self.gather_tables()
         if self.rank != 0:
             return None
-        return {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "fingerprint": run_fingerprint,
-            "dense": {"bottom": self.model.bottom.state_dict(), "top": self.model.top.state_dict()},
-            "dense_optimizer": self.dense_opt.state_dict(),
-            "tables": tables,
-            "row_optimizer_steps": self.row_opt.steps,
-            "recent_losses": list(recent),
-            "torch_rng": torch.get_rng_state(),
-        }
+        return checkpoint_state(self, tables, step, run_fingerprint, recent)
 
     def restore(self, state: dict, path: Path) -> None:
         """Load a checkpoint (fingerprint already checked) into this rank's part; this
         config's learning rates apply from here on."""
-        try:
-            self.model.bottom.load_state_dict(state["dense"]["bottom"])
-            self.model.top.load_state_dict(state["dense"]["top"])
-            self.dense_opt.load_state_dict(state["dense_optimizer"])
-            import_tables(state["tables"], self.row_opt, path)
-            self.row_opt.steps = int(state["row_optimizer_steps"])
-            torch.set_rng_state(state["torch_rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from None
-        for group in self.dense_opt.param_groups:
-            group["lr"] = self.config.lr
-        self.row_opt.lr = self.config.embedding_lr
+        restore_state(self, state, path)
 
 
 # ---------------------------------------------------------------- evaluation and the loop

@@ -188,36 +188,52 @@ class Trainer:
 
     def state(self, plan: Plan, step: int, fingerprint: dict, recent: list[float]) -> dict:
         """Everything a checkpoint holds to continue exactly after ``step`` steps."""
-        return {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "fingerprint": fingerprint,
-            "dense": {"bottom": self.model.bottom.state_dict(), "top": self.model.top.state_dict()},
-            "dense_optimizer": self.dense_opt.state_dict(),
-            "tables": export_tables(plan.tables_spec, self.row_opt),
-            "row_optimizer_steps": self.row_opt.steps,
-            "recent_losses": list(recent),
-            "torch_rng": torch.get_rng_state(),
-        }
+        return checkpoint_state(self, export_tables(plan.tables_spec, self.row_opt), step,
+                                fingerprint, recent)
 
     def restore(self, state: dict, path: Path) -> None:
         """Load a checkpoint's state (fingerprint already checked); this config's
         learning rates apply from here on."""
-        try:
-            self.model.bottom.load_state_dict(state["dense"]["bottom"])
-            self.model.top.load_state_dict(state["dense"]["top"])
-            self.dense_opt.load_state_dict(state["dense_optimizer"])
-            import_tables(state["tables"], self.row_opt, path)
-            self.row_opt.steps = int(state["row_optimizer_steps"])
-            torch.set_rng_state(state["torch_rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from None
-        for group in self.dense_opt.param_groups:
-            group["lr"] = self.config.lr
-        self.row_opt.lr = self.config.embedding_lr
-        _set_cached_lr(self.model, self.config.embedding_lr)
+        restore_state(self, state, path)
+
+
+def checkpoint_state(trainer: Trainer | Stepper, tables: dict, step: int, fingerprint: dict,
+                     recent: list[float]) -> dict:
+    """A checkpoint of ``trainer`` (:class:`Trainer` or a distributed one) after ``step``
+    steps, with its ``tables`` assembled whole (placement-independent)."""
+    model = trainer.model
+    return {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "fingerprint": fingerprint,
+        "dense": {"bottom": model.bottom.state_dict(), "top": model.top.state_dict()},
+        "dense_optimizer": trainer.dense_opt.state_dict(),
+        "tables": tables,
+        "row_optimizer_steps": trainer.row_opt.steps,
+        "recent_losses": list(recent),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def restore_state(trainer: Trainer | Stepper, state: dict, path: Path) -> None:
+    """Load a checkpoint (fingerprint already checked) into ``trainer``'s model and
+    optimizers; its config's learning rates apply from here on."""
+    model, config = trainer.model, trainer.config
+    try:
+        model.bottom.load_state_dict(state["dense"]["bottom"])
+        model.top.load_state_dict(state["dense"]["top"])
+        trainer.dense_opt.load_state_dict(state["dense_optimizer"])
+        import_tables(state["tables"], trainer.row_opt, path)
+        trainer.row_opt.steps = int(state["row_optimizer_steps"])
+        torch.set_rng_state(state["torch_rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from None
+    for group in trainer.dense_opt.param_groups:
+        group["lr"] = config.lr
+    trainer.row_opt.lr = config.embedding_lr
+    _set_cached_lr(model, config.embedding_lr)
 
 
 def _set_cached_lr(model: DLRM, lr: float) -> None:
@@ -353,6 +369,8 @@ class Stepper(Protocol):
     :class:`~dlrm_runtime.distributed.DistributedTrainer`."""
 
     model: DLRM
+    config: TrainConfig
+    dense_opt: torch.optim.Optimizer
     row_opt: RowOptimizer
     device: torch.device
 

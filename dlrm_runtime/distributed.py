@@ -63,7 +63,7 @@ from dlrm_runtime.errors import (
     ConfigError,
     PlanMismatchError,
 )
-from dlrm_runtime.memory import empty_weight, tune_malloc
+from dlrm_runtime.memory import empty_weight
 from dlrm_runtime.metrics import accuracy, roc_auc
 from dlrm_runtime.model import DLRM
 from dlrm_runtime.optim import RowOptimizer
@@ -80,6 +80,7 @@ from dlrm_runtime.train import (
     data_for,
     restore_state,
     run_loop,
+    torch_settings,
 )
 from planner import Optimizer, Plan, Sharding, TableSpec, Tier
 
@@ -667,18 +668,8 @@ def train_distributed(
     otherwise what :func:`dlrm_runtime.train` raises, on every rank alike.
     """
     config.check()
-    tune_malloc()
-    threads = torch.get_num_threads()
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-    try:
+    with torch_settings(config):
         return _train_distributed(plan, model_config, config, data, progress, metrics_log)
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(threads)
 
 
 def _train_distributed(plan: Plan, model_config: ModelConfig, config: TrainConfig,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Protocol
@@ -294,6 +294,14 @@ def train(
     deterministic flag on return.
     """
     config.check()
+    with torch_settings(config):
+        return _train(plan, model_config, config, data, progress, metrics_log, timing_every)
+
+
+@contextlib.contextmanager
+def torch_settings(config: TrainConfig) -> Iterator[None]:
+    """Apply the config's thread count and deterministic mode (and tune glibc's malloc,
+    see :func:`dlrm_runtime.memory.tune_malloc`); restore torch's settings on exit."""
     tune_malloc()
     threads = torch.get_num_threads()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -302,7 +310,7 @@ def train(
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     try:
-        return _train(plan, model_config, config, data, progress, metrics_log, timing_every)
+        yield
     finally:  # leave the process as it was
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)

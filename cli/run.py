@@ -190,7 +190,7 @@ def _criteo(args: argparse.Namespace, plan: Plan, verbose: bool) -> CriteoClicks
         note = (f", {header.malformed} malformed lines skipped (--strict stops at the first)"
                 if header.malformed else "")
         if verbose:
-                print(f"{what}: {len(cache):,} samples from lines {lines[0]}:{lines[1] or ''} of "
+            print(f"{what}: {len(cache):,} samples from lines {lines[0]}:{lines[1] or ''} of "
                   f"{args.data}{note}", file=sys.stderr)
         caches.append(cache)
     return CriteoClicks(caches[0], caches[1], plan.tables_spec)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from planner.balance import BalanceProblem, balance_pairs
@@ -280,33 +280,45 @@ def _best_fit(state: _State, table: int, slot: ShardSlot) -> int | None:
     return min(fitting, key=lambda d: (state.hbm_cap - state.hbm[d], state.loads[d]))
 
 
+def _lift(state: _State, fixed: int, table: int) -> list[PlacedShard]:
+    """Take ``table``'s free shards off their devices (still listed in ``placed``)."""
+    old = [p for p in state.placed[fixed:] if p.table == table]
+    for p in old:
+        state.add(table, p.slot, p.device, sign=-1)
+    return old
+
+
+def _put(state: _State, table: int, option: TableOption, order: Callable[[ShardSlot], float],
+         choose: Callable[[_State, int, ShardSlot], int | None]) -> list[PlacedShard] | None:
+    """Place every shard of ``option`` (in ``order``) on the device ``choose`` picks;
+    None, with nothing left placed, when some shard fits nowhere."""
+    new: list[PlacedShard] = []
+    for slot in sorted(option.shards, key=order):
+        device = choose(state, table, slot)
+        if device is None:
+            for p in new:
+                state.add(table, p.slot, p.device, sign=-1)
+            return None
+        state.add(table, slot, device)
+        new.append(PlacedShard(table, slot, device))
+    return new
+
+
 def _refit(state: _State, fixed: int, table: int, alternatives: Sequence[TableOption]) -> bool:
     """Replace ``table``'s placed shards by those of its fastest other free option
     whose shards all fit, best fit; ``False`` (nothing changed) when none does."""
     current = state.options[table]
-    old = [p for p in state.placed[fixed:] if p.table == table]
-    for p in old:
-        state.add(table, p.slot, p.device, sign=-1)
-    state.placed[fixed:] = [p for p in state.placed[fixed:] if p.table != table]
+    old = _lift(state, fixed, table)
     for option in sorted((o for o in alternatives
                           if o.placement is Placement.FREE and o is not current),
                          key=lambda o: (o.total_ms, o.max_shard_hbm_bytes)):
-        new: list[PlacedShard] = []
-        for slot in sorted(option.shards, key=lambda s: -s.cost.hbm_bytes):
-            device = _best_fit(state, table, slot)
-            if device is None:
-                break
-            state.add(table, slot, device)
-            new.append(PlacedShard(table, slot, device))
-        if len(new) == option.num_shards:
-            state.placed.extend(new)
+        new = _put(state, table, option, lambda s: -s.cost.hbm_bytes, _best_fit)
+        if new is not None:
+            state.placed[fixed:] = [p for p in state.placed[fixed:] if p.table != table] + new
             state.options[table] = option
             return True
-        for p in new:
-            state.add(table, p.slot, p.device, sign=-1)
     for p in old:
         state.add(table, p.slot, p.device)
-    state.placed.extend(old)
     return False
 
 
@@ -434,22 +446,13 @@ def _split_heavy(state: _State, fixed: int, alternatives: Sequence[Sequence[Tabl
 
 def _try_option(state: _State, fixed: int, table: int, option: TableOption, peak: float) -> bool:
     """Swap ``table`` to ``option`` if the slowest device gets faster; else undo."""
-    old = [p for p in state.placed[fixed:] if p.table == table]
-    for p in old:
-        state.add(table, p.slot, p.device, sign=-1)
-    new: list[PlacedShard] = []
-    for slot in sorted(option.shards, key=lambda s: -s.cost.total_ms):
-        device = _least_loaded_fitting(state, table, slot)
-        if device is None:
-            break
-        state.add(table, slot, device)
-        new.append(PlacedShard(table, slot, device))
-    if len(new) == option.num_shards and max(state.loads) < peak - 1e-12:
-        keep = [p for p in state.placed[fixed:] if p.table != table]
-        state.placed[fixed:] = keep + new
+    old = _lift(state, fixed, table)
+    new = _put(state, table, option, lambda s: -s.cost.total_ms, _least_loaded_fitting)
+    if new is not None and max(state.loads) < peak - 1e-12:
+        state.placed[fixed:] = [p for p in state.placed[fixed:] if p.table != table] + new
         state.options[table] = option
         return True
-    for p in new:
+    for p in new or []:
         state.add(table, p.slot, p.device, sign=-1)
     for p in old:
         state.add(table, p.slot, p.device)

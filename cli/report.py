@@ -53,11 +53,9 @@ def table_choices(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-_PHASES = (("lookup", "lookup_ms", "lookup_ms"),
-           ("communication", "communication_ms", "communication_ms"),
-           ("dense (MLPs, interaction)", "dense_ms", "dense_ms"),
-           ("update (emb. backward+optimizer)", "update_ms", "update_ms"),
-           ("step", "step_ms", "step_ms"))
+_PHASES = (("lookup", "lookup_ms"), ("communication", "communication_ms"),
+           ("dense (MLPs, interaction)", "dense_ms"),
+           ("update (emb. backward+optimizer)", "update_ms"), ("step", "step_ms"))
 
 
 def _ratio(measured: float | None, predicted: float | None) -> str:
@@ -73,8 +71,8 @@ def measured_vs_predicted(measured: dict, predicted: dict) -> str:
     ``predicted`` objects)."""
     steps = measured.get("steps", 0)
     lines = [f"time per step over {steps} timed steps (ms)  measured  predicted  error"]
-    for label, m_key, p_key in _PHASES:
-        m, p = measured.get(m_key), predicted.get(p_key)
+    for label, key in _PHASES:
+        m, p = measured.get(key), predicted.get(key)
         shown_p = "unknown" if p is None else f"{p:.3f}"
         lines.append(f"  {label:<35}{m:>9.3f}  {shown_p:>9}  {_ratio(m, p):>5}")
     if not predicted.get("calibrated", True):

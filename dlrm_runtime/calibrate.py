@@ -80,7 +80,8 @@ class CalibrationSizes:
 @dataclass(frozen=True, slots=True)
 class Calibration:
     device: str
-    device_gather_gbps: float
+    device_gbps: float
+    """The runtime's embedding step rate (the topology's ``hbm_gbps``)."""
     host_gather_gbps: float
     h2d_gbps: float
     store_read_gbps: float
@@ -373,7 +374,7 @@ def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float
     return Topology(
         hosts=1,
         devices_per_host=devices,
-        device=DeviceSpec(round(hbm_gb, 3), round(cal.device_gather_gbps, 3),
+        device=DeviceSpec(round(hbm_gb, 3), round(cal.device_gbps, 3),
                           round(cal.dense_gflops, 2) if cal.dense_gflops > 0 else None,
                           round(cal.dense_gbps, 3) if cal.dense_gbps > 0 else None,
                           round(cal.shard_overhead_ms, 4), round(cal.cache_shard_overhead_ms, 4),

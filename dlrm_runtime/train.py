@@ -495,9 +495,10 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
     held = embedding_bytes(trainer)
     record = {"measured": {**times.to_json(), "embedding_bytes": held},
               "predicted": prediction.to_json()}
+    identity = plan_sha256(plan) if lead else ""
     for rank, mine in enumerate(peers.gather(record) or []):
         where = {"rank": rank} if peers.world > 1 else {}
-        _log(log, {"event": "timing", "step": config.steps, "plan_sha256": plan_sha256(plan),
+        _log(log, {"event": "timing", "step": config.steps, "plan_sha256": identity,
                    "batch_size": config.batch_size, **where, **mine})
     validation = None
     if data.has_validation:

@@ -54,14 +54,16 @@ whole large folio (up to 2 MiB) into the process: random rows of an array larger
 RAM then drove the resident set to 9-18 GB (a 25.6 GB table). So larger arrays are
 mapped at page alignment: a read fault maps :data:`READ_FAULT_PAGES`, a write fault
 one page, and the resident set stays bounded (see :data:`MAPPED_BYTES_BUDGET`)."""
-MAPPED_BYTES_BUDGET = 256 * 1024 * 1024
-"""Pages of the page cache that a map touches stay mapped, and count in the process's
+MAPPED_BYTES_BUDGET = 1024 * 1024 * 1024
+"""The default of ``map_budget_bytes`` (per array; :meth:`TableStore.open
+<storage.store.TableStore.open>` takes another). Pages of the page cache that a map touches stay mapped, and count in the process's
 resident set (RssFile), until unmapped. An array larger than this is read and written
 in slices, and unmaps its pages (``MADV_DONTNEED``: on a shared file map the page cache,
 dirty pages included, keeps them) whenever the pages its touched rows may have mapped
 since the last release (:data:`READ_FAULT_PAGES` per row read) reach this many bytes,
 so a table larger than RAM trains with a bounded resident set; later accesses re-map
-pages with a minor fault. Such an array is also mapped at page, not huge-page,
+pages with a minor fault, which costs: warm gathers of a 512 MB array ran at 0.16 M
+rows/s with a 256 MiB budget against 2 M rows/s mapped whole (bench/storage.py). Such an array is also mapped at page, not huge-page,
 alignment (see :data:`MAP_ALIGN_BYTES`), and its chunks' clean pages are dropped from
 the page cache when they are mapped (see :meth:`ChunkFiles._map_chunk`)."""
 READ_FAULT_PAGES = 16
@@ -126,7 +128,8 @@ class ChunkFiles:
     the page cache). Row ids given to any method must already be validated.
     """
 
-    def __init__(self, layout: ArrayLayout, *, writable: bool) -> None:
+    def __init__(self, layout: ArrayLayout, *, writable: bool,
+                 map_budget_bytes: int = MAPPED_BYTES_BUDGET) -> None:
         problem = chunk_layout_problem(layout.chunk_rows, layout.row_bytes, layout.num_chunks)
         if problem:
             raise CorruptStoreError(layout.path, f"{problem}; re-import the table")
@@ -142,8 +145,8 @@ class ChunkFiles:
         self._page = (ctypes.c_ubyte * 1)()
         self._touched_pages = 0
         """Upper bound of the pages mapped since the last :meth:`release`."""
-        self._release_pages = (MAPPED_BYTES_BUDGET // PAGE_BYTES
-                               if layout.num_chunks * layout.chunk_bytes > MAPPED_BYTES_BUDGET
+        self._release_pages = (map_budget_bytes // PAGE_BYTES
+                               if layout.num_chunks * layout.chunk_bytes > map_budget_bytes
                                else 0)
         rows = layout.chunk_rows
         self._shift = rows.bit_length() - 1 if rows & (rows - 1) == 0 else -1

@@ -44,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 
 from storage import journal as jr
-from storage.chunks import ChunkFiles, sync_files
+from storage.chunks import MAPPED_BYTES_BUDGET, PAGE_BYTES, ChunkFiles, sync_files
 from storage.dtypes import OptimizerState, StoreDType, is_torch_tensor, to_stored, torch_to_numpy
 from storage.errors import (
     CorruptStoreError,
@@ -90,10 +90,11 @@ SYNC_THREADS = 8
 class TableStore:
     """A directory of embedding tables; see the module docstring. Use as a context manager."""
 
-    def __init__(self, path: Path, mode: Mode, lock_fd: int) -> None:
+    def __init__(self, path: Path, mode: Mode, lock_fd: int, map_budget_bytes: int) -> None:
         """Internal: use :meth:`create` or :meth:`open`."""
         self._path = path
         self._mode = mode
+        self._map_budget = map_budget_bytes
         self._lock_fd = lock_fd
         self._txn = path / TXN_DIR
         self._specs: dict[str, TableSpec] = {}
@@ -109,13 +110,16 @@ class TableStore:
 
     # ---- opening ------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike[str], *, overwrite: bool = False) -> TableStore:
+    def create(cls, path: str | os.PathLike[str], *, overwrite: bool = False,
+               map_budget_bytes: int = MAPPED_BYTES_BUDGET) -> TableStore:
         """Create an empty store at ``path`` and return it open for writing.
 
         ``overwrite=True`` replaces an existing *table store* (never another directory).
+        ``map_budget_bytes``: as for :meth:`open`.
         """
         import zarr
 
+        budget = _check_map_budget(map_budget_bytes)
         root = Path(path)
         if root.exists():
             if not overwrite:
@@ -146,18 +150,27 @@ class TableStore:
         jr.write_checkpoint(txn, MARKER_FILE, jr.Checkpoint(step=None, generation=0))
         for directory in (txn, root, root.parent):
             fsync_dir(directory)
-        return cls.open(root, mode="r+")
+        return cls.open(root, mode="r+", map_budget_bytes=budget)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: Mode = "r") -> TableStore:
-        """Open a store. ``"r+"`` first rolls back writes after the last checkpoint."""
+    def open(cls, path: str | os.PathLike[str], mode: Mode = "r", *,
+             map_budget_bytes: int = MAPPED_BYTES_BUDGET) -> TableStore:
+        """Open a store. ``"r+"`` first rolls back writes after the last checkpoint.
+
+        ``map_budget_bytes`` bounds the pages each array keeps mapped (they count in the
+        process's resident set): an array up to this size is mapped whole (fastest), a
+        larger one in slices whose pages are unmapped as rows are touched, so a table
+        larger than RAM trains with a bounded resident set (about this many bytes per
+        array in use), at the cost of a minor fault per row touched again.
+        """
         if mode not in ("r", "r+"):
             raise StoreArgumentError(f"mode must be 'r' or 'r+', got {mode!r}")
+        budget = _check_map_budget(map_budget_bytes)
         root = Path(path)
         _check_store(root)
         lock_fd = _lock(root, mode)
         try:
-            store = cls(root, mode, lock_fd)
+            store = cls(root, mode, lock_fd, budget)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -494,7 +507,8 @@ class TableStore:
                 != (spec.num_rows, width, spec.chunk_rows, expected)):
             raise CorruptStoreError(path, "array shape, chunks or dtype disagree with the "
                                           "table's attributes; restore the store from a backup")
-        files = self._files[(name, role)] = ChunkFiles(layout, writable=self._mode == "r+")
+        files = self._files[(name, role)] = ChunkFiles(layout, writable=self._mode == "r+",
+                                                       map_budget_bytes=self._map_budget)
         return files
 
     def _ids(self, name: str, ids: Any) -> np.ndarray:
@@ -536,6 +550,13 @@ def _last_occurrence(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 def _is_block_init(init: Any) -> bool:
     """A :data:`~storage.tables.BlockInit` callable (not an array or tensor to import)."""
     return callable(init) and not isinstance(init, np.ndarray) and not is_torch_tensor(init)
+
+
+def _check_map_budget(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16 * PAGE_BYTES:
+        raise StoreArgumentError(f"map_budget_bytes must be an integer >= {16 * PAGE_BYTES} "
+                                 f"(16 pages), got {value!r}")
+    return value
 
 
 def _is_store(root: Path) -> bool:

@@ -194,16 +194,12 @@ def test_import_in_blocks_from_a_callable(tmp_path: Path) -> None:
         assert np.array_equal(store.gather("t", [999, 0]), values[[999, 0]])
 
 
-def test_maps_of_large_arrays_are_released_without_losing_writes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_maps_of_large_arrays_are_released_without_losing_writes(tmp_path: Path) -> None:
     """An array larger than the mapped-bytes budget unmaps its pages as rows are touched
     (bounded resident set); written rows survive in the page cache, a checkpoint makes
     them durable and a rollback still restores the old ones."""
-    from storage import chunks
-
-    monkeypatch.setattr(chunks, "MAPPED_BYTES_BUDGET", 16 * 4096)
     rng = np.random.default_rng(3)
-    with TableStore.create(tmp_path / "s") as store:
+    with TableStore.create(tmp_path / "s", map_budget_bytes=16 * 4096) as store:
         store.add_table("t", 8192, 64, init=np.zeros((8192, 64), np.float32), chunk_rows=1024)
         released = []
         files = None
@@ -223,8 +219,17 @@ def test_maps_of_large_arrays_are_released_without_losing_writes(
         store.scatter("t", [0, 1], np.ones((2, 64), np.float32))
         store.rollback()
         assert np.array_equal(store.gather("t", np.arange(8192)), expected)
-    with TableStore.open(tmp_path / "s") as store:
+    with TableStore.open(tmp_path / "s") as store:  # the default budget maps it whole
         assert np.array_equal(store.read_table("t"), expected)
+        assert np.array_equal(store.gather("t", np.arange(8192)), expected)
+        assert store._files[("t", "weight")]._release_pages == 0
+
+
+@pytest.mark.parametrize("budget", [0, 4096, -1, 1.5, True, "1G"])
+def test_map_budget_must_be_at_least_16_pages(tmp_path: Path, budget: object) -> None:
+    with pytest.raises(StoreArgumentError, match="map_budget_bytes"):
+        TableStore.create(tmp_path / "s", map_budget_bytes=budget)  # type: ignore[arg-type]
+    assert not (tmp_path / "s").exists()
 
 
 def test_bf16_rounding_matches_torch_and_fp16_overflow_is_inf(tmp_path: Path) -> None:

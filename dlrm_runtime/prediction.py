@@ -7,8 +7,9 @@ devices: one device per rank under torchrun, or all of them in one process, wher
 they run one after the other on this process's device and their times add up. The
 dense part (MLPs and interaction, forward and backward, and the dense optimizer) is not
 a planning input; it is predicted from its FLOPs and bytes at the topology's measured
-``device.dense_gflops`` and ``device.dense_gbps`` (written by ``dlrm-plan calibrate``),
-and left unknown without them.
+``device.dense_gflops`` and ``device.dense_gbps``, plus the fixed ``device.dense_step_ms``
+(all three fitted by ``dlrm-plan calibrate`` to timed dense steps of several shapes),
+and left unknown without a measured ``dense_gflops``.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def dense_bytes(config: ModelConfig, embedding_dims: Sequence[int], batch_size: 
     """Bytes of the dense step's tensors, fp32, each counted once: every activation
     (MLP layer outputs, the interaction's features, products and output, the logits)
     and every parameter. The step passes over each several times (forward, ReLU,
-    backward, optimizer); the calibrated ``dense_gbps`` is measured with this same
-    count on a DLRM-shaped probe, so those passes are priced in it."""
+    backward, optimizer); the calibrated ``dense_gbps`` is fitted with this same
+    count on DLRM-shaped probes, so those passes are priced in it."""
     widths_bottom = (config.dense_features, *config.bottom_mlp)
     features = 1 + len(embedding_dims)
     if config.interaction is Interaction.DOT:
@@ -106,13 +107,13 @@ def dense_bytes(config: ModelConfig, embedding_dims: Sequence[int], batch_size: 
 
 
 def dense_ms(config: ModelConfig, embedding_dims: Sequence[int], batch_size: int,
-             gflops: float, gbps: float | None) -> float:
+             gflops: float, gbps: float | None, step_ms: float | None = None) -> float:
     """Predicted milliseconds of the dense step: its FLOPs at ``gflops`` plus its
-    bytes at ``gbps`` (when measured)."""
+    bytes at ``gbps`` plus the fixed ``step_ms`` (each when measured)."""
     seconds = dense_flops(config, embedding_dims, batch_size) / (gflops * 1e9)
     if gbps:
         seconds += dense_bytes(config, embedding_dims, batch_size) / (gbps * 1e9)
-    return seconds * 1e3
+    return seconds * 1e3 + (step_ms or 0.0)
 
 
 def predict_step(plan: Plan, config: ModelConfig, batch_size: int,
@@ -149,6 +150,7 @@ def predict_step(plan: Plan, config: ModelConfig, batch_size: int,
         # each executed device's replica of the MLPs runs on its share of the batch
         samples = round(batch_size * len(devices) / world)
         dims = [t.embedding_dim for t in plan.tables_spec.tables]
-        dense = dense_ms(config, dims, samples, gflops, topology.device.dense_gbps)
+        device = topology.device
+        dense = dense_ms(config, dims, samples, gflops, device.dense_gbps, device.dense_step_ms)
     return StepPrediction(lookup, comm, update, dense, hbm, dram, devices, name,
                           bool(plan.topology.calibration))

@@ -172,8 +172,8 @@ class TablesSpec:
         raise KeyError(name)
 
 
-DENSE_RATES = ("dense_gflops", "dense_gbps")
-"""Optional measured device rates that predict the dense part of a step."""
+DENSE_RATES = ("dense_gflops", "dense_gbps", "dense_step_ms")
+"""Optional measured numbers that predict the dense part of a step (not planning inputs)."""
 OVERHEADS = ("shard_overhead_ms", "cache_shard_overhead_ms", "cache_ns_per_miss")
 """Optional measured fixed costs of the runtime (0: none, as on a datasheet)."""
 
@@ -189,6 +189,9 @@ class DeviceSpec:
     dense_gbps: float | None = None
     """Rate (GB/s) at which the dense step moves its activations and parameters (the
     element-wise and memory-bound part of narrow MLPs), measured and used likewise."""
+    dense_step_ms: float | None = None
+    """Fixed time of one dense step whatever its size (operator dispatch, autograd,
+    optimizer calls), measured and used likewise."""
     shard_overhead_ms: float = 0.0
     """Time per shard per step beyond moving its bytes (dispatch, id routing, kernel
     launches), measured by ``dlrm-plan calibrate`` on this runtime; a planning input."""

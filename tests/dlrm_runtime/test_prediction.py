@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from dlrm_runtime.config import Interaction, ModelConfig
 from dlrm_runtime.prediction import (
@@ -82,9 +83,10 @@ def test_unloadable_cost_model_falls_back_to_the_analytic_one(planned) -> None:
 def test_dense_rates_round_trip_and_do_not_change_the_planning_inputs() -> None:
     doc = small_topology_doc()
     plain = parse_topology(doc)
-    doc["device"]["dense_gflops"], doc["device"]["dense_gbps"] = 40.0, 2.5
+    doc["device"].update(dense_gflops=40.0, dense_gbps=2.5, dense_step_ms=1.5)
     measured = parse_topology(doc)
-    assert (measured.device.dense_gflops, measured.device.dense_gbps) == (40.0, 2.5)
+    device = measured.device
+    assert (device.dense_gflops, device.dense_gbps, device.dense_step_ms) == (40.0, 2.5, 1.5)
     assert parse_topology(measured.to_json()) == measured
     assert "dense_gflops" not in plain.to_json()["device"]
     assert measured.sha256() == plain.sha256()
@@ -100,6 +102,26 @@ def test_dense_time_adds_flops_and_bytes() -> None:
     assert dense_ms(config, dims, 100, 2.0, None) == pytest.approx(flops / 2e9 * 1e3)
     assert dense_ms(config, dims, 100, 2.0, 0.5) == pytest.approx(
         (flops / 2e9 + nbytes / 0.5e9) * 1e3)
+    assert dense_ms(config, dims, 100, 2.0, 0.5, 3.0) == pytest.approx(
+        (flops / 2e9 + nbytes / 0.5e9) * 1e3 + 3.0)
+
+
+def test_dense_fit_recovers_the_rates_of_a_synthetic_machine(monkeypatch) -> None:
+    """The calibration's fit, fed step times made from known rates, returns them."""
+    from dlrm_runtime import calibrate
+
+    gflops, gbps, fixed_ms = 30.0, 0.8, 2.0
+    shapes = iter(calibrate.DENSE_PROBES)
+    sizes = calibrate.CalibrationSizes(mlp_batch=256, repeats=1)
+
+    def fake_seconds(fn, repeats, sync) -> float:
+        config, dims, fraction = next(shapes)
+        batch = max(16, round(sizes.mlp_batch * fraction))
+        return dense_ms(config, dims, batch, gflops, gbps, fixed_ms) / 1e3
+
+    monkeypatch.setattr(calibrate, "_median_seconds", fake_seconds)
+    fitted = calibrate._dense_model(sizes, torch.device("cpu"), lambda: None)
+    assert fitted == pytest.approx((gflops, gbps, fixed_ms), rel=1e-6)
 
 
 def test_measured_overheads_are_charged_per_shard_and_per_cached_lookup() -> None:

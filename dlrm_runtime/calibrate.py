@@ -13,8 +13,9 @@ Every figure is an effective rate for the operation the cost model charges, in G
 - all-to-all: ``all_to_all_single`` between two local processes over gloo (NCCL when
   two GPUs are present), bytes sent per process;
 - runtime overheads: training steps of this runtime's own embedding modules on a
-  probe table, whole, in 4 row shards and cached over the store: the time per extra
-  shard and the cache bookkeeping per looked-up id, beyond moving bytes;
+  probe table, whole, in 4 row shards and behind row caches of two sizes at two
+  batch sizes: the time per extra shard, and the row cache's time per cached shard,
+  per looked-up id and per miss, beyond moving bytes;
 - dense: DLRM dense steps (MLPs, interaction, loss, optimizer) of four shapes, narrow
   to wide, timed on the compute device with torch's current thread count; a fit of
   GFLOP/s, GB/s and a fixed time per step to them.
@@ -96,6 +97,7 @@ class Calibration:
     shard_overhead_ms: float = 0.0
     cache_shard_overhead_ms: float = 0.0
     cache_ns_per_miss: float = 0.0
+    cache_ns_per_lookup: float = 0.0
     threads: int = 1
     """torch CPU threads during the probes."""
 
@@ -150,21 +152,25 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     read_gbps, write_gbps = _store_rates(sizes, store_dir, rng)
     log(f"store: read {read_gbps:.3f} GB/s, write {write_gbps:.3f} GB/s (random rows)")
 
-    step_gbps, shard_ms, cache_shard_ms, cache_ns = _runtime_overheads(
-        sizes, device, sync, store_dir, read_gbps, write_gbps)
-    log(f"runtime: embedding step {step_gbps:.2f} GB/s (used as the device rate), "
-        f"{shard_ms:.3f} ms per extra shard, {cache_shard_ms:.3f} ms per cached shard, "
-        f"{cache_ns:.0f} ns of cache work "
-        f"per cache miss")
+    costs = _runtime_overheads(sizes, device, sync, store_dir, min(h2d_gbps, host_gbps))
+    log(f"runtime: embedding step {costs.step_gbps:.2f} GB/s (used as the device rate), "
+        f"{costs.shard_ms:.3f} ms per extra shard; row cache: {costs.cache_shard_ms:.3f} ms "
+        f"per cached shard, {costs.cache_ns_per_lookup:.0f} ns per looked-up id, "
+        f"{costs.cache_ns_per_miss:.0f} ns per miss beyond its traffic")
 
     a2a, backend = (None, "none")
     if network:
         a2a, backend = _all_to_all_gbps(sizes.all_to_all_bytes, sizes.repeats)
         log(f"all-to-all ({backend}, 2 processes): {a2a:.2f} GB/s")
-    return Calibration(str(device), step_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps, a2a,
-                       backend, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                       dense_gflops, dense_gbps, dense_step_ms, shard_ms, cache_shard_ms,
-                       cache_ns, torch.get_num_threads())
+    return Calibration(str(device), costs.step_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps,
+                       a2a, backend,
+                       dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                       dense_gflops=dense_gflops, dense_gbps=dense_gbps,
+                       dense_step_ms=dense_step_ms, shard_overhead_ms=costs.shard_ms,
+                       cache_shard_overhead_ms=costs.cache_shard_ms,
+                       cache_ns_per_miss=costs.cache_ns_per_miss,
+                       cache_ns_per_lookup=costs.cache_ns_per_lookup,
+                       threads=torch.get_num_threads())
 
 
 DENSE_PROBES: tuple[tuple[ModelConfig, tuple[int, ...], float], ...] = (
@@ -217,79 +223,121 @@ def _dense_model(sizes: CalibrationSizes, device: torch.device,
     return 1.0 / per_flop / 1e9, (1.0 / per_byte / GB if per_byte > 0 else 0.0), fixed * 1e3
 
 
-def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Callable[[], None],
-                       store_dir: str | Path | None, read_gbps: float,
-                       write_gbps: float) -> tuple[float, float, float, float]:
-    """(GB/s, ms per shard, ms per cached shard, ns per cache miss) of this runtime's
-    own embedding modules,
-    from training steps (lookup, backward, SGD update) on one probe table (Zipf ids
-    spread over the rows, one per sample): whole, in 4 row shards, and cached over the
-    store (5 % of its rows in the cache, in 1 and in 4 row shards). GB/s: the bytes the cost model charges for
-    the whole table's step (the rows read by the lookup, read and written by the
-    update: 3 x the looked-up bytes) over its time. The overheads are the excess over
-    the whole table's step: per extra shard; per extra cached shard (4 caches against
-    1 over the same rows and slots); per miss, the single cache's excess less its
-    misses' store traffic at the measured rates and its per-shard part."""
-    rows, dim, batch = sizes.overhead_rows, 16, 2 * sizes.mlp_batch
-    spec = TableSpec("probe", rows, dim, 1.0)
-    tables = TablesSpec((spec,))
-    rng = np.random.default_rng(2)
-    # hot rows spread over the table, as hashed categorical values are
-    ranks = ZipfSampler(rows, 1.05).ranks(rng.random((sizes.overhead_batches, batch)))
+@dataclass(frozen=True, slots=True)
+class RuntimeCosts:
+    """What :func:`_runtime_overheads` measures (see :class:`planner.specs.DeviceSpec`)."""
+
+    step_gbps: float
+    shard_ms: float
+    cache_shard_ms: float
+    cache_ns_per_lookup: float
+    cache_ns_per_miss: float
+
+
+CACHE_PROBES = ((1, 0.05), (1, 0.1), (4, 0.05), (4, 0.1))
+"""Cached probe runs: (batch as a multiple of the probe batch, cache slots as a share
+of the probe table's rows)."""
+
+
+def _probe_batches(rows: int, batch: int, count: int,
+                   rng: np.random.Generator) -> list[SparseBatch]:
+    """Zipf 1.05 ids, one per sample, hot rows spread over the table (as hashed
+    categorical values are)."""
+    ranks = ZipfSampler(rows, 1.05).ranks(rng.random((count, batch)))
     permuted = (ranks * 7919 + 13) % rows if math.gcd(7919, rows) == 1 else ranks
-    batches = [SparseBatch((torch.from_numpy(r),), (torch.arange(batch + 1, dtype=torch.int64),))
-               for r in permuted]
+    return [SparseBatch((torch.from_numpy(r),), (torch.arange(batch + 1, dtype=torch.int64),))
+            for r in permuted]
 
-    def shards(count: int, tier: Tier = Tier.HBM, cache_rows: int = 0) -> TablePlacement:
+
+def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
+                  sync: Callable[[], None]) -> tuple[float, float]:
+    """Mean seconds of a training step (lookup, backward, SGD) over the second half
+    of ``batches`` after the first half (warm-up; it fills a cache), and the cache
+    misses per step in them (0 without a cache)."""
+    optimizer = RowOptimizer.for_blocks(embeddings.row_blocks(), 0.01)
+
+    def step(batch: SparseBatch) -> None:
+        optimizer.zero_grad()
+        embeddings.forward_stacked(batch).sum().backward()
+        optimizer.step()
+
+    for batch in batches[:len(batches) // 2]:
+        step(batch)
+    before = (embeddings.cache_stats() or {}).get("misses", 0.0)
+    timed = batches[len(batches) // 2:]
+    sync()
+    start = time.perf_counter()
+    for batch in timed:
+        step(batch)
+    sync()
+    seconds = (time.perf_counter() - start) / len(timed)
+    misses = ((embeddings.cache_stats() or {}).get("misses", 0.0) - before) / len(timed)
+    return seconds, misses
+
+
+def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Callable[[], None],
+                       store_dir: str | Path | None, miss_gbps: float) -> RuntimeCosts:
+    """This runtime's own embedding modules, timed on training steps (lookup, backward,
+    SGD update) of one probe table of dim 16 with one Zipf id per sample.
+
+    - GB/s: the bytes the cost model charges for the whole table's step (the rows read
+      by the lookup, read and written by the update: 3 x the looked-up bytes) over
+      its time (table of ``overhead_rows`` rows);
+    - ms per extra shard: the same table in 4 row shards against whole;
+    - cached: a table of a twentieth of the rows behind a ``dram_cache`` row cache, at
+      two batch sizes and two cache sizes (:data:`CACHE_PROBES`; the warm-up fills the
+      cache, so the timed steps evict and write back as a long run does), each against
+      the same table in memory; a non-negative least-squares fit of the excess time
+      to ``fixed + per id x ids + per miss x misses`` gives the ms per cached shard,
+      ns per looked-up id and ns per miss, the latter less the miss traffic the cost
+      model charges at ``miss_gbps`` (fetch and write-back)."""
+    dim, batch = 16, 2 * sizes.mlp_batch
+    rng = np.random.default_rng(2)
+
+    def tables(rows: int) -> TablesSpec:
+        return TablesSpec((TableSpec("probe", rows, dim, 1.0),))
+
+    def shards(rows: int, count: int, tier: Tier = Tier.HBM,
+               cache_rows: int = 0) -> dict[str, TablePlacement]:
         cuts = [rows * k // count for k in range(count + 1)]
-        return TablePlacement(Sharding.TABLE_WISE if count == 1 else Sharding.ROW_WISE,
-                              tuple(ShardPlacement(0, device, lo, hi, 0, dim, tier, cache_rows)
-                                    for lo, hi in zip(cuts, cuts[1:])))
+        return {"probe": TablePlacement(
+            Sharding.TABLE_WISE if count == 1 else Sharding.ROW_WISE,
+            tuple(ShardPlacement(0, device, lo, hi, 0, dim, tier, cache_rows)
+                  for lo, hi in zip(cuts, cuts[1:])))}
 
-    def step_seconds(embeddings: InMemoryEmbeddings) -> tuple[float, float]:
-        """Mean seconds per step over the probe batches after a warm-up pass, and the
-        cache misses per step in them (0 without a cache)."""
-        optimizer = RowOptimizer.for_blocks(embeddings.row_blocks(), 0.01)
-
-        def step(batch: SparseBatch) -> None:
-            optimizer.zero_grad()
-            embeddings.forward_stacked(batch).sum().backward()
-            optimizer.step()
-
-        for batch in batches[:len(batches) // 2]:
-            step(batch)
-        before = (embeddings.cache_stats() or {}).get("misses", 0.0)
-        timed = batches[len(batches) // 2:]
-        sync()
-        start = time.perf_counter()
-        for batch in timed:
-            step(batch)
-        sync()
-        seconds = (time.perf_counter() - start) / len(timed)
-        misses = ((embeddings.cache_stats() or {}).get("misses", 0.0) - before) / len(timed)
-        return seconds, misses
-
-    whole, _ = step_seconds(InMemoryEmbeddings(tables, {"probe": shards(1)}, device))
-    split, _ = step_seconds(InMemoryEmbeddings(tables, {"probe": shards(4)}, device))
+    rows = sizes.overhead_rows
+    batches = _probe_batches(rows, batch, sizes.overhead_batches, rng)
+    whole, _ = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 1), device),
+                             batches, sync)
+    split, _ = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 4), device),
+                             batches, sync)
     shard_ms = max(0.0, (split - whole) / 3 * 1e3)
-    measured = []
-    for count in (1, 4):  # the same rows and cache slots in 1 and in 4 cached shards
-        with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
-            placement = shards(count, Tier.STORE_CACHE, rows // 20 // count)
-            cached = InMemoryEmbeddings(tables, {"probe": placement}, device, store_dir=tmp,
-                                        embedding_lr=0.01)
-            try:
-                measured.append(step_seconds(cached))
-            finally:
-                cached.close()
-    (one, misses), (four, _) = measured
-    cache_shard_ms = max(0.0, (four - one) / 3 * 1e3 - shard_ms)
-    misses = max(1.0, misses)
-    traffic = misses * dim * 4 * (1 / (read_gbps * GB) + 1 / (write_gbps * GB))
-    excess = one - whole - traffic - cache_shard_ms / 1e3
-    cache_ns = max(0.0, excess / misses * 1e9)
     step_gbps = 3 * batch * dim * 4 / whole / GB
-    return step_gbps, shard_ms, cache_shard_ms, cache_ns
+
+    rows = max(1000, sizes.overhead_rows // 20)
+    design, excess = [], []
+    for multiple in sorted({m for m, _ in CACHE_PROBES}):
+        ids = batch * multiple
+        probe = _probe_batches(rows, ids, sizes.overhead_batches, rng)
+        plain, _ = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 1), device),
+                                 probe, sync)
+        for _, share in (p for p in CACHE_PROBES if p[0] == multiple):
+            with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
+                cached = InMemoryEmbeddings(tables(rows), shards(rows, 1, Tier.DRAM_CACHE,
+                                                                 max(1, round(rows * share))),
+                                            device, store_dir=tmp, embedding_lr=0.01)
+                try:
+                    seconds, misses = _step_seconds(cached, probe, sync)
+                finally:
+                    cached.close()
+            design.append((1.0, ids, misses))
+            excess.append(max(0.0, seconds - plain))
+    weights = 1.0 / np.maximum(np.array(excess), 1e-4)  # relative errors
+    (fixed, per_id, per_miss), _ = scipy.optimize.nnls(np.array(design) * weights[:, None],
+                                                       np.array(excess) * weights)
+    traffic = 2 * dim * 4 / (miss_gbps * GB)  # fetch and write-back, as the cost model charges
+    return RuntimeCosts(step_gbps, shard_ms, fixed * 1e3, per_id * 1e9,
+                        max(0.0, per_miss - traffic) * 1e9)
 
 
 def _store_rates(sizes: CalibrationSizes, store_dir: str | Path | None,
@@ -386,7 +434,7 @@ def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float
                           round(cal.dense_gbps, 3) if cal.dense_gbps > 0 else None,
                           round(cal.dense_step_ms, 3) if cal.dense_step_ms > 0 else None,
                           round(cal.shard_overhead_ms, 4), round(cal.cache_shard_overhead_ms, 4),
-                          round(cal.cache_ns_per_miss, 1)),
+                          round(cal.cache_ns_per_miss, 1), round(cal.cache_ns_per_lookup, 1)),
         host=HostSpec(round(dram_gb, 3), round(cal.host_gather_gbps, 3), round(cal.h2d_gbps, 3)),
         store=StoreSpec(round(cal.store_read_gbps, 4), round(cal.store_write_gbps, 4)),
         network=NetworkSpec(round(network, 3), round(inter_host_gbps or network, 3)),

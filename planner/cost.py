@@ -143,9 +143,10 @@ class AnalyticCostModel:
       plus the write-back of evicted dirty rows for cached shards;
     - optimizer: per-row optimizer state read and written for every looked-up row;
     - fixed costs, when the topology carries measured ones (``dlrm-plan calibrate``):
-      ``device.shard_overhead_ms`` per shard, ``device.cache_shard_overhead_ms`` per
-      cached shard and ``device.cache_ns_per_miss`` per cache miss of a cached shard (fetch, install, eviction and write-back
-      bookkeeping beyond the bytes), both charged to the lookup.
+      ``device.shard_overhead_ms`` per shard; for a cached shard,
+      ``device.cache_shard_overhead_ms``, ``device.cache_ns_per_lookup`` per looked-up
+      id and ``device.cache_ns_per_miss`` per miss (fetch, install, eviction and
+      write-back bookkeeping beyond the bytes); all charged to the lookup.
     """
 
     def cost(self, shard: ShardOption, topology: Topology) -> ShardCost:
@@ -169,8 +170,9 @@ class AnalyticCostModel:
 
         lookup_ms = _ms(lookups * row_bytes, hbm_gbps) + fetch_ms + topology.device.shard_overhead_ms
         if shard.tier is not Tier.HBM:
-            lookup_ms += (topology.device.cache_shard_overhead_ms
-                          + misses * topology.device.cache_ns_per_miss * 1e-6)
+            device = topology.device
+            lookup_ms += (device.cache_shard_overhead_ms + 1e-6 * (
+                lookups * device.cache_ns_per_lookup + misses * device.cache_ns_per_miss))
         backward_ms = _ms(2 * lookups * row_bytes, hbm_gbps) + write_back_ms
         optimizer_ms = _ms(2 * lookups * state_per_row, hbm_gbps)
         if shard.sharding is Sharding.DATA_PARALLEL:

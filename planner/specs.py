@@ -174,7 +174,8 @@ class TablesSpec:
 
 DENSE_RATES = ("dense_gflops", "dense_gbps", "dense_step_ms")
 """Optional measured numbers that predict the dense part of a step (not planning inputs)."""
-OVERHEADS = ("shard_overhead_ms", "cache_shard_overhead_ms", "cache_ns_per_miss")
+OVERHEADS = ("shard_overhead_ms", "cache_shard_overhead_ms", "cache_ns_per_miss",
+             "cache_ns_per_lookup")
 """Optional measured fixed costs of the runtime (0: none, as on a datasheet)."""
 
 
@@ -202,6 +203,9 @@ class DeviceSpec:
     cache_ns_per_miss: float = 0.0
     """Row-cache work per miss of a cached shard beyond moving its bytes (fetch,
     install, eviction, write-back bookkeeping), measured likewise; a planning input."""
+    cache_ns_per_lookup: float = 0.0
+    """Row-cache work per looked-up id of a cached shard, hit or miss (index probe,
+    policy stamps, slot gather and fused update), measured likewise; a planning input."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,7 +129,7 @@ def test_measured_overheads_are_charged_per_shard_and_per_cached_lookup() -> Non
 
     doc = small_topology_doc()
     plain = parse_topology(doc)
-    doc["device"]["shard_overhead_ms"], doc["device"]["cache_ns_per_miss"] = 0.5, 100.0
+    doc["device"].update(shard_overhead_ms=0.5, cache_ns_per_miss=100.0, cache_ns_per_lookup=7.0)
     measured = parse_topology(doc)
     assert parse_topology(measured.to_json()) == measured
     assert "shard_overhead_ms" not in plain.to_json()["device"]  # old files stay valid
@@ -144,7 +144,39 @@ def test_measured_overheads_are_charged_per_shard_and_per_cached_lookup() -> Non
         model.cost(hbm, plain).lookup_ms + 0.5)
     misses = lookups * (1 - cached.hit_rate)
     assert model.cost(cached, measured).lookup_ms == pytest.approx(
-        model.cost(cached, plain).lookup_ms + 0.5 + misses * 100e-6)
+        model.cost(cached, plain).lookup_ms + 0.5 + misses * 100e-6 + lookups * 7e-6)
     with pytest.raises(Exception, match="shard_overhead_ms"):
         doc["device"]["shard_overhead_ms"] = -1
         parse_topology(doc)
+
+
+def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp_path) -> None:
+    """The calibration's row-cache fit, fed step times made from known costs, returns
+    them (the per-miss cost less the traffic the cost model charges for a miss)."""
+    from dlrm_runtime import calibrate
+
+    fixed_s, per_id_s, per_miss_s = 2e-3, 50e-9, 1.5e-6
+    sizes = calibrate.CalibrationSizes(overhead_rows=20_000, mlp_batch=128, overhead_batches=4)
+    runs = iter([(None, 0), (None, 0)] + [
+        (share, multiple) for multiple in (1, 4)
+        for share in (None, *(s for m, s in calibrate.CACHE_PROBES if m == multiple))])
+
+    def fake_seconds(embeddings, batches, sync) -> tuple[float, float]:
+        share, _ = next(runs)
+        ids = batches[0].ids[0].numel()
+        plain = 1e-3 * ids / 256
+        if share is None:
+            assert embeddings.cache_stats() is None
+            return plain, 0.0
+        misses = ids * (0.4 - share)
+        return plain + fixed_s + per_id_s * ids + per_miss_s * misses, misses
+
+    monkeypatch.setattr(calibrate, "_step_seconds", fake_seconds)
+    miss_gbps = 1.0
+    costs = calibrate._runtime_overheads(sizes, torch.device("cpu"), lambda: None, tmp_path,
+                                         miss_gbps)
+    traffic_ns = 2 * 16 * 4 / miss_gbps
+    assert costs.cache_shard_ms == pytest.approx(fixed_s * 1e3, rel=1e-6)
+    assert costs.cache_ns_per_lookup == pytest.approx(per_id_s * 1e9, rel=1e-6)
+    assert costs.cache_ns_per_miss == pytest.approx(per_miss_s * 1e9 - traffic_ns, rel=1e-6)
+    assert costs.shard_ms == 0.0 and costs.step_gbps > 0

@@ -98,6 +98,7 @@ class Calibration:
     cache_shard_overhead_ms: float = 0.0
     cache_ns_per_miss: float = 0.0
     cache_ns_per_lookup: float = 0.0
+    cache_ns_per_overflow_row: float = 0.0
     threads: int = 1
     """torch CPU threads during the probes."""
 
@@ -156,7 +157,8 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     log(f"runtime: embedding step {costs.step_gbps:.2f} GB/s (used as the device rate), "
         f"{costs.shard_ms:.3f} ms per extra shard; row cache: {costs.cache_shard_ms:.3f} ms "
         f"per cached shard, {costs.cache_ns_per_lookup:.0f} ns per looked-up id, "
-        f"{costs.cache_ns_per_miss:.0f} ns per miss beyond its traffic")
+        f"{costs.cache_ns_per_miss:.0f} ns per miss beyond its traffic, "
+        f"{costs.cache_ns_per_overflow_row:.0f} ns per row without a slot")
 
     a2a, backend = (None, "none")
     if network:
@@ -170,6 +172,7 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
                        cache_shard_overhead_ms=costs.cache_shard_ms,
                        cache_ns_per_miss=costs.cache_ns_per_miss,
                        cache_ns_per_lookup=costs.cache_ns_per_lookup,
+                       cache_ns_per_overflow_row=costs.cache_ns_per_overflow_row,
                        threads=torch.get_num_threads())
 
 
@@ -232,9 +235,10 @@ class RuntimeCosts:
     cache_shard_ms: float
     cache_ns_per_lookup: float
     cache_ns_per_miss: float
+    cache_ns_per_overflow_row: float
 
 
-CACHE_PROBES = ((1, 0.05), (1, 0.1), (4, 0.05), (4, 0.1))
+CACHE_PROBES = ((1, 0.02), (1, 0.05), (1, 0.1), (4, 0.02), (4, 0.05), (4, 0.1))
 """Cached probe runs: (batch as a multiple of the probe batch, cache slots as a share
 of the probe table's rows)."""
 
@@ -250,10 +254,10 @@ def _probe_batches(rows: int, batch: int, count: int,
 
 
 def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
-                  sync: Callable[[], None]) -> tuple[float, float]:
+                  sync: Callable[[], None]) -> tuple[float, float, float]:
     """Mean seconds of a training step (lookup, backward, SGD) over the second half
     of ``batches`` after the first half (warm-up; it fills a cache), and the cache
-    misses per step in them (0 without a cache)."""
+    misses and rows served without a slot per step in them (0 without a cache)."""
     optimizer = RowOptimizer.for_blocks(embeddings.row_blocks(), 0.01)
 
     def step(batch: SparseBatch) -> None:
@@ -263,7 +267,7 @@ def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
 
     for batch in batches[:len(batches) // 2]:
         step(batch)
-    before = (embeddings.cache_stats() or {}).get("misses", 0.0)
+    before = embeddings.cache_stats() or {}
     timed = batches[len(batches) // 2:]
     sync()
     start = time.perf_counter()
@@ -271,8 +275,12 @@ def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
         step(batch)
     sync()
     seconds = (time.perf_counter() - start) / len(timed)
-    misses = ((embeddings.cache_stats() or {}).get("misses", 0.0) - before) / len(timed)
-    return seconds, misses
+    after = embeddings.cache_stats() or {}
+
+    def per_step(key: str) -> float:
+        return (after.get(key, 0.0) - before.get(key, 0.0)) / len(timed)
+
+    return seconds, per_step("misses"), per_step("uncached")
 
 
 def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Callable[[], None],
@@ -288,9 +296,11 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
       two batch sizes and two cache sizes (:data:`CACHE_PROBES`; the warm-up fills the
       cache, so the timed steps evict and write back as a long run does), each against
       the same table in memory; a non-negative least-squares fit of the excess time
-      to ``fixed + per id x ids + per miss x misses`` gives the ms per cached shard,
-      ns per looked-up id and ns per miss, the latter less the miss traffic the cost
-      model charges at ``miss_gbps`` (fetch and write-back)."""
+      to ``fixed + per id x ids + per miss x misses + per overflow row x rows without
+      a slot`` (the smallest caches hold fewer slots than a batch's distinct rows)
+      gives the ms per cached shard and the ns per looked-up id, per miss (less the
+      miss traffic the cost model charges at ``miss_gbps``: fetch and write-back) and
+      per overflow row."""
     dim, batch = 16, 2 * sizes.mlp_batch
     rng = np.random.default_rng(2)
 
@@ -307,10 +317,10 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
 
     rows = sizes.overhead_rows
     batches = _probe_batches(rows, batch, sizes.overhead_batches, rng)
-    whole, _ = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 1), device),
-                             batches, sync)
-    split, _ = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 4), device),
-                             batches, sync)
+    whole = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 1), device),
+                          batches, sync)[0]
+    split = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 4), device),
+                          batches, sync)[0]
     shard_ms = max(0.0, (split - whole) / 3 * 1e3)
     step_gbps = 3 * batch * dim * 4 / whole / GB
 
@@ -319,25 +329,25 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
     for multiple in sorted({m for m, _ in CACHE_PROBES}):
         ids = batch * multiple
         probe = _probe_batches(rows, ids, sizes.overhead_batches, rng)
-        plain, _ = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 1), device),
-                                 probe, sync)
+        plain = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 1), device),
+                              probe, sync)[0]
         for _, share in (p for p in CACHE_PROBES if p[0] == multiple):
             with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
                 cached = InMemoryEmbeddings(tables(rows), shards(rows, 1, Tier.DRAM_CACHE,
                                                                  max(1, round(rows * share))),
                                             device, store_dir=tmp, embedding_lr=0.01)
                 try:
-                    seconds, misses = _step_seconds(cached, probe, sync)
+                    seconds, misses, overflow = _step_seconds(cached, probe, sync)
                 finally:
                     cached.close()
-            design.append((1.0, ids, misses))
+            design.append((1.0, ids, misses, overflow))
             excess.append(max(0.0, seconds - plain))
     weights = 1.0 / np.maximum(np.array(excess), 1e-4)  # relative errors
-    (fixed, per_id, per_miss), _ = scipy.optimize.nnls(np.array(design) * weights[:, None],
-                                                       np.array(excess) * weights)
+    (fixed, per_id, per_miss, per_overflow), _ = scipy.optimize.nnls(
+        np.array(design) * weights[:, None], np.array(excess) * weights)
     traffic = 2 * dim * 4 / (miss_gbps * GB)  # fetch and write-back, as the cost model charges
     return RuntimeCosts(step_gbps, shard_ms, fixed * 1e3, per_id * 1e9,
-                        max(0.0, per_miss - traffic) * 1e9)
+                        max(0.0, per_miss - traffic) * 1e9, per_overflow * 1e9)
 
 
 def _store_rates(sizes: CalibrationSizes, store_dir: str | Path | None,
@@ -434,7 +444,8 @@ def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float
                           round(cal.dense_gbps, 3) if cal.dense_gbps > 0 else None,
                           round(cal.dense_step_ms, 3) if cal.dense_step_ms > 0 else None,
                           round(cal.shard_overhead_ms, 4), round(cal.cache_shard_overhead_ms, 4),
-                          round(cal.cache_ns_per_miss, 1), round(cal.cache_ns_per_lookup, 1)),
+                          round(cal.cache_ns_per_miss, 1), round(cal.cache_ns_per_lookup, 1),
+                          round(cal.cache_ns_per_overflow_row, 1)),
         host=HostSpec(round(dram_gb, 3), round(cal.host_gather_gbps, 3), round(cal.h2d_gbps, 3)),
         store=StoreSpec(round(cal.store_read_gbps, 4), round(cal.store_write_gbps, 4)),
         network=NetworkSpec(round(network, 3), round(inter_host_gbps or network, 3)),

@@ -145,8 +145,11 @@ class AnalyticCostModel:
     - fixed costs, when the topology carries measured ones (``dlrm-plan calibrate``):
       ``device.shard_overhead_ms`` per shard; for a cached shard,
       ``device.cache_shard_overhead_ms``, ``device.cache_ns_per_lookup`` per looked-up
-      id and ``device.cache_ns_per_miss`` per miss (fetch, install, eviction and
-      write-back bookkeeping beyond the bytes); all charged to the lookup.
+      id, ``device.cache_ns_per_miss`` per miss (fetch, install, eviction and
+      write-back bookkeeping beyond the bytes) and ``device.cache_ns_per_overflow_row``
+      per row of a step that finds no slot (the expected distinct rows of the step's
+      lookups, from the access profile, beyond the cache's slots); all charged to the
+      lookup.
     """
 
     def cost(self, shard: ShardOption, topology: Topology) -> ShardCost:
@@ -173,6 +176,10 @@ class AnalyticCostModel:
             device = topology.device
             lookup_ms += (device.cache_shard_overhead_ms + 1e-6 * (
                 lookups * device.cache_ns_per_lookup + misses * device.cache_ns_per_miss))
+            if device.cache_ns_per_overflow_row:
+                distinct = table.access.expected_distinct(shard.rows, lookups)
+                overflow = max(0.0, distinct - shard.cache_rows)
+                lookup_ms += 1e-6 * overflow * device.cache_ns_per_overflow_row
         backward_ms = _ms(2 * lookups * row_bytes, hbm_gbps) + write_back_ms
         optimizer_ms = _ms(2 * lookups * state_per_row, hbm_gbps)
         if shard.sharding is Sharding.DATA_PARALLEL:

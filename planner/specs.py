@@ -75,6 +75,25 @@ class AccessProfile:
             return _interpolate_profile(self.hot_rows, self.share, num_rows, cache_rows)
         return cache_rows / num_rows
 
+    def expected_distinct(self, num_rows: int, draws: float) -> float:
+        """Expected number of distinct rows among ``draws`` independent lookups of a
+        table of ``num_rows`` rows: the sum over rows of ``1 - (1 - p)^draws``, with the
+        rows grouped by rank into geometric buckets (ratio 1.25) whose rows share the
+        bucket's mean probability, read off :meth:`hit_rate`."""
+        if num_rows <= 0 or draws <= 0:
+            return 0.0
+        edges = [0]
+        while edges[-1] < num_rows:
+            edges.append(min(num_rows, max(edges[-1] + 1, int(edges[-1] * 1.25))))
+        total, below = 0.0, 0.0
+        for lo, hi in zip(edges, edges[1:]):
+            upto = self.hit_rate(num_rows, hi)
+            p = max(0.0, upto - below) / (hi - lo)
+            below = upto
+            if p > 0:
+                total += (hi - lo) * -math.expm1(draws * math.log1p(-min(p, 1.0 - 1e-15)))
+        return min(total, float(num_rows), draws)
+
     def to_json(self) -> dict[str, Any] | None:
         if self.zipf is not None:
             return {"zipf": self.zipf}
@@ -175,7 +194,7 @@ class TablesSpec:
 DENSE_RATES = ("dense_gflops", "dense_gbps", "dense_step_ms")
 """Optional measured numbers that predict the dense part of a step (not planning inputs)."""
 OVERHEADS = ("shard_overhead_ms", "cache_shard_overhead_ms", "cache_ns_per_miss",
-             "cache_ns_per_lookup")
+             "cache_ns_per_lookup", "cache_ns_per_overflow_row")
 """Optional measured fixed costs of the runtime (0: none, as on a datasheet)."""
 
 
@@ -206,6 +225,10 @@ class DeviceSpec:
     cache_ns_per_lookup: float = 0.0
     """Row-cache work per looked-up id of a cached shard, hit or miss (index probe,
     policy stamps, slot gather and fused update), measured likewise; a planning input."""
+    cache_ns_per_overflow_row: float = 0.0
+    """Row-cache work per row of a batch that finds no slot (a batch with more distinct
+    rows than the cache has slots: the excess rows are read, pooled and updated in the
+    store directly), measured likewise; a planning input."""
 
 
 @dataclass(frozen=True, slots=True)

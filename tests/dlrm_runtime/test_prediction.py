@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,21 +156,22 @@ def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp
     them (the per-miss cost less the traffic the cost model charges for a miss)."""
     from dlrm_runtime import calibrate
 
-    fixed_s, per_id_s, per_miss_s = 2e-3, 50e-9, 1.5e-6
+    fixed_s, per_id_s, per_miss_s, per_overflow_s = 2e-3, 50e-9, 1.5e-6, 3e-6
     sizes = calibrate.CalibrationSizes(overhead_rows=20_000, mlp_batch=128, overhead_batches=4)
     runs = iter([(None, 0), (None, 0)] + [
         (share, multiple) for multiple in (1, 4)
         for share in (None, *(s for m, s in calibrate.CACHE_PROBES if m == multiple))])
 
-    def fake_seconds(embeddings, batches, sync) -> tuple[float, float]:
+    def fake_seconds(embeddings, batches, sync) -> tuple[float, float, float]:
         share, _ = next(runs)
         ids = batches[0].ids[0].numel()
         plain = 1e-3 * ids / 256
         if share is None:
             assert embeddings.cache_stats() is None
-            return plain, 0.0
-        misses = ids * (0.4 - share)
-        return plain + fixed_s + per_id_s * ids + per_miss_s * misses, misses
+            return plain, 0.0, 0.0
+        misses, overflow = ids * (0.4 - share), max(0.0, ids * (0.05 - share))
+        return (plain + fixed_s + per_id_s * ids + per_miss_s * misses
+                + per_overflow_s * overflow, misses, overflow)
 
     monkeypatch.setattr(calibrate, "_step_seconds", fake_seconds)
     miss_gbps = 1.0
@@ -179,4 +181,37 @@ def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp
     assert costs.cache_shard_ms == pytest.approx(fixed_s * 1e3, rel=1e-6)
     assert costs.cache_ns_per_lookup == pytest.approx(per_id_s * 1e9, rel=1e-6)
     assert costs.cache_ns_per_miss == pytest.approx(per_miss_s * 1e9 - traffic_ns, rel=1e-6)
+    assert costs.cache_ns_per_overflow_row == pytest.approx(per_overflow_s * 1e9, rel=1e-6)
     assert costs.shard_ms == 0.0 and costs.step_gbps > 0
+
+
+def test_expected_distinct_rows_match_the_exact_sum() -> None:
+    from planner.specs import AccessProfile
+
+    for profile, rows, draws in [(AccessProfile(zipf=1.05), 1000, 4096),
+                                 (AccessProfile(zipf=0.8), 50_000, 16_384), (AccessProfile(), 500, 300),
+                                 (AccessProfile(hot_rows=(10, 100), share=(0.5, 0.8)), 1000, 2000)]:
+        ranks = np.arange(rows)
+        cumulative = np.array([profile.hit_rate(rows, k) for k in range(rows + 1)])
+        p = np.diff(cumulative)[ranks]
+        exact = float((1 - (1 - p) ** draws).sum())
+        assert profile.expected_distinct(rows, draws) == pytest.approx(exact, rel=0.02)
+    assert AccessProfile(zipf=1.0).expected_distinct(100, 0) == 0.0
+
+
+def test_a_cache_smaller_than_a_steps_distinct_rows_pays_for_the_overflow() -> None:
+    from planner import ShardOption, Sharding, TableSpec, Tier
+
+    doc = small_topology_doc()
+    plain = parse_topology(doc)
+    doc["device"]["cache_ns_per_overflow_row"] = 1000.0
+    measured = parse_topology(doc)
+    table = TableSpec("t", 1000, 8, 2.0)
+    model = AnalyticCostModel()
+    lookups = plain.global_batch_size * 2.0
+    distinct = table.access.expected_distinct(1000, lookups)
+    for cache_rows in (10, 100, 999):
+        option = ShardOption(table, Sharding.TABLE_WISE, 1000, 8, tier=Tier.DRAM_CACHE,
+                             cache_rows=cache_rows)
+        extra = model.cost(option, measured).lookup_ms - model.cost(option, plain).lookup_ms
+        assert extra == pytest.approx(max(0.0, distinct - cache_rows) * 1e-3)

@@ -241,16 +241,21 @@ class RuntimeCosts:
 CACHE_PROBES = ((1, 0.02), (1, 0.05), (1, 0.1), (4, 0.02), (4, 0.05), (4, 0.1))
 """Cached probe runs: (batch as a multiple of the probe batch, cache slots as a share
 of the probe table's rows)."""
+CACHE_PROBE_TABLES = 4
+"""Cached tables trained together in each cached probe run: like a model's, their
+caches' background threads share the cores (one cache alone measured 25-35 % less
+per table here)."""
 
 
-def _probe_batches(rows: int, batch: int, count: int,
-                   rng: np.random.Generator) -> list[SparseBatch]:
-    """Zipf 1.05 ids, one per sample, hot rows spread over the table (as hashed
-    categorical values are)."""
-    ranks = ZipfSampler(rows, 1.05).ranks(rng.random((count, batch)))
+def _probe_batches(rows: int, batch: int, count: int, rng: np.random.Generator,
+                   tables: int = 1) -> list[SparseBatch]:
+    """``count`` batches over ``tables`` tables of ``rows`` rows: Zipf 1.05 ids, one
+    per sample, hot rows spread over each table (as hashed categorical values are)."""
+    offsets = torch.arange(batch + 1, dtype=torch.int64)
+    ranks = ZipfSampler(rows, 1.05).ranks(rng.random((count, tables, batch)))
     permuted = (ranks * 7919 + 13) % rows if math.gcd(7919, rows) == 1 else ranks
-    return [SparseBatch((torch.from_numpy(r),), (torch.arange(batch + 1, dtype=torch.int64),))
-            for r in permuted]
+    return [SparseBatch(tuple(torch.from_numpy(ids) for ids in step), (offsets,) * tables)
+            for step in permuted]
 
 
 def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
@@ -259,21 +264,25 @@ def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
     of ``batches`` after the first half (warm-up; it fills a cache), and the cache
     misses and rows served without a slot per step in them (0 without a cache)."""
     optimizer = RowOptimizer.for_blocks(embeddings.row_blocks(), 0.01)
+    cached = embeddings.cache_stats() is not None
 
-    def step(batch: SparseBatch) -> None:
+    def step(index: int) -> None:
+        if cached and index + 1 < len(batches):  # as the training loop announces it
+            embeddings.prefetch(batches[index + 1])
         optimizer.zero_grad()
-        embeddings.forward_stacked(batch).sum().backward()
+        embeddings.forward_stacked(batches[index]).sum().backward()
         optimizer.step()
 
-    for batch in batches[:len(batches) // 2]:
-        step(batch)
+    half = len(batches) // 2
+    for index in range(half):
+        step(index)
     before = embeddings.cache_stats() or {}
-    timed = batches[len(batches) // 2:]
     sync()
     start = time.perf_counter()
-    for batch in timed:
-        step(batch)
+    for index in range(half, len(batches)):
+        step(index)
     sync()
+    timed = batches[half:]
     seconds = (time.perf_counter() - start) / len(timed)
     after = embeddings.cache_stats() or {}
 
@@ -286,62 +295,65 @@ def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
 def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Callable[[], None],
                        store_dir: str | Path | None, miss_gbps: float) -> RuntimeCosts:
     """This runtime's own embedding modules, timed on training steps (lookup, backward,
-    SGD update) of one probe table of dim 16 with one Zipf id per sample.
+    SGD update) of probe tables of dim 16 with one Zipf id per sample.
 
     - GB/s: the bytes the cost model charges for the whole table's step (the rows read
       by the lookup, read and written by the update: 3 x the looked-up bytes) over
       its time (table of ``overhead_rows`` rows);
     - ms per extra shard: the same table in 4 row shards against whole;
-    - cached: a table of a twentieth of the rows behind a ``dram_cache`` row cache, at
-      two batch sizes and two cache sizes (:data:`CACHE_PROBES`; the warm-up fills the
-      cache, so the timed steps evict and write back as a long run does), each against
-      the same table in memory; a non-negative least-squares fit of the excess time
-      to ``fixed + per id x ids + per miss x misses + per overflow row x rows without
-      a slot`` (the smallest caches hold fewer slots than a batch's distinct rows)
-      gives the ms per cached shard and the ns per looked-up id, per miss (less the
+    - cached: :data:`CACHE_PROBE_TABLES` tables of a twentieth of the rows, each behind
+      a ``dram_cache`` row cache, the next batch announced for prefetch as the training
+      loop does, at two batch sizes and three cache sizes (:data:`CACHE_PROBES`; the
+      warm-up fills the caches, so the timed steps evict and write back as a long run
+      does), each against the same tables in memory; a non-negative least-squares
+      fit of the excess time per table to ``fixed + per id x ids + per miss x misses
+      + per overflow row x rows without a slot`` (the smallest caches hold fewer slots
+      than a batch's distinct rows) gives the ms per cached shard and the ns per
+      looked-up id, per miss (less the
       miss traffic the cost model charges at ``miss_gbps``: fetch and write-back) and
       per overflow row."""
     dim, batch = 16, 2 * sizes.mlp_batch
     rng = np.random.default_rng(2)
 
-    def tables(rows: int) -> TablesSpec:
-        return TablesSpec((TableSpec("probe", rows, dim, 1.0),))
+    def tables(rows: int, count: int = 1) -> TablesSpec:
+        return TablesSpec(tuple(TableSpec(f"probe{i}", rows, dim, 1.0) for i in range(count)))
 
-    def shards(rows: int, count: int, tier: Tier = Tier.HBM,
+    def shards(spec: TablesSpec, count: int, tier: Tier = Tier.HBM,
                cache_rows: int = 0) -> dict[str, TablePlacement]:
+        rows = spec.tables[0].num_embeddings
         cuts = [rows * k // count for k in range(count + 1)]
-        return {"probe": TablePlacement(
+        placement = TablePlacement(
             Sharding.TABLE_WISE if count == 1 else Sharding.ROW_WISE,
             tuple(ShardPlacement(0, device, lo, hi, 0, dim, tier, cache_rows)
-                  for lo, hi in zip(cuts, cuts[1:])))}
+                  for lo, hi in zip(cuts, cuts[1:])))
+        return {table.name: placement for table in spec.tables}
 
-    rows = sizes.overhead_rows
-    batches = _probe_batches(rows, batch, sizes.overhead_batches, rng)
-    whole = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 1), device),
-                          batches, sync)[0]
-    split = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 4), device),
-                          batches, sync)[0]
+    one = tables(sizes.overhead_rows)
+    batches = _probe_batches(sizes.overhead_rows, batch, sizes.overhead_batches, rng)
+    whole = _step_seconds(InMemoryEmbeddings(one, shards(one, 1), device), batches, sync)[0]
+    split = _step_seconds(InMemoryEmbeddings(one, shards(one, 4), device), batches, sync)[0]
     shard_ms = max(0.0, (split - whole) / 3 * 1e3)
     step_gbps = 3 * batch * dim * 4 / whole / GB
 
-    rows = max(1000, sizes.overhead_rows // 20)
-    design, excess = [], []
+    rows, count = max(1000, sizes.overhead_rows // 20), CACHE_PROBE_TABLES
+    several = tables(rows, count)
+    design, excess = [], []  # per table
     for multiple in sorted({m for m, _ in CACHE_PROBES}):
         ids = batch * multiple
-        probe = _probe_batches(rows, ids, sizes.overhead_batches, rng)
-        plain = _step_seconds(InMemoryEmbeddings(tables(rows), shards(rows, 1), device),
+        probe = _probe_batches(rows, ids, sizes.overhead_batches, rng, count)
+        plain = _step_seconds(InMemoryEmbeddings(several, shards(several, 1), device),
                               probe, sync)[0]
         for _, share in (p for p in CACHE_PROBES if p[0] == multiple):
             with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
-                cached = InMemoryEmbeddings(tables(rows), shards(rows, 1, Tier.DRAM_CACHE,
-                                                                 max(1, round(rows * share))),
+                cached = InMemoryEmbeddings(several, shards(several, 1, Tier.DRAM_CACHE,
+                                                            max(1, round(rows * share))),
                                             device, store_dir=tmp, embedding_lr=0.01)
                 try:
                     seconds, misses, overflow = _step_seconds(cached, probe, sync)
                 finally:
                     cached.close()
-            design.append((1.0, ids, misses, overflow))
-            excess.append(max(0.0, seconds - plain))
+            design.append((1.0, ids, misses / count, overflow / count))
+            excess.append(max(0.0, seconds - plain) / count)
     weights = 1.0 / np.maximum(np.array(excess), 1e-4)  # relative errors
     (fixed, per_id, per_miss, per_overflow), _ = scipy.optimize.nnls(
         np.array(design) * weights[:, None], np.array(excess) * weights)

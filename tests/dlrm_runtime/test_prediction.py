@@ -164,14 +164,16 @@ def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp
 
     def fake_seconds(embeddings, batches, sync) -> tuple[float, float, float]:
         share, _ = next(runs)
-        ids = batches[0].ids[0].numel()
-        plain = 1e-3 * ids / 256
+        ids, tables = batches[0].ids[0].numel(), len(batches[0].ids)
+        plain = 1e-3 * ids / 256 * tables
         if share is None:
             assert embeddings.cache_stats() is None
             return plain, 0.0, 0.0
+        assert tables == calibrate.CACHE_PROBE_TABLES
         misses, overflow = ids * (0.4 - share), max(0.0, ids * (0.05 - share))
-        return (plain + fixed_s + per_id_s * ids + per_miss_s * misses
-                + per_overflow_s * overflow, misses, overflow)
+        per_table = (fixed_s + per_id_s * ids + per_miss_s * misses
+                     + per_overflow_s * overflow)
+        return plain + tables * per_table, tables * misses, tables * overflow
 
     monkeypatch.setattr(calibrate, "_step_seconds", fake_seconds)
     miss_gbps = 1.0

@@ -13,9 +13,10 @@ Every figure is an effective rate for the operation the cost model charges, in G
 - all-to-all: ``all_to_all_single`` between two local processes over gloo (NCCL when
   two GPUs are present), bytes sent per process;
 - runtime overheads: training steps of this runtime's own embedding modules on a
-  probe table, whole, in 4 row shards and behind row caches of two sizes at two
-  batch sizes: the time per extra shard, and the row cache's time per cached shard,
-  per looked-up id and per miss, beyond moving bytes;
+  probe table, whole and in 4 row shards, and on four tables behind row caches (two
+  batch sizes, three cache sizes): the time per extra shard, and the row cache's time
+  per cached shard, per looked-up id, per miss and per row that finds no slot, beyond
+  moving bytes;
 - dense: DLRM dense steps (MLPs, interaction, loss, optimizer) of four shapes, narrow
   to wide, timed on the compute device with torch's current thread count; a fit of
   GFLOP/s, GB/s and a fixed time per step to them.

@@ -63,8 +63,11 @@ def explain(plan: Plan, table: TablePlan) -> str:
         whole = spec.weight_bytes
         free = sum(d.hbm_capacity_bytes - d.hbm_bytes for d in plan.devices)
         cache = sum(s.cache_rows for s in table.shards)
-        return (f"HBM binds: whole it needs {whole} bytes, the devices have {free} left; "
-                f"cached {cache} of {spec.num_embeddings} rows "
+        why = (f"HBM binds: whole it needs {whole} bytes, the devices have {free} left"
+               if whole > free else
+               f"cached although HBM has room (whole it needs {whole} bytes, the devices "
+               f"have {free} left): the allowed tiers or the cost model chose it")
+        return (f"{why}; cached {cache} of {spec.num_embeddings} rows "
                 f"({cache / spec.num_embeddings:.0%}), hit rate "
                 f"{spec.access.hit_rate(spec.num_embeddings, cache):.0%} by its access profile")
     if table.sharding is Sharding.TABLE_WISE:

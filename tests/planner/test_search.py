@@ -226,3 +226,19 @@ def test_planning_with_highs_matches_cbc() -> None:
     highs = plan(tables, topology, options=PlanOptions(time_limit_s=10, solver="highs"))
     assert highs.solve.objective_ms == pytest.approx(cbc.solve.objective_ms, rel=1e-6)
     assert highs.solve.lower_bound_ms <= highs.solve.objective_ms
+
+
+def test_explain_tells_a_forced_cache_from_a_binding_memory() -> None:
+    from planner.evaluate import explain
+
+    roomy_tables, roomy = _specs(devices=2, hbm_gb=0.01)
+    forced = plan(roomy_tables, roomy, options=PlanOptions(
+        time_limit_s=10, candidates=OptionSettings(tiers=frozenset({Tier.DRAM_CACHE}))))
+    lines = [explain(forced, t) for t in forced.tables]
+    assert all(line.startswith("cached although HBM has room") for line in lines), lines
+    tight_tables, tight = _specs(devices=2, hbm_gb=0.00002)
+    cached = plan(tight_tables, tight, options=PlanOptions(
+        time_limit_s=10, candidates=OptionSettings(tiers=frozenset({Tier.HBM, Tier.DRAM_CACHE}))))
+    lines = [explain(cached, t) for t in cached.tables
+             if {s.tier for s in t.shards} != {Tier.HBM}]
+    assert lines and all(line.startswith("HBM binds") for line in lines), lines

@@ -310,9 +310,8 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
       fit of the excess time per table to ``fixed + per id x ids + per miss x misses
       + per overflow row x rows without a slot`` (the smallest caches hold fewer slots
       than a batch's distinct rows) gives the ms per cached shard and the ns per
-      looked-up id, per miss (less the
-      miss traffic the cost model charges at ``miss_gbps``: fetch and write-back) and
-      per overflow row."""
+      looked-up id, per miss (less the miss traffic the cost model charges at
+      ``miss_gbps``: fetch and write-back) and per overflow row."""
     dim, batch = 16, 2 * sizes.mlp_batch
     rng = np.random.default_rng(2)
 

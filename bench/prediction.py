@@ -174,6 +174,8 @@ def main() -> None:
     parser.add_argument("--plans", default=",".join(PLANS))
     parser.add_argument("--output", default=str(ROOT / "bench/results/prediction.json"))
     args = parser.parse_args()
+    if args.repeats < 1 or args.steps < 1:
+        parser.error("--repeats and --steps must be >= 1")
     chosen = {k: v for k, v in workloads().items() if k in args.workloads.split(",")}
     report: dict = {"machine": f"{platform.node()}, {platform.processor() or platform.machine()}",
                     "steps": args.steps, "threads": args.threads, "repeats": args.repeats,
@@ -192,7 +194,7 @@ def main() -> None:
                 plans[(wname, pname)] = make_plan(pname, PLANS[pname], work)
         runs: dict[tuple[str, str], list[dict]] = {key: [] for key in plans}
         failed: dict[tuple[str, str], str] = {k: v for k, v in plans.items() if isinstance(v, str)}
-        for attempt in range(args.repeats):  # rounds over every plan: load drifts slowly
+        for attempt in range(args.repeats):  # rounds: a drift of speed hits every plan alike
             for (wname, pname), plan in plans.items():
                 if (wname, pname) in failed or isinstance(plan, str):
                     continue

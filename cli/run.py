@@ -198,10 +198,13 @@ def _criteo(args: argparse.Namespace, plan: Plan, verbose: bool) -> CriteoClicks
 
 def _run(args: argparse.Namespace) -> int:
     world = init_from_env()  # 1 unless launched by torchrun with several processes
+    finished = False
     try:
-        return _train(args, world, torch.distributed.get_rank() if world > 1 else 0)
+        code = _train(args, world, torch.distributed.get_rank() if world > 1 else 0)
+        finished = True
+        return code
     finally:
-        shutdown()
+        shutdown(synchronize=finished)  # after an error a peer may never arrive
 
 
 def _train(args: argparse.Namespace, world: int, rank: int) -> int:

@@ -90,9 +90,15 @@ def init_from_env(timeout_s: float = 600.0) -> int:
     return world
 
 
-def shutdown() -> None:
-    """Destroy the default process group if there is one."""
+def shutdown(*, synchronize: bool = False) -> None:
+    """Destroy the default process group if there is one. ``synchronize``: first wait
+    until every rank gets here (after a run that ended normally), so that no rank closes
+    its connections while a peer still finishes the last collective (gloo then aborts
+    that peer with "terminate called without an active exception"; seen once in a
+    test run)."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -132,7 +132,7 @@ def test_dlrm_run_under_torchrun(tmp_path: Path, tables_file: Path, topology_fil
          "--bottom-mlp", "16,8", "--threads", "1", "--eval-batches", "1", "--no-progress",
          "--metrics-log", str(log)],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr}"
     assert "on 2 processes" in done.stderr and done.stdout.count("trained 4 steps") == 1
     ranks = [json.loads(line).get("rank") for line in log.read_text().splitlines()
              if '"timing"' in line]

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dlrm_runtime.collectives import shutdown
 from dlrm_runtime.config import ModelConfig
 from dlrm_runtime.data import ZipfSampler
 from dlrm_runtime.embeddings import InMemoryEmbeddings
@@ -397,6 +398,7 @@ def _all_to_all_worker(rank: int, port: int, nbytes: int, repeats: int, result: 
     backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
+    finished = False
     try:
         device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
         send = torch.ones(nbytes // 4, device=device)
@@ -410,8 +412,9 @@ def _all_to_all_worker(rank: int, port: int, nbytes: int, repeats: int, result: 
         if rank == 0:
             # half of the buffer leaves each process
             Path(result).write_text(f"{nbytes / 2 / seconds / GB} {backend}")
+        finished = True
     finally:
-        dist.destroy_process_group()
+        shutdown(synchronize=finished)
 
 
 def _all_to_all_gbps(nbytes: int, repeats: int) -> tuple[float, str]:

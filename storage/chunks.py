@@ -55,16 +55,17 @@ RAM then drove the resident set to 9-18 GB (a 25.6 GB table). So larger arrays a
 mapped at page alignment: a read fault maps :data:`READ_FAULT_PAGES`, a write fault
 one page, and the resident set stays bounded (see :data:`MAPPED_BYTES_BUDGET`)."""
 MAPPED_BYTES_BUDGET = 1024 * 1024 * 1024
-"""The default of ``map_budget_bytes`` (per array; :meth:`TableStore.open
-<storage.store.TableStore.open>` takes another). Pages of the page cache that a map touches stay mapped, and count in the process's
-resident set (RssFile), until unmapped. An array larger than this is read and written
-in slices, and unmaps its pages (``MADV_DONTNEED``: on a shared file map the page cache,
-dirty pages included, keeps them) whenever the pages its touched rows may have mapped
-since the last release (:data:`READ_FAULT_PAGES` per row read) reach this many bytes,
-so a table larger than RAM trains with a bounded resident set; later accesses re-map
-pages with a minor fault, which costs: warm gathers of a 512 MB array ran at 0.16 M
-rows/s with a 256 MiB budget against 2 M rows/s mapped whole (bench/storage.py). Such an array is also mapped at page, not huge-page,
-alignment (see :data:`MAP_ALIGN_BYTES`), and its chunks' clean pages are dropped from
+"""The default ``map_budget_bytes`` of an array (:meth:`TableStore.open
+<storage.store.TableStore.open>` takes another). Pages of the page cache that a map
+touches stay mapped, and count in the process's resident set (RssFile), until
+unmapped. An array larger than this is read and written in slices, and unmaps its
+pages (``MADV_DONTNEED``: on a shared file map the page cache, dirty pages included,
+keeps them) whenever the pages its touched rows may have mapped since the last release
+(:data:`READ_FAULT_PAGES` per row read) reach this many bytes, so a table larger than
+RAM trains with a bounded resident set; later accesses re-map pages with a minor
+fault, which costs: warm gathers of a 512 MB array ran at 0.16 M rows/s with a 256 MiB
+budget against 4.2 M rows/s mapped whole (bench/storage.py). Such an array is also
+mapped at page, not huge-page, alignment (see :data:`MAP_ALIGN_BYTES`), and its chunks' clean pages are dropped from
 the page cache when they are mapped (see :meth:`ChunkFiles._map_chunk`)."""
 READ_FAULT_PAGES = 16
 """Pages one read fault maps: the kernel's fault-around (64 KiB by default; MADV_RANDOM

@@ -34,7 +34,7 @@ import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from dlrm_runtime.collectives import shutdown
 from dlrm_runtime.config import ModelConfig
 from dlrm_runtime.data import ZipfSampler
 from dlrm_runtime.embeddings import InMemoryEmbeddings
+from dlrm_runtime.memory import tune_malloc
 from dlrm_runtime.model import DLRM
 from dlrm_runtime.optim import RowOptimizer
 from dlrm_runtime.prediction import dense_bytes, dense_flops
@@ -119,7 +120,10 @@ def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], N
 
 def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Path | None = None,
             network: bool = True, log: Callable[[str], None] = lambda _: None) -> Calibration:
-    """Run every probe; ``log`` receives one line per finished probe."""
+    """Run every probe; ``log`` receives one line per finished probe. glibc's malloc is
+    tuned as ``dlrm-run`` tunes it (:func:`~dlrm_runtime.memory.tune_malloc`), so that
+    the probes allocate as the runtime does."""
+    tune_malloc()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
@@ -181,12 +185,16 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
 DENSE_PROBES: tuple[tuple[ModelConfig, tuple[int, ...], float], ...] = (
     (ModelConfig(13, (64, 16), (64, 1)), (16,) * 8, 0.25),
     (ModelConfig(13, (64, 16), (64, 1)), (16,) * 8, 1.0),
+    (ModelConfig(13, (64, 16), (64, 1)), (16,) * 8, 2.0),
     (ModelConfig(13, (256, 64, 16), (256, 64, 1)), (16,) * 26, 1.0),
+    (ModelConfig(13, (256, 64, 16), (256, 64, 1)), (16,) * 26, 2.0),
     (ModelConfig(13, (512, 256, 64), (512, 512, 256, 1)), (64,) * 8, 0.5),
 )
 """Dense steps timed to fit the dense model: (MLPs, embedding dims, batch as a
-fraction of ``CalibrationSizes.mlp_batch``): narrow MLPs at two batch sizes, a
-Criteo-like model and the wide MLPs of the throughput benchmark's config (b)."""
+fraction of ``CalibrationSizes.mlp_batch``): narrow MLPs at three batch sizes, a
+Criteo-like model at two and the wide MLPs of the throughput benchmark's config (b).
+The batches reach 4096 (the global batch of the prediction benchmark's plans, which
+one process runs whole) so that the fit does not extrapolate past its largest probe."""
 
 
 def _dense_model(sizes: CalibrationSizes, device: torch.device,
@@ -243,21 +251,26 @@ class RuntimeCosts:
 CACHE_PROBES = ((1, 0.02), (1, 0.05), (1, 0.1), (4, 0.02), (4, 0.05), (4, 0.1))
 """Cached probe runs: (batch as a multiple of the probe batch, cache slots as a share
 of the probe table's rows)."""
-CACHE_PROBE_TABLES = 4
-"""Cached tables trained together in each cached probe run: like a model's, their
-caches' background threads share the cores (one cache alone measured 25-35 % less
-per table here)."""
+CACHE_PROBE_ROWS = (0.02, 0.05, 0.1, 0.2)
+"""Cached tables trained together in each cached probe run, by their rows as shares of
+``CalibrationSizes.overhead_rows``: like a model's, their caches' background threads
+share the cores (one cache alone measured 25-35 % less per table here), and their
+sizes differ (fitted to 50k-row tables only, the costs came out 45 % low for the
+cache of a 200k-row table in a real run)."""
+CACHE_PROBE_TABLES = len(CACHE_PROBE_ROWS)
 
 
-def _probe_batches(rows: int, batch: int, count: int, rng: np.random.Generator,
-                   tables: int = 1) -> list[SparseBatch]:
-    """``count`` batches over ``tables`` tables of ``rows`` rows: Zipf 1.05 ids, one
-    per sample, hot rows spread over each table (as hashed categorical values are)."""
+def _probe_batches(rows: Sequence[int], batch: int, count: int, rng: np.random.Generator
+                   ) -> list[SparseBatch]:
+    """``count`` batches over tables of ``rows`` rows each: Zipf 1.05 ids, one per
+    sample, hot rows spread over each table (as hashed categorical values are)."""
     offsets = torch.arange(batch + 1, dtype=torch.int64)
-    ranks = ZipfSampler(rows, 1.05).ranks(rng.random((count, tables, batch)))
-    permuted = (ranks * 7919 + 13) % rows if math.gcd(7919, rows) == 1 else ranks
-    return [SparseBatch(tuple(torch.from_numpy(ids) for ids in step), (offsets,) * tables)
-            for step in permuted]
+    per_table = []
+    for n in rows:
+        ranks = ZipfSampler(n, 1.05).ranks(rng.random((count, batch)))
+        per_table.append((ranks * 7919 + 13) % n if math.gcd(7919, n) == 1 else ranks)
+    return [SparseBatch(tuple(torch.from_numpy(ids[step]) for ids in per_table),
+                        (offsets,) * len(rows)) for step in range(count)]
 
 
 def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
@@ -303,8 +316,8 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
       by the lookup, read and written by the update: 3 x the looked-up bytes) over
       its time (table of ``overhead_rows`` rows);
     - ms per extra shard: the same table in 4 row shards against whole;
-    - cached: :data:`CACHE_PROBE_TABLES` tables of a twentieth of the rows, each behind
-      a ``dram_cache`` row cache, the next batch announced for prefetch as the training
+    - cached: tables of :data:`CACHE_PROBE_ROWS` shares of the rows, each behind a
+      ``dram_cache`` row cache, the next batch announced for prefetch as the training
       loop does, at two batch sizes and three cache sizes (:data:`CACHE_PROBES`; the
       warm-up fills the caches, so the timed steps evict and write back as a long run
       does), each against the same tables in memory; a non-negative least-squares
@@ -316,38 +329,41 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
     dim, batch = 16, 2 * sizes.mlp_batch
     rng = np.random.default_rng(2)
 
-    def tables(rows: int, count: int = 1) -> TablesSpec:
-        return TablesSpec(tuple(TableSpec(f"probe{i}", rows, dim, 1.0) for i in range(count)))
+    def tables(rows: Sequence[int]) -> TablesSpec:
+        return TablesSpec(tuple(TableSpec(f"probe{i}", n, dim, 1.0) for i, n in enumerate(rows)))
 
     def shards(spec: TablesSpec, count: int, tier: Tier = Tier.HBM,
-               cache_rows: int = 0) -> dict[str, TablePlacement]:
-        rows = spec.tables[0].num_embeddings
-        cuts = [rows * k // count for k in range(count + 1)]
-        placement = TablePlacement(
-            Sharding.TABLE_WISE if count == 1 else Sharding.ROW_WISE,
-            tuple(ShardPlacement(0, device, lo, hi, 0, dim, tier, cache_rows)
-                  for lo, hi in zip(cuts, cuts[1:])))
-        return {table.name: placement for table in spec.tables}
+               cache_share: float = 0.0) -> dict[str, TablePlacement]:
+        out = {}
+        for table in spec.tables:
+            rows = table.num_embeddings
+            cuts = [rows * k // count for k in range(count + 1)]
+            cache_rows = max(1, round(rows * cache_share)) if tier is not Tier.HBM else 0
+            out[table.name] = TablePlacement(
+                Sharding.TABLE_WISE if count == 1 else Sharding.ROW_WISE,
+                tuple(ShardPlacement(0, device, lo, hi, 0, dim, tier, cache_rows)
+                      for lo, hi in zip(cuts, cuts[1:])))
+        return out
 
-    one = tables(sizes.overhead_rows)
-    batches = _probe_batches(sizes.overhead_rows, batch, sizes.overhead_batches, rng)
+    one = tables([sizes.overhead_rows])
+    batches = _probe_batches([sizes.overhead_rows], batch, sizes.overhead_batches, rng)
     whole = _step_seconds(InMemoryEmbeddings(one, shards(one, 1), device), batches, sync)[0]
     split = _step_seconds(InMemoryEmbeddings(one, shards(one, 4), device), batches, sync)[0]
     shard_ms = max(0.0, (split - whole) / 3 * 1e3)
     step_gbps = 3 * batch * dim * 4 / whole / GB
 
-    rows, count = max(1000, sizes.overhead_rows // 20), CACHE_PROBE_TABLES
-    several = tables(rows, count)
+    rows = [max(1000, round(sizes.overhead_rows * share)) for share in CACHE_PROBE_ROWS]
+    count = len(rows)
+    several = tables(rows)
     design, excess = [], []  # per table
     for multiple in sorted({m for m, _ in CACHE_PROBES}):
         ids = batch * multiple
-        probe = _probe_batches(rows, ids, sizes.overhead_batches, rng, count)
+        probe = _probe_batches(rows, ids, sizes.overhead_batches, rng)
         plain = _step_seconds(InMemoryEmbeddings(several, shards(several, 1), device),
                               probe, sync)[0]
         for _, share in (p for p in CACHE_PROBES if p[0] == multiple):
             with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
-                cached = InMemoryEmbeddings(several, shards(several, 1, Tier.DRAM_CACHE,
-                                                            max(1, round(rows * share))),
+                cached = InMemoryEmbeddings(several, shards(several, 1, Tier.DRAM_CACHE, share),
                                             device, store_dir=tmp, embedding_lr=0.01)
                 try:
                     seconds, misses, overflow = _step_seconds(cached, probe, sync)

@@ -18,6 +18,7 @@ A step has four phases on the process's compute device:
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +31,9 @@ PHASES = ("lookup", "communication", "dense", "update")
 
 @dataclass(frozen=True, slots=True)
 class StepTimes:
-    """Mean milliseconds per step of each phase over ``steps`` timed steps."""
+    """Mean milliseconds per step of each phase over ``steps`` timed steps, and the
+    median of the timed steps' totals (robust to the few steps that another process
+    on the machine slowed down)."""
 
     lookup_ms: float
     communication_ms: float
@@ -38,6 +41,7 @@ class StepTimes:
     update_ms: float
     data_ms: float
     steps: int
+    median_step_ms: float = 0.0
 
     @property
     def step_ms(self) -> float:
@@ -47,7 +51,8 @@ class StepTimes:
     def to_json(self) -> dict[str, float]:
         return {"lookup_ms": self.lookup_ms, "communication_ms": self.communication_ms,
                 "dense_ms": self.dense_ms, "update_ms": self.update_ms,
-                "data_ms": self.data_ms, "step_ms": self.step_ms, "steps": self.steps}
+                "data_ms": self.data_ms, "step_ms": self.step_ms,
+                "median_step_ms": self.median_step_ms, "steps": self.steps}
 
 
 class Stopwatch:
@@ -75,6 +80,10 @@ class PhaseTimer:
         self._sync = sync
         self._seconds = dict.fromkeys((*PHASES, "data"), 0.0)
         self._steps = 0
+        self._totals: list[float] = []
+        """Seconds of each timed step's phases (data excluded)."""
+        self._done = 0.0
+        """The phases' seconds when the last step was done."""
 
     @staticmethod
     def for_device(device: torch.device) -> PhaseTimer:
@@ -97,14 +106,20 @@ class PhaseTimer:
 
     def step_done(self) -> None:
         self._steps += 1
+        total = sum(self._seconds[name] for name in PHASES)
+        self._totals.append(total - self._done)
+        self._done = total
 
     def result(self) -> StepTimes:
         n = max(self._steps, 1)
         ms = {k: v * 1e3 / n for k, v in self._seconds.items()}
+        median = statistics.median(self._totals) * 1e3 if self._totals else 0.0
         return StepTimes(ms["lookup"], ms["communication"], ms["dense"], ms["update"], ms["data"],
-                         self._steps)
+                         self._steps, median)
 
     def reset(self) -> None:
         for key in self._seconds:
             self._seconds[key] = 0.0
         self._steps = 0
+        self._totals.clear()
+        self._done = 0.0

@@ -83,6 +83,7 @@ def test_show_measured_puts_the_run_beside_the_plan(tmp_path: Path, tables_file:
     assert measured["step_ms"] == pytest.approx(measured["lookup_ms"] + measured["dense_ms"]
                                                 + measured["update_ms"]
                                                 + measured["communication_ms"])
+    assert 0 < measured["median_step_ms"] <= 5 * measured["step_ms"]  # 5 steps: mean >= median / 5
     assert predicted["devices"] == [0, 1] and predicted["dense_ms"] is None
     # all of the plan's devices run on this process's CPU: nothing is communicated
     assert measured["communication_ms"] == 0 and predicted["communication_ms"] == 0
@@ -91,6 +92,7 @@ def test_show_measured_puts_the_run_beside_the_plan(tmp_path: Path, tables_file:
     assert plan_cli.main(["show", str(plan), "--measured", str(log)]) == ExitCode.OK
     out = capsys.readouterr().out
     assert "measured by dlrm-run at step 5" in out and "update (emb. backward+optimizer)" in out
+    assert "median step" in out
     assert "no dense prediction" in out and "not calibrated" in out
 
     other = tmp_path / "other.json"

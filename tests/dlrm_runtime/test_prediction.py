@@ -217,3 +217,35 @@ def test_a_cache_smaller_than_a_steps_distinct_rows_pays_for_the_overflow() -> N
                              cache_rows=cache_rows)
         extra = model.cost(option, measured).lookup_ms - model.cost(option, plain).lookup_ms
         assert extra == pytest.approx(max(0.0, distinct - cache_rows) * 1e-3)
+
+
+def test_phase_timer_reports_the_mean_split_and_the_median_step(monkeypatch) -> None:
+    from dlrm_runtime import timing
+
+    clock = iter(range(10_000))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)) / 1000)
+    timer = timing.PhaseTimer()
+
+    def step(lookup_ms: int, dense_ms: int) -> None:
+        with timer.phase("data"):
+            next(clock)  # 2 ms, not part of the step
+        with timer.phase("lookup"):
+            for _ in range(lookup_ms - 1):
+                next(clock)
+        with timer.phase("dense"):
+            for _ in range(dense_ms - 1):
+                next(clock)
+        timer.step_done()
+
+    for lookup_ms, dense_ms in ((2, 3), (2, 4), (30, 40)):  # the last step slowed down
+        step(lookup_ms, dense_ms)
+    times = timer.result()
+    assert times.steps == 3
+    assert times.lookup_ms == pytest.approx(34 / 3) and times.dense_ms == pytest.approx(47 / 3)
+    assert times.data_ms == pytest.approx(2.0)
+    assert times.step_ms == pytest.approx(81 / 3)
+    assert times.median_step_ms == pytest.approx(6.0)
+    assert times.to_json()["median_step_ms"] == pytest.approx(6.0)
+    timer.reset()
+    step(1, 1)
+    assert timer.result().median_step_ms == pytest.approx(2.0)

@@ -203,7 +203,8 @@ def _dense_model(sizes: CalibrationSizes, device: torch.device,
     steps (MLPs and dot interaction forward and backward, BCE loss, fused Adagrad) of
     the :data:`DENSE_PROBES` shapes: time = FLOPs / rate + bytes / rate + fixed, FLOPs
     and bytes counted as :mod:`dlrm_runtime.prediction` counts them, by non-negative
-    least squares on the relative error. One constant rate fits narrow and wide MLPs
+    least squares on the relative error (each probe the median of 3 x ``repeats``
+    steps: its fit moved by 30 % between calibrations with 5). One constant rate fits narrow and wide MLPs
     badly (measured here: 25 % too slow for wide ones when narrow ones set the bytes
     rate); the fit's worst probe is within about 15 %. A GB/s of 0 means the bytes
     term did not help the fit (then it is left out)."""
@@ -225,7 +226,7 @@ def _dense_model(sizes: CalibrationSizes, device: torch.device,
             torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
             optimizer.step()
 
-        seconds = _median_seconds(step, sizes.repeats, sync)
+        seconds = _median_seconds(step, 3 * sizes.repeats, sync)  # short steps: more of them
         rows.append((dense_flops(config, dims, batch), dense_bytes(config, dims, batch), 1.0))
         seconds_list.append(seconds)
     times = np.array(seconds_list)
@@ -248,6 +249,8 @@ class RuntimeCosts:
     cache_ns_per_overflow_row: float
 
 
+STEP_PROBE_TABLES = 8
+"""In-memory tables of the embedding-step probe (see :func:`_runtime_overheads`)."""
 CACHE_PROBES = ((1, 0.02), (1, 0.05), (1, 0.1), (4, 0.02), (4, 0.05), (4, 0.1))
 """Cached probe runs: (batch as a multiple of the probe batch, cache slots as a share
 of the probe table's rows)."""
@@ -312,10 +315,13 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
     """This runtime's own embedding modules, timed on training steps (lookup, backward,
     SGD update) of probe tables of dim 16 with one Zipf id per sample.
 
-    - GB/s: the bytes the cost model charges for the whole table's step (the rows read
-      by the lookup, read and written by the update: 3 x the looked-up bytes) over
-      its time (table of ``overhead_rows`` rows);
-    - ms per extra shard: the same table in 4 row shards against whole;
+    - GB/s: the bytes the cost model charges for the tables' step (the rows read by
+      the lookup, read and written by the update: 3 x the looked-up bytes) over its
+      time, for :data:`STEP_PROBE_TABLES` tables of ``overhead_rows`` rows in all,
+      which the runtime batches into one lookup as it batches a device's whole tables
+      (one table alone measured 0.57 GB/s here, eight 0.84: per-call work is shared);
+      the median of three runs;
+    - ms per extra shard: the same tables in 4 row shards each against whole;
     - cached: tables of :data:`CACHE_PROBE_ROWS` shares of the rows, each behind a
       ``dram_cache`` row cache, the next batch announced for prefetch as the training
       loop does, at two batch sizes and three cache sizes (:data:`CACHE_PROBES`; the
@@ -345,12 +351,18 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
                       for lo, hi in zip(cuts, cuts[1:])))
         return out
 
-    one = tables([sizes.overhead_rows])
-    batches = _probe_batches([sizes.overhead_rows], batch, sizes.overhead_batches, rng)
-    whole = _step_seconds(InMemoryEmbeddings(one, shards(one, 1), device), batches, sync)[0]
-    split = _step_seconds(InMemoryEmbeddings(one, shards(one, 4), device), batches, sync)[0]
-    shard_ms = max(0.0, (split - whole) / 3 * 1e3)
-    step_gbps = 3 * batch * dim * 4 / whole / GB
+    group = [max(1000, sizes.overhead_rows // STEP_PROBE_TABLES)] * STEP_PROBE_TABLES
+    many = tables(group)
+    batches = _probe_batches(group, batch, sizes.overhead_batches, rng)
+
+    def step_of(pieces: int) -> float:
+        return statistics.median(
+            _step_seconds(InMemoryEmbeddings(many, shards(many, pieces), device), batches,
+                          sync)[0] for _ in range(3))
+
+    whole, split = step_of(1), step_of(4)
+    shard_ms = max(0.0, (split - whole) / (3 * len(group)) * 1e3)
+    step_gbps = 3 * len(group) * batch * dim * 4 / whole / GB
 
     rows = [max(1000, round(sizes.overhead_rows * share)) for share in CACHE_PROBE_ROWS]
     count = len(rows)

@@ -158,7 +158,7 @@ def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp
 
     fixed_s, per_id_s, per_miss_s, per_overflow_s = 2e-3, 50e-9, 1.5e-6, 3e-6
     sizes = calibrate.CalibrationSizes(overhead_rows=20_000, mlp_batch=128, overhead_batches=4)
-    runs = iter([(None, 0), (None, 0)] + [
+    runs = iter([(None, 0)] * 6 + [  # the step probe: whole and split, 3 runs each
         (share, multiple) for multiple in (1, 4)
         for share in (None, *(s for m, s in calibrate.CACHE_PROBES if m == multiple))])
 

@@ -12,13 +12,13 @@ Every figure is an effective rate for the operation the cost model charges, in G
   warm for reads; writes made durable by a checkpoint);
 - all-to-all: ``all_to_all_single`` between two local processes over gloo (NCCL when
   two GPUs are present), bytes sent per process;
-- runtime overheads: training steps of this runtime's own embedding modules on a
-  probe table, whole and in 4 row shards, and on four tables behind row caches (two
-  batch sizes, three cache sizes): the time per extra shard, and the row cache's time
+- runtime overheads: training steps of this runtime's own embedding modules on eight
+  probe tables looked up together, whole and in 4 row shards each, and on four tables
+  of four sizes behind row caches (two batch sizes, three cache sizes): the time per extra shard, and the row cache's time
   per cached shard, per looked-up id, per miss and per row that finds no slot, beyond
   moving bytes;
-- dense: DLRM dense steps (MLPs, interaction, loss, optimizer) of four shapes, narrow
-  to wide, timed on the compute device with torch's current thread count; a fit of
+- dense: DLRM dense steps (MLPs, interaction, loss, optimizer) of six shapes and
+  batches, narrow to wide, timed on the compute device with torch's current thread count; a fit of
   GFLOP/s, GB/s and a fixed time per step to them.
 
 Each is the median of a few repetitions after a warm-up.

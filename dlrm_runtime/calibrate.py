@@ -46,7 +46,7 @@ import torch.multiprocessing as mp
 
 from dlrm_runtime.collectives import shutdown
 from dlrm_runtime.config import ModelConfig
-from dlrm_runtime.data import ZipfSampler
+from dlrm_runtime.data import Prefetcher, SyntheticClicks, ZipfSampler
 from dlrm_runtime.embeddings import InMemoryEmbeddings
 from dlrm_runtime.memory import tune_malloc
 from dlrm_runtime.model import DLRM
@@ -277,37 +277,68 @@ def _probe_batches(rows: Sequence[int], batch: int, count: int, rng: np.random.G
 
 
 def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
-                  sync: Callable[[], None]) -> tuple[float, float, float]:
+                  sync: Callable[[], None], head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  load: Callable[[], object] | None = None) -> tuple[float, float, float]:
     """Mean seconds of a training step (lookup, backward, SGD) over the second half
     of ``batches`` after the first half (warm-up; it fills a cache), and the cache
-    misses and rows served without a slot per step in them (0 without a cache)."""
+    misses and rows served without a slot per step in them (0 without a cache).
+    ``head(pooled)`` gives the loss (default: the pooled sum); ``load()`` is called
+    once per step, outside the timing (e.g. to take a batch from a background
+    :class:`~dlrm_runtime.data.Prefetcher`, as the training loop does)."""
     optimizer = RowOptimizer.for_blocks(embeddings.row_blocks(), 0.01)
     cached = embeddings.cache_stats() is not None
+    seconds = [0.0]
 
     def step(index: int) -> None:
+        if load is not None:
+            load()
+        start = time.perf_counter()
         if cached and index + 1 < len(batches):  # as the training loop announces it
             embeddings.prefetch(batches[index + 1])
         optimizer.zero_grad()
-        embeddings.forward_stacked(batches[index]).sum().backward()
+        pooled = embeddings.forward_stacked(batches[index])
+        (pooled.sum() if head is None else head(pooled)).backward()
         optimizer.step()
+        sync()
+        seconds[0] += time.perf_counter() - start
 
     half = len(batches) // 2
     for index in range(half):
         step(index)
     before = embeddings.cache_stats() or {}
-    sync()
-    start = time.perf_counter()
+    seconds[0] = 0.0
     for index in range(half, len(batches)):
         step(index)
-    sync()
     timed = batches[half:]
-    seconds = (time.perf_counter() - start) / len(timed)
     after = embeddings.cache_stats() or {}
 
     def per_step(key: str) -> float:
         return (after.get(key, 0.0) - before.get(key, 0.0)) / len(timed)
 
-    return seconds, per_step("misses"), per_step("uncached")
+    return seconds[0] / len(timed), per_step("misses"), per_step("uncached")
+
+
+CACHE_PROBE_HEAD = ModelConfig(13, (64, 16), (64, 1))
+"""The dense part trained on the cached probes' pooled embeddings (the demo's MLPs)."""
+
+
+def _dense_head(tables: int, batch: int, dim: int, device: torch.device
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss of :data:`CACHE_PROBE_HEAD` on ``tables`` pooled embeddings of dim
+    ``dim`` (fixed dense features and labels), as a training step computes it."""
+    generator = torch.Generator().manual_seed(1)
+    model = DLRM(CACHE_PROBE_HEAD, torch.nn.Identity(), (dim,) * tables).dense_to(device)
+    dense = torch.randn(batch, CACHE_PROBE_HEAD.dense_features, generator=generator).to(device)
+    labels = (torch.rand(batch, generator=generator) < 0.3).float().to(device)
+    parameters = model.dense_parameters()
+
+    def loss(pooled: torch.Tensor) -> torch.Tensor:
+        for parameter in parameters:
+            parameter.grad = None
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            model.dense_forward(dense, pooled), labels)
+
+    return loss
 
 
 def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Callable[[], None],
@@ -371,18 +402,23 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
     for multiple in sorted({m for m, _ in CACHE_PROBES}):
         ids = batch * multiple
         probe = _probe_batches(rows, ids, sizes.overhead_batches, rng)
-        plain = _step_seconds(InMemoryEmbeddings(several, shards(several, 1), device),
-                              probe, sync)[0]
-        for _, share in (p for p in CACHE_PROBES if p[0] == multiple):
-            with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
-                cached = InMemoryEmbeddings(several, shards(several, 1, Tier.DRAM_CACHE, share),
-                                            device, store_dir=tmp, embedding_lr=0.01)
-                try:
-                    seconds, misses, overflow = _step_seconds(cached, probe, sync)
-                finally:
-                    cached.close()
-            design.append((1.0, ids, misses / count, overflow / count))
-            excess.append(max(0.0, seconds - plain) / count)
+        head = _dense_head(count, ids, dim, device)
+        # as in a training run: the next batch is made meanwhile on a background thread
+        with Prefetcher(SyntheticClicks(several), ids, 0, 1 << 40) as making:
+            plain = _step_seconds(InMemoryEmbeddings(several, shards(several, 1), device),
+                                  probe, sync, head, making.next)[0]
+            for _, share in (p for p in CACHE_PROBES if p[0] == multiple):
+                with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
+                    cached = InMemoryEmbeddings(several,
+                                                shards(several, 1, Tier.DRAM_CACHE, share),
+                                                device, store_dir=tmp, embedding_lr=0.01)
+                    try:
+                        seconds, misses, overflow = _step_seconds(cached, probe, sync, head,
+                                                                  making.next)
+                    finally:
+                        cached.close()
+                design.append((1.0, ids, misses / count, overflow / count))
+                excess.append(max(0.0, seconds - plain) / count)
     weights = 1.0 / np.maximum(np.array(excess), 1e-4)  # relative errors
     (fixed, per_id, per_miss, per_overflow), _ = scipy.optimize.nnls(
         np.array(design) * weights[:, None], np.array(excess) * weights)

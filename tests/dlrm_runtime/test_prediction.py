@@ -162,7 +162,7 @@ def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp
         (share, multiple) for multiple in (1, 4)
         for share in (None, *(s for m, s in calibrate.CACHE_PROBES if m == multiple))])
 
-    def fake_seconds(embeddings, batches, sync) -> tuple[float, float, float]:
+    def fake_seconds(embeddings, batches, sync, *_) -> tuple[float, float, float]:
         share, _ = next(runs)
         ids, tables = batches[0].ids[0].numel(), len(batches[0].ids)
         plain = 1e-3 * ids / 256 * tables

@@ -3,9 +3,10 @@
     .venv/bin/python bench/prediction.py [--steps 300] [--threads 1] [--repeats 1]
         [--workloads demo,criteo26]
 
-1. ``dlrm-plan calibrate --threads T`` measures this machine (gather, copy, store and
-   dense rates) once; each workload's topology takes those rates (its device count,
-   memory and batch stay).
+1. ``dlrm-plan calibrate --threads T --rounds R`` measures this machine (gather, copy,
+   store and dense rates) R times (``--calibration-rounds``, default 3) and keeps the
+   median of each figure; each workload's topology takes those rates (its device
+   count, memory and batch stay).
 2. For each workload, several plans are written with ``dlrm-plan``: the ILP plan, the
    baselines, and plans forced onto other shardings and tiers (which cost really
    different amounts), all under the calibrated topology.
@@ -136,10 +137,10 @@ def least_steal(attempt: Callable[[], T], max_steal: float, retries: int
     return result, share, tries
 
 
-def calibrate(threads: int, work: Path) -> dict:
+def calibrate(threads: int, rounds: int, work: Path) -> dict:
     out = work / "calibrated.json"
     done = _run([str(BIN / "dlrm-plan"), "calibrate", "--threads", str(threads), "--no-network",
-                 "--store-dir", str(work), "-o", str(out)])
+                 "--rounds", str(rounds), "--store-dir", str(work), "-o", str(out)])
     if done.returncode:
         raise SystemExit(f"calibrate failed: {done.stderr}")
     return json.loads(out.read_text())
@@ -233,6 +234,8 @@ def main() -> None:
                         help="runs per plan, in rounds over all plans; the median stands")
     parser.add_argument("--workloads", default=",".join(workloads()))
     parser.add_argument("--plans", default=",".join(PLANS))
+    parser.add_argument("--calibration-rounds", type=int, default=3,
+                        help="dlrm-plan calibrate --rounds: the median of this many calibrations")
     parser.add_argument("--max-steal", type=float, default=0.05,
                         help="share of CPU time taken by other VMs above which a calibration "
                              "or run is done again")
@@ -243,15 +246,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1 or args.steps < 1:
         parser.error("--repeats and --steps must be >= 1")
-    if args.retries < 0 or not 0 <= args.max_steal <= 1:
-        parser.error("--retries must be >= 0 and --max-steal in [0, 1]")
+    if args.retries < 0 or args.calibration_rounds < 1 or not 0 <= args.max_steal <= 1:
+        parser.error("--retries must be >= 0, --calibration-rounds >= 1 and --max-steal in "
+                     "[0, 1]")
     chosen = {k: v for k, v in workloads().items() if k in args.workloads.split(",")}
     report: dict = {"machine": f"{platform.node()}, {platform.processor() or platform.machine()}",
                     "steps": args.steps, "threads": args.threads, "repeats": args.repeats,
+                    "calibration_rounds": args.calibration_rounds,
                     "max_steal": args.max_steal, "retries": args.retries, "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        calibrated, steal, tries = least_steal(lambda: calibrate(args.threads, Path(tmp)),
-                                               args.max_steal, args.retries)
+        calibrated, steal, tries = least_steal(
+            lambda: calibrate(args.threads, args.calibration_rounds, Path(tmp)),
+            args.max_steal, args.retries)
         report["calibration"] = {k: calibrated[k] for k in ("device", "host", "store")}
         report["calibration_steal"], report["calibration_attempts"] = steal, tries
         print(f"calibrated ({tries} attempt(s), steal {_share(steal)}): "

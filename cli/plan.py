@@ -215,6 +215,10 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads during the probes; use the --threads of the "
                              "dlrm-run whose step times are predicted (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="small probes (seconds, noisier)")
+    parser.add_argument("--rounds", type=int, default=1, metavar="N",
+                        help="measure N times over and write the median of each figure: on a "
+                             "shared VM one calibration can catch a fast or a slow minute "
+                             "(default: 1)")
     parser.add_argument("--no-network", action="store_true",
                         help="skip the all-to-all probe (then the network rate is the copy rate)")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
@@ -336,7 +340,7 @@ def _profile(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from dlrm_runtime.calibrate import CalibrationSizes, measure, to_topology
+    from dlrm_runtime.calibrate import CalibrationSizes, combine, measure, to_topology
     from dlrm_runtime.errors import ConfigError
 
     sizes = (CalibrationSizes(rows=200_000, batch_rows=16_384, store_rows=65_536, repeats=3,
@@ -346,8 +350,18 @@ def _calibrate(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    result = measure(sizes, store_dir=args.store_dir, network=not args.no_network,
-                     log=lambda line: print(line, file=sys.stderr))
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
+    results = []
+    for done in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {done + 1} of {args.rounds}", file=sys.stderr)
+        results.append(measure(sizes, store_dir=args.store_dir, network=not args.no_network,
+                               log=lambda line: print(line, file=sys.stderr)))
+    result = combine(results)
+    if args.rounds > 1:
+        print(f"medians of {args.rounds} rounds: embedding step {result.device_gbps:.2f} GB/s, "
+              f"dense {result.dense_gflops:.1f} GFLOP/s", file=sys.stderr)
     topology = to_topology(result, hbm_gb=args.hbm_gb, dram_gb=args.dram_gb, devices=args.devices,
                            batch_size_per_device=args.batch_size_per_device,
                            reserved_hbm_gb=args.reserved_hbm_gb,

@@ -14,18 +14,19 @@ Every figure is an effective rate for the operation the cost model charges, in G
   two GPUs are present), bytes sent per process;
 - runtime overheads: training steps of this runtime's own embedding modules on eight
   probe tables looked up together, whole and in 4 row shards each, and on four tables
-  of four sizes behind row caches (two batch sizes, three cache sizes): the time per extra shard, and the row cache's time
-  per cached shard, per looked-up id, per miss and per row that finds no slot, beyond
-  moving bytes;
+  of four sizes behind row caches (two batch sizes, three cache sizes): the time per
+  extra shard, and the row cache's time per cached shard, per looked-up id, per miss
+  and per row that finds no slot, beyond moving bytes;
 - dense: DLRM dense steps (MLPs, interaction, loss, optimizer) of six shapes and
-  batches, narrow to wide, timed on the compute device with torch's current thread count; a fit of
-  GFLOP/s, GB/s and a fixed time per step to them.
+  batches, narrow to wide, timed on the compute device with torch's current thread
+  count; a fit of GFLOP/s, GB/s and a fixed time per step to them.
 
 Each is the median of a few repetitions after a warm-up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import os
@@ -104,6 +105,30 @@ class Calibration:
     cache_ns_per_overflow_row: float = 0.0
     threads: int = 1
     """torch CPU threads during the probes."""
+    rounds: int = 1
+    """Calibrations whose medians these figures are (see :func:`combine`)."""
+
+
+def combine(results: Sequence[Calibration]) -> Calibration:
+    """The median of each measured figure over several calibrations of one machine
+    (``dlrm-plan calibrate --rounds N``): on a shared VM a single calibration can catch
+    a fast or a slow minute (here the embedding step rate measured 0.8 to 1.4 GB/s
+    and the dense fit's prediction moved by 30 % between calibrations minutes apart).
+    Descriptions (device, backend, threads) and the date come from the last one."""
+    if not results:
+        raise ValueError("combine needs at least one calibration")
+    last = results[-1]
+    figures: dict[str, object] = {}
+    for field in dataclasses.fields(Calibration):
+        values = [getattr(r, field.name) for r in results]
+        if field.name == "rounds":
+            figures[field.name] = sum(values)
+        elif all(isinstance(v, float) for v in values):
+            figures[field.name] = float(statistics.median(values))
+        elif field.name == "all_to_all_gbps":  # None where it was not measured
+            measured = [v for v in values if v is not None]
+            figures[field.name] = float(statistics.median(measured)) if measured else None
+    return dataclasses.replace(last, **figures)
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -204,10 +229,10 @@ def _dense_model(sizes: CalibrationSizes, device: torch.device,
     the :data:`DENSE_PROBES` shapes: time = FLOPs / rate + bytes / rate + fixed, FLOPs
     and bytes counted as :mod:`dlrm_runtime.prediction` counts them, by non-negative
     least squares on the relative error (each probe the median of 3 x ``repeats``
-    steps: its fit moved by 30 % between calibrations with 5). One constant rate fits narrow and wide MLPs
-    badly (measured here: 25 % too slow for wide ones when narrow ones set the bytes
-    rate); the fit's worst probe is within about 15 %. A GB/s of 0 means the bytes
-    term did not help the fit (then it is left out)."""
+    steps: its fit moved by 30 % between calibrations with 5). One constant rate fits
+    narrow and wide MLPs badly (measured here: 25 % too slow for wide ones when narrow
+    ones set the bytes rate); the fit's worst probe is within about 15 %. A GB/s of 0
+    means the bytes term did not help the fit (then it is left out)."""
     generator = torch.Generator().manual_seed(0)
     rows, seconds_list = [], []
     for config, dims, fraction in DENSE_PROBES:
@@ -277,7 +302,8 @@ def _probe_batches(rows: Sequence[int], batch: int, count: int, rng: np.random.G
 
 
 def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
-                  sync: Callable[[], None], head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  sync: Callable[[], None],
+                  head: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   load: Callable[[], object] | None = None) -> tuple[float, float, float]:
     """Mean seconds of a training step (lookup, backward, SGD) over the second half
     of ``batches`` after the first half (warm-up; it fills a cache), and the cache
@@ -533,6 +559,6 @@ def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float
         description=f"Calibrated on {platform.node()} ({cal.device}) by dlrm-plan calibrate",
         calibration=(("date", cal.date), ("machine", platform.platform()),
                      ("device", cal.device), ("all_to_all_backend", cal.backend),
-                     ("threads", str(cal.threads)),
+                     ("threads", str(cal.threads)), ("rounds", str(cal.rounds)),
                      ("method", "median of repeated probes; see dlrm_runtime/calibrate.py")),
     )

@@ -185,6 +185,13 @@ def test_calibrate_writes_a_topology_the_planner_uses(tmp_path: Path, tables_fil
                           str(plan_file), "-q"]) == ExitCode.OK
 
 
+def test_calibrate_refuses_zero_rounds(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "calibrated.json"
+    assert plan_cli.main(["calibrate", "-o", str(out), "--rounds", "0"]) == ExitCode.BAD_INPUT
+    assert "--rounds must be >= 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def _criteo_lines(n: int, seed: int = 0) -> str:
     import random
 

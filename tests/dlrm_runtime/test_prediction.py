@@ -249,3 +249,26 @@ def test_phase_timer_reports_the_mean_split_and_the_median_step(monkeypatch) -> 
     timer.reset()
     step(1, 1)
     assert timer.result().median_step_ms == pytest.approx(2.0)
+
+
+def test_combined_calibration_takes_the_median_of_each_figure() -> None:
+    from dlrm_runtime.calibrate import Calibration, combine, to_topology
+
+    def one(gbps: float, a2a: float | None, date: str) -> Calibration:
+        return Calibration("cpu", gbps, 2 * gbps, 5.0, 1.0, 0.1, a2a, "gloo", date,
+                           dense_gflops=10 * gbps, cache_ns_per_miss=100 * gbps, threads=1)
+
+    rounds = [one(1.4, 2.0, "2026-01-01"), one(0.8, None, "2026-01-02"),
+              one(1.0, 4.0, "2026-01-03")]
+    combined = combine(rounds)
+    assert combined.device_gbps == pytest.approx(1.0)
+    assert combined.host_gather_gbps == pytest.approx(2.0)
+    assert combined.dense_gflops == pytest.approx(10.0)
+    assert combined.cache_ns_per_miss == pytest.approx(100.0)
+    assert combined.all_to_all_gbps == pytest.approx(3.0)  # the rounds that measured it
+    assert (combined.date, combined.backend, combined.threads) == ("2026-01-03", "gloo", 1)
+    assert combined.rounds == 3 and combine(rounds[:1]) == rounds[0]
+    assert combine([one(1.0, None, "d")]).all_to_all_gbps is None
+    assert dict(to_topology(combined, hbm_gb=1.0, dram_gb=2.0).calibration)["rounds"] == "3"
+    with pytest.raises(ValueError):
+        combine([])

@@ -56,7 +56,7 @@ from dlrm_runtime.prediction import dense_bytes, dense_flops
 from dlrm_runtime.sharding import ShardPlacement, TablePlacement
 from dlrm_runtime.sparse import SparseBatch
 from planner import Sharding, TableSpec, TablesSpec, Tier
-from planner.specs import DeviceSpec, HostSpec, NetworkSpec, StoreSpec, Topology
+from planner.specs import AccessProfile, DeviceSpec, HostSpec, NetworkSpec, StoreSpec, Topology
 from storage import TableStore
 
 GB = 1e9
@@ -285,30 +285,34 @@ CACHE_PROBE_ROWS = (0.02, 0.05, 0.1, 0.2)
 share the cores (one cache alone measured 25-35 % less per table here), and their
 sizes differ (fitted to 50k-row tables only, the costs came out 45 % low for the
 cache of a 200k-row table in a real run)."""
+CACHE_PROBE_POOLING = (1, 3, 1, 2)
+"""Ids per sample of those tables: a cached table's work grows with its ids (one with
+three per sample measured 2x its one-id prediction when only one-id tables were
+probed)."""
 CACHE_PROBE_TABLES = len(CACHE_PROBE_ROWS)
 
 
-def _probe_batches(rows: Sequence[int], batch: int, count: int, rng: np.random.Generator
-                   ) -> list[SparseBatch]:
-    """``count`` batches over tables of ``rows`` rows each: Zipf 1.05 ids, one per
-    sample, hot rows spread over each table (as hashed categorical values are)."""
-    offsets = torch.arange(batch + 1, dtype=torch.int64)
-    per_table = []
-    for n in rows:
-        ranks = ZipfSampler(n, 1.05).ranks(rng.random((count, batch)))
+def _probe_batches(rows: Sequence[int], batch: int, count: int, rng: np.random.Generator,
+                   pooling: Sequence[int] | None = None) -> list[SparseBatch]:
+    """``count`` batches over tables of ``rows`` rows each: Zipf 1.05 ids, ``pooling``
+    per sample (default one), hot rows spread over each table (as hashed categorical
+    values are)."""
+    pooling = pooling or [1] * len(rows)
+    per_table, offsets = [], []
+    for n, per in zip(rows, pooling):
+        ranks = ZipfSampler(n, 1.05).ranks(rng.random((count, batch * per)))
         per_table.append((ranks * 7919 + 13) % n if math.gcd(7919, n) == 1 else ranks)
+        offsets.append(torch.arange(0, batch * per + 1, per, dtype=torch.int64))
     return [SparseBatch(tuple(torch.from_numpy(ids[step]) for ids in per_table),
-                        (offsets,) * len(rows)) for step in range(count)]
+                        tuple(offsets)) for step in range(count)]
 
 
 def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
                   sync: Callable[[], None],
                   head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  load: Callable[[], object] | None = None) -> tuple[float, float, float]:
+                  load: Callable[[], object] | None = None) -> float:
     """Mean seconds of a training step (lookup, backward, SGD) over the second half
-    of ``batches`` after the first half (warm-up; it fills a cache), and the cache
-    misses and rows served without a slot per step in them (0 without a cache).
-    ``head(pooled)`` gives the loss (default: the pooled sum); ``load()`` is called
+    of ``batches`` after the first half (warm-up; it fills a cache). ``head(pooled)`` gives the loss (default: the pooled sum); ``load()`` is called
     once per step, outside the timing (e.g. to take a batch from a background
     :class:`~dlrm_runtime.data.Prefetcher`, as the training loop does)."""
     optimizer = RowOptimizer.for_blocks(embeddings.row_blocks(), 0.01)
@@ -331,17 +335,27 @@ def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
     half = len(batches) // 2
     for index in range(half):
         step(index)
-    before = embeddings.cache_stats() or {}
     seconds[0] = 0.0
     for index in range(half, len(batches)):
         step(index)
-    timed = batches[half:]
-    after = embeddings.cache_stats() or {}
+    return seconds[0] / (len(batches) - half)
 
-    def per_step(key: str) -> float:
-        return (after.get(key, 0.0) - before.get(key, 0.0)) / len(timed)
 
-    return seconds[0] / len(timed), per_step("misses"), per_step("uncached")
+def _cache_features(spec: TablesSpec, samples: int, share: float
+                    ) -> tuple[float, float, float, float]:
+    """Per table, on average: ``(1, lookups, misses, overflow rows)`` of a step of
+    ``samples`` samples with caches of ``share`` of each table's rows, as
+    :class:`planner.AnalyticCostModel` counts them (misses: the lookups outside the
+    access profile's hottest rows; overflow: the expected distinct rows beyond the
+    slots), so that the costs fitted to them are the ones the model needs."""
+    rows = []
+    for table in spec.tables:
+        lookups = samples * table.pooling_factor
+        slots = max(1, round(table.num_embeddings * share))
+        hit = table.access.hit_rate(table.num_embeddings, slots)
+        distinct = table.access.expected_distinct(table.num_embeddings, lookups)
+        rows.append((1.0, lookups, lookups * (1.0 - hit), max(0.0, distinct - slots)))
+    return tuple(float(v) for v in np.mean(rows, axis=0))  # type: ignore[return-value]
 
 
 CACHE_PROBE_HEAD = ModelConfig(13, (64, 16), (64, 1))
@@ -370,7 +384,8 @@ def _dense_head(tables: int, batch: int, dim: int, device: torch.device
 def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Callable[[], None],
                        store_dir: str | Path | None, miss_gbps: float) -> RuntimeCosts:
     """This runtime's own embedding modules, timed on training steps (lookup, backward,
-    SGD update) of probe tables of dim 16 with one Zipf id per sample.
+    SGD update) of probe tables of dim 16 with Zipf ids (one per sample; the cached
+    tables :data:`CACHE_PROBE_POOLING`).
 
     - GB/s: the bytes the cost model charges for the tables' step (the rows read by
       the lookup, read and written by the update: 3 x the looked-up bytes) over its
@@ -386,14 +401,18 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
       does), each against the same tables in memory; a non-negative least-squares
       fit of the excess time per table to ``fixed + per id x ids + per miss x misses
       + per overflow row x rows without a slot`` (the smallest caches hold fewer slots
-      than a batch's distinct rows) gives the ms per cached shard and the ns per
+      than a batch's distinct rows), each counted as the cost model counts it
+      (:func:`_cache_features`), gives the ms per cached shard and the ns per
       looked-up id, per miss (less the miss traffic the cost model charges at
       ``miss_gbps``: fetch and write-back) and per overflow row."""
     dim, batch = 16, 2 * sizes.mlp_batch
     rng = np.random.default_rng(2)
 
-    def tables(rows: Sequence[int]) -> TablesSpec:
-        return TablesSpec(tuple(TableSpec(f"probe{i}", n, dim, 1.0) for i, n in enumerate(rows)))
+    def tables(rows: Sequence[int], pooling: Sequence[int] | None = None) -> TablesSpec:
+        pooling = pooling or [1] * len(rows)
+        return TablesSpec(tuple(TableSpec(f"probe{i}", n, dim, float(per),
+                                          access=AccessProfile(zipf=1.05))
+                                for i, (n, per) in enumerate(zip(rows, pooling))))
 
     def shards(spec: TablesSpec, count: int, tier: Tier = Tier.HBM,
                cache_share: float = 0.0) -> dict[str, TablePlacement]:
@@ -415,7 +434,7 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
     def step_of(pieces: int) -> float:
         return statistics.median(
             _step_seconds(InMemoryEmbeddings(many, shards(many, pieces), device), batches,
-                          sync)[0] for _ in range(3))
+                          sync) for _ in range(3))
 
     whole, split = step_of(1), step_of(4)
     shard_ms = max(0.0, (split - whole) / (3 * len(group)) * 1e3)
@@ -423,27 +442,26 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
 
     rows = [max(1000, round(sizes.overhead_rows * share)) for share in CACHE_PROBE_ROWS]
     count = len(rows)
-    several = tables(rows)
+    several = tables(rows, CACHE_PROBE_POOLING)
     design, excess = [], []  # per table
     for multiple in sorted({m for m, _ in CACHE_PROBES}):
         ids = batch * multiple
-        probe = _probe_batches(rows, ids, sizes.overhead_batches, rng)
+        probe = _probe_batches(rows, ids, sizes.overhead_batches, rng, CACHE_PROBE_POOLING)
         head = _dense_head(count, ids, dim, device)
         # as in a training run: the next batch is made meanwhile on a background thread
         with Prefetcher(SyntheticClicks(several), ids, 0, 1 << 40) as making:
             plain = _step_seconds(InMemoryEmbeddings(several, shards(several, 1), device),
-                                  probe, sync, head, making.next)[0]
+                                  probe, sync, head, making.next)
             for _, share in (p for p in CACHE_PROBES if p[0] == multiple):
                 with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
                     cached = InMemoryEmbeddings(several,
                                                 shards(several, 1, Tier.DRAM_CACHE, share),
                                                 device, store_dir=tmp, embedding_lr=0.01)
                     try:
-                        seconds, misses, overflow = _step_seconds(cached, probe, sync, head,
-                                                                  making.next)
+                        seconds = _step_seconds(cached, probe, sync, head, making.next)
                     finally:
                         cached.close()
-                design.append((1.0, ids, misses / count, overflow / count))
+                design.append(_cache_features(several, ids, share))
                 excess.append(max(0.0, seconds - plain) / count)
     weights = 1.0 / np.maximum(np.array(excess), 1e-4)  # relative errors
     (fixed, per_id, per_miss, per_overflow), _ = scipy.optimize.nnls(

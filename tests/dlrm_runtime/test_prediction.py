@@ -152,28 +152,35 @@ def test_measured_overheads_are_charged_per_shard_and_per_cached_lookup() -> Non
 
 
 def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp_path) -> None:
-    """The calibration's row-cache fit, fed step times made from known costs, returns
-    them (the per-miss cost less the traffic the cost model charges for a miss)."""
+    """The calibration's row-cache fit, fed step times made from known costs of the
+    lookups, misses and overflow rows that the cost model counts for the probe tables,
+    returns them (the per-miss cost less the traffic the cost model charges)."""
     from dlrm_runtime import calibrate
 
     fixed_s, per_id_s, per_miss_s, per_overflow_s = 2e-3, 50e-9, 1.5e-6, 3e-6
     sizes = calibrate.CalibrationSizes(overhead_rows=20_000, mlp_batch=128, overhead_batches=4)
-    runs = iter([(None, 0)] * 6 + [  # the step probe: whole and split, 3 runs each
-        (share, multiple) for multiple in (1, 4)
+    runs = iter([None] * 6 + [  # the step probe: whole and split, 3 runs each
+        share for multiple in (1, 4)
         for share in (None, *(s for m, s in calibrate.CACHE_PROBES if m == multiple))])
 
-    def fake_seconds(embeddings, batches, sync, *_) -> tuple[float, float, float]:
-        share, _ = next(runs)
-        ids, tables = batches[0].ids[0].numel(), len(batches[0].ids)
-        plain = 1e-3 * ids / 256 * tables
+    def fake_seconds(embeddings, batches, sync, *_) -> float:
+        share = next(runs)
+        samples = batches[0].offsets[0].numel() - 1
+        plain = 1e-3 * samples / 256 * len(embeddings.specs)
         if share is None:
             assert embeddings.cache_stats() is None
-            return plain, 0.0, 0.0
-        assert tables == calibrate.CACHE_PROBE_TABLES
-        misses, overflow = ids * (0.4 - share), max(0.0, ids * (0.05 - share))
-        per_table = (fixed_s + per_id_s * ids + per_miss_s * misses
-                     + per_overflow_s * overflow)
-        return plain + tables * per_table, tables * misses, tables * overflow
+            return plain
+        assert len(embeddings.specs) == calibrate.CACHE_PROBE_TABLES
+        assert [t.pooling_factor for t in embeddings.specs] == list(calibrate.CACHE_PROBE_POOLING)
+        total = plain
+        for table in embeddings.specs:
+            rows, lookups = table.num_embeddings, samples * table.pooling_factor
+            slots = max(1, round(rows * share))
+            misses = lookups * (1 - table.access.hit_rate(rows, slots))
+            overflow = max(0.0, table.access.expected_distinct(rows, lookups) - slots)
+            total += (fixed_s + per_id_s * lookups + per_miss_s * misses
+                      + per_overflow_s * overflow)
+        return total
 
     monkeypatch.setattr(calibrate, "_step_seconds", fake_seconds)
     miss_gbps = 1.0

@@ -83,8 +83,8 @@ def measured_vs_predicted(measured: dict, predicted: dict) -> str:
                      "measure it with dlrm-plan calibrate)")
     median, step = measured.get("median_step_ms"), predicted.get("step_ms")
     if median:  # absent from logs written before it was measured
-        lines.append(f"  {'median step':<35}{median:>9.3f}  "
-                     f"{'unknown' if step is None else f'{step:.3f}':>9}  {_ratio(median, step):>5}")
+        shown = "unknown" if step is None else f"{step:.3f}"
+        lines.append(f"  {'median step':<35}{median:>9.3f}  {shown:>9}  {_ratio(median, step):>5}")
     held = measured.get("embedding_bytes")
     planned = predicted.get("hbm_bytes", 0) + predicted.get("dram_bytes", 0)
     if held is not None:

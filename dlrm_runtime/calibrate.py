@@ -312,8 +312,9 @@ def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
                   head: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   load: Callable[[], object] | None = None) -> float:
     """Mean seconds of a training step (lookup, backward, SGD) over the second half
-    of ``batches`` after the first half (warm-up; it fills a cache). ``head(pooled)`` gives the loss (default: the pooled sum); ``load()`` is called
-    once per step, outside the timing (e.g. to take a batch from a background
+    of ``batches`` after the first half (warm-up; it fills a cache). ``head(pooled)``
+    gives the loss (default: the pooled sum); ``load()`` is called once per step,
+    outside the timing (e.g. to take a batch from a background
     :class:`~dlrm_runtime.data.Prefetcher`, as the training loop does)."""
     optimizer = RowOptimizer.for_blocks(embeddings.row_blocks(), 0.01)
     cached = embeddings.cache_stats() is not None

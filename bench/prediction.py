@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+from dlrm_runtime.timing import cpu_ticks, steal_share  # noqa: E402
+
 BIN = Path(sys.executable).parent
 TIE = 0.05
 """Relative difference of two predictions below which the plans are not ranked."""
@@ -96,19 +98,6 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
-def cpu_ticks() -> tuple[int, int] | None:
-    """``(steal, total)`` ticks of all CPUs so far (``/proc/stat``); None where there
-    is no such file."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return None
-    if fields[:1] != ["cpu"] or len(fields) < 9:
-        return None
-    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    return ticks[7], sum(ticks)
-
-
 def least_steal(attempt: Callable[[], T], max_steal: float, retries: int
                 ) -> tuple[T, float | None, int]:
     """``attempt()`` done again while the share of CPU time stolen during it is over
@@ -119,10 +108,7 @@ def least_steal(attempt: Callable[[], T], max_steal: float, retries: int
     def once() -> tuple[T, float | None]:
         before = cpu_ticks()
         result = attempt()
-        after = cpu_ticks()
-        if before is None or after is None or after[1] <= before[1]:
-            return result, None
-        return result, (after[0] - before[0]) / (after[1] - before[1])
+        return result, steal_share(before, cpu_ticks())
 
     result, share = once()
     tries = 1

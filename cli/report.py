@@ -58,6 +58,10 @@ _PHASES = (("lookup", "lookup_ms"), ("communication", "communication_ms"),
            ("update (emb. backward+optimizer)", "update_ms"), ("step", "step_ms"))
 
 
+STEAL_WARNING = 0.05
+"""Share of CPU time taken by other VMs during a run above which the report says so."""
+
+
 def _ratio(measured: float | None, predicted: float | None) -> str:
     if measured is None or not predicted:
         return ""
@@ -91,6 +95,10 @@ def measured_vs_predicted(measured: dict, predicted: dict) -> str:
         lines.append(f"  embedding memory (MB)              {held / MB:>9.2f}  {planned / MB:>9.2f}"
                      f"  {_ratio(held, planned):>5}")
     lines.append(f"  data loading, not in the step      {measured.get('data_ms', 0.0):>9.3f}")
+    stolen = measured.get("steal_share")
+    if stolen is not None and stolen > STEAL_WARNING:
+        lines.append(f"  (other VMs took {stolen:.0%} of this machine's CPU time during the run "
+                     f"(steal): the measured times include that; measure again when it is quiet)")
     lines.append(f"  predicted for plan devices {predicted.get('devices')} by "
                  f"{predicted.get('cost_model')}")
     return "\n".join(lines)

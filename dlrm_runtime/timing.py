@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,17 +43,46 @@ class StepTimes:
     data_ms: float
     steps: int
     median_step_ms: float = 0.0
+    steal_share: float | None = None
+    """Share of the machine's CPU time that other VMs took during the run (Linux
+    ``/proc/stat``; None where unknown): a loud neighbour slows every phase."""
 
     @property
     def step_ms(self) -> float:
         """The four phases together (data excluded)."""
         return self.lookup_ms + self.communication_ms + self.dense_ms + self.update_ms
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict[str, float | None]:
         return {"lookup_ms": self.lookup_ms, "communication_ms": self.communication_ms,
                 "dense_ms": self.dense_ms, "update_ms": self.update_ms,
                 "data_ms": self.data_ms, "step_ms": self.step_ms,
-                "median_step_ms": self.median_step_ms, "steps": self.steps}
+                "median_step_ms": self.median_step_ms, "steps": self.steps,
+                "steal_share": self.steal_share}
+
+
+def cpu_ticks(stat: str | Path = "/proc/stat") -> tuple[int, int] | None:
+    """``(steal, total)`` clock ticks of all CPUs since boot (Linux ``/proc/stat``):
+    steal is the time a hypervisor gave this VM's CPUs to other VMs. None where the
+    file is missing or unreadable."""
+    try:
+        fields = Path(stat).read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if fields[:1] != ["cpu"] or len(fields) < 9:
+        return None
+    try:
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    except ValueError:
+        return None
+    return ticks[7], sum(ticks)
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of CPU time stolen between two :func:`cpu_ticks` readings (None when
+    either is missing or no time passed)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 class Stopwatch:

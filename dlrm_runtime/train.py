@@ -6,7 +6,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -45,7 +45,7 @@ from dlrm_runtime.metrics import accuracy, roc_auc
 from dlrm_runtime.model import DLRM
 from dlrm_runtime.optim import RowOptimizer
 from dlrm_runtime.prediction import StepPrediction, predict_step
-from dlrm_runtime.timing import PhaseTimer, StepTimes, Stopwatch
+from dlrm_runtime.timing import PhaseTimer, StepTimes, Stopwatch, cpu_ticks, steal_share
 from planner import Plan, TablesSpec, plan_sha256
 
 
@@ -446,6 +446,7 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
         bar.update(first_step, {"resumed": str(first_step)})
 
     start = time.perf_counter()
+    ticks = cpu_ticks()
     try:
         with Prefetcher(data, config.batch_size, first_step, config.steps) as batches:
             upcoming: Batch | None = None
@@ -489,7 +490,7 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    times = timer.result()
+    times = replace(timer.result(), steal_share=steal_share(ticks, cpu_ticks()))
     prediction = predict_step(plan, model_config, config.batch_size, devices,
                               communication=communication)
     held = embedding_bytes(trainer)

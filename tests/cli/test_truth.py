@@ -84,6 +84,7 @@ def test_show_measured_puts_the_run_beside_the_plan(tmp_path: Path, tables_file:
                                                 + measured["update_ms"]
                                                 + measured["communication_ms"])
     assert 0 < measured["median_step_ms"] <= 5 * measured["step_ms"]  # 5 steps: mean >= median / 5
+    assert measured["steal_share"] is None or 0 <= measured["steal_share"] <= 1
     assert predicted["devices"] == [0, 1] and predicted["dense_ms"] is None
     # all of the plan's devices run on this process's CPU: nothing is communicated
     assert measured["communication_ms"] == 0 and predicted["communication_ms"] == 0

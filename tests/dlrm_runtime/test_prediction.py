@@ -279,3 +279,35 @@ def test_combined_calibration_takes_the_median_of_each_figure() -> None:
     assert dict(to_topology(combined, hbm_gb=1.0, dram_gb=2.0).calibration)["rounds"] == "3"
     with pytest.raises(ValueError):
         combine([])
+
+
+def test_steal_is_read_from_proc_stat(tmp_path) -> None:
+    from dlrm_runtime.timing import cpu_ticks, steal_share
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
+    before = cpu_ticks(stat)
+    assert before == (40, 1000)
+    stat.write_text("cpu  200 0 100 1500 10 0 0 190 0 0\n")
+    assert steal_share(before, cpu_ticks(stat)) == pytest.approx(150 / 1000)
+    assert steal_share(before, before) is None  # no time passed
+    assert cpu_ticks(tmp_path / "missing") is None and steal_share(None, before) is None
+    stat.write_text("intr 1 2 3\n")
+    assert cpu_ticks(stat) is None
+    stat.write_text("cpu  a b c d e f g h\n")
+    assert cpu_ticks(stat) is None
+
+
+def test_report_says_when_other_vms_took_cpu_time() -> None:
+    from cli.report import measured_vs_predicted
+
+    measured = {"lookup_ms": 1.0, "communication_ms": 0.0, "dense_ms": 2.0, "update_ms": 1.0,
+                "step_ms": 4.0, "median_step_ms": 4.0, "steps": 10, "data_ms": 0.1,
+                "embedding_bytes": 100}
+    predicted = {"lookup_ms": 1.0, "communication_ms": 0.0, "dense_ms": 2.0, "update_ms": 1.0,
+                 "step_ms": 4.0, "hbm_bytes": 100, "dram_bytes": 0, "devices": [0],
+                 "cost_model": "x", "calibrated": True}
+    quiet = measured_vs_predicted({**measured, "steal_share": 0.01}, predicted)
+    loud = measured_vs_predicted({**measured, "steal_share": 0.2}, predicted)
+    assert "steal" not in quiet and "other VMs took 20%" in loud
+    assert "steal" not in measured_vs_predicted(measured, predicted)  # older logs

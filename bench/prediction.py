@@ -98,23 +98,23 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
-def least_steal(attempt: Callable[[], T], max_steal: float, retries: int
+def least_steal(attempt: Callable[[int], T], max_steal: float, retries: int
                 ) -> tuple[T, float | None, int]:
-    """``attempt()`` done again while the share of CPU time stolen during it is over
-    ``max_steal`` (at most ``retries`` more times): the result with the least steal,
-    that steal share (None where it cannot be read) and the number of attempts. A
-    failed attempt (a string: why) is not repeated."""
+    """``attempt(n)`` (n = 0, 1, ...) done again while the share of CPU time stolen
+    during it is over ``max_steal`` (at most ``retries`` more times): the result with
+    the least steal, that steal share (None where it cannot be read) and the number of
+    attempts. A failed attempt (a string: why) is not repeated."""
 
-    def once() -> tuple[T, float | None]:
+    def once(n: int) -> tuple[T, float | None]:
         before = cpu_ticks()
-        result = attempt()
+        result = attempt(n)
         return result, steal_share(before, cpu_ticks())
 
-    result, share = once()
+    result, share = once(0)
     tries = 1
     while (not isinstance(result, str) and share is not None and share > max_steal
            and tries <= retries):
-        again, again_share = once()
+        again, again_share = once(tries)
         tries += 1
         if isinstance(again, str):
             return again, again_share, tries
@@ -242,7 +242,7 @@ def main() -> None:
                     "max_steal": args.max_steal, "retries": args.retries, "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         calibrated, steal, tries = least_steal(
-            lambda: calibrate(args.threads, args.calibration_rounds, Path(tmp)),
+            lambda _: calibrate(args.threads, args.calibration_rounds, Path(tmp)),
             args.max_steal, args.retries)
         report["calibration"] = {k: calibrated[k] for k in ("device", "host", "store")}
         report["calibration_steal"], report["calibration_attempts"] = steal, tries
@@ -262,10 +262,9 @@ def main() -> None:
             for (wname, pname), plan in plans.items():
                 if (wname, pname) in failed or isinstance(plan, str):
                     continue
-                tries = iter(range(args.retries + 1))
                 got, steal, count = least_steal(
-                    lambda: run_plan(plan, chosen[wname], Path(tmp) / wname, args.steps,
-                                     args.threads, f"{attempt}.{next(tries)}"),
+                    lambda n: run_plan(plan, chosen[wname], Path(tmp) / wname, args.steps,
+                                       args.threads, f"{attempt}.{n}"),
                     args.max_steal, args.retries)
                 if isinstance(got, str):
                     failed[(wname, pname)] = got

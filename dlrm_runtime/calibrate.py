@@ -287,7 +287,7 @@ sizes differ (fitted to 50k-row tables only, the costs came out 45 % low for the
 cache of a 200k-row table in a real run)."""
 CACHE_PROBE_POOLING = (1, 3, 1, 2)
 """Ids per sample of those tables: a cached table's work grows with its ids (one with
-three per sample measured 2x its one-id prediction when only one-id tables were
+three per sample measured 1.7-2.1x its prediction when only one-id tables were
 probed)."""
 CACHE_PROBE_TABLES = len(CACHE_PROBE_ROWS)
 
@@ -318,9 +318,8 @@ def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
     :class:`~dlrm_runtime.data.Prefetcher`, as the training loop does)."""
     optimizer = RowOptimizer.for_blocks(embeddings.row_blocks(), 0.01)
     cached = embeddings.cache_stats() is not None
-    seconds = [0.0]
 
-    def step(index: int) -> None:
+    def step(index: int) -> float:
         if load is not None:
             load()
         start = time.perf_counter()
@@ -331,15 +330,12 @@ def _step_seconds(embeddings: InMemoryEmbeddings, batches: list[SparseBatch],
         (pooled.sum() if head is None else head(pooled)).backward()
         optimizer.step()
         sync()
-        seconds[0] += time.perf_counter() - start
+        return time.perf_counter() - start
 
     half = len(batches) // 2
     for index in range(half):
         step(index)
-    seconds[0] = 0.0
-    for index in range(half, len(batches)):
-        step(index)
-    return seconds[0] / (len(batches) - half)
+    return sum(step(index) for index in range(half, len(batches))) / (len(batches) - half)
 
 
 def _cache_features(spec: TablesSpec, samples: int, share: float

@@ -4,18 +4,22 @@
         [--workloads demo,criteo26]
 
 1. ``dlrm-plan calibrate --threads T --rounds R`` measures this machine (gather, copy,
-   store and dense rates) R times (``--calibration-rounds``, default 3) and keeps the
-   median of each figure; each workload's topology takes those rates (its device
-   count, memory and batch stay).
+   store rates, and short training runs for the dense and embedding rates) R times
+   (``--calibration-rounds``, default 1) and keeps the median of each figure; each
+   workload's topology takes those rates (its device count, memory and batch stay).
 2. For each workload, several plans are written with ``dlrm-plan``: the ILP plan, the
    baselines, and plans forced onto other shardings and tiers (which cost really
    different amounts), all under the calibrated topology.
 3. Each plan is trained with ``dlrm-run --threads T --metrics-log`` in its own process
    (synthetic clicks, batch = the plan's global batch); its ``timing`` record holds the
    measured time per step by phase and the plan's prediction for the same process.
-   With ``--repeats N`` every plan runs N times, in rounds over all plans (this
-   machine's speed drifts by tens of percent within minutes); the run with the median
-   step time stands for the plan.
+   With ``--repeats N`` every plan runs N times, in rounds over all plans. This
+   machine's speed drifts by tens of percent within minutes (the same plan's median
+   step moved by 40 % between runs an hour apart), so every round after the first
+   calibrates again and re-costs the same plans under the new calibration (``dlrm-plan
+   evaluate --topology``) before running them, as a user would before a run; each run
+   is compared with the prediction of its own round. A plan's error is the median of
+   its runs' errors; plans are ranked by their median measured and predicted steps.
 
 Other virtual machines take CPU time from this one ("steal", ``/proc/stat``): up to a
 third of it at times here, which slows everything measured by as much. The steal
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,6 +137,18 @@ def calibrate(threads: int, rounds: int, work: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def recost(plan: Path, topology: dict, work: Path, attempt: int) -> Path:
+    """``plan`` (the same shards on the same devices) priced under ``topology``."""
+    source = work / f"round{attempt}.topology.json"
+    source.write_text(json.dumps(topology))
+    out = work / f"{plan.stem}.round{attempt}.json"
+    done = _run([str(BIN / "dlrm-plan"), "evaluate", str(plan), "--topology", str(source),
+                 "-o", str(out)])
+    if done.returncode:
+        raise SystemExit(f"dlrm-plan evaluate failed: {done.stderr}")
+    return out
+
+
 def topology_for(w: Workload, calibrated: dict) -> dict:
     doc = json.loads(json.dumps(calibrated))
     doc["devices_per_host"] = w.devices
@@ -175,37 +192,47 @@ def typical_ms(record: dict) -> float:
     return record["measured"].get("median_step_ms") or record["measured"]["step_ms"]
 
 
+def _error(record: dict, measured_ms: float) -> float:
+    predicted = record["predicted"]["step_ms"]
+    return (measured_ms - predicted) / predicted
+
+
 def summarize(name: str, records: list[dict]) -> dict:
-    """The run with the median step time stands for the plan; every run's step times
-    and steal share are kept."""
-    records = sorted(records, key=typical_ms)
+    """Each run is compared with its own round's prediction; the run with the median
+    error stands for the plan (its phases are printed). Every run's step times,
+    prediction, error and steal share are kept."""
+    records = sorted(records, key=lambda r: _error(r, typical_ms(r)))
     record = records[(len(records) - 1) // 2]
-    measured, predicted = record["measured"], record["predicted"]
-    error = (typical_ms(record) - predicted["step_ms"]) / predicted["step_ms"]
-    mean_error = (measured["step_ms"] - predicted["step_ms"]) / predicted["step_ms"]
-    planned_bytes = predicted["hbm_bytes"] + predicted["dram_bytes"]
-    return {"plan": name, "measured": measured, "predicted": predicted,
-            "runs": [{"median_step_ms": typical_ms(r), "step_ms": r["measured"]["step_ms"],
-                      "steal": r.get("steal"), "attempts": r.get("attempts", 1)}
-                     for r in records],
+    error = _error(record, typical_ms(record))
+    mean_error = statistics.median(_error(r, r["measured"]["step_ms"]) for r in records)
+    return {"plan": name, "measured": record["measured"], "predicted": record["predicted"],
+            "measured_ms": statistics.median(typical_ms(r) for r in records),
+            "predicted_ms": statistics.median(r["predicted"]["step_ms"] for r in records),
+            "runs": [{"round": r.get("round"), "median_step_ms": typical_ms(r),
+                      "step_ms": r["measured"]["step_ms"],
+                      "predicted_ms": r["predicted"]["step_ms"],
+                      "error": _error(r, typical_ms(r)), "steal": r.get("steal"),
+                      "attempts": r.get("attempts", 1)} for r in records],
             "step_error": error, "within_25pct": abs(error) <= 0.25,
             "mean_step_error": mean_error, "mean_within_25pct": abs(mean_error) <= 0.25,
-            "memory_ok": max(r["measured"]["embedding_bytes"] for r in records) <= planned_bytes}
+            "memory_ok": all(r["measured"]["embedding_bytes"]
+                             <= r["predicted"]["hbm_bytes"] + r["predicted"]["dram_bytes"]
+                             for r in records)}
 
 
 def ranking(results: list[dict]) -> dict:
-    """Pairs of plans whose predictions differ by more than TIE: how many the
-    measurement orders the same way."""
+    """Pairs of plans whose (median) predictions differ by more than TIE: how many
+    the (median) measurements order the same way."""
     ok = [r for r in results if "error" not in r]
     agree = total = 0
     disagree = []
     for i, a in enumerate(ok):
         for b in ok[i + 1:]:
-            pa, pb = a["predicted"]["step_ms"], b["predicted"]["step_ms"]
+            pa, pb = a["predicted_ms"], b["predicted_ms"]
             if abs(pa - pb) <= TIE * min(pa, pb):
                 continue
             total += 1
-            if (pa < pb) == (typical_ms(a) < typical_ms(b)):
+            if (pa < pb) == (a["measured_ms"] < b["measured_ms"]):
                 agree += 1
             else:
                 disagree.append([a["plan"], b["plan"]])
@@ -220,7 +247,7 @@ def main() -> None:
                         help="runs per plan, in rounds over all plans; the median stands")
     parser.add_argument("--workloads", default=",".join(workloads()))
     parser.add_argument("--plans", default=",".join(PLANS))
-    parser.add_argument("--calibration-rounds", type=int, default=3,
+    parser.add_argument("--calibration-rounds", type=int, default=1,
                         help="dlrm-plan calibrate --rounds: the median of this many calibrations")
     parser.add_argument("--max-steal", type=float, default=0.05,
                         help="share of CPU time taken by other VMs above which a calibration "
@@ -241,13 +268,19 @@ def main() -> None:
                     "calibration_rounds": args.calibration_rounds,
                     "max_steal": args.max_steal, "retries": args.retries, "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        calibrated, steal, tries = least_steal(
-            lambda _: calibrate(args.threads, args.calibration_rounds, Path(tmp)),
-            args.max_steal, args.retries)
-        report["calibration"] = {k: calibrated[k] for k in ("device", "host", "store")}
-        report["calibration_steal"], report["calibration_attempts"] = steal, tries
-        print(f"calibrated ({tries} attempt(s), steal {_share(steal)}): "
-              f"{json.dumps(report['calibration'])}")
+        report["calibrations"] = []
+
+        def calibrated_now() -> dict:
+            doc, steal, tries = least_steal(
+                lambda _: calibrate(args.threads, args.calibration_rounds, Path(tmp)),
+                args.max_steal, args.retries)
+            figures = {k: doc[k] for k in ("device", "host", "store")}
+            report["calibrations"].append({**figures, "steal": steal, "attempts": tries})
+            print(f"calibrated ({tries} attempt(s), steal {_share(steal)}): "
+                  f"{json.dumps(figures)}", flush=True)
+            return doc
+
+        calibrated = calibrated_now()
         plans: dict[tuple[str, str], Path | str] = {}
         for wname, w in chosen.items():
             work = Path(tmp) / wname
@@ -259,17 +292,22 @@ def main() -> None:
         runs: dict[tuple[str, str], list[dict]] = {key: [] for key in plans}
         failed: dict[tuple[str, str], str] = {k: v for k, v in plans.items() if isinstance(v, str)}
         for attempt in range(args.repeats):  # rounds: a drift of speed hits every plan alike
+            if attempt:
+                calibrated = calibrated_now()
             for (wname, pname), plan in plans.items():
                 if (wname, pname) in failed or isinstance(plan, str):
                     continue
+                work = Path(tmp) / wname
+                priced = recost(plan, topology_for(chosen[wname], calibrated), work, attempt)
                 got, steal, count = least_steal(
-                    lambda n: run_plan(plan, chosen[wname], Path(tmp) / wname, args.steps,
-                                       args.threads, f"{attempt}.{n}"),
+                    lambda n: run_plan(priced, chosen[wname], work, args.steps, args.threads,
+                                       f"{attempt}.{n}"),
                     args.max_steal, args.retries)
                 if isinstance(got, str):
                     failed[(wname, pname)] = got
                     continue
-                runs[(wname, pname)].append({**got, "steal": steal, "attempts": count})
+                runs[(wname, pname)].append({**got, "steal": steal, "attempts": count,
+                                             "round": attempt})
                 print(f"  round {attempt + 1}: {wname} {pname} median step "
                       f"{typical_ms(got):.1f} ms (mean {got['measured']['step_ms']:.1f}; steal "
                       f"{_share(steal)}, {count} attempt(s))", flush=True)
@@ -296,7 +334,7 @@ def _print(workload: str, r: dict) -> None:
         return
     m, p = r["measured"], r["predicted"]
     print(f"{workload:>9} {r['plan']:>12}: median step {typical_ms(r):8.3f} ms measured, "
-          f"{p['step_ms']:8.3f} predicted ({r['step_error']:+.0%}; mean step "
+          f"{p['step_ms']:8.3f} predicted ({r['step_error']:+.0%}, the median run; mean step "
           f"{r['mean_step_error']:+.0%}); lookup {m['lookup_ms']:.3f}/"
           f"{p['lookup_ms']:.3f}, update {m['update_ms']:.3f}/{p['update_ms']:.3f}, dense "
           f"{m['dense_ms']:.3f}/{p['dense_ms']:.3f}; memory {m['embedding_bytes'] / 1e6:.1f}/"

@@ -344,7 +344,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from dlrm_runtime.errors import ConfigError
 
     sizes = (CalibrationSizes(rows=200_000, batch_rows=16_384, store_rows=65_536, repeats=3,
-                              all_to_all_bytes=8 * 1024 * 1024, overhead_rows=50_000)
+                              all_to_all_bytes=8 * 1024 * 1024, overhead_rows=50_000,
+                              mlp_batch=512, run_steps=10)
              if args.quick else CalibrationSizes())
     if args.threads is not None:
         if args.threads < 1:

@@ -12,16 +12,21 @@ Every figure is an effective rate for the operation the cost model charges, in G
   warm for reads; writes made durable by a checkpoint);
 - all-to-all: ``all_to_all_single`` between two local processes over gloo (NCCL when
   two GPUs are present), bytes sent per process;
+- training runs: short runs of this runtime's training loop
+  (:func:`dlrm_runtime.train.train`, batches made on its background thread) of one-device plans of six shapes, narrow
+  to wide MLPs, 8 or 26 tables, batches to 4096: a fit of the dense phase to GFLOP/s,
+  GB/s and a fixed time per step, and the embedding step rate (the bytes the cost
+  model charges for the lookup and update over their time; the topology's
+  ``hbm_gbps``), and one run again with row-wise Adagrad tables for the optimizer's
+  time per id. The same steps timed in isolation ran 1.3-1.5x faster than in runs;
 - runtime overheads: training steps of this runtime's own embedding modules on eight
   probe tables looked up together, whole and in 4 row shards each, and on four tables
   of four sizes behind row caches (two batch sizes, three cache sizes): the time per
   extra shard, and the row cache's time per cached shard, per looked-up id, per miss
-  and per row that finds no slot, beyond moving bytes;
-- dense: DLRM dense steps (MLPs, interaction, loss, optimizer) of six shapes and
-  batches, narrow to wide, timed on the compute device with torch's current thread
-  count; a fit of GFLOP/s, GB/s and a fixed time per step to them.
+  and per row that finds no slot, beyond moving bytes.
 
-Each is the median of a few repetitions after a warm-up.
+Each is the median of a few repetitions (or steps) after a warm-up, on the compute
+device with torch's current thread count.
 """
 
 from __future__ import annotations
@@ -46,17 +51,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dlrm_runtime.collectives import shutdown
-from dlrm_runtime.config import ModelConfig
+from dlrm_runtime.config import ModelConfig, TrainConfig
 from dlrm_runtime.data import Prefetcher, SyntheticClicks, ZipfSampler
 from dlrm_runtime.embeddings import InMemoryEmbeddings
 from dlrm_runtime.memory import tune_malloc
 from dlrm_runtime.model import DLRM
 from dlrm_runtime.optim import RowOptimizer
-from dlrm_runtime.prediction import dense_bytes, dense_flops
+from dlrm_runtime.prediction import dense_bytes, dense_flops, predict_step
 from dlrm_runtime.sharding import ShardPlacement, TablePlacement
 from dlrm_runtime.sparse import SparseBatch
-from planner import Sharding, TableSpec, TablesSpec, Tier
-from planner.specs import AccessProfile, DeviceSpec, HostSpec, NetworkSpec, StoreSpec, Topology
+from dlrm_runtime.timing import StepTimes
+from dlrm_runtime.train import train
+from planner import PlanOptions, Sharding, TableSpec, TablesSpec, Tier, plan
+from planner.specs import (AccessProfile, DeviceSpec, HostSpec, NetworkSpec, Optimizer, StoreSpec,
+                           Topology)
 from storage import TableStore
 
 GB = 1e9
@@ -79,7 +87,9 @@ class CalibrationSizes:
     """Batches of the runtime probes: half warm up (and fill the cache), half are timed."""
     overhead_rows: int = 1_000_000
     """Rows of the probe table (dim 16, 64 MB: beyond the CPU caches) of the runtime
-    probes."""
+    probes, and of each training-run probe's tables together."""
+    run_steps: int = 24
+    """Steps of each training-run probe (the median step's phases count)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +113,7 @@ class Calibration:
     cache_ns_per_miss: float = 0.0
     cache_ns_per_lookup: float = 0.0
     cache_ns_per_overflow_row: float = 0.0
+    optimizer_ns_per_id: float = 0.0
     threads: int = 1
     """torch CPU threads during the probes."""
     rounds: int = 1
@@ -177,33 +188,36 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     h2d_gbps = block / seconds / GB
     log(f"host-to-device copy: {h2d_gbps:.2f} GB/s")
 
-    dense_gflops, dense_gbps, dense_step_ms = _dense_model(sizes, device, sync)
-    log(f"dense step ({torch.get_num_threads()} threads): {dense_gflops:.1f} GFLOP/s, "
-        f"{dense_gbps:.2f} GB/s, {dense_step_ms:.2f} ms fixed")
-
     read_gbps, write_gbps = _store_rates(sizes, store_dir, rng)
     log(f"store: read {read_gbps:.3f} GB/s, write {write_gbps:.3f} GB/s (random rows)")
 
     costs = _runtime_overheads(sizes, device, sync, store_dir, min(h2d_gbps, host_gbps))
-    log(f"runtime: embedding step {costs.step_gbps:.2f} GB/s (used as the device rate), "
-        f"{costs.shard_ms:.3f} ms per extra shard; row cache: {costs.cache_shard_ms:.3f} ms "
-        f"per cached shard, {costs.cache_ns_per_lookup:.0f} ns per looked-up id, "
-        f"{costs.cache_ns_per_miss:.0f} ns per miss beyond its traffic, "
+    log(f"runtime: {costs.shard_ms:.3f} ms per extra shard; row cache: "
+        f"{costs.cache_shard_ms:.3f} ms per cached shard, {costs.cache_ns_per_lookup:.0f} ns "
+        f"per looked-up id, {costs.cache_ns_per_miss:.0f} ns per miss beyond its traffic, "
         f"{costs.cache_ns_per_overflow_row:.0f} ns per row without a slot")
+
+    rates = _training_model(sizes, costs.shard_ms)
+    log(f"training runs ({torch.get_num_threads()} threads): embedding step "
+        f"{rates.step_gbps:.2f} GB/s (used as the device rate), "
+        f"{rates.optimizer_ns_per_id:.0f} ns per id for optimizer state; dense "
+        f"{rates.dense_gflops:.1f} GFLOP/s, {rates.dense_gbps:.2f} GB/s, "
+        f"{rates.dense_step_ms:.2f} ms fixed")
 
     a2a, backend = (None, "none")
     if network:
         a2a, backend = _all_to_all_gbps(sizes.all_to_all_bytes, sizes.repeats)
         log(f"all-to-all ({backend}, 2 processes): {a2a:.2f} GB/s")
-    return Calibration(str(device), costs.step_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps,
+    return Calibration(str(device), rates.step_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps,
                        a2a, backend,
                        dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                       dense_gflops=dense_gflops, dense_gbps=dense_gbps,
-                       dense_step_ms=dense_step_ms, shard_overhead_ms=costs.shard_ms,
+                       dense_gflops=rates.dense_gflops, dense_gbps=rates.dense_gbps,
+                       dense_step_ms=rates.dense_step_ms, shard_overhead_ms=costs.shard_ms,
                        cache_shard_overhead_ms=costs.cache_shard_ms,
                        cache_ns_per_miss=costs.cache_ns_per_miss,
                        cache_ns_per_lookup=costs.cache_ns_per_lookup,
                        cache_ns_per_overflow_row=costs.cache_ns_per_overflow_row,
+                       optimizer_ns_per_id=rates.optimizer_ns_per_id,
                        threads=torch.get_num_threads())
 
 
@@ -215,58 +229,107 @@ DENSE_PROBES: tuple[tuple[ModelConfig, tuple[int, ...], float], ...] = (
     (ModelConfig(13, (256, 64, 16), (256, 64, 1)), (16,) * 26, 2.0),
     (ModelConfig(13, (512, 256, 64), (512, 512, 256, 1)), (64,) * 8, 0.5),
 )
-"""Dense steps timed to fit the dense model: (MLPs, embedding dims, batch as a
-fraction of ``CalibrationSizes.mlp_batch``): narrow MLPs at three batch sizes, a
+"""The training runs timed to fit the dense model and the embedding step rate (see
+:func:`_training_model`): (MLPs, embedding dims, batch as a fraction of
+``CalibrationSizes.mlp_batch``): narrow MLPs at three batch sizes, a
 Criteo-like model at two and the wide MLPs of the throughput benchmark's config (b).
 The batches reach 4096 (the global batch of the prediction benchmark's plans, which
 one process runs whole) so that the fit does not extrapolate past its largest probe."""
 
 
-def _dense_model(sizes: CalibrationSizes, device: torch.device,
-                 sync: Callable[[], None]) -> tuple[float, float, float]:
-    """``(GFLOP/s, GB/s, fixed ms)`` of the dense step, fitted to timed DLRM dense
-    steps (MLPs and dot interaction forward and backward, BCE loss, fused Adagrad) of
-    the :data:`DENSE_PROBES` shapes: time = FLOPs / rate + bytes / rate + fixed, FLOPs
-    and bytes counted as :mod:`dlrm_runtime.prediction` counts them, by non-negative
-    least squares on the relative error (each probe the median of 3 x ``repeats``
-    steps: its fit moved by 30 % between calibrations with 5). One constant rate fits
-    narrow and wide MLPs badly (measured here: 25 % too slow for wide ones when narrow
-    ones set the bytes rate); the fit's worst probe is within about 15 %. A GB/s of 0
-    means the bytes term did not help the fit (then it is left out)."""
-    generator = torch.Generator().manual_seed(0)
-    rows, seconds_list = [], []
-    for config, dims, fraction in DENSE_PROBES:
+RUN_TOPOLOGY = Topology(1, 1, DeviceSpec(1e6, 1.0), HostSpec(1e6, 1.0, 1.0), StoreSpec(1.0, 1.0),
+                        NetworkSpec(1.0, 1.0), 1)
+"""The one-device topology of the training-run probes' plans: unit rates, so that the
+plan's predicted embedding time is the cost model's charged bytes in GB."""
+
+
+def _training_run(config: ModelConfig, dims: Sequence[int], batch: int, sizes: CalibrationSizes,
+                  optimizer: Optimizer = Optimizer.SGD) -> tuple[StepTimes, float]:
+    """Train a one-device plan of ``len(dims)`` tables (``overhead_rows`` rows in all,
+    Zipf 1.05 ids, one per sample, ``optimizer``) with ``config``'s MLPs for ``run_steps`` steps of
+    ``batch`` samples with :func:`dlrm_runtime.train.train` (synthetic clicks made on
+    its background thread, as in every run): its measured times, and the embedding
+    bytes (GB) the cost model charges for a step's lookup and update."""
+    rows = max(1000, sizes.overhead_rows // len(dims))
+    spec = TablesSpec(tuple(TableSpec(f"probe{i}", rows, dim, 1.0, access=AccessProfile(zipf=1.05),
+                                      optimizer=optimizer)
+                            for i, dim in enumerate(dims)))
+    topology = dataclasses.replace(RUN_TOPOLOGY, batch_size_per_device=batch)
+    probe = plan(spec, topology, options=PlanOptions(baseline="size"))
+    result = train(probe, config, TrainConfig(steps=sizes.run_steps, batch_size=batch,
+                                              eval_batches=1, log_every=sizes.run_steps))
+    predicted = predict_step(probe, config, batch, communication=False)
+    return result.times, (predicted.lookup_ms + predicted.update_ms) / 1e3  # ms at 1 GB/s
+
+
+@dataclass(frozen=True, slots=True)
+class RunRates:
+    """What :func:`_training_model` fits (see :class:`planner.specs.DeviceSpec`)."""
+
+    dense_gflops: float
+    dense_gbps: float
+    dense_step_ms: float
+    step_gbps: float
+    optimizer_ns_per_id: float
+
+
+OPTIMIZER_PROBE = 4
+"""The :data:`DENSE_PROBES` run trained a second time with row-wise Adagrad tables
+(26 tables at the largest batch: the most ids)."""
+
+
+def _training_model(sizes: CalibrationSizes, shard_ms: float) -> RunRates:
+    """The dense and embedding rates fitted to short training runs of this runtime
+    (:func:`_training_run`) of the :data:`DENSE_PROBES` shapes, each phase taken at
+    its median step.
+
+    Timed in isolation, the same dense steps ran 1.3-1.5x faster here than inside a
+    run, whose batch-making thread and embedding tables share the cores and the caches
+    (and the embedding step likewise): a cost model fitted to isolated probes
+    predicted every run too fast. So the probes are runs.
+
+    - dense: time = FLOPs / rate + bytes / rate + fixed, FLOPs and bytes counted as
+      :mod:`dlrm_runtime.prediction` counts them, by non-negative least squares on the
+      relative error. One constant rate fits narrow and wide MLPs badly (measured
+      here: 25 % too slow for wide ones when narrow ones set the bytes rate). A GB/s of
+      0 means the bytes term did not help the fit (then it is left out);
+    - embedding step: the bytes the cost model charges for the lookup and the update
+      over their measured time, less ``shard_ms`` per table (the cost model adds that
+      per shard); the median over the runs;
+    - optimizer: the :data:`OPTIMIZER_PROBE` run's update with row-wise Adagrad tables
+      against plain SGD, less the optimizer state's bytes at the step rate, per
+      looked-up id (summing repeated rows' gradients sorts the ids: 3 ms of a demo
+      plan's 8 ms update here)."""
+    rows, dense_seconds, step_rates = [], [], []
+    stateful_ms = 0.0
+    for index, (config, dims, fraction) in enumerate(DENSE_PROBES):
         batch = max(16, round(sizes.mlp_batch * fraction))
-        model = DLRM(config, torch.nn.Identity(), dims).dense_to(device)
-        optimizer = torch.optim.Adagrad(model.dense_parameters(), lr=0.01)
-        dense = torch.randn(batch, config.dense_features, generator=generator).to(device)
-        pooled = torch.randn(len(dims), batch, dims[0], generator=generator).to(device)
-        pooled.requires_grad_(True)
-        labels = (torch.rand(batch, generator=generator) < 0.3).float().to(device)
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            pooled.grad = None
-            logits = model.dense_forward(dense, pooled)
-            torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
-            optimizer.step()
-
-        seconds = _median_seconds(step, 3 * sizes.repeats, sync)  # short steps: more of them
+        times, charged_gb = _training_run(config, dims, batch, sizes)
+        lookup, _, dense, update = times.median_phase_ms
         rows.append((dense_flops(config, dims, batch), dense_bytes(config, dims, batch), 1.0))
-        seconds_list.append(seconds)
-    times = np.array(seconds_list)
-    design = np.array(rows) / times[:, None]
-    (per_flop, per_byte, fixed), _ = scipy.optimize.nnls(design, np.ones(len(times)))
+        dense_seconds.append(dense / 1e3)
+        embedding_ms = max(lookup + update - shard_ms * len(dims), 1e-3)
+        step_rates.append(charged_gb / (embedding_ms / 1e3))
+        if index == OPTIMIZER_PROBE:
+            stateful, stateful_gb = _training_run(config, dims, batch, sizes,
+                                                  Optimizer.ROWWISE_ADAGRAD)
+            stateful_ms = stateful.median_phase_ms[3] - update
+            extra_gb, ids = stateful_gb - charged_gb, len(dims) * batch
+    seconds = np.array(dense_seconds)
+    design = np.array(rows) / seconds[:, None]
+    (per_flop, per_byte, fixed), _ = scipy.optimize.nnls(design, np.ones(len(seconds)))
     if per_flop <= 0:  # the fit put everything elsewhere: the widest probe's plain rate
-        per_flop = times[-1] / rows[-1][0]
-    return 1.0 / per_flop / 1e9, (1.0 / per_byte / GB if per_byte > 0 else 0.0), fixed * 1e3
+        per_flop = seconds[-1] / rows[-1][0]
+    step_gbps = float(statistics.median(step_rates))
+    optimizer_ms = max(0.0, stateful_ms - extra_gb / step_gbps * 1e3)
+    return RunRates(1.0 / per_flop / 1e9, 1.0 / per_byte / GB if per_byte > 0 else 0.0,
+                    fixed * 1e3, step_gbps, optimizer_ms * 1e6 / ids)
 
 
 @dataclass(frozen=True, slots=True)
 class RuntimeCosts:
     """What :func:`_runtime_overheads` measures (see :class:`planner.specs.DeviceSpec`)."""
 
-    step_gbps: float
     shard_ms: float
     cache_shard_ms: float
     cache_ns_per_lookup: float
@@ -384,13 +447,9 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
     SGD update) of probe tables of dim 16 with Zipf ids (one per sample; the cached
     tables :data:`CACHE_PROBE_POOLING`).
 
-    - GB/s: the bytes the cost model charges for the tables' step (the rows read by
-      the lookup, read and written by the update: 3 x the looked-up bytes) over its
-      time, for :data:`STEP_PROBE_TABLES` tables of ``overhead_rows`` rows in all,
-      which the runtime batches into one lookup as it batches a device's whole tables
-      (one table alone measured 0.57 GB/s here, eight 0.84: per-call work is shared);
-      the median of three runs;
-    - ms per extra shard: the same tables in 4 row shards each against whole;
+    - ms per extra shard: :data:`STEP_PROBE_TABLES` tables of ``overhead_rows`` rows
+      in all (which the runtime batches into one lookup, as it batches a device's whole
+      tables) in 4 row shards each against whole, the median of three runs of each;
     - cached: tables of :data:`CACHE_PROBE_ROWS` shares of the rows, each behind a
       ``dram_cache`` row cache, the next batch announced for prefetch as the training
       loop does, at two batch sizes and three cache sizes (:data:`CACHE_PROBES`; the
@@ -433,9 +492,7 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
             _step_seconds(InMemoryEmbeddings(many, shards(many, pieces), device), batches,
                           sync) for _ in range(3))
 
-    whole, split = step_of(1), step_of(4)
-    shard_ms = max(0.0, (split - whole) / (3 * len(group)) * 1e3)
-    step_gbps = 3 * len(group) * batch * dim * 4 / whole / GB
+    shard_ms = max(0.0, (step_of(4) - step_of(1)) / (3 * len(group)) * 1e3)
 
     rows = [max(1000, round(sizes.overhead_rows * share)) for share in CACHE_PROBE_ROWS]
     count = len(rows)
@@ -464,7 +521,7 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
     (fixed, per_id, per_miss, per_overflow), _ = scipy.optimize.nnls(
         np.array(design) * weights[:, None], np.array(excess) * weights)
     traffic = 2 * dim * 4 / (miss_gbps * GB)  # fetch and write-back, as the cost model charges
-    return RuntimeCosts(step_gbps, shard_ms, fixed * 1e3, per_id * 1e9,
+    return RuntimeCosts(shard_ms, fixed * 1e3, per_id * 1e9,
                         max(0.0, per_miss - traffic) * 1e9, per_overflow * 1e9)
 
 
@@ -565,7 +622,8 @@ def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float
                           round(cal.dense_step_ms, 3) if cal.dense_step_ms > 0 else None,
                           round(cal.shard_overhead_ms, 4), round(cal.cache_shard_overhead_ms, 4),
                           round(cal.cache_ns_per_miss, 1), round(cal.cache_ns_per_lookup, 1),
-                          round(cal.cache_ns_per_overflow_row, 1)),
+                          round(cal.cache_ns_per_overflow_row, 1),
+                          round(cal.optimizer_ns_per_id, 1)),
         host=HostSpec(round(dram_gb, 3), round(cal.host_gather_gbps, 3), round(cal.h2d_gbps, 3)),
         store=StoreSpec(round(cal.store_read_gbps, 4), round(cal.store_write_gbps, 4)),
         network=NetworkSpec(round(network, 3), round(inter_host_gbps or network, 3)),

@@ -33,8 +33,8 @@ PHASES = ("lookup", "communication", "dense", "update")
 @dataclass(frozen=True, slots=True)
 class StepTimes:
     """Mean milliseconds per step of each phase over ``steps`` timed steps, and the
-    median of the timed steps' totals (robust to the few steps that another process
-    on the machine slowed down)."""
+    medians of the timed steps' totals and of each phase (robust to the first, cold
+    steps and to the few that another process on the machine slowed down)."""
 
     lookup_ms: float
     communication_ms: float
@@ -43,6 +43,9 @@ class StepTimes:
     data_ms: float
     steps: int
     median_step_ms: float = 0.0
+    median_phase_ms: tuple[float, ...] = ()
+    """The median step's time of each of :data:`PHASES`, in that order (empty when
+    nothing was timed)."""
     steal_share: float | None = None
     """Share of the machine's CPU time that other VMs took during the run (Linux
     ``/proc/stat``; None where unknown): a loud neighbour slows every phase."""
@@ -56,7 +59,8 @@ class StepTimes:
         return {"lookup_ms": self.lookup_ms, "communication_ms": self.communication_ms,
                 "dense_ms": self.dense_ms, "update_ms": self.update_ms,
                 "data_ms": self.data_ms, "step_ms": self.step_ms,
-                "median_step_ms": self.median_step_ms, "steps": self.steps,
+                "median_step_ms": self.median_step_ms,
+                "median_phase_ms": dict(zip(PHASES, self.median_phase_ms)), "steps": self.steps,
                 "steal_share": self.steal_share}
 
 
@@ -110,9 +114,9 @@ class PhaseTimer:
         self._sync = sync
         self._seconds = dict.fromkeys((*PHASES, "data"), 0.0)
         self._steps = 0
-        self._totals: list[float] = []
-        """Seconds of each timed step's phases (data excluded)."""
-        self._done = 0.0
+        self._per_step: list[tuple[float, ...]] = []
+        """Seconds of each timed step in each of :data:`PHASES`."""
+        self._done = (0.0,) * len(PHASES)
         """The phases' seconds when the last step was done."""
 
     @staticmethod
@@ -136,20 +140,23 @@ class PhaseTimer:
 
     def step_done(self) -> None:
         self._steps += 1
-        total = sum(self._seconds[name] for name in PHASES)
-        self._totals.append(total - self._done)
-        self._done = total
+        now = tuple(self._seconds[name] for name in PHASES)
+        self._per_step.append(tuple(a - b for a, b in zip(now, self._done)))
+        self._done = now
 
     def result(self) -> StepTimes:
         n = max(self._steps, 1)
         ms = {k: v * 1e3 / n for k, v in self._seconds.items()}
-        median = statistics.median(self._totals) * 1e3 if self._totals else 0.0
+        steps = self._per_step
+        median = statistics.median(map(sum, steps)) * 1e3 if steps else 0.0
+        phases = tuple(statistics.median(s[i] for s in steps) * 1e3
+                       for i in range(len(PHASES))) if steps else ()
         return StepTimes(ms["lookup"], ms["communication"], ms["dense"], ms["update"], ms["data"],
-                         self._steps, median)
+                         self._steps, median, phases)
 
     def reset(self) -> None:
         for key in self._seconds:
             self._seconds[key] = 0.0
         self._steps = 0
-        self._totals.clear()
-        self._done = 0.0
+        self._per_step.clear()
+        self._done = (0.0,) * len(PHASES)

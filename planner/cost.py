@@ -21,6 +21,7 @@ from planner.specs import (
     DeviceSpec,
     HostSpec,
     NetworkSpec,
+    Optimizer,
     StoreSpec,
     TableSpec,
     Topology,
@@ -149,7 +150,9 @@ class AnalyticCostModel:
       write-back bookkeeping beyond the bytes) and ``device.cache_ns_per_overflow_row``
       per row of a step that finds no slot (the expected distinct rows of the step's
       lookups, from the access profile, beyond the cache's slots); all charged to the
-      lookup.
+      lookup; for an in-memory shard whose optimizer keeps state,
+      ``device.optimizer_ns_per_id`` per looked-up id (summing the gradients of
+      repeated rows), charged to the optimizer.
     """
 
     def cost(self, shard: ShardOption, topology: Topology) -> ShardCost:
@@ -182,6 +185,8 @@ class AnalyticCostModel:
                 lookup_ms += 1e-6 * overflow * device.cache_ns_per_overflow_row
         backward_ms = _ms(2 * lookups * row_bytes, hbm_gbps) + write_back_ms
         optimizer_ms = _ms(2 * lookups * state_per_row, hbm_gbps)
+        if shard.tier is Tier.HBM and table.optimizer is not Optimizer.SGD:
+            optimizer_ms += 1e-6 * lookups * topology.device.optimizer_ns_per_id
         if shard.sharding is Sharding.DATA_PARALLEL:
             gradient_bytes = shard.rows * shard.cols * ACTIVATION_BYTES
             communication_ms = self._all_reduce_ms(gradient_bytes, topology)

@@ -202,7 +202,7 @@ class TablesSpec:
 DENSE_RATES = ("dense_gflops", "dense_gbps", "dense_step_ms")
 """Optional measured numbers that predict the dense part of a step (not planning inputs)."""
 OVERHEADS = ("shard_overhead_ms", "cache_shard_overhead_ms", "cache_ns_per_miss",
-             "cache_ns_per_lookup", "cache_ns_per_overflow_row")
+             "cache_ns_per_lookup", "cache_ns_per_overflow_row", "optimizer_ns_per_id")
 """Optional measured fixed costs of the runtime (0: none, as on a datasheet)."""
 
 
@@ -237,6 +237,11 @@ class DeviceSpec:
     """Row-cache work per row of a batch that finds no slot (a batch with more distinct
     rows than the cache has slots: the excess rows are read, pooled and updated in the
     store directly), measured likewise; a planning input."""
+    optimizer_ns_per_id: float = 0.0
+    """Work per looked-up id of an in-memory shard whose optimizer keeps state
+    (row-wise Adagrad, Adam) beyond moving its bytes: the row optimizer sums the
+    gradients of repeated rows first (a sort of the step's ids), measured likewise;
+    a planning input."""
 
 
 @dataclass(frozen=True, slots=True)

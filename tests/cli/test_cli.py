@@ -177,7 +177,8 @@ def test_calibrate_writes_a_topology_the_planner_uses(tmp_path: Path, tables_fil
     assert topology.world_size == 2 and topology.device.hbm_gb == 0.002
     assert dict(topology.calibration)["date"].startswith("20")
     assert topology.store.read_gbps > 0 and topology.network.intra_host_gbps > 0
-    assert topology.device.dense_gflops > 0 and "dense step" in err
+    assert topology.device.dense_gflops > 0 and "training runs" in err
+    assert topology.device.optimizer_ns_per_id >= 0
     assert "per extra shard" in err and topology.device.shard_overhead_ms >= 0
     assert topology.device.cache_ns_per_miss >= 0
     plan_file = tmp_path / "plan.json"

@@ -107,22 +107,57 @@ def test_dense_time_adds_flops_and_bytes() -> None:
         (flops / 2e9 + nbytes / 0.5e9) * 1e3 + 3.0)
 
 
-def test_dense_fit_recovers_the_rates_of_a_synthetic_machine(monkeypatch) -> None:
-    """The calibration's fit, fed step times made from known rates, returns them."""
+def test_run_fit_recovers_the_rates_of_a_synthetic_machine(monkeypatch) -> None:
+    """The calibration's fit, fed training-run phase times made from known rates
+    (first steps slowed, as cold steps are: only the median step counts), returns
+    them."""
+    from planner import Optimizer
+
+    from dlrm_runtime import calibrate
+    from dlrm_runtime.timing import StepTimes
+
+    gflops, gbps, fixed_ms, step_gbps, shard_ms, ns_per_id = 30.0, 0.8, 2.0, 1.5, 0.1, 200.0
+    sizes = calibrate.CalibrationSizes(mlp_batch=256, repeats=1)
+    calls = []
+
+    def fake_run(config, dims, batch, sizes, optimizer=Optimizer.SGD):
+        calls.append(optimizer)
+        ids = len(dims) * batch
+        rows_gb = 3 * ids * dims[0] * 4 / 1e9
+        state_gb = 8 * ids / 1e9 if optimizer is not Optimizer.SGD else 0.0
+        embedding_ms = rows_gb / step_gbps * 1e3 + shard_ms * len(dims)
+        update_ms = 0.6 * embedding_ms + state_gb / step_gbps * 1e3 + (
+            ids * ns_per_id * 1e-6 if optimizer is not Optimizer.SGD else 0.0)
+        dense = dense_ms(config, dims, batch, gflops, gbps, fixed_ms)
+        times = StepTimes(99.0, 0.0, 99.0, 99.0, 0.0, 24, 0.0,
+                          (0.4 * embedding_ms, 0.0, dense, update_ms))
+        return times, rows_gb + state_gb
+
+    monkeypatch.setattr(calibrate, "_training_run", fake_run)
+    rates = calibrate._training_model(sizes, shard_ms)
+    assert (rates.dense_gflops, rates.dense_gbps, rates.dense_step_ms, rates.step_gbps,
+            rates.optimizer_ns_per_id) == pytest.approx(
+        (gflops, gbps, fixed_ms, step_gbps, ns_per_id), rel=1e-6)
+    assert calls.count(Optimizer.ROWWISE_ADAGRAD) == 1
+    assert len(calls) == len(calibrate.DENSE_PROBES) + 1
+
+
+def test_a_training_run_probe_times_the_runtime_and_prices_its_bytes() -> None:
+    """The probe is a real (tiny) training run: median phases measured, and the
+    embedding bytes the cost model charges (3 x the looked-up row bytes for SGD)."""
+    from planner import Optimizer
+
     from dlrm_runtime import calibrate
 
-    gflops, gbps, fixed_ms = 30.0, 0.8, 2.0
-    shapes = iter(calibrate.DENSE_PROBES)
-    sizes = calibrate.CalibrationSizes(mlp_batch=256, repeats=1)
-
-    def fake_seconds(fn, repeats, sync) -> float:
-        config, dims, fraction = next(shapes)
-        batch = max(16, round(sizes.mlp_batch * fraction))
-        return dense_ms(config, dims, batch, gflops, gbps, fixed_ms) / 1e3
-
-    monkeypatch.setattr(calibrate, "_median_seconds", fake_seconds)
-    fitted = calibrate._dense_model(sizes, torch.device("cpu"), lambda: None)
-    assert fitted == pytest.approx((gflops, gbps, fixed_ms), rel=1e-6)
+    sizes = calibrate.CalibrationSizes(overhead_rows=4000, run_steps=3)
+    config = ModelConfig(13, (8, 4), (8, 1))
+    times, charged_gb = calibrate._training_run(config, (4, 4), 32, sizes)
+    assert times.steps == 3 and len(times.median_phase_ms) == 4
+    assert times.median_phase_ms[2] > 0 and times.median_phase_ms[0] > 0
+    assert charged_gb == pytest.approx(3 * 2 * 32 * 4 * 4 / 1e9)
+    _, stateful_gb = calibrate._training_run(config, (4, 4), 32, sizes,
+                                             Optimizer.ROWWISE_ADAGRAD)
+    assert stateful_gb == pytest.approx(charged_gb + 2 * 2 * 32 * 4 / 1e9)  # state read+write
 
 
 def test_measured_overheads_are_charged_per_shard_and_per_cached_lookup() -> None:
@@ -149,6 +184,27 @@ def test_measured_overheads_are_charged_per_shard_and_per_cached_lookup() -> Non
     with pytest.raises(Exception, match="shard_overhead_ms"):
         doc["device"]["shard_overhead_ms"] = -1
         parse_topology(doc)
+
+
+def test_optimizer_state_is_charged_per_id_for_in_memory_shards_only() -> None:
+    from planner import Optimizer, ShardOption, Sharding, TableSpec, Tier
+
+    doc = small_topology_doc()
+    plain = parse_topology(doc)
+    doc["device"]["optimizer_ns_per_id"] = 200.0
+    measured = parse_topology(doc)
+    assert parse_topology(measured.to_json()) == measured
+    model = AnalyticCostModel()
+    adagrad = TableSpec("t", 1000, 8, 2.0, optimizer=Optimizer.ROWWISE_ADAGRAD)
+    lookups = plain.global_batch_size * 2.0
+    option = ShardOption(adagrad, Sharding.TABLE_WISE, 1000, 8)
+    assert model.cost(option, measured).optimizer_ms == pytest.approx(
+        model.cost(option, plain).optimizer_ms + lookups * 200e-6)
+    sgd = ShardOption(TableSpec("t", 1000, 8, 2.0), Sharding.TABLE_WISE, 1000, 8)
+    cached = ShardOption(adagrad, Sharding.TABLE_WISE, 1000, 8, tier=Tier.DRAM_CACHE,
+                         cache_rows=100)  # the row cache's own fit covers its update
+    for other in (sgd, cached):
+        assert model.cost(other, measured) == model.cost(other, plain)
 
 
 def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp_path) -> None:
@@ -191,7 +247,7 @@ def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp
     assert costs.cache_ns_per_lookup == pytest.approx(per_id_s * 1e9, rel=1e-6)
     assert costs.cache_ns_per_miss == pytest.approx(per_miss_s * 1e9 - traffic_ns, rel=1e-6)
     assert costs.cache_ns_per_overflow_row == pytest.approx(per_overflow_s * 1e9, rel=1e-6)
-    assert costs.shard_ms == 0.0 and costs.step_gbps > 0
+    assert costs.shard_ms == 0.0
 
 
 def test_expected_distinct_rows_match_the_exact_sum() -> None:
@@ -253,6 +309,8 @@ def test_phase_timer_reports_the_mean_split_and_the_median_step(monkeypatch) -> 
     assert times.step_ms == pytest.approx(81 / 3)
     assert times.median_step_ms == pytest.approx(6.0)
     assert times.to_json()["median_step_ms"] == pytest.approx(6.0)
+    assert times.median_phase_ms == pytest.approx((2.0, 0.0, 4.0, 0.0))  # lookup .. update
+    assert times.to_json()["median_phase_ms"]["dense"] == pytest.approx(4.0)
     timer.reset()
     step(1, 1)
     assert timer.result().median_step_ms == pytest.approx(2.0)

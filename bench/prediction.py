@@ -244,7 +244,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1,
-                        help="runs per plan, in rounds over all plans; the median stands")
+                        help="runs per plan, in rounds over all plans, each round calibrated "
+                             "anew; the run with the median error stands")
     parser.add_argument("--workloads", default=",".join(workloads()))
     parser.add_argument("--plans", default=",".join(PLANS))
     parser.add_argument("--calibration-rounds", type=int, default=1,

@@ -72,28 +72,33 @@ def _ratio(measured: float | None, predicted: float | None) -> str:
 def measured_vs_predicted(measured: dict, predicted: dict) -> str:
     """The runtime's measured time per step (and embedding memory) beside the plan's
     prediction, from the ``timing`` record of a metrics log (``measured`` and
-    ``predicted`` objects)."""
+    ``predicted`` objects): the mean and the median step of each phase; the error is
+    the median's (the prediction is of a steady step; the mean also counts the first,
+    cold steps), or the mean's in logs written before medians were recorded."""
     steps = measured.get("steps", 0)
-    lines = [f"time per step over {steps} timed steps (ms)  measured  predicted  error"]
+    medians = dict(measured.get("median_phase_ms") or {})
+    if medians and measured.get("median_step_ms"):
+        medians["step"] = measured["median_step_ms"]
+    lines = [f"time per step over {steps} timed steps (ms)      mean    median  predicted  error"]
     for label, key in _PHASES:
         m, p = measured.get(key), predicted.get(key)
+        median = medians.get(key.removesuffix("_ms"))
         shown_p = "unknown" if p is None else f"{p:.3f}"
-        lines.append(f"  {label:<35}{m:>9.3f}  {shown_p:>9}  {_ratio(m, p):>5}")
+        shown_median = "" if median is None else f"{median:.3f}"
+        judged = m if median is None else median
+        lines.append(f"  {label:<35}{m:>9.3f} {shown_median:>9}  {shown_p:>9}  "
+                     f"{_ratio(judged, p):>5}")
     if not predicted.get("calibrated", True):
         lines.append("  (the plan's topology is not calibrated: its rates describe other hardware; "
                      "plan with a topology from dlrm-plan calibrate to predict this machine)")
     if predicted.get("dense_ms") is None:
         lines.append("  (no dense prediction: the plan's topology has no device.dense_gflops; "
                      "measure it with dlrm-plan calibrate)")
-    median, step = measured.get("median_step_ms"), predicted.get("step_ms")
-    if median:  # absent from logs written before it was measured
-        shown = "unknown" if step is None else f"{step:.3f}"
-        lines.append(f"  {'median step':<35}{median:>9.3f}  {shown:>9}  {_ratio(median, step):>5}")
     held = measured.get("embedding_bytes")
     planned = predicted.get("hbm_bytes", 0) + predicted.get("dram_bytes", 0)
     if held is not None:
-        lines.append(f"  embedding memory (MB)              {held / MB:>9.2f}  {planned / MB:>9.2f}"
-                     f"  {_ratio(held, planned):>5}")
+        lines.append(f"  embedding memory (MB)              {held / MB:>9.2f} {'':>9}  "
+                     f"{planned / MB:>9.2f}  {_ratio(held, planned):>5}")
     lines.append(f"  data loading, not in the step      {measured.get('data_ms', 0.0):>9.3f}")
     stolen = measured.get("steal_share")
     if stolen is not None and stolen > STEAL_WARNING:

@@ -93,7 +93,9 @@ def test_show_measured_puts_the_run_beside_the_plan(tmp_path: Path, tables_file:
     assert plan_cli.main(["show", str(plan), "--measured", str(log)]) == ExitCode.OK
     out = capsys.readouterr().out
     assert "measured by dlrm-run at step 5" in out and "update (emb. backward+optimizer)" in out
-    assert "median step" in out
+    step = [line for line in out.splitlines() if line.strip().startswith("step")][0]
+    assert float(step.split()[2]) == pytest.approx(measured["median_step_ms"], abs=1e-3)
+    assert len(measured["median_phase_ms"]) == 4 and "median" in out
     assert "no dense prediction" in out and "not calibrated" in out
 
     other = tmp_path / "other.json"

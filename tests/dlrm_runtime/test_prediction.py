@@ -369,3 +369,9 @@ def test_report_says_when_other_vms_took_cpu_time() -> None:
     loud = measured_vs_predicted({**measured, "steal_share": 0.2}, predicted)
     assert "steal" not in quiet and "other VMs took 20%" in loud
     assert "steal" not in measured_vs_predicted(measured, predicted)  # older logs
+    medians = {"lookup": 1.5, "communication": 0.0, "dense": 2.0, "update": 1.0}
+    table = measured_vs_predicted({**measured, "median_phase_ms": medians}, predicted)
+    lookup = [line for line in table.splitlines() if line.strip().startswith("lookup")][0]
+    assert lookup.split()[1:] == ["1.000", "1.500", "1.000", "+50%"]  # judged on the median
+    old = [line for line in quiet.splitlines() if line.strip().startswith("lookup")][0]
+    assert old.split()[1:] == ["1.000", "1.000", "+0%"]  # logs without medians: the mean

@@ -13,12 +13,13 @@ Every figure is an effective rate for the operation the cost model charges, in G
 - all-to-all: ``all_to_all_single`` between two local processes over gloo (NCCL when
   two GPUs are present), bytes sent per process;
 - training runs: short runs of this runtime's training loop
-  (:func:`dlrm_runtime.train.train`, batches made on its background thread) of one-device plans of six shapes, narrow
-  to wide MLPs, 8 or 26 tables, batches to 4096: a fit of the dense phase to GFLOP/s,
-  GB/s and a fixed time per step, and the embedding step rate (the bytes the cost
-  model charges for the lookup and update over their time; the topology's
-  ``hbm_gbps``), and one run again with row-wise Adagrad tables for the optimizer's
-  time per id. The same steps timed in isolation ran 1.3-1.5x faster than in runs;
+  (:func:`dlrm_runtime.train.train`, batches made on its background thread) of
+  one-device plans of six shapes, narrow to wide MLPs, 8 or 26 tables, batches to
+  4096: a fit of the dense phase to GFLOP/s, GB/s and a fixed time per step, and the
+  embedding step rate (the bytes the cost model charges for the lookup and update
+  over their time; the topology's ``hbm_gbps``); one of them again with row-wise
+  Adagrad tables for the optimizer's time per id. The same steps timed in isolation
+  ran 1.3-1.5x faster than in runs;
 - runtime overheads: training steps of this runtime's own embedding modules on eight
   probe tables looked up together, whole and in 4 row shards each, and on four tables
   of four sizes behind row caches (two batch sizes, three cache sizes): the time per
@@ -246,10 +247,11 @@ plan's predicted embedding time is the cost model's charged bytes in GB."""
 def _training_run(config: ModelConfig, dims: Sequence[int], batch: int, sizes: CalibrationSizes,
                   optimizer: Optimizer = Optimizer.SGD) -> tuple[StepTimes, float]:
     """Train a one-device plan of ``len(dims)`` tables (``overhead_rows`` rows in all,
-    Zipf 1.05 ids, one per sample, ``optimizer``) with ``config``'s MLPs for ``run_steps`` steps of
-    ``batch`` samples with :func:`dlrm_runtime.train.train` (synthetic clicks made on
-    its background thread, as in every run): its measured times, and the embedding
-    bytes (GB) the cost model charges for a step's lookup and update."""
+    Zipf 1.05 ids, one per sample, ``optimizer``) with ``config``'s MLPs for
+    ``run_steps`` steps of ``batch`` samples with :func:`dlrm_runtime.train.train`
+    (synthetic clicks made on its background thread, as in every run): its measured
+    times, and the embedding bytes (GB) the cost model charges for a step's lookup
+    and update."""
     rows = max(1000, sizes.overhead_rows // len(dims))
     spec = TablesSpec(tuple(TableSpec(f"probe{i}", rows, dim, 1.0, access=AccessProfile(zipf=1.05),
                                       optimizer=optimizer)
@@ -301,7 +303,7 @@ def _training_model(sizes: CalibrationSizes, shard_ms: float) -> RunRates:
       looked-up id (summing repeated rows' gradients sorts the ids: 3 ms of a demo
       plan's 8 ms update here)."""
     rows, dense_seconds, step_rates = [], [], []
-    stateful_ms = 0.0
+    stateful_ms, extra_gb, ids = 0.0, 0.0, 1
     for index, (config, dims, fraction) in enumerate(DENSE_PROBES):
         batch = max(16, round(sizes.mlp_batch * fraction))
         times, charged_gb = _training_run(config, dims, batch, sizes)

@@ -83,7 +83,8 @@ class CalibrationSizes:
     repeats: int = 5
     all_to_all_bytes: int = 64 * 1024 * 1024
     mlp_batch: int = 2048
-    """Batch of the dense probes (see :data:`DENSE_PROBES`)."""
+    """Batch of the training-run probes at fraction 1 (see :data:`RUN_PROBES`) and half
+    the batch of the row-cache probes."""
     overhead_batches: int = 24
     """Batches of the runtime probes: half warm up (and fill the cache), half are timed."""
     overhead_rows: int = 1_000_000
@@ -222,7 +223,7 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
                        threads=torch.get_num_threads())
 
 
-DENSE_PROBES: tuple[tuple[ModelConfig, tuple[int, ...], float], ...] = (
+RUN_PROBES: tuple[tuple[ModelConfig, tuple[int, ...], float], ...] = (
     (ModelConfig(13, (64, 16), (64, 1)), (16,) * 8, 0.25),
     (ModelConfig(13, (64, 16), (64, 1)), (16,) * 8, 1.0),
     (ModelConfig(13, (64, 16), (64, 1)), (16,) * 8, 2.0),
@@ -244,6 +245,16 @@ RUN_TOPOLOGY = Topology(1, 1, DeviceSpec(1e6, 1.0), HostSpec(1e6, 1.0, 1.0), Sto
 plan's predicted embedding time is the cost model's charged bytes in GB."""
 
 
+def _probe_tables(rows: Sequence[int], dims: Sequence[int], pooling: Sequence[int] | None = None,
+                  optimizer: Optimizer = Optimizer.SGD) -> TablesSpec:
+    """Probe tables ``probe0..``: ``rows[i]`` rows of dim ``dims[i]``, ``pooling[i]`` ids
+    per sample (default one), Zipf 1.05 access, trained with ``optimizer``."""
+    pooling = pooling or [1] * len(rows)
+    return TablesSpec(tuple(TableSpec(f"probe{i}", n, dim, float(per),
+                                      access=AccessProfile(zipf=1.05), optimizer=optimizer)
+                            for i, (n, dim, per) in enumerate(zip(rows, dims, pooling))))
+
+
 def _training_run(config: ModelConfig, dims: Sequence[int], batch: int, sizes: CalibrationSizes,
                   optimizer: Optimizer = Optimizer.SGD) -> tuple[StepTimes, float]:
     """Train a one-device plan of ``len(dims)`` tables (``overhead_rows`` rows in all,
@@ -252,10 +263,8 @@ def _training_run(config: ModelConfig, dims: Sequence[int], batch: int, sizes: C
     (synthetic clicks made on its background thread, as in every run): its measured
     times, and the embedding bytes (GB) the cost model charges for a step's lookup
     and update."""
-    rows = max(1000, sizes.overhead_rows // len(dims))
-    spec = TablesSpec(tuple(TableSpec(f"probe{i}", rows, dim, 1.0, access=AccessProfile(zipf=1.05),
-                                      optimizer=optimizer)
-                            for i, dim in enumerate(dims)))
+    rows = [max(1000, sizes.overhead_rows // len(dims))] * len(dims)
+    spec = _probe_tables(rows, dims, optimizer=optimizer)
     topology = dataclasses.replace(RUN_TOPOLOGY, batch_size_per_device=batch)
     probe = plan(spec, topology, options=PlanOptions(baseline="size"))
     result = train(probe, config, TrainConfig(steps=sizes.run_steps, batch_size=batch,
@@ -276,13 +285,13 @@ class RunRates:
 
 
 OPTIMIZER_PROBE = 4
-"""The :data:`DENSE_PROBES` run trained a second time with row-wise Adagrad tables
+"""The :data:`RUN_PROBES` run trained a second time with row-wise Adagrad tables
 (26 tables at the largest batch: the most ids)."""
 
 
 def _training_model(sizes: CalibrationSizes, shard_ms: float) -> RunRates:
     """The dense and embedding rates fitted to short training runs of this runtime
-    (:func:`_training_run`) of the :data:`DENSE_PROBES` shapes, each phase taken at
+    (:func:`_training_run`) of the :data:`RUN_PROBES` shapes, each phase taken at
     its median step.
 
     Timed in isolation, the same dense steps ran 1.3-1.5x faster here than inside a
@@ -304,7 +313,7 @@ def _training_model(sizes: CalibrationSizes, shard_ms: float) -> RunRates:
       plan's 8 ms update here)."""
     rows, dense_seconds, step_rates = [], [], []
     stateful_ms, extra_gb, ids = 0.0, 0.0, 1
-    for index, (config, dims, fraction) in enumerate(DENSE_PROBES):
+    for index, (config, dims, fraction) in enumerate(RUN_PROBES):
         batch = max(16, round(sizes.mlp_batch * fraction))
         times, charged_gb = _training_run(config, dims, batch, sizes)
         lookup, _, dense, update = times.median_phase_ms
@@ -340,7 +349,7 @@ class RuntimeCosts:
 
 
 STEP_PROBE_TABLES = 8
-"""In-memory tables of the embedding-step probe (see :func:`_runtime_overheads`)."""
+"""In-memory tables of the shard-overhead probe (see :func:`_runtime_overheads`)."""
 CACHE_PROBES = ((1, 0.02), (1, 0.05), (1, 0.1), (4, 0.02), (4, 0.05), (4, 0.1))
 """Cached probe runs: (batch as a multiple of the probe batch, cache slots as a share
 of the probe table's rows)."""
@@ -466,12 +475,6 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
     dim, batch = 16, 2 * sizes.mlp_batch
     rng = np.random.default_rng(2)
 
-    def tables(rows: Sequence[int], pooling: Sequence[int] | None = None) -> TablesSpec:
-        pooling = pooling or [1] * len(rows)
-        return TablesSpec(tuple(TableSpec(f"probe{i}", n, dim, float(per),
-                                          access=AccessProfile(zipf=1.05))
-                                for i, (n, per) in enumerate(zip(rows, pooling))))
-
     def shards(spec: TablesSpec, count: int, tier: Tier = Tier.HBM,
                cache_share: float = 0.0) -> dict[str, TablePlacement]:
         out = {}
@@ -486,7 +489,7 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
         return out
 
     group = [max(1000, sizes.overhead_rows // STEP_PROBE_TABLES)] * STEP_PROBE_TABLES
-    many = tables(group)
+    many = _probe_tables(group, [dim] * len(group))
     batches = _probe_batches(group, batch, sizes.overhead_batches, rng)
 
     def step_of(pieces: int) -> float:
@@ -498,7 +501,7 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
 
     rows = [max(1000, round(sizes.overhead_rows * share)) for share in CACHE_PROBE_ROWS]
     count = len(rows)
-    several = tables(rows, CACHE_PROBE_POOLING)
+    several = _probe_tables(rows, [dim] * count, CACHE_PROBE_POOLING)
     design, excess = [], []  # per table
     for multiple in sorted({m for m, _ in CACHE_PROBES}):
         ids = batch * multiple

@@ -139,7 +139,7 @@ def test_run_fit_recovers_the_rates_of_a_synthetic_machine(monkeypatch) -> None:
             rates.optimizer_ns_per_id) == pytest.approx(
         (gflops, gbps, fixed_ms, step_gbps, ns_per_id), rel=1e-6)
     assert calls.count(Optimizer.ROWWISE_ADAGRAD) == 1
-    assert len(calls) == len(calibrate.DENSE_PROBES) + 1
+    assert len(calls) == len(calibrate.RUN_PROBES) + 1
 
 
 def test_a_training_run_probe_times_the_runtime_and_prices_its_bytes() -> None:

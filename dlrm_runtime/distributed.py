@@ -57,6 +57,7 @@ from dlrm_runtime.embeddings import (
     RowBlock,
     Segment,
     TableBatchedBags,
+    batch_order,
     init_table,
 )
 from dlrm_runtime.errors import (
@@ -232,11 +233,12 @@ class ShardBag(nn.Module):
 
 
 def _whole_groups(members: list[tuple[int, TableSpec]]) -> list[list[tuple[int, TableSpec]]]:
-    """Whole tables batched per (dim, dtype, optimizer), in spec order."""
+    """Whole tables batched per (dim, dtype, optimizer), each group in
+    :func:`~dlrm_runtime.embeddings.batch_order`."""
     groups: dict[tuple, list[tuple[int, TableSpec]]] = {}
     for index, spec in members:
         groups.setdefault((spec.embedding_dim, spec.dtype, spec.optimizer), []).append((index, spec))
-    return list(groups.values())
+    return [batch_order(group) for group in groups.values()]
 
 
 class DistributedEmbeddings(nn.Module):

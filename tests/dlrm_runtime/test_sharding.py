@@ -20,7 +20,7 @@ from dlrm_runtime import (
 from dlrm_runtime.data import Batch
 from dlrm_runtime.embeddings import ShardedTable, TableBatchedBags
 from dlrm_runtime.model import DLRM
-from planner import Sharding, TableSpec, Tier
+from planner import Optimizer, Sharding, TableSpec, Tier
 from planner.plan import TablePlan
 from tests.dlrm_runtime.helpers import sharded, table_wise, tables, topology
 
@@ -294,6 +294,80 @@ def test_batched_gradients_accumulate_like_autograd_sparse_ones(pooling: float |
         plain_opt.step()
     for t, weight in zip(spec.tables, plain):  # equal up to the order of float sums
         torch.testing.assert_close(batched.weight(t.name), weight.detach(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
+def test_tables_of_several_bag_lengths_update_by_uniform_runs(optimizer: str) -> None:
+    """One batched group of tables with 1, 2, 1 and 3 ids per bag: ordered by bag
+    length, its gradient is kept as one uniform run per length, and the update equals
+    per-table weights with autograd's sparse gradients (also after a ragged batch,
+    which keeps one entry)."""
+    from dlrm_runtime.optim import RowOptimizer
+
+    spec = type(tables())(tuple(TableSpec(f"t{k}", 300 + 50 * k, 8, float(per),
+                                          optimizer=Optimizer(optimizer))
+                                for k, per in enumerate((1, 2, 1, 3))))
+    batched = embeddings_in_memory(spec, seed=5)
+    (group,) = batched.groups
+    assert group.indices == [0, 2, 1, 3]  # by ids per sample, then spec order
+    plain = [torch.nn.Parameter(batched.weight(t.name).clone()) for t in spec.tables]
+    batched_opt = RowOptimizer.for_blocks(batched.row_blocks(), lr=0.3)
+    plain_opt = RowOptimizer(spec.tables, plain, lr=0.3)
+    data = SyntheticClicks(spec, seed=5)
+    for step, sparse in enumerate([data.batch(0, 16).sparse, _lopsided_batch(spec).sparse,
+                                   data.batch(1, 16).sparse]):
+        batched_opt.zero_grad()
+        plain_opt.zero_grad()
+        target = torch.randn(len(spec.tables), sparse.batch_size, 8,
+                             generator=torch.Generator().manual_seed(step))
+        ((batched.forward_stacked(sparse) - target) ** 2).sum().backward()
+        pooled = [F.embedding_bag(ids, w, offsets, mode="sum", sparse=True, include_last_offset=True)
+                  for w, ids, offsets in zip(plain, sparse.ids, sparse.offsets)]
+        ((torch.stack(pooled) - target) ** 2).sum().backward()
+        bags = [len(offsets) for _, offsets, _ in group.pending]
+        if step == 1:  # ragged: one entry, every bag of the four tables
+            assert bags == [4 * 6]
+        else:  # runs of 1 id per bag (two tables), 2 and 3
+            assert bags == [32, 16, 16]
+            assert [len(ids) for ids, _, _ in group.pending] == [32, 32, 48]
+        batched_opt.step()
+        plain_opt.step()
+    for t, weight in zip(spec.tables, plain):  # equal up to the order of float sums
+        torch.testing.assert_close(batched.weight(t.name), weight.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_uniform_runs_join_equal_bag_lengths_and_skip_empty_tables() -> None:
+    from dlrm_runtime.embeddings import UniformRun, uniform_runs
+
+    def offsets(*lengths: int) -> torch.Tensor:  # three bags per table
+        return torch.stack([torch.arange(4) * length for length in lengths])
+
+    assert uniform_runs(offsets(1, 1, 2, 0, 2), [3, 3, 6, 0, 6]) == (
+        UniformRun(0, 6, 0, 6, 1), UniformRun(6, 12, 6, 9, 2), UniformRun(12, 18, 12, 15, 2))
+    assert uniform_runs(offsets(2, 2), [6, 6]) == ()  # uniform as a whole already
+    ragged = offsets(1, 2)
+    ragged[1] = torch.tensor([0, 1, 4, 6])
+    assert uniform_runs(ragged, [3, 6]) == ()
+
+
+def test_stacking_out_of_order_groups_passes_each_its_gradient() -> None:
+    """Groups {t0, t2} and {t1} stacked in spec order: the gradient of every table's
+    output reaches its own rows."""
+    spec = tables(optimizers=("sgd", "rowwise_adagrad", "sgd"))
+    embeddings = embeddings_in_memory(spec, seed=3)
+    sparse = SyntheticClicks(spec, seed=3).batch(0, 8).sparse
+    scale = torch.tensor([1.0, 0.1, 0.01]).view(3, 1, 1)
+    (embeddings.forward_stacked(sparse) * scale).sum().backward()
+    for block in embeddings.row_blocks():
+        grad = block.sparse_grad().to_dense()
+        for seg in block.segments:
+            k = int(seg.table[1:])
+            rows = grad[seg.block_row:seg.block_row + seg.rows]
+            touched = rows.abs().sum(1) > 0
+            assert touched.any()
+            # every id's gradient is a count of lookups times its table's scale
+            ratio = rows[touched] / float(scale[k])
+            torch.testing.assert_close(ratio, ratio.round())
 
 
 def test_expand_pooled_handles_uniform_and_ragged_bags() -> None:

@@ -58,6 +58,33 @@ def test_prediction_sums_the_devices_the_process_executes(planned) -> None:
     assert predict_step(planned, config, batch, communication=False).communication_ms == 0
 
 
+def test_one_process_prices_an_in_memory_row_wise_table_as_the_whole_table() -> None:
+    """On one torch device the runtime keeps a row-wise table's shards in one weight
+    (one lookup): predicted like the table-wise table, not per shard. Over several
+    torch devices, or in row caches (one per shard), it is priced per shard."""
+    from planner import Sharding, Tier
+    from tests.dlrm_runtime.helpers import sharded, table_wise, tables, topology
+
+    spec = tables()
+    topo = topology()
+    topo = replace(topo, device=replace(topo.device, shard_overhead_ms=0.5))
+    rows, dim = spec.tables[1].num_embeddings, spec.tables[1].embedding_dim
+    cuts = [(d, rows * d // 4, rows * (d + 1) // 4, 0, dim) for d in range(4)]
+    config, batch = ModelConfig(13, (16, 8), (16, 1)), topo.global_batch_size
+    whole = predict_step(table_wise(spec, topo), config, batch, communication=False)
+    row_plan = table_wise(spec, topo, {"t1": sharded("t1", Sharding.ROW_WISE, *cuts)})
+    merged = predict_step(row_plan, config, batch, communication=False)
+    assert (merged.lookup_ms, merged.update_ms, merged.hbm_bytes) == pytest.approx(
+        (whole.lookup_ms, whole.update_ms, whole.hbm_bytes))
+    spread = predict_step(row_plan, config, batch)  # one torch device per plan device
+    assert spread.lookup_ms == pytest.approx(whole.lookup_ms + 3 * 0.5)
+    assert spread.hbm_bytes == whole.hbm_bytes
+    cached_plan = table_wise(spec, topo, {"t1": sharded("t1", Sharding.ROW_WISE, *cuts,
+                                                        tier=Tier.DRAM_CACHE)})
+    cached = predict_step(cached_plan, config, batch, communication=False)
+    assert cached.lookup_ms > whole.lookup_ms + 3 * 0.5  # four caches, each priced
+
+
 def test_batch_size_and_dense_rate(planned) -> None:
     config = ModelConfig(13, (16, 8), (16, 1))
     batch = planned.topology.global_batch_size

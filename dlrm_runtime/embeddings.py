@@ -201,9 +201,10 @@ class PooledLookup(torch.autograd.Function):
 
     ``runs`` (optional) splits a lookup whose bags are ragged as a whole but uniform
     piecewise (tables of different bag lengths batched together) into one entry per
-    :class:`UniformRun`: each is then applied on the uniform path (no per-id index;
-    measured here 2.5x faster for the SGD update of 6 tables with 1 and 2 ids per
-    bag)."""
+    :class:`UniformRun`: each is then applied on the uniform path (no per-id index).
+    Measured here on the demo's tables, 4096 samples, lookup and update: 5.0 -> 4.5 ms
+    for its SGD group (1 and 2 ids per bag), 6.5 -> 5.6 ms for its row-wise Adagrad
+    group (3 and 1)."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,  # type: ignore[override]

@@ -5,7 +5,8 @@ The plan's cost model prices every shard on its device (lookup, communication,
 backward, optimizer; HBM and DRAM bytes). A process executes some of the plan's
 devices: one device per rank under torchrun, or all of them in one process, where
 they run one after the other on this process's device and their times add up (there
-a row-wise table's in-memory shards are one weight: it is priced as the whole table). The
+a row-wise table's in-memory shards are one weight and a data-parallel table one copy:
+each is priced as the whole table). The
 dense part (MLPs and interaction, forward and backward, and the dense optimizer) is not
 a planning input; it is predicted from its FLOPs and bytes at the topology's measured
 ``device.dense_gflops`` and ``device.dense_gbps``, plus the fixed ``device.dense_step_ms``
@@ -120,13 +121,15 @@ def dense_ms(config: ModelConfig, embedding_dims: Sequence[int], batch_size: int
 
 def _runs_merged(planned: TablePlan, devices: set[int]) -> bool:
     """Whether a process whose plan ``devices`` share one torch device executes this
-    table as one whole table: a row-wise (or table-row-wise) table with every shard
-    in device memory and on those devices keeps its shards in ONE weight, pooled by one
-    lookup over the unrouted ids (:class:`~dlrm_runtime.embeddings.ShardedTable`), so it
-    costs what the whole table costs; priced per shard, four row shards of each of the
-    demo's tables were predicted 5 % slower than its table-wise plans, which ran as fast.
-    Cached shards keep one row cache each and are priced per shard."""
-    return (planned.sharding in (Sharding.ROW_WISE, Sharding.TABLE_ROW_WISE)
+    table as one whole table (:class:`~dlrm_runtime.embeddings.InMemoryEmbeddings`): a
+    row-wise (or table-row-wise) table with every shard in device memory and on those
+    devices keeps its shards in ONE weight, pooled by one lookup over the unrouted ids;
+    a data-parallel table keeps one copy, batched with the whole tables. So it costs
+    what the whole table costs. Priced per shard, four row shards of each of the demo's
+    tables were predicted 5 % slower than its table-wise plans, which ran as fast. Row
+    caches (one per shard) are priced per shard."""
+    return (planned.sharding in (Sharding.ROW_WISE, Sharding.TABLE_ROW_WISE,
+                                 Sharding.DATA_PARALLEL)
             and len(planned.shards) > 1
             and all(s.device in devices and s.tier is Tier.HBM for s in planned.shards))
 
@@ -138,8 +141,8 @@ def predict_step(plan: Plan, config: ModelConfig, batch_size: int,
     with a global batch of ``batch_size`` samples (the plan is re-costed at this batch
     size: the cost model scales with it). ``communication=False`` when the executed
     devices share one torch device, so that nothing travels between them; then an
-    in-memory row-wise table is priced as the one whole table the runtime makes of it
-    (see :func:`_runs_merged`)."""
+    in-memory row-wise or data-parallel table is priced as the one whole table the
+    runtime makes of it (see :func:`_runs_merged`)."""
     model, name = cost_model or plan_cost_model(plan)
     topology = plan.topology
     world = topology.world_size

@@ -60,8 +60,9 @@ def test_prediction_sums_the_devices_the_process_executes(planned) -> None:
 
 def test_one_process_prices_an_in_memory_row_wise_table_as_the_whole_table() -> None:
     """On one torch device the runtime keeps a row-wise table's shards in one weight
-    (one lookup): predicted like the table-wise table, not per shard. Over several
-    torch devices, or in row caches (one per shard), it is priced per shard."""
+    (one lookup) and a data-parallel table's replicas as one copy: predicted like the
+    table-wise table, not per shard. Over several torch devices, or in row caches (one
+    per shard), it is priced per shard."""
     from planner import Sharding, Tier
     from tests.dlrm_runtime.helpers import sharded, table_wise, tables, topology
 
@@ -79,6 +80,12 @@ def test_one_process_prices_an_in_memory_row_wise_table_as_the_whole_table() -> 
     spread = predict_step(row_plan, config, batch)  # one torch device per plan device
     assert spread.lookup_ms == pytest.approx(whole.lookup_ms + 3 * 0.5)
     assert spread.hbm_bytes == whole.hbm_bytes
+    replicas = [(d, 0, rows, 0, dim) for d in range(4)]
+    dp_plan = table_wise(spec, topo, {"t1": sharded("t1", Sharding.DATA_PARALLEL, *replicas)})
+    one_copy = predict_step(dp_plan, config, batch, communication=False)
+    assert (one_copy.lookup_ms, one_copy.update_ms, one_copy.hbm_bytes) == pytest.approx(
+        (whole.lookup_ms, whole.update_ms, whole.hbm_bytes))
+    assert predict_step(dp_plan, config, batch).hbm_bytes > whole.hbm_bytes  # 4 copies
     cached_plan = table_wise(spec, topo, {"t1": sharded("t1", Sharding.ROW_WISE, *cuts,
                                                         tier=Tier.DRAM_CACHE)})
     cached = predict_step(cached_plan, config, batch, communication=False)

@@ -550,7 +550,8 @@ class ShardedTable(nn.Module):
 class StackInOrder(torch.autograd.Function):
     """Parts ``[T_i, B, D]`` (batched groups, single tables) into one ``[T, B, D]``
     stack in spec order, part ``i``'s tables going to stack ``positions[i]``: one copy
-    forward; backward hands every part its rows of the gradient (a view where they are
+    forward (``cat`` when the parts come in spec order, nothing for one such part);
+    backward hands every part its rows of the gradient (a view where they are
     consecutive). ``cat`` then ``index_select`` made two copies forward and a zero
     fill plus a scatter backward: 4-5 ms of the demo's 14 ms embedding step, measured
     here."""
@@ -559,8 +560,9 @@ class StackInOrder(torch.autograd.Function):
     def forward(ctx, positions: tuple[tuple[int, ...], ...],  # type: ignore[override]
                 *parts: torch.Tensor) -> torch.Tensor:
         ctx.positions = positions
-        if len(parts) == 1 and _consecutive(positions[0]) == (0, len(positions[0])):
-            return parts[0].view_as(parts[0])  # already in order: no copy
+        if _consecutive([place for places in positions for place in places]) is not None:
+            # already in order (positions start at 0)
+            return parts[0].view_as(parts[0]) if len(parts) == 1 else torch.cat(parts)
         first = parts[0]
         out = first.new_empty(sum(map(len, positions)), *first.shape[1:])
         for places, part in zip(positions, parts):
@@ -575,7 +577,6 @@ class StackInOrder(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad = grad.contiguous()
         parts = []
         for places in ctx.positions:
             run = _consecutive(places)
@@ -645,17 +646,13 @@ class InMemoryEmbeddings(nn.Module):
                                        embedding_lr)
         self._next_batch: SparseBatch | None = None
         self._where: dict[str, tuple[str, int, int]] = {}
-        order: list[int] = []
         for g, group in enumerate(self.groups):
             for k, index in enumerate(group.indices):
                 self._where[self.specs[index].name] = ("group", g, k)
-            order.extend(group.indices)
         for s, table in enumerate(self.sharded):
             self._where[table.spec.name] = ("sharded", s, 0)
-            order.append(table.index)
         for c, table in enumerate(self._cached_tables()):
             self._where[table.spec.name] = ("cached", c, 0)
-            order.append(table.index)
         self.same_dim = len({spec.embedding_dim for spec in self.specs}) == 1
         self._positions = tuple(tuple(group.indices) for group in self.groups) + tuple(
             (table.index,) for table in [*self.sharded, *self._cached_tables()])

@@ -6,12 +6,12 @@ backward, optimizer; HBM and DRAM bytes). A process executes some of the plan's
 devices: one device per rank under torchrun, or all of them in one process, where
 they run one after the other on this process's device and their times add up (there
 a row-wise table's in-memory shards are one weight and a data-parallel table one copy:
-each is priced as the whole table). The
-dense part (MLPs and interaction, forward and backward, and the dense optimizer) is not
-a planning input; it is predicted from its FLOPs and bytes at the topology's measured
-``device.dense_gflops`` and ``device.dense_gbps``, plus the fixed ``device.dense_step_ms``
-(all three fitted by ``dlrm-plan calibrate`` to timed dense steps of several shapes),
-and left unknown without a measured ``dense_gflops``.
+each is priced as the whole table). The dense part (MLPs and interaction, forward and
+backward, and the dense optimizer) is not a planning input; it is predicted from its
+FLOPs and bytes at the topology's measured ``device.dense_gflops`` and
+``device.dense_gbps``, plus the fixed ``device.dense_step_ms`` (all three fitted by
+``dlrm-plan calibrate`` to short training runs of several shapes), and left unknown
+without a measured ``dense_gflops``.
 """
 
 from __future__ import annotations

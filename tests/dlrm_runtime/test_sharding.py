@@ -321,7 +321,8 @@ def test_tables_of_several_bag_lengths_update_by_uniform_runs(optimizer: str) ->
         target = torch.randn(len(spec.tables), sparse.batch_size, 8,
                              generator=torch.Generator().manual_seed(step))
         ((batched.forward_stacked(sparse) - target) ** 2).sum().backward()
-        pooled = [F.embedding_bag(ids, w, offsets, mode="sum", sparse=True, include_last_offset=True)
+        pooled = [F.embedding_bag(ids, w, offsets, mode="sum", sparse=True,
+                                  include_last_offset=True)
                   for w, ids, offsets in zip(plain, sparse.ids, sparse.offsets)]
         ((torch.stack(pooled) - target) ** 2).sum().backward()
         bags = [len(offsets) for _, offsets, _ in group.pending]

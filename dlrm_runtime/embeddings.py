@@ -132,10 +132,8 @@ class RowBlock:
         values = first.new_empty(rows.numel(), first.shape[1])
         at = 0
         for ids, offsets, pooled in self.pending:  # each expanded in place: no second copy
-            part = values[at:at + ids.numel()]
+            expand_pooled(pooled, offsets, ids.numel(), out=values[at:at + ids.numel()])
             at += ids.numel()
-            if expand_pooled(pooled, offsets, ids.numel(), out=part) is pooled:
-                part.copy_(pooled)  # one id per bag: the pooled gradient itself
         return rows, values
 
     def sparse_grad(self) -> torch.Tensor:
@@ -168,10 +166,11 @@ def expand_pooled(pooled: torch.Tensor, offsets: torch.Tensor, num_ids: int,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of every id (its bag's pooled gradient), ``[num_ids, dim]``, written
     into ``out`` when given. Uniform bags avoid building a per-id index: one id per
-    bag returns ``pooled`` itself, ``L`` ids a broadcast copy."""
+    bag returns ``pooled`` itself (copied into ``out`` when given), ``L`` ids a
+    broadcast copy."""
     length = uniform_bag_length(offsets, num_ids)
     if length == 1:
-        return pooled
+        return pooled if out is None else out.copy_(pooled)
     if out is None:
         out = pooled.new_empty(num_ids, pooled.shape[1])
     if length is not None:

@@ -381,6 +381,7 @@ def test_expand_pooled_handles_uniform_and_ragged_bags() -> None:
         torch.testing.assert_close(expand_pooled(pooled, offsets, num_ids), expected)
         out = torch.empty(num_ids, 3)
         torch.testing.assert_close(expand_pooled(pooled, offsets, num_ids, out=out), expected)
+        torch.testing.assert_close(out, expected)  # written into out, one id per bag too
     assert uniform_bag_length(torch.tensor([0, 3, 6, 9]), 12) == 3
     assert uniform_bag_length(torch.tensor([0, 2, 2, 3]), 4) is None
     assert uniform_bag_length(torch.tensor([0, 1, 2, 3]), 4) == 1

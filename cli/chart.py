@@ -21,12 +21,14 @@ def draw_chart(plan: Plan, path: str | Path) -> None:
     fig, (load_ax, mem_ax) = plt.subplots(2, 1, sharex=True,
                                           figsize=(max(6.0, 0.25 * len(devices)), 6.0))
     load_ax.bar(devices, [d.load_ms for d in plan.devices], color="tab:blue")
-    load_ax.axhline(plan.solve.lower_bound_ms, color="tab:red", linestyle="--",
-                    label=f"lower bound {plan.solve.lower_bound_ms:.4g} ms")
+    if plan.solve.lower_bound_ms is not None:
+        load_ax.axhline(plan.solve.lower_bound_ms, color="tab:red", linestyle="--",
+                        label=f"lower bound {plan.solve.lower_bound_ms:.4g} ms")
+        load_ax.legend(loc="lower right")
     load_ax.set_ylabel("predicted ms / step")
+    gap = "no bound" if plan.solve.gap is None else f"gap {plan.solve.gap:.2%}"
     load_ax.set_title(f"{plan.solve.method}: slowest device {plan.solve.objective_ms:.4g} ms, "
-                      f"gap {plan.solve.gap:.2%}")
-    load_ax.legend(loc="lower right")
+                      f"{gap}")
     mem_ax.bar(devices, [d.hbm_bytes / 1e9 for d in plan.devices], color="tab:green")
     mem_ax.axhline(plan.topology.usable_hbm_bytes / 1e9, color="black", linestyle="--",
                    label="usable HBM")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from planner.balance import BalanceProblem, balance_pairs
 from planner.options import Placement, ShardSlot, TableOption
 from planner.packing import PackingProblem, solve_packing_ilp
+from planner.solvers import Watch
 from planner.specs import GB, Topology
 
 EXACT_PACKING_MAX_BINARIES = 4000
@@ -132,12 +133,14 @@ def place(
     threads: int = 1,
     alternatives: Sequence[Sequence[TableOption]] | None = None,
     rules: PlacementRules | None = None,
+    watch: Watch | None = None,
 ) -> PlacementResult | None:
     """Place every shard of ``options`` (one per table); ``None`` when some shard fits
     nowhere. With ``alternatives`` (every table's candidate options), tables on the
     slowest device may switch to an option with more shards when that lowers it, and
     under tight memory a table whose shard fits nowhere may switch to one whose shards
-    fit."""
+    fit. ``watch`` may stop the exact packing ILP early (see
+    :func:`planner.solvers.solve`); its incumbents are complete placements."""
     start = time.perf_counter()
     state = _State(topology, options, rules)
     per_host = topology.devices_per_host
@@ -185,7 +188,7 @@ def place(
             _balance(state, fixed, deadline)
     exact = False
     if refine:
-        exact = _refine_exactly(state, fixed, time_limit_s / 2, solver, threads)
+        exact = _refine_exactly(state, fixed, time_limit_s / 2, solver, threads, watch)
     return _result(state, exact)
 
 
@@ -396,7 +399,8 @@ def _move(state: _State, index: int, device: int) -> None:
     state.placed[index] = PlacedShard(shard.table, shard.slot, device)
 
 
-def _refine_exactly(state: _State, fixed: int, time_limit_s: float, solver: str, threads: int) -> bool:
+def _refine_exactly(state: _State, fixed: int, time_limit_s: float, solver: str, threads: int,
+                    watch: Watch | None = None) -> bool:
     """Re-place the free shards with the exact packing ILP when all devices start
     empty of fixed shards (so devices are interchangeable) and DRAM does not bind."""
     if fixed or any(s.slot.cost.dram_bytes for s in state.placed) or (
@@ -407,7 +411,8 @@ def _refine_exactly(state: _State, fixed: int, time_limit_s: float, solver: str,
                              tuple(s.slot.cost.hbm_bytes for s in free),
                              state.topology.world_size, state.hbm_cap)
     result = solve_packing_ilp(problem, time_limit_s=max(time_limit_s, 1.0), threads=threads,
-                               solver=solver, warm_start=tuple(s.device for s in free))
+                               solver=solver, warm_start=tuple(s.device for s in free),
+                               watch=watch)
     if not result.device_of or result.makespan_ms > max(state.loads) + 1e-12:
         return False
     for offset, device in enumerate(result.device_of):

@@ -78,8 +78,9 @@ class PlanOptions:
     (plan - bound) / bound; 0 searches on until the plan is proven optimal, the
     search stalls or the time limit."""
     stall_s: float = DEFAULT_STALL_S
-    """Stop when neither the best plan nor the lower bound improved for this many
-    seconds."""
+    """Stop when neither the best plan nor the lower bound improved over this many
+    seconds of search work (CPU seconds of the planner and its solver, so that a busy
+    machine does not cut the search short)."""
 
 
 def cost_model_name(model: CostModel) -> str:

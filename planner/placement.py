@@ -12,6 +12,7 @@ to options with more shards. Small instances are finished by the exact packing I
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -190,6 +191,37 @@ def place(
     if refine:
         exact = _refine_exactly(state, fixed, time_limit_s / 2, solver, threads, watch)
     return _result(state, exact)
+
+
+def polish(
+    options: Sequence[TableOption],
+    placed: Sequence[PlacedShard],
+    topology: Topology,
+    *,
+    time_limit_s: float,
+    alternatives: Sequence[Sequence[TableOption]] | None = None,
+    rules: PlacementRules | None = None,
+) -> PlacementResult:
+    """Improve a complete placement (one that fits) with the local steps of
+    :func:`place`: pairwise re-splitting, moves and swaps off the slowest device, and
+    finer options for its tables (with ``alternatives``)."""
+    start = time.perf_counter()
+    deadline = start + time_limit_s
+    state = _State(topology, options, rules)
+    free = [p for p in placed if options[p.table].placement is Placement.FREE]
+    for p in [p for p in placed if options[p.table].placement is not Placement.FREE] + free:
+        state.add(p.table, p.slot, p.device)
+        state.placed.append(p)
+    fixed = len(state.placed) - len(free)
+    _balance(state, fixed, start + time_limit_s / 2)
+    _local_search(state, fixed, deadline)
+    if alternatives is not None:
+        before = list(state.options)
+        _split_heavy(state, fixed, alternatives, deadline)
+        if state.options != before:
+            _local_search(state, fixed, deadline)
+            _balance(state, fixed, deadline)
+    return _result(state, False)
 
 
 def _longest_first(state: _State, free: Sequence[tuple[int, ShardSlot]]) -> bool:
@@ -420,13 +452,22 @@ def _refine_exactly(state: _State, fixed: int, time_limit_s: float, solver: str,
     return result.proven_optimal
 
 
+def _peak(loads: Sequence[float]) -> tuple[float, int]:
+    """The slowest device's load and how many devices share it: lowering either
+    (the first, or the second at an equal first) is progress on a plateau of equally
+    loaded devices."""
+    top = max(loads)
+    return top, sum(1 for load in loads if load >= top - 1e-12)
+
+
 def _split_heavy(state: _State, fixed: int, alternatives: Sequence[Sequence[TableOption]],
                  deadline: float) -> None:
-    """While it lowers the slowest device: move a table found there to an option with
-    more (hence smaller) free shards, placed least-loaded first."""
+    """While it lowers the slowest device (or the number of devices that share its
+    load): move a table found there to an option with more (hence smaller) free
+    shards, placed least-loaded first."""
     while time.perf_counter() < deadline:
         worst = max(range(len(state.loads)), key=state.loads.__getitem__)
-        peak = state.loads[worst]
+        peak = _peak(state.loads)
         here: dict[int, float] = {}
         for p in state.placed[fixed:]:
             if p.device == worst:
@@ -449,11 +490,14 @@ def _split_heavy(state: _State, fixed: int, alternatives: Sequence[Sequence[Tabl
             return
 
 
-def _try_option(state: _State, fixed: int, table: int, option: TableOption, peak: float) -> bool:
-    """Swap ``table`` to ``option`` if the slowest device gets faster; else undo."""
+def _try_option(state: _State, fixed: int, table: int, option: TableOption,
+                peak: tuple[float, int]) -> bool:
+    """Swap ``table`` to ``option`` if the slowest device gets faster, or as fast with
+    fewer devices at its load (see :func:`_peak`); else undo."""
     old = _lift(state, fixed, table)
     new = _put(state, table, option, lambda s: -s.cost.total_ms, _least_loaded_fitting)
-    if new is not None and max(state.loads) < peak - 1e-12:
+    top, count = _peak(state.loads) if new is not None else (math.inf, 0)
+    if new is not None and (top < peak[0] - 1e-12 or (top <= peak[0] + 1e-12 and count < peak[1])):
         state.placed[fixed:] = [p for p in state.placed[fixed:] if p.table != table] + new
         state.options[table] = option
         return True

@@ -72,6 +72,11 @@ def solve(prob: pulp.LpProblem, *, solver: str = "cbc", time_limit_s: float, thr
         try:
             prob.solve(backend)
         except pulp.PulpSolverError as exc:
+            if watcher is not None and watcher.stopped:
+                # Interrupted before CBC could write a solution: as if out of time.
+                watcher.finish()
+                return SolveOutcome("Not Solved", "No Solution Found", False, False, False,
+                                    None, backend.name, stopped_early=True)
             raise SolverError(f"{backend.name} failed on {prob.name}: {exc}") from exc
         finally:
             if watcher is not None:
@@ -113,6 +118,8 @@ class _CbcWatcher:
         self._incumbent: float | None = None
         self._bound: float | None = None
         self._done = threading.Event()
+        self._searching = False
+        """CBC has begun its search (and handles SIGINT: before that, SIGINT kills it)."""
         self.stopped = False
         self.tty_path = ""
 
@@ -134,6 +141,8 @@ class _CbcWatcher:
         return True
 
     def finish(self) -> None:
+        if self._done.is_set():
+            return
         self._done.set()
         self._thread.join()
         os.close(self._slave)
@@ -156,10 +165,13 @@ class _CbcWatcher:
                     self._parse(line)
             elif done:
                 return
-            if not done and not self.stopped and self._watch(self._incumbent, self._bound):
+            if (not done and not self.stopped and self._searching
+                    and self._watch(self._incumbent, self._bound)):
                 self.stopped = self._interrupt()
 
     def _parse(self, line: str) -> None:
+        if line.startswith("Cbc0"):
+            self._searching = True
         match = _CBC_INCUMBENT.search(line)
         if match:
             value = float(match.group(1))

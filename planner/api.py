@@ -195,8 +195,7 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
     valid bounds; returns ``None`` when memory binds (the caller then searches with
     every option)."""
     budget = options.time_limit_s
-    choice = solve_aggregate(candidates, topology,
-                             time_limit_s=max(0.1, min(0.3 * budget, progress.left_s())),
+    choice = solve_aggregate(candidates, topology, time_limit_s=0.3 * budget,
                              threads=options.threads, solver=options.solver)
     if not choice.choice or (relaxed and choice.memory_binds):
         return None
@@ -271,15 +270,13 @@ def _choose_and_place(candidates: Sequence[Sequence[TableOption]], topology: Top
                 return None
             cut = AggregateCut(int(capacity * topology.world_size * share),
                                None if shard is None else int(capacity * shard))
-            again = solve_aggregate(candidates, topology,
-                                    time_limit_s=max(0.1, min(0.05 * budget, progress.left_s())),
+            again = solve_aggregate(candidates, topology, time_limit_s=0.05 * budget,
                                     threads=options.threads, solver=options.solver, cut=cut)
             if not again.choice:
                 return None
             choice = again.choice
         chosen = tuple(candidates[t][o] for t, o in enumerate(choice))
-        placement = place(chosen, topology,
-                          time_limit_s=max(0.1, min(0.2 * budget, progress.left_s())),
+        placement = place(chosen, topology, time_limit_s=0.2 * budget,
                           solver=options.solver, threads=options.threads,
                           alternatives=candidates, rules=rules,
                           watch=progress.watch(plans=True))

@@ -76,7 +76,7 @@ def run(name: str, options: PlanOptions) -> dict:
         "ilp_objective_ms": solve.objective_ms,
         "lower_bound_ms": _finite(bound),
         "gap": _finite(solve.gap),
-        "stop_reason": getattr(solve, "stop_reason", None),
+        "stop_reason": getattr(getattr(solve, "stop_reason", None), "value", None),
         "solve_seconds": solve.solve_seconds,
         "wall_seconds": wall,
         "baselines_ms": baselines,

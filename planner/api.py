@@ -49,7 +49,7 @@ turn: (share of the total HBM, largest shard as a share of a device's HBM or Non
 
 
 DEFAULT_GAP = 0.01
-DEFAULT_STALL_S = 3.0
+DEFAULT_STALL_S = 4.0
 
 
 @dataclass(frozen=True, slots=True)

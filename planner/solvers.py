@@ -99,7 +99,9 @@ def solve(prob: pulp.LpProblem, *, solver: str = "cbc", time_limit_s: float, thr
     return SolveOutcome(
         status=pulp.LpStatus[prob.status],
         sol_status=pulp.LpSolution[prob.sol_status],
-        has_solution=prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible),
+        # CBC stopped before any incumbent writes a status that reads as a solution.
+        has_solution=prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
+        and not (watcher is not None and watcher.stopped and watcher.incumbent is None),
         infeasible=prob.status == pulp.LpStatusInfeasible,
         proven_optimal=prob.sol_status == pulp.LpSolutionOptimal,
         reported_bound=bound,
@@ -122,6 +124,11 @@ class _CbcWatcher:
         """CBC has begun its search (and handles SIGINT: before that, SIGINT kills it)."""
         self.stopped = False
         self.tty_path = ""
+
+    @property
+    def incumbent(self) -> float | None:
+        """The best incumbent objective CBC reported."""
+        return self._incumbent
 
     @property
     def text(self) -> str:

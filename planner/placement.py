@@ -25,6 +25,9 @@ from planner.specs import GB, Topology
 
 EXACT_PACKING_MAX_BINARIES = 4000
 """Free shards x devices up to which the exact packing ILP refines the heuristic."""
+TARGET_SPLIT_MAX_PAIRS = 4000
+"""Free shards x devices up to which placement also tries splitting tables only as
+far as balance needs (:func:`_split_to_target`) and keeps the better result."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,13 @@ class _State:
                 and self.dram[host] + slot.cost.dram_bytes <= self.dram_cap
                 and self.allowed(table, device))
 
+    def copy(self) -> "_State":
+        other = _State(self.topology, self.options, self.rules)
+        other.loads, other.hbm, other.dram = list(self.loads), list(self.hbm), list(self.dram)
+        other.placed = list(self.placed)
+        other.where = [dict(w) for w in self.where]
+        return other
+
     def add(self, table: int, slot: ShardSlot, device: int, sign: int = 1) -> None:
         self.loads[device] += sign * slot.cost.total_ms
         self.hbm[device] += sign * slot.cost.hbm_bytes
@@ -172,10 +182,16 @@ def place(
             state.placed.append(PlacedShard(table, slot, device))
 
     fixed = len(state.placed)
+    split_first = (state.copy() if alternatives is not None and (rules is None or not rules.active)
+                   and 0 < len(free) * topology.world_size <= TARGET_SPLIT_MAX_PAIRS else None)
     free.sort(key=lambda item: (-item[1].cost.total_ms, -item[1].cost.hbm_bytes, item[0]))
     if not _longest_first(state, free):
         free.sort(key=lambda item: (-item[1].cost.hbm_bytes, item[0]))
-        return _memory_first(state, fixed, free, alternatives, start + time_limit_s / 2)
+        result = _memory_first(state, fixed, free, alternatives, start + time_limit_s / 2)
+        split = _split_placement(split_first, fixed, free, alternatives, start + time_limit_s)
+        if split is not None and (result is None or max(split.loads) < result.makespan_ms - 1e-12):
+            return _result(split, False)
+        return result
     refine = 0 < len(free) * topology.world_size <= EXACT_PACKING_MAX_BINARIES
     # The heuristics take the whole budget, or half when the exact ILP refines them.
     deadline = start + (time_limit_s / 2 if refine else time_limit_s)
@@ -187,41 +203,78 @@ def place(
         if state.options != before:
             _local_search(state, fixed, deadline)
             _balance(state, fixed, deadline)
+    split = _split_placement(split_first, fixed, free, alternatives, deadline)
+    if split is not None and max(split.loads) < max(state.loads) - 1e-12:
+        state = split
     exact = False
     if refine:
         exact = _refine_exactly(state, fixed, time_limit_s / 2, solver, threads, watch)
     return _result(state, exact)
 
 
-def polish(
-    options: Sequence[TableOption],
-    placed: Sequence[PlacedShard],
-    topology: Topology,
-    *,
-    time_limit_s: float,
-    alternatives: Sequence[Sequence[TableOption]] | None = None,
-    rules: PlacementRules | None = None,
-) -> PlacementResult:
-    """Improve a complete placement (one that fits) with the local steps of
-    :func:`place`: pairwise re-splitting, moves and swaps off the slowest device, and
-    finer options for its tables (with ``alternatives``)."""
-    start = time.perf_counter()
-    deadline = start + time_limit_s
-    state = _State(topology, options, rules)
-    free = [p for p in placed if options[p.table].placement is Placement.FREE]
-    for p in [p for p in placed if options[p.table].placement is not Placement.FREE] + free:
-        state.add(p.table, p.slot, p.device)
-        state.placed.append(p)
-    fixed = len(state.placed) - len(free)
-    _balance(state, fixed, start + time_limit_s / 2)
+def _split_placement(state: _State | None, fixed: int, free: Sequence[tuple[int, ShardSlot]],
+                     alternatives: Sequence[Sequence[TableOption]] | None,
+                     deadline: float) -> _State | None:
+    """The free tables placed by :func:`_split_to_target` on ``state`` (the fixed
+    shards only), then moves, swaps and pairwise re-splitting; None when not tried or
+    some table fits nowhere."""
+    if state is None or alternatives is None or time.perf_counter() >= deadline:
+        return None
+    if not _split_to_target(state, fixed, sorted({table for table, _ in free}), alternatives,
+                            deadline):
+        return None
     _local_search(state, fixed, deadline)
-    if alternatives is not None:
-        before = list(state.options)
-        _split_heavy(state, fixed, alternatives, deadline)
-        if state.options != before:
-            _local_search(state, fixed, deadline)
-            _balance(state, fixed, deadline)
-    return _result(state, False)
+    _balance(state, fixed, deadline)
+    return state
+
+
+def _split_to_target(state: _State, fixed: int, tables: Sequence[int],
+                     alternatives: Sequence[Sequence[TableOption]], deadline: float) -> bool:
+    """Place ``tables`` (their free shards not yet placed) largest first (in load or in
+    HBM), each in the
+    fewest shards whose placement on the least-loaded devices keeps every device
+    within the average load (else in the option that keeps the slowest device
+    lowest): tables are split only as far as balance needs, not more. False when
+    some table fits nowhere or time ran out."""
+    total = sum(state.loads) + sum(state.options[t].total_ms for t in tables)
+    target = total / len(state.loads) * (1 + 1e-9)
+
+    def size(table: int) -> float:
+        """The larger of the table's shares of the target load and of a device's HBM."""
+        option = state.options[table]
+        return max(option.total_ms / target if target > 0 else 0.0,
+                   option.max_shard_hbm_bytes / state.hbm_cap if state.hbm_cap > 0 else 0.0)
+
+    for table in sorted(tables, key=lambda t: (-size(t), t)):
+        if time.perf_counter() >= deadline:
+            return False
+        choices = sorted((o for o in alternatives[table] if o.placement is Placement.FREE),
+                         key=lambda o: (o.num_shards, o.total_ms))
+        best: tuple[float, TableOption] | None = None
+        for option in choices:
+            new = _put(state, table, option, lambda s: -s.cost.total_ms, _least_loaded_fitting)
+            if new is None:
+                continue
+            top = max(state.loads)
+            if top <= target:
+                state.placed.extend(new)
+                state.options[table] = option
+                best = None
+                break
+            for p in new:
+                state.add(table, p.slot, p.device, sign=-1)
+            if best is None or top < best[0]:
+                best = (top, option)
+        else:
+            if best is None:
+                return False
+            option = best[1]
+            new = _put(state, table, option, lambda s: -s.cost.total_ms, _least_loaded_fitting)
+            if new is None:
+                return False
+            state.placed.extend(new)
+            state.options[table] = option
+    return True
 
 
 def _longest_first(state: _State, free: Sequence[tuple[int, ShardSlot]]) -> bool:

@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                              + ", ".join(x.value for x in Sharding))
     parser.add_argument("--tiers", type=_enum_list(Tier), metavar="TIER,..", default=frozenset(Tier),
                         help="allowed tiers (default: all): hbm, dram_cache (device cache over "
-                             "host DRAM), store_cache (device cache over the zarr store)")
+                             "host DRAM), store_cache (device cache over the zarr store), host "
+                             "(rows in host DRAM read over the host link, no device cache; "
+                             "TorchRec's fused_uvm)")
     parser.add_argument("--cache-fractions", type=_fractions, metavar="F,..",
                         default=OptionSettings().cache_fractions,
                         help="device cache sizes to consider, as shares of a shard's rows "

@@ -282,7 +282,8 @@ def check_plan(plan: Plan, name: str = "<memory>") -> None:
                                           f"[{s.row_start}, {s.row_end}) cols [{s.col_start}, "
                                           f"{s.col_end}) outside {spec.num_embeddings} x "
                                           f"{spec.embedding_dim}")
-            if (s.tier is Tier.HBM) != (s.cache_rows == 0) or s.cache_rows > s.row_end - s.row_start:
+            cached = s.tier in (Tier.DRAM_CACHE, Tier.STORE_CACHE)
+            if cached == (s.cache_rows == 0) or s.cache_rows > s.row_end - s.row_start:
                 raise PlanFileError(name, f"table {table.name!r}: a {s.tier.value} shard of "
                                           f"{s.row_end - s.row_start} rows cannot have "
                                           f"{s.cache_rows} cache rows")

@@ -15,6 +15,11 @@ Two kinds of modules serve the tables, both sum-pooled bags:
 Tables in a cached tier (``dram_cache``, ``store_cache``) are
 :class:`~dlrm_runtime.cached.CachedTable` modules: row caches over the table store,
 trained inside the backward; :class:`InMemoryEmbeddings` holds them beside the others.
+Tables in the ``host`` tier are the same two kinds of modules with their weights in
+host memory (pinned when CUDA is present): each lookup gathers the batch's unique rows
+on the host, copies them to the compute device and pools them there
+(:func:`host_pooled`); the pooled gradient comes back to the host, where the row
+optimizer updates the host rows and their state (:class:`HostLookup`).
 
 Both describe their weights to the row optimizer as :class:`RowBlock` objects, whose
 :class:`Segment` entries say which rows and columns of which table each block holds;
@@ -42,10 +47,10 @@ from dlrm_runtime.sparse import SparseBatch
 from planner import DType, Optimizer, Plan, Sharding, TablesSpec, TableSpec
 
 __all__ = [
-    "InMemoryEmbeddings", "PooledLookup", "RowBlock", "Segment", "ShardedTable", "TORCH_DTYPE",
-    "TableBatchedBags", "UniformRun", "bag_of_ids", "batch_order", "check_range", "device_for",
-    "embeddings_from_plan", "embeddings_in_memory", "expand_pooled", "init_generator",
-    "init_table", "uniform_runs",
+    "HostLookup", "InMemoryEmbeddings", "PooledLookup", "RowBlock", "Segment", "ShardedTable",
+    "TORCH_DTYPE", "TableBatchedBags", "UniformRun", "bag_of_ids", "batch_order", "check_range",
+    "device_for", "embeddings_from_plan", "embeddings_in_memory", "expand_pooled",
+    "host_pooled", "init_generator", "init_table", "pooled_lookup", "uniform_runs",
 ]
 
 TORCH_DTYPE = {DType.FP32: torch.float32, DType.FP16: torch.float16, DType.BF16: torch.bfloat16}
@@ -866,8 +871,10 @@ def embeddings_from_plan(plan: Plan, output_device: torch.device, seed: int = 0,
     ``device_for(shard.device)`` (that GPU when present, else the CPU).
 
     Executes ``table_wise``, ``row_wise``, ``table_row_wise``, ``column_wise`` and
-    ``data_parallel`` tables in the ``hbm`` tier, and ``table_wise``, ``row_wise`` and
-    ``table_row_wise`` tables in the cached tiers (``dram_cache``, ``store_cache``:
+    ``data_parallel`` tables in the ``hbm`` tier, the same but ``data_parallel`` in the
+    ``host`` tier (weights in host memory, pooled on the shards' devices), and
+    ``table_wise``, ``row_wise`` and ``table_row_wise`` tables in the cached tiers
+    (``dram_cache``, ``store_cache``:
     row caches of the shards' ``cache_rows`` over the table store in ``store_dir``,
     created with :func:`init_table`'s values or opened; see
     :mod:`dlrm_runtime.cached`). Shards that break their sharding type's conventions

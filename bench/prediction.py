@@ -96,6 +96,7 @@ PLANS = {
     "row_wise": ["--sharding", "row_wise"],
     "dram_cache": ["--tiers", "dram_cache", "--cache-fractions", "0.05"],
     "store_cache": ["--tiers", "store_cache", "--cache-fractions", "0.05"],
+    "host": ["--tiers", "host"],
 }
 
 

@@ -15,7 +15,9 @@ from dlrm_runtime import (
     Trainer,
     build_model,
     embeddings_from_plan,
+    train,
 )
+from dlrm_runtime.checkpoint import latest_checkpoint, load_checkpoint
 from dlrm_runtime.embeddings import TableBatchedBags, host_pooled
 from dlrm_runtime.prediction import predict_step
 from planner import AnalyticCostModel, Plan, Sharding, Tier
@@ -125,3 +127,21 @@ def test_prediction_prices_merged_host_shards_as_the_whole_host_table() -> None:
     assert host.update_ms == pytest.approx(sum(c.backward_ms + c.optimizer_ms for c in whole))
     assert host.hbm_bytes == sum(c.hbm_bytes for c in whole)
     assert host.dram_bytes == sum(c.dram_bytes for c in whole)
+
+
+def test_host_tier_checkpoints_resume_like_a_straight_run(tmp_path) -> None:
+    """Host tables are saved and restored like in-device ones; a checkpoint of an HBM
+    run resumes into host memory too."""
+    hbm_plan = _plan(Sharding.ROW_WISE)
+    host_plan = in_tier(hbm_plan, Tier.HOST)
+    cfg = TrainConfig(steps=4, batch_size=32, lr=0.05, embedding_lr=0.1, eval_batches=1,
+                      log_every=2, seed=3, threads=1, checkpoint_every=2)
+    train(host_plan, CONFIG, replace(cfg, checkpoint_dir=str(tmp_path / "straight")))
+    train(hbm_plan, CONFIG, replace(cfg, steps=2, checkpoint_dir=str(tmp_path / "resumed")))
+    train(host_plan, CONFIG, replace(cfg, checkpoint_dir=str(tmp_path / "resumed"), resume=True))
+    straight, resumed = (load_checkpoint(latest_checkpoint(tmp_path / d))
+                         for d in ("straight", "resumed"))
+    assert straight["row_optimizer_steps"] == resumed["row_optimizer_steps"] == 4
+    for name, entry in straight["tables"].items():
+        for key, value in entry.items():
+            assert torch.equal(resumed["tables"][name][key], value), (name, key)

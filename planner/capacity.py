@@ -124,18 +124,29 @@ class CapacityResult:
     target_ms: float
     plan: Plan
     """The plan at ``hosts`` hosts (its topology carries the per-device batch)."""
-    fewer: HostBound | None
-    """The bound at ``hosts - 1`` (None when ``hosts`` is 1: no fewer hosts exist)."""
-    proven: bool
-    """True when one host fewer is excluded (its bound is above the target or it is
-    infeasible), or ``hosts`` is 1."""
-    all_fewer_excluded: bool
-    """True when every smaller host count is excluded, not only ``hosts - 1``."""
     bounds: tuple[HostBound, ...]
     """Every bound computed, by host count."""
     trials: tuple[HostTrial, ...]
     """Every host count planned."""
     seconds: float
+
+    @property
+    def fewer(self) -> HostBound | None:
+        """The bound at ``hosts - 1`` (None when ``hosts`` is 1 or it was not computed)."""
+        return next((b for b in self.bounds if b.hosts == self.hosts - 1), None)
+
+    @property
+    def proven(self) -> bool:
+        """True when ``hosts`` is 1 or one host fewer is excluded (its bound is above the
+        target, or no plan fits there)."""
+        fewer = self.fewer
+        return self.hosts == 1 or (fewer is not None and fewer.excludes(self.target_ms))
+
+    @property
+    def all_fewer_excluded(self) -> bool:
+        """True when every smaller host count is excluded, not only ``hosts - 1``."""
+        excluded = {b.hosts for b in self.bounds if b.excludes(self.target_ms)}
+        return all(h in excluded for h in range(1, self.hosts))
 
     @property
     def devices(self) -> int:
@@ -160,7 +171,7 @@ class CapacityResult:
             why = "one host is the fewest possible"
         elif fewer.infeasible:
             why = f"{fewer.hosts} host(s) cannot hold the tables: {fewer.detail}"
-        elif self.proven:
+        elif fewer.excludes(self.target_ms):
             why = (f"every plan on {fewer.hosts} host(s) takes at least "
                    f"{fewer.lower_bound_ms:.6g} ms > target {self.target_ms:g} ms "
                    f"({fewer.method} bound)")
@@ -314,14 +325,10 @@ def capacity(
                 + (f"plan {trial.objective_ms:.4g} ms > target" if planned else trial.error))
             continue
         say(f"{hosts:>4} host(s): plan {planned.solve.objective_ms:.4g} ms <= target")
-        fewer = bounds.get(hosts - 1)
         return CapacityResult(
             hosts=hosts, devices_per_host=topology.devices_per_host, global_batch=global_batch,
-            target_ms=target_ms, plan=planned, fewer=fewer,
-            proven=fewer is None or fewer.excludes(target_ms),
-            all_fewer_excluded=all(bounds[h].excludes(target_ms) for h in range(1, hosts)),
-            bounds=tuple(bounds[h] for h in sorted(bounds)), trials=tuple(trials),
-            seconds=time.perf_counter() - start)
+            target_ms=target_ms, plan=planned, bounds=tuple(bounds[h] for h in sorted(bounds)),
+            trials=tuple(trials), seconds=time.perf_counter() - start)
     feasible = [t for t in trials if t.objective_ms is not None]
     best = min(feasible, key=lambda t: t.objective_ms or 0.0) if feasible else None
     if best is not None:

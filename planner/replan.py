@@ -19,15 +19,18 @@ staying, the old placement re-costed is returned.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pulp
+from scipy.optimize import linear_sum_assignment
 
 from planner.api import PlanOptions, cost_model_name, plan
 from planner.cost import AnalyticCostModel, CostModel, ShardCost, Sharding, check_cost_model
-from planner.diff import diff_plans, same_shape, table_migration
+from planner.diff import diff_plans, same_shape, shard_bytes, table_migration
 from planner.errors import InfeasibleError, PlannerError, Resource
 from planner.evaluate import shard_option
 from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
@@ -119,8 +122,12 @@ def replan(
     fresh: list[_Layout] | None = None
     if fresh_plan is not None:
         bound = fresh_plan.solve.lower_bound_ms
-        fresh = [space.layout(fresh_plan.table(t.name).sharding, fresh_plan.table(t.name).shards, i)
-                 for i, t in enumerate(tables.tables)]
+        planned = [fresh_plan.table(t.name) for t in tables.tables]
+        device = align_devices(tables, old, planned, topology)
+        fresh = [space.layout(p.sharding, tuple(replace(s, device=device[s.device])
+                                                for s in p.shards), i)
+                 for i, p in enumerate(planned)]
+        fresh_plan = space.plan(fresh, name, fresh_plan.solve)
 
     chosen = list(stay)
     if fresh is not None:
@@ -148,6 +155,45 @@ def replan(
     fresh_moved = diff_plans(old, fresh_plan).migrated_bytes if fresh_plan is not None else None
     return ReplanResult(candidate, stay_plan, fresh_plan, max_migrate_bytes, moved, fresh_moved,
                         kept_old=not accept, stay_fits=stay_fits)
+
+
+def align_devices(tables: TablesSpec, old: Plan, new: Sequence[TablePlan],
+                  topology: Topology) -> list[int]:
+    """A renumbering of the devices of a new plan (``new``: its tables in ``tables``'
+    order) that keeps each host's devices together and maximises the bytes that stay
+    where the old plan has them. Devices are identical, so a renumbered plan costs the
+    same; only its migration changes. Tables replicated in either plan are left out
+    (they overlap every device alike)."""
+    world, per_host = topology.world_size, topology.devices_per_host
+    kept = np.zeros((world, world))
+    """kept[n, o]: bytes that stay if new device n becomes old device o."""
+    for spec, after in zip(tables.tables, new):
+        before = old.table(spec.name)
+        if Sharding.DATA_PARALLEL in (before.sharding, after.sharding):
+            continue
+        by_start = sorted(before.shards, key=lambda s: s.row_start)
+        starts = [s.row_start for s in by_start]
+        for s in after.shards:
+            for o in by_start[:bisect.bisect_left(starts, s.row_end)]:
+                if o.row_end > s.row_start and o.tier is s.tier:
+                    rows = min(o.row_end, s.row_end) - max(o.row_start, s.row_start)
+                    cols = min(o.col_end, s.col_end) - max(o.col_start, s.col_start)
+                    kept[s.device, o.device] += shard_bytes(spec, rows, cols)
+    hosts = topology.hosts
+    within: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    value = np.zeros((hosts, hosts))
+    for n in range(hosts):
+        for o in range(hosts):
+            block = kept[n * per_host:(n + 1) * per_host, o * per_host:(o + 1) * per_host]
+            rows, cols = linear_sum_assignment(block, maximize=True)
+            within[n, o] = (rows, cols)
+            value[n, o] = block[rows, cols].sum()
+    device = list(range(world))
+    for n, o in zip(*(a.tolist() for a in linear_sum_assignment(value, maximize=True))):
+        rows, cols = within[n, o]
+        for r, c in zip(rows, cols):
+            device[n * per_host + int(r)] = o * per_host + int(c)
+    return device
 
 
 def _check_compatible(old: Plan, tables: TablesSpec, topology: Topology,

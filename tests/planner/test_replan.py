@@ -75,15 +75,17 @@ def test_budget_zero_keeps_the_old_placement(old, unlimited) -> None:
 def test_budget_is_honoured_and_buys_gain(old, unlimited) -> None:
     full = unlimited.migrated_bytes
     assert full > 0
-    previous_gain = 0.0
-    for budget in (full // 8, full // 3, full // 2, full):
+    gains = {}
+    for budget in (full // 8, full // 3, full):
         result = replan(old, DRIFTED, TOPOLOGY, max_migrate_bytes=budget, options=OPTIONS)
         counted = diff_plans(old, result.plan).migrated_bytes
         assert counted == result.migrated_bytes <= budget
         assert result.plan.solve.objective_ms <= result.stay.solve.objective_ms
-        assert result.gain_ms >= 0
-        previous_gain = max(previous_gain, result.gain_ms)
-    assert previous_gain > 0
+        gains[budget] = result.gain_ms
+    # A third of the fresh plan's migration already buys part of its gain (the search
+    # mixes old and fresh layouts within the budget, not all or nothing).
+    assert 0 < gains[full // 3] < unlimited.gain_ms
+    assert gains[full] == pytest.approx(unlimited.gain_ms)
 
 
 def test_aligned_devices_keep_hosts_together(old) -> None:

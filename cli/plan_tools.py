@@ -33,16 +33,16 @@ MB = 1_000_000
 def build_capacity_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} capacity",
-        description="Find the fewest hosts of the topology's kind whose plan runs a step of "
-                    "the global batch (per device: the batch over the devices, rounded up) "
-                    "within the target, write that plan and a report proving that one host "
-                    "fewer cannot (its lower bound is above the target, or the tables do not "
+        description="Find the fewest hosts of the topology's kind whose plan runs a step of\n"
+                    "the global batch (per device: the batch over the devices, rounded up)\n"
+                    "within the target, write that plan and a report proving that one host\n"
+                    "fewer cannot (its lower bound is above the target, or the tables do not\n"
                     "fit). The topology's hosts and batch_size_per_device are ignored.",
         epilog="example:\n  dlrm-plan capacity --tables T.json --topology P.json --global-batch "
-               "65536 --target-ms 20 -o capacity.json --sweep --chart capacity.png\n\n"
-               "Times are the planner's objective: the slowest device's embedding step "
+               "65536 \\\n      --target-ms 20 -o capacity.json --sweep --chart capacity.png\n\n"
+               "Times are the planner's objective: the slowest device's embedding step\n"
                "(lookup, communication, backward, optimizer); samples/s = global batch / that "
-               "time.\n" + EXIT_CODES_HELP + " (3 also when no host count up to --max-hosts "
+               "time.\n" + EXIT_CODES_HELP + "\n(3 also when no host count up to --max-hosts "
                "meets the target)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tables", required=True, metavar="TABLES", help="tables spec")
@@ -192,7 +192,8 @@ def draw_sweep(trials: tuple[HostTrial, ...], global_batch: int, target_ms: floa
                  color="tab:gray", label="plan's lower bound")
     time_ax.axhline(target_ms, color="tab:red", linestyle="--", label=f"target {target_ms:g} ms")
     if answer is not None:
-        time_ax.axvline(answer, color="tab:green", linestyle="--", label=f"answer: {answer} host(s)")
+        time_ax.axvline(answer, color="tab:green", linestyle="--",
+                        label=f"answer: {answer} host(s)")
     time_ax.set_ylabel("ms / step (slowest device)")
     time_ax.set_title(f"global batch {global_batch}")
     time_ax.legend(loc="best")
@@ -248,7 +249,8 @@ def diff_report(diff: PlanDiff, show_all: bool = False) -> str:
                                        ("topology", diff.same_topology),
                                        ("cost model", diff.same_cost_model)) if not same]
     if differs:
-        lines.append(f"note: the plans differ in {', '.join(differs)}; each is costed under its own")
+        lines.append(f"note: the plans differ in {', '.join(differs)}; each is costed under "
+                     f"its own")
     lines.append(f"{'device':>6} {'old ms':>10} {'new ms':>10} {'change':>10} {'in MB':>10} "
                  f"{'out MB':>10}")
     for d in diff.devices:
@@ -260,7 +262,8 @@ def diff_report(diff: PlanDiff, show_all: bool = False) -> str:
                      f"{d.bytes_in / MB:>10.1f} {d.bytes_out / MB:>10.1f}")
     shown = [t for t in diff.tables if show_all or t.kind is not ChangeKind.UNCHANGED]
     if shown:
-        lines.append(f"{'table':<24} {'change':<10} {'sharding':<32} {'devices':<24} {'moved MB':>9}")
+        lines.append(f"{'table':<24} {'change':<10} {'sharding':<32} {'devices':<24} "
+                     f"{'moved MB':>9}")
         for t in shown:
             old = t.old_sharding.value if t.old_sharding else "-"
             new = t.new_sharding.value if t.new_sharding else "-"

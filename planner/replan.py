@@ -272,7 +272,8 @@ class _Space:
             total = ShardCost(0.0, 0.0, 0.0, 0.0, 0, 0)
             for cost in layout.costs:
                 total = total + cost
-            shards = tuple(sorted(layout.shards, key=lambda s: (s.row_start, s.col_start, s.device)))
+            shards = tuple(sorted(layout.shards,
+                                  key=lambda s: (s.row_start, s.col_start, s.device)))
             planned.append(TablePlan(spec.name, layout.sharding, shards, total))
         devices = tuple(DeviceLoad(d, self.topology.host_of(d), loads[d], hbm[d], self.hbm_cap)
                         for d in range(self.topology.world_size))

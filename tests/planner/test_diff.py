@@ -97,7 +97,8 @@ def test_predicted_change_per_device_and_slowest() -> None:
         assert d.delta_ms == pytest.approx(d.new_load_ms - d.old_load_ms)
     assert diff.old_objective_ms == OLD.solve.objective_ms
     assert diff.new_objective_ms == NEW.solve.objective_ms
-    assert diff.objective_change == pytest.approx(NEW.solve.objective_ms / OLD.solve.objective_ms - 1)
+    assert diff.objective_change == pytest.approx(
+        NEW.solve.objective_ms / OLD.solve.objective_ms - 1)
     assert diff.same_tables_spec and diff.same_topology and diff.same_cost_model
     doc = diff.to_json()
     assert doc["migrated_bytes"] == diff.migrated_bytes

@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pulp
-from scipy.optimize import linear_sum_assignment
 
 from planner.api import PlanOptions, cost_model_name, plan
 from planner.cost import AnalyticCostModel, CostModel, ShardCost, Sharding, check_cost_model
@@ -41,6 +40,8 @@ FRESH_SHARE = 0.6
 """Share of ``PlanOptions.time_limit_s`` for the fresh plan."""
 MIX_SHARE = 0.25
 """Share for the mix ILP; the moves take what is left."""
+MIX_GAP = 1e-4
+"""The mix ILP stops within this relative gap of its bound."""
 MOVABLE = (Sharding.TABLE_WISE, Sharding.COLUMN_WISE)
 """Sharding types whose shards may go to any device one by one."""
 
@@ -164,6 +165,8 @@ def align_devices(tables: TablesSpec, old: Plan, new: Sequence[TablePlan],
     where the old plan has them. Devices are identical, so a renumbered plan costs the
     same; only its migration changes. Tables replicated in either plan are left out
     (they overlap every device alike)."""
+    from scipy.optimize import linear_sum_assignment  # only here: keeps `import planner` light
+
     world, per_host = topology.world_size, topology.devices_per_host
     kept = np.zeros((world, world))
     """kept[n, o]: bytes that stay if new device n becomes old device o."""
@@ -332,12 +335,27 @@ def _mix(space: _Space, stay: Sequence[_Layout], fresh: Sequence[_Layout],
             prob += (pulp.LpAffineExpression(terms) <= space.dram_cap - dram[h], f"dram_{h}")
     if budget_bytes is not None:
         prob += (moved <= budget_bytes, "migration_budget")
+    # Warm start from the better of staying and the whole fresh plan (when it fits the
+    # budget); either is returned when the solver's incumbent is worse.
+    starts = [list(stay)]
+    if budget_bytes is None or sum(f.migrated for f in fresh) <= budget_bytes:
+        starts.append(list(fresh))
+    starts = [s for s in starts if space.fits(s)]
+    start = min(starts, key=space.makespan, default=None)
+    if start is not None:
+        for i in switch:
+            x[i].setInitialValue(1 if start[i] is fresh[i] else 0)
+        z.setInitialValue(space.makespan(start))
     outcome = solve(prob, solver=options.solver, time_limit_s=max(1.0, time_limit_s),
-                    threads=options.threads)
-    if not outcome.has_solution:
-        return None
-    take = {i for i in switch if (x[i].value() or 0.0) > 0.5}
-    return [fresh[i] if i in take else stay[i] for i in range(len(stay))]
+                    threads=options.threads, warm_start=start is not None, gap_rel=MIX_GAP)
+    found = list(starts)
+    if outcome.has_solution:
+        take = {i for i in switch if (x[i].value() or 0.0) > 0.5}
+        mixed = [fresh[i] if i in take else stay[i] for i in range(len(stay))]
+        moved_bytes = sum(layout.migrated for layout in mixed)
+        if space.fits(mixed) and (budget_bytes is None or moved_bytes <= budget_bytes):
+            found.append(mixed)
+    return min(found, key=space.makespan, default=None)
 
 
 def _key(shard: Shard) -> tuple:

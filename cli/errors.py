@@ -15,6 +15,7 @@ from dlrm_runtime.errors import (
     TrainingDivergedError,
 )
 from dlrm_runtime.profile import ProfileError
+from planner.capacity import TargetUnreachableError
 from planner.cost import CostModelError
 from planner.errors import InfeasibleError, PlanFileError, PlannerError, SolverError, SpecError
 
@@ -45,6 +46,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (PlanMismatchError, ExitCode.BAD_INPUT),
     (CheckpointError, ExitCode.BAD_INPUT),
     (InfeasibleError, ExitCode.INFEASIBLE),
+    (TargetUnreachableError, ExitCode.INFEASIBLE),
     (SolverError, ExitCode.SOLVER),
     (TrainingDivergedError, ExitCode.DIVERGED),
     (PlannerError, ExitCode.BAD_INPUT),

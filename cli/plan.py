@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from cli import plan_tools
 from cli.chart import draw_chart
 from cli.errors import EXIT_CODES_HELP, ExitCode, run_guarded
 from cli.progress import bytes_progress
@@ -59,6 +60,8 @@ subcommands:
   show PLAN       per-device load and memory, each table's placement and why
   evaluate PLAN   re-cost a plan (any plan file, hand-written too) under a cost
                   model and topology, to compare plans from different tools
+  capacity        fewest hosts whose plan meets a step time (--global-batch, --target-ms)
+  diff A B        tables moved, bytes to migrate per device, change of each device's load
 """
 
 
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "max_shards, a device or host pin; groups to co-locate; pairs to "
                              "keep apart (see planner/constraints.py)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    plan_tools.add_replan_flags(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
@@ -232,6 +236,7 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--time-limit must be > 0, got {args.time_limit}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    plan_tools.check_replan_flags(parser, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "evaluate": (build_evaluate_parser, _evaluate),
         "profile": (build_profile_parser, _profile),
         "calibrate": (build_calibrate_parser, _calibrate),
+        "capacity": (plan_tools.build_capacity_parser, plan_tools.run_capacity),
+        "diff": (plan_tools.build_diff_parser, plan_tools.run_diff),
     }
     if argv and argv[0] in subcommands:
         build, run = subcommands[argv[0]]
@@ -264,9 +271,11 @@ def _plan(args: argparse.Namespace) -> int:
                               cache_fractions=args.cache_fractions)
     constraints = (load_constraints(args.constraints, tables, topology) if args.constraints
                    else NO_CONSTRAINTS)
-    result = plan(tables, topology, cost_model=model,
-                  options=PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
-                                      args.seed, settings, constraints))
+    options = PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
+                          args.seed, settings, constraints)
+    if args.from_plan is not None:
+        return plan_tools.run_replan(args, tables, topology, model, options)
+    result = plan(tables, topology, cost_model=model, options=options)
     write_plan(result, args.output)
     if not args.quiet:
         print(device_table(result))

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -381,8 +382,29 @@ def parse_tables(doc: object, file: str = "<memory>") -> TablesSpec:
     return TablesSpec(tables=tuple(tables), description=description)
 
 
+TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+"""What a table name may be: it names the table's files and arrays (the table store's
+own rule, ``storage.layout.check_table_name``, is the same)."""
+MAX_TABLE_NAME_CHARS = 96
+"""At most this long, so that a row shard's store table, ``<name>.rows-<start>-<end>``,
+stays within the store's 128 characters."""
+
+
+def table_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a table (None when it can)."""
+    if not TABLE_NAME.fullmatch(name):
+        return ("must be letters, digits, '_', '.' and '-', starting with a letter or "
+                "digit (it names files and arrays)")
+    if len(name) > MAX_TABLE_NAME_CHARS:
+        return f"must have at most {MAX_TABLE_NAME_CHARS} characters, not {len(name)}"
+    return None
+
+
 def _parse_table(f: Fields) -> TableSpec:
     name = f.string("name")
+    problem = table_name_problem(name)
+    if problem is not None:
+        raise f.error("name", problem, name)
     rows = f.integer("num_embeddings")
     dim = f.integer("embedding_dim")
     pooling = f.number("pooling_factor")

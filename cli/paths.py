@@ -78,11 +78,13 @@ def make_parents(path: str | os.PathLike[str],
 
 
 def write_output(path: str | os.PathLike[str], flag: str,
-                 write: Callable[[str | os.PathLike[str]], None]) -> None:
+                 write: Callable[[str | os.PathLike[str]], None],
+                 say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
+                 ) -> None:
     """``write(path)`` after creating the missing directories above ``path`` (saying
     so); a failing write becomes a :class:`UsageError` naming ``flag``."""
     try:
-        make_parents(path)
+        make_parents(path, say)
         write(path)
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()

@@ -206,7 +206,15 @@ def read_plan(path: str | Path) -> Plan:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PlanFileError(name, "no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":
+            raise PlanFileError(name, "holds several JSON documents (a metrics log?), not a "
+                                      "plan") from None
+        raise PlanFileError(name, f"not a JSON plan: {exc.msg} at line {exc.lineno} column "
+                                  f"{exc.colno}") from None
+    except IsADirectoryError:
+        raise PlanFileError(name, "is a directory, not a plan file") from None
+    except (OSError, UnicodeDecodeError) as exc:
         raise PlanFileError(name, f"not a readable JSON plan: {exc}") from None
     return plan_from_json(doc, name)
 
@@ -215,6 +223,8 @@ def plan_from_json(doc: Any, name: str = "<memory>") -> Plan:
     if not isinstance(doc, dict):
         raise PlanFileError(name, "a plan must be a JSON object")
     version = doc.get("schema_version")
+    if version is None:
+        raise PlanFileError(name, _what_instead(doc))
     if version != SCHEMA_VERSION:
         raise PlanFileError(name, f"schema_version {version!r} is not supported "
                                   f"(this version reads {SCHEMA_VERSION}); re-run dlrm-plan")
@@ -251,6 +261,18 @@ def plan_from_json(doc: Any, name: str = "<memory>") -> Plan:
         raise PlanFileError(name, "inputs_sha256 does not match the embedded specs "
                                   "(edited by hand?); re-run dlrm-plan")
     return plan
+
+
+def _what_instead(doc: dict[str, Any]) -> str:
+    """What a JSON object without ``schema_version`` is, for the error message."""
+    make = "make a plan with dlrm-plan --tables TABLES --topology TOPOLOGY -o PLAN"
+    if isinstance(doc.get("tables"), list) and "devices" not in doc:
+        return f"this is a tables spec, not a plan; {make}"
+    if "devices_per_host" in doc or "hosts" in doc:
+        return f"this is a topology spec, not a plan; {make}"
+    if isinstance(doc.get("tables"), dict) or "colocate" in doc or "separate" in doc:
+        return f"this is a constraints file, not a plan; {make}"
+    return f"not a plan: it has no schema_version field; {make}"
 
 
 def _table_from_json(t: dict[str, Any]) -> TablePlan:

@@ -448,6 +448,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     original = read_plan(args.plan)
     model = _load_cost_model(args.cost_model) if args.cost_model else AnalyticCostModel()
     topology = load_topology(args.topology) if args.topology else None
+    if topology is not None and topology.world_size < original.topology.world_size:
+        raise UsageError(f"{args.plan} places shards on {original.topology.world_size} devices "
+                         f"but --topology {args.topology} has {topology.world_size}")
     result = evaluate(original, model, cost_model_name(model), topology)
     print(device_table(result))
     print(f"re-costed under {result.cost_model}: slowest device {result.solve.objective_ms:.4f} "

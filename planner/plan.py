@@ -210,8 +210,8 @@ def read_plan(path: str | Path) -> Plan:
         if exc.msg == "Extra data":
             raise PlanFileError(name, "holds several JSON documents (a metrics log?), not a "
                                       "plan") from None
-        raise PlanFileError(name, f"not a JSON plan: {exc.msg} at line {exc.lineno} column "
-                                  f"{exc.colno}") from None
+        raise PlanFileError(name, f"not a readable JSON plan: {exc.msg} at line {exc.lineno} "
+                                  f"column {exc.colno}") from None
     except IsADirectoryError:
         raise PlanFileError(name, "is a directory, not a plan file") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -279,6 +279,7 @@ def _train(args: argparse.Namespace, world: int, rank: int) -> int:
             f"processes (plan device d runs on rank d): launch torchrun --nproc_per_node "
             f"{plan.topology.world_size}, or re-plan with a --topology of {world} devices")
     _train_config(args, batch_size, eval_batches).check(as_flag)
+    _check_store(args, plan, rank)
     model = model_config(args, plan)
     model.check(tuple(t.embedding_dim for t in plan.tables_spec.tables), as_flag)
     if args.data:
@@ -325,6 +326,23 @@ def _train(args: argparse.Namespace, world: int, rank: int) -> int:
     if lead:
         print(format_result(result))
     return ExitCode.OK
+
+
+def _check_store(args: argparse.Namespace, plan: Plan, rank: int) -> None:
+    """The tables the plan caches need a --store-dir holding those tables (or none);
+    rank 0 looks into the store."""
+    from dlrm_runtime.cached import check_store_tables, store_tables
+    from dlrm_runtime.sharding import placements_from_plan
+
+    needed = store_tables(plan.tables_spec, placements_from_plan(plan))
+    if not needed:
+        return
+    if args.store_dir is None:
+        names = sorted({t.spec.name for t in needed})
+        raise UsageError(f"{args.plan} caches tables {names} over the table store: pass "
+                         f"--store-dir DIR (created when new or empty)")
+    if rank == 0:
+        check_store_tables(args.store_dir, needed)
 
 
 def _train_config(args: argparse.Namespace, batch_size: int, eval_batches: int) -> TrainConfig:

@@ -52,10 +52,10 @@ from dlrm_runtime.sharding import TablePlacement
 from dlrm_runtime.sparse import SparseBatch
 from dlrm_runtime.timing import Stopwatch
 from planner import DType, Optimizer, TableSpec, TablesSpec, Tier
-from storage import RecoveryRequiredError, RowCache, StoreError, TableStore
+from storage import RecoveryRequiredError, RowCache, StoreError, StoreLockedError, TableStore
 
 __all__ = ["ADAGRAD_EPS", "CACHE_POLICY", "CachedTable", "CachedTables", "StoreTable",
-           "open_store", "store_tables"]
+           "check_store_tables", "open_store", "store_tables"]
 
 ADAGRAD_EPS = 1e-8
 """Row-wise Adagrad's epsilon; equals :data:`dlrm_runtime.optim.ADAGRAD_EPS` (tested)."""
@@ -153,7 +153,7 @@ def open_store(store_dir: str | Path | None, needed: Sequence[StoreTable], seed:
         if not path.exists() or (path.is_dir() and not any(path.iterdir())):
             store = TableStore.create(path, overwrite=path.exists())
         else:
-            _check_same_tables(path, needed)  # before r+, which rewrites the journal
+            check_store_tables(path, needed)  # before r+, which rewrites the journal
             store = TableStore.open(path, mode="r+")
     except StoreError as exc:
         raise ConfigError(f"store_dir {str(path)!r} cannot be used as the table store: "
@@ -176,14 +176,22 @@ def open_store(store_dir: str | Path | None, needed: Sequence[StoreTable], seed:
     return store
 
 
-def _check_same_tables(path: Path, needed: Sequence[StoreTable]) -> None:
-    """Read-only look at an existing store: it must hold the plan's tables (see
-    :func:`_check_tables`). A store that needs recovery is checked once opened."""
+def check_store_tables(path: str | Path, needed: Sequence[StoreTable]) -> None:
+    """Read-only look at an existing store: :class:`ConfigError` unless it can hold
+    ``needed`` without being made for other tables (see :func:`_check_tables`). A store
+    that needs recovery or is open elsewhere is checked once opened; a path that is not
+    a store, or none, is left to :func:`open_store`."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        return
     try:
         with TableStore.open(path, mode="r") as peek:
             present, step = set(peek.tables()), peek.checkpoint_step
-    except RecoveryRequiredError:
-        return
+    except (RecoveryRequiredError, StoreLockedError):
+        return  # checked once open_store has it open
+    except StoreError as exc:
+        raise ConfigError(f"store_dir {str(path)!r} cannot be used as the table store: "
+                          f"{exc}") from exc
     _check_tables(path, present, step, needed)
 
 

@@ -96,7 +96,7 @@ def run_guarded(prog: str, verbose: bool, body: Callable[[], int],
         return body()
     except KeyboardInterrupt as exc:
         detail = on_interrupt(exc) if on_interrupt is not None else ""
-        print(f"{prog}: interrupted{'; ' + detail if detail else ''}", file=sys.stderr)
+        print(f"{prog}: interrupted{' ' + detail if detail else ''}", file=sys.stderr)
         return ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
         code = exit_code_of(exc)

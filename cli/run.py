@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _resume_hint(exc: KeyboardInterrupt, args: argparse.Namespace, argv: list[str]) -> str:
     """Where an interrupted run stands and the command that continues it."""
     if not isinstance(exc, TrainingInterrupted):
-        return "no training step had run"
+        return "before the first training step"
     where = f"during step {exc.step + 1}"
     if exc.checkpoint_step is None:
         how = ("no checkpoint was written; pass --checkpoint-dir DIR --checkpoint-every N to "

@@ -173,6 +173,7 @@ def test_calibrate_writes_a_topology_the_planner_uses(tmp_path: Path, tables_fil
     assert code == ExitCode.OK
     err = capsys.readouterr().err
     assert "device gather" in err and "store: read" in err and "all-to-all (gloo" in err
+    assert "[1/7] device gather" in err and "[7/7] all-to-all" in err  # progress
     topology = load_topology(out)
     assert topology.world_size == 2 and topology.device.hbm_gb == 0.002
     assert dict(topology.calibration)["date"].startswith("20")

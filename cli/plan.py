@@ -283,14 +283,14 @@ def _plan(args: argparse.Namespace) -> int:
     tables = load_tables(args.tables)
     topology = load_topology(args.topology)
     model = _load_cost_model(args.cost_model) if args.cost_model else None
-    if not args.quiet:
-        print(f"planning {len(tables.tables)} tables on {topology.world_size} devices "
-              f"({topology.hosts} host(s)); solver {args.solver}, limit {args.time_limit:g} s",
-              file=sys.stderr)
     settings = OptionSettings(shardings=args.sharding, tiers=args.tiers,
                               cache_fractions=args.cache_fractions)
     constraints = (load_constraints(args.constraints, tables, topology) if args.constraints
                    else NO_CONSTRAINTS)
+    if not args.quiet:
+        print(f"planning {len(tables.tables)} tables on {topology.world_size} devices "
+              f"({topology.hosts} host(s)); solver {args.solver}, limit {args.time_limit:g} s",
+              file=sys.stderr)
     result = plan(tables, topology, cost_model=model,
                   options=PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
                                       args.seed, settings, constraints))

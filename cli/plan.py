@@ -145,7 +145,8 @@ def build_show_parser() -> argparse.ArgumentParser:
                                      epilog=EXIT_CODES_HELP)
     parser.add_argument("plan", metavar="PLAN", help="plan file written by dlrm-plan")
     parser.add_argument("--chart", metavar="FILE.png",
-                        help="also draw per-device load and HBM bars (needs matplotlib)")
+                        help="also draw per-device load and HBM bars (needs matplotlib; "
+                             "missing directories are created)")
     parser.add_argument("--measured", metavar="LOG",
                         help="a dlrm-run --metrics-log of this plan: put the measured time per "
                              "step (lookup, communication, dense, update) and embedding memory "

@@ -279,6 +279,9 @@ def _train(args: argparse.Namespace, world: int, rank: int) -> int:
             f"processes (plan device d runs on rank d): launch torchrun --nproc_per_node "
             f"{plan.topology.world_size}, or re-plan with a --topology of {world} devices")
     _train_config(args, batch_size, eval_batches).check(as_flag)
+    if world > 1 and batch_size % world:
+        raise UsageError(f"--batch-size {batch_size} must be a multiple of the {world} "
+                         f"processes (each trains batch-size / processes samples a step)")
     _check_store(args, plan, rank)
     model = model_config(args, plan)
     model.check(tuple(t.embedding_dim for t in plan.tables_spec.tables), as_flag)

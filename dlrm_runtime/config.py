@@ -119,7 +119,7 @@ class TrainConfig:
                 raise ConfigError(f"{names('checkpoint_every')} needs {names('checkpoint_dir')}")
         for name in ("lr", "embedding_lr"):
             if not 0 < getattr(self, name) < float("inf"):
-                raise ConfigError(f"{names(name)} must be a number > 0, got {getattr(self, name)}")
+                raise ConfigError(f"{names(name)} must be > 0, got {getattr(self, name)}")
         if self.dense_optimizer not in ("sgd", "adagrad", "adam"):
             raise ConfigError(f"{names('dense_optimizer')} must be sgd, adagrad or adam, "
                               f"got {self.dense_optimizer!r}")

@@ -123,8 +123,9 @@ def check_plan_matches(plan: Plan, tables: TablesSpec, plan_file: str = "the pla
                       f"{extra}")
         else:
             differ = [n for n in ours if ours[n] != theirs[n]]
-            detail = (f"table {differ[0]!r} differs: {tables_file} {ours[differ[0]].to_json()}, "
-                      f"{plan_file} {theirs[differ[0]].to_json()}") if differ else "table order differs"
+            detail = (f"table {differ[0]!r} differs: {tables_file} "
+                      f"{ours[differ[0]].to_json()}, {plan_file} {theirs[differ[0]].to_json()}"
+                      ) if differ else "table order differs"
         raise PlanMismatchError(f"{plan_file} was made for other tables than {tables_file}: "
                                 f"{detail}; re-run dlrm-plan with {tables_file}")
 

@@ -5,6 +5,7 @@ baselines on every workload.
     .venv/bin/python bench/planner.py --label before           # record a reference run
     .venv/bin/python bench/planner.py --only gen800_128x80 --time-limit 10
     .venv/bin/python bench/planner.py --compare                # print before vs after only
+    .venv/bin/python bench/planner.py --compare main after     # any two labelled runs
 
 Prints a table and stores the run under its label in bench/results/planner.json
 (other labels' runs are kept, so a "before" and an "after" run sit side by side;
@@ -134,16 +135,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="planning budget in s (default: PlanOptions' default)")
     parser.add_argument("--label", default="after",
                         help="name of this run in the results file (default: %(default)s)")
-    parser.add_argument("--compare", action="store_true",
-                        help="only print the 'before' and 'after' runs of the results file")
+    parser.add_argument("--compare", nargs="*", metavar="LABEL",
+                        help="only print two runs of the results file side by side (default: "
+                             "before after)")
     parser.add_argument("-o", "--output", default=str(Path(__file__).parent / "results" / "planner.json"))
     args = parser.parse_args(argv)
     out = Path(args.output)
     doc = json.loads(out.read_text()) if out.exists() else {}
     doc.setdefault("runs", {})
     doc.pop("rows", None)  # the format before runs were labelled
-    if args.compare:
-        print(compare(doc))
+    if args.compare is not None:
+        print(compare(doc, *(args.compare or ("before", "after"))[:2]))
         return 0
     commit = _commit()
     options = PlanOptions()

@@ -123,13 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                         help="steps between checkpoints (default: only at the end)")
     parser.add_argument("--store-dir", metavar="DIR",
-                        help="table store for the tables the plan puts in a cached tier "
-                             "(dram_cache, store_cache): created with their initial values "
-                             "when empty, else continued with --resume; checkpoints commit "
-                             "it together with --checkpoint-dir")
+                        help="table stores for the tables the plan puts in a cached tier "
+                             "(dram_cache, store_cache), one per plan device in "
+                             "DIR/device-D (under torchrun rank D opens its own): created "
+                             "with their initial values when missing, else continued with "
+                             "--resume; checkpoints commit them together with "
+                             "--checkpoint-dir")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in --checkpoint-dir; the run "
-                             "ends with the same weights as an uninterrupted one")
+                        help="continue from the newest step that every part of the run "
+                             "committed (runtime checkpoint in --checkpoint-dir and every "
+                             "table store), or start from step 0 when nothing was committed "
+                             "(rerun the same command after a crash); the run ends with the "
+                             "same weights as an uninterrupted one")
     parser.add_argument("--deterministic", action="store_true",
                         help="torch.use_deterministic_algorithms(True); on the CPU fix --threads "
                              "too for identical results across machines")
@@ -283,6 +288,8 @@ def format_result(result: TrainResult) -> str:
             "embedding_bytes": result.embedding_bytes}, result.prediction.to_json()))
     if result.resumed_from is not None:
         lines.insert(0, f"resumed from step {result.resumed_from}")
+    elif result.notice is not None:
+        lines.insert(0, result.notice)
     if result.checkpoint is not None:
         lines.append(f"checkpoint: {result.checkpoint}")
     return "\n".join(lines)

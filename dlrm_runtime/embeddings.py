@@ -137,10 +137,27 @@ class RowBlock:
         return rows, values
 
     def sparse_grad(self) -> torch.Tensor:
-        """This step's gradient as a coalesced sparse COO tensor shaped like the weight."""
-        rows, values = self.row_grads()
+        """This step's gradient as a coalesced sparse COO tensor shaped like the weight
+        (duplicate rows summed by :func:`sum_rows`)."""
+        rows, values = sum_rows(*self.row_grads())
         return torch.sparse_coo_tensor(rows.unsqueeze(0), values, self.weight.shape,
-                                       check_invariants=False).coalesce()
+                                       check_invariants=False, is_coalesced=True)
+
+
+def sum_rows(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct ``rows`` (sorted) and the sum of each one's ``values``, added in the
+    order the row occurs in ``rows`` (a stable sort, then one sequential scatter), so
+    the result depends only on the rows and their order, never on how rows are
+    numbered elsewhere (torch's ``coalesce`` sorts unstably: duplicates were summed in
+    an order that changed with the keys). In-memory and cached tables both use it."""
+    order = torch.argsort(rows, stable=True)
+    ranked = rows[order]
+    distinct, counts = torch.unique_consecutive(ranked, return_counts=True)
+    segment = torch.repeat_interleave(torch.arange(distinct.numel(), device=rows.device),
+                                      counts, output_size=rows.numel())
+    summed = values.new_zeros(distinct.numel(), values.shape[1])
+    summed.index_add_(0, segment, values[order])
+    return distinct, summed
 
 
 def bag_of_ids(offsets: torch.Tensor, num_ids: int) -> torch.Tensor:

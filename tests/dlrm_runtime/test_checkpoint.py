@@ -167,10 +167,12 @@ def test_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
 
 
 def test_checkpoint_errors(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="no checkpoint in .* to resume from"):
-        train(_plan(), MODEL, _config(tmp_path / "empty", 4, resume=True))
+    fresh = train(_plan(), MODEL, _config(tmp_path / "empty", 4, resume=True))
+    assert fresh.resumed_from is None  # resume-if-present: nothing there, so from step 0
+    assert fresh.notice == f"nothing committed in {tmp_path / 'empty'}: starting from step 0"
     train(_plan(), MODEL, _config(tmp_path, 8))
-    with pytest.raises(CheckpointError, match="already holds checkpoints \\(newest ckpt-0000000008\\)"):
+    with pytest.raises(CheckpointError, match="already holds checkpoints \\(newest committed: "
+                                              "step 8\\)"):
         train(_plan(), MODEL, _config(tmp_path, 8))
     with pytest.raises(CheckpointError, match="at step 8, past the 6 steps"):
         train(_plan(), MODEL, _config(tmp_path, 6, resume=True))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import torch  # noqa: E402
+
 from dlrm_runtime import (  # noqa: E402
     ModelConfig,
     TrainConfig,
@@ -59,33 +61,36 @@ def config(out: Path, steps: int, resume: bool, every: int = EVERY) -> TrainConf
                        resume=resume, store_dir=str(out / "store"), deterministic=True)
 
 
-def main(argv: list[str]) -> int:
-    out, steps = Path(argv[0]), int(argv[1])
-    every = int(argv[argv.index("--every") + 1]) if "--every" in argv else EVERY
+def run(out: Path, steps: int, *, every: int = EVERY, resume: bool = False):
+    """One process's part of the run (every rank of a torch.distributed run calls it);
+    rank 0 appends metrics to ``OUT/metrics.jsonl``. Returns the
+    :class:`~dlrm_runtime.TrainResult`."""
     world = init_from_env()
     finished = False
     try:
-        run = train_distributed if world > 1 else train
-        lead = world == 1 or __import__("torch").distributed.get_rank() == 0
-        with open(out / "metrics.jsonl", "a", encoding="utf-8") if lead else _null() as log:
-            result = run(tiered_plan(), MODEL, config(out, steps, "--resume" in argv, every),
-                         metrics_log=log)
+        lead = world == 1 or torch.distributed.get_rank() == 0
+        log = open(out / "metrics.jsonl", "a", encoding="utf-8") if lead else None
+        try:
+            run_fn = train_distributed if world > 1 else train
+            result = run_fn(tiered_plan(), MODEL, config(out, steps, resume, every),
+                            metrics_log=log)
+        finally:
+            if log is not None:
+                log.close()
         finished = True
     finally:
         shutdown(synchronize=finished)
-    if lead:
-        if result.notice:
-            print(result.notice, flush=True)
-        print(f"done {result.resumed_from}", flush=True)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    out, steps = Path(argv[0]), int(argv[1])
+    every = int(argv[argv.index("--every") + 1]) if "--every" in argv else EVERY
+    result = run(out, steps, every=every, resume="--resume" in argv)
+    if result.notice:
+        print(result.notice, flush=True)
+    print(f"done {result.resumed_from}", flush=True)
     return 0
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 if __name__ == "__main__":

@@ -358,7 +358,7 @@ class _CacheShard:
         rows, values = sum_rows(ids, values)
         # the slot of each distinct row: every occurrence of a row has the same slot
         slot_of = torch.empty_like(rows)
-        slot_of[torch.searchsorted(rows, ids)] = slots
+        slot_of[torch.searchsorted(rows, ids)] = slots.to(rows.device)
         values = values.float()
         state.index_add_(0, slot_of, values.pow(2).mean(dim=1))
         scale = (state[slot_of].sqrt() + ADAGRAD_EPS).reciprocal().unsqueeze(1)

@@ -22,6 +22,16 @@ owns it in the plan, for the whole global batch. Per training step:
 6. row-wise Adagrad on a column-wise table split over several ranks: its per-row sums
    of squares are all-reduced among the ranks holding its columns.
 
+Tables in a cached tier (``dram_cache``, ``store_cache``; table-, row- and
+table-row-wise) are lookup jobs like the others, served by their owner through row
+caches over ITS table store, ``<store_dir>/device-<rank>`` (the layout of one
+process too, :mod:`dlrm_runtime.cached`); the reverse exchange brings each cached
+job its pooled gradient, and the fused row optimizer updates the cached rows inside
+the backward. Since every rank has the global batch, each rank prefetches the next
+batch's rows of its own cached shards without an exchange. A checkpoint is one
+transaction over rank 0's runtime checkpoint and every rank's store (two-phase, see
+:mod:`dlrm_runtime.checkpoint`).
+
 The backward runs on ``local_loss / W``: gradients summed over ranks are then exactly
 the gradients of the global mean loss, so the run computes what one process does on
 the whole batch (up to float summation order). Only rank 0 writes progress, the

@@ -148,9 +148,8 @@ def sum_rows(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, to
     """Distinct ``rows`` (sorted) and the sum of each one's ``values``, added in the
     order the row occurs in ``rows`` (one sequential scatter over the positions), so
     the result depends only on the rows and their order (on CUDA: in deterministic
-    mode), never on how rows are
-    numbered elsewhere (torch's ``coalesce`` sorts unstably: duplicates were summed in
-    an order that changed with the keys). In-memory and cached tables both use it;
+    mode), never on how rows are numbered elsewhere (torch's ``coalesce`` sorts
+    unstably: duplicates were summed in an order that changed with the keys). In-memory and cached tables both use it;
     measured 1.3-1.8x faster than ``coalesce`` (163,840 Zipf ids of dim 64, 1 thread)."""
     distinct, inverse = torch.unique(rows, sorted=True, return_inverse=True)
     summed = values.new_zeros(distinct.numel(), values.shape[1])

@@ -12,8 +12,9 @@ then relaunched until it completes and compared). Named points: ``saved`` (rank 
 runtime checkpoint written, stores not prepared), ``prepared`` (this rank's stores
 prepared, no decision yet), ``decided`` (rank 0 wrote the decision record, stores not
 committed), ``committed`` (this rank's stores committed, older checkpoints not yet
-removed). Random kills land uniformly over the span of an uninterrupted run's training
-(checkpoints every ``--every`` steps, so many land inside a checkpoint). The survivors
+removed), at a checkpoint the run has still ahead. Random kills land uniformly over the
+span of an uninterrupted run's training still ahead (checkpoints every ``--every``
+steps, so many land inside a checkpoint). The survivors
 of a one-rank kill are killed a moment later (0-50 ms), as torchrun stops them.
 Writes JSON to ``--out``.
 """
@@ -38,15 +39,14 @@ from dlrm_runtime.checkpoint import FAULT_POINTS  # noqa: E402
 from tests.dlrm_runtime import tiered_trials as trials  # noqa: E402
 
 
-def _kills(rng: random.Random, count: int, steps: int, world: int, span: float) -> list:
+def _kills(rng: random.Random, count: int, world: int, span: float) -> list:
     out = []
     for _ in range(count):
         rank = rng.choice([*range(world), None])
-        if rng.random() < 0.5:
-            out.append(trials.Kill(point=rng.choice(FAULT_POINTS),
-                                   step=rng.randint(1, steps), rank=rank))
-        else:
-            out.append(trials.Kill(after_s=rng.uniform(0.0, span), rank=rank))
+        if rng.random() < 0.5:  # at a checkpoint still ahead (see trials.chain)
+            out.append(trials.Kill(point=rng.choice(FAULT_POINTS), step=None, rank=rank))
+        else:  # over the span still ahead
+            out.append(trials.Kill(after_s=rng.uniform(0.0, span), step=-1, rank=rank))
     return out
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             run = 0
             while done < args.trials:
                 count = min(args.per_run, args.trials - done)
-                kills = _kills(rng, count, args.steps, world, span)
+                kills = _kills(rng, count, world, span)
                 out = work / f"run-{world}-{run}"
                 began = time.monotonic()
                 error = None

@@ -37,7 +37,9 @@ class Kill:
     """How a launch ends: ``point`` (``saved``, ``prepared``, ``decided``,
     ``committed``: the process kills itself there, at checkpoint ``step``, on rank
     ``rank`` or every rank when None), or ``after_s`` seconds after training started
-    (SIGKILL of rank ``rank``, or of every rank at once when None)."""
+    (SIGKILL of rank ``rank``, or of every rank at once when None). In a
+    :func:`chain`, ``step`` None (a point) or -1 (a random instant) places the kill in
+    what is left of the run."""
 
     point: str | None = None
     step: int | None = None
@@ -249,6 +251,20 @@ def _tensors(value: object, prefix: str = ""):
             yield from _tensors(item, f"{prefix}[{i}]")
 
 
+def _ahead(kill: Kill, committed: int | None, steps: int, every: int,
+           rng: random.Random) -> Kill:
+    """``kill`` placed in what is left of the run: a named point without a step gets
+    one of the checkpoints still ahead; a random instant with ``step`` -1 is scaled to
+    the share of the steps still ahead."""
+    start = committed or 0
+    if kill.point is not None and kill.step is None:
+        ahead = [s for s in range(start + 1, steps + 1) if s % every == 0 or s == steps]
+        return Kill(point=kill.point, step=rng.choice(ahead), rank=kill.rank)
+    if kill.point is None and kill.step == -1:
+        return Kill(after_s=kill.after_s * (steps - start) / steps, rank=kill.rank)
+    return kill
+
+
 def chain(out: Path, kills: list[Kill], steps: int, every: int, world: int,
           rng: random.Random, max_extra: int = 20) -> list[Launch]:
     """Launch with each of ``kills`` in turn (each relaunch resumes), then launch
@@ -259,6 +275,9 @@ def chain(out: Path, kills: list[Kill], steps: int, every: int, world: int,
     out.mkdir(parents=True, exist_ok=True)
     launches = []
     for kill in [*kills, *[None] * max_extra]:
+        if kill is not None:
+            kill = _ahead(kill, read_decision(out / "ck") if (out / "ck").is_dir() else None,
+                          steps, every, rng)
         done = launch(out, steps, every, world, kill, rng)
         launches.append(done)
         start = (done.committed_before or 0) + 1

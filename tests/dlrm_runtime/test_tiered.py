@@ -111,7 +111,7 @@ def test_sigkills_at_named_points_and_random_instants(references, tmp_path: Path
     ranks = [0, world - 1, None]
     kills = [trials.Kill(point=point, step=2 + i, rank=ranks[i % len(ranks)])
              for i, point in enumerate(FAULT_POINTS)]
-    kills += [trials.Kill(after_s=rng.uniform(0.0, span),
+    kills += [trials.Kill(after_s=rng.uniform(0.0, span), step=-1,
                           rank=None if i % 2 else rng.randrange(world)) for i in range(3)]
     launches = trials.chain(tmp_path / "run", kills, STEPS, 1, world, rng)
     assert sum(launch.killed for launch in launches) >= len(FAULT_POINTS)

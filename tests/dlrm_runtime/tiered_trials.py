@@ -267,17 +267,20 @@ def _ahead(kill: Kill, committed: int | None, steps: int, every: int,
 
 def chain(out: Path, kills: list[Kill], steps: int, every: int, world: int,
           rng: random.Random, max_extra: int = 20) -> list[Launch]:
-    """Launch with each of ``kills`` in turn (each relaunch resumes), then launch
-    without a kill until the run completes. Checks after every launch that every
+    """Launch with each of ``kills`` in turn (each relaunch resumes; kills left when
+    the run has completed are not used), then launch without a kill until the run
+    completes. Checks after every launch that every
     launch resumed from the step committed before it (the first step it trained, and
     the ``resumed_from`` of every rank that finished)."""
     warm_imports()
     out.mkdir(parents=True, exist_ok=True)
     launches = []
     for kill in [*kills, *[None] * max_extra]:
+        committed = read_decision(out / "ck") if (out / "ck").is_dir() else None
+        if committed == steps:  # complete: the kills left have nothing to hit
+            return launches
         if kill is not None:
-            kill = _ahead(kill, read_decision(out / "ck") if (out / "ck").is_dir() else None,
-                          steps, every, rng)
+            kill = _ahead(kill, committed, steps, every, rng)
         done = launch(out, steps, every, world, kill, rng)
         launches.append(done)
         start = (done.committed_before or 0) + 1

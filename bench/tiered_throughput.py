@@ -35,7 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from dlrm_runtime import ModelConfig, TrainConfig, init_from_env, train, train_distributed  # noqa: E402
+from dlrm_runtime import (  # noqa: E402
+    ModelConfig,
+    TrainConfig,
+    init_from_env,
+    train,
+    train_distributed,
+)
 from dlrm_runtime.collectives import shutdown  # noqa: E402
 from planner import Plan, Sharding, Tier, parse_tables, parse_topology  # noqa: E402
 from planner.cost import ShardCost  # noqa: E402
@@ -104,10 +110,16 @@ def measure(args: argparse.Namespace, tier: str, world: int, store: Path,
                                                   str(logs[r]))) for r in range(world)]
     for proc in procs:
         proc.start()
+    deadline = time.monotonic() + args.timeout
     for proc in procs:
-        proc.join()
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():  # a rank that failed leaves its peer waiting
+            proc.kill()
+            proc.join()
     if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"{tier} on {world} process(es) failed")
+        raise RuntimeError(f"{tier} on {world} process(es) failed (exit codes "
+                           f"{[p.exitcode for p in procs]})")
     records = [json.loads(line) for line in logs[0].read_text().splitlines()]
     train_records = [r for r in records if r["event"] == "train"]
     # the loop reports the cumulative rate since its first step: elapsed = steps x B / rate
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-fraction", type=float, default=0.1,
                         help="cache slots per table as a fraction of its rows")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" /
                                              "tiered_throughput.json"), help="JSON results file")
     args = parser.parse_args(argv)
@@ -156,10 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     median = {f"{tier}/{world}": statistics.median(r["samples_per_s"] for r in runs
                                                    if (r["tier"], r["processes"]) == (tier, world))
               for tier, world in configs}
+    def paired(a: tuple[str, int], b: tuple[str, int]) -> float:
+        """Median over the repetitions of a / b within each repetition."""
+        rate = {(r["rep"], r["tier"], r["processes"]): r["samples_per_s"] for r in runs}
+        return statistics.median(rate[(rep, *a)] / rate[(rep, *b)] for rep in range(args.reps))
+
     ratios = {
-        "cached 2 processes / cached 1 process": median["store_cache/2"] / median["store_cache/1"],
-        "cached 2 processes / hbm 2 processes": median["store_cache/2"] / median["hbm/2"],
-        "cached 1 process / hbm 1 process": median["store_cache/1"] / median["hbm/1"],
+        "cached 2 processes / cached 1 process": paired(("store_cache", 2), ("store_cache", 1)),
+        "cached 2 processes / hbm 2 processes": paired(("store_cache", 2), ("hbm", 2)),
+        "cached 1 process / hbm 1 process": paired(("store_cache", 1), ("hbm", 1)),
+        "hbm 2 processes / hbm 1 process": paired(("hbm", 2), ("hbm", 1)),
     }
     load = os.getloadavg()
     doc = {"benchmark": "tiered_throughput",
@@ -172,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print("\n".join(f"{k}: {v:,.0f} samples/s (median)" for k, v in median.items()))
-    print("\n".join(f"{k}: {v:.2f}" for k, v in ratios.items()))
+    print("\n".join(f"{k}: {v:.2f} (median of per-repetition ratios)"
+                    for k, v in ratios.items()))
     print(f"load average after: {load}; written to {args.out}")
     return 0
 

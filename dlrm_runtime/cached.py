@@ -65,10 +65,10 @@ from dlrm_runtime.sharding import TablePlacement
 from dlrm_runtime.sparse import SparseBatch
 from dlrm_runtime.timing import Stopwatch
 from planner import DType, Optimizer, TableSpec, TablesSpec, Tier
-from storage import RowCache, StoreError, TableStore
+from storage import RecoveryRequiredError, RowCache, StoreError, StoreLockedError, TableStore
 
 __all__ = ["ADAGRAD_EPS", "CACHE_POLICY", "CachedTable", "CachedTables", "StoreTable",
-           "device_store_dir", "open_store", "store_tables"]
+           "check_store_tables", "device_store_dir", "open_store", "store_tables"]
 
 ADAGRAD_EPS = 1e-8
 """Row-wise Adagrad's epsilon; equals :data:`dlrm_runtime.optim.ADAGRAD_EPS` (tested)."""
@@ -202,11 +202,14 @@ def open_store(store_dir: str | Path | None, needed: Sequence[StoreTable], seed:
     try:
         if not path.exists() or (path.is_dir() and not any(path.iterdir())):
             _build_store(path, needed, seed, progress)
+        else:
+            _check_store_tables(path, needed)  # before r+, which rewrites the journal
         store = TableStore.open(path, mode="r+")
     except StoreError as exc:
         raise ConfigError(f"store_dir {str(path)!r} cannot be used as the table store: "
                           f"{exc}") from exc
     try:
+        _check_tables(store.path, set(store.tables()), store.checkpoint_step, needed)
         _add_tables(store, needed, seed, progress)
     except BaseException:
         store.close()
@@ -246,6 +249,49 @@ def _add_tables(store: TableStore, needed: Sequence[StoreTable], seed: int,
                         optimizer_state=table.optimizer_state,
                         progress=None if progress is None
                         else (lambda done, total, name=table.name: progress(name, done, total)))
+def check_store_tables(store_dir: str | Path, needed: Sequence[StoreTable]) -> None:
+    """Read-only look at the stores under ``store_dir`` (:func:`device_store_dir`):
+    :class:`ConfigError` for a ``store_dir`` that cannot hold them, or a device's store
+    that cannot hold its tables of ``needed`` without being made for other tables (see
+    :func:`_check_tables`). A store that needs recovery or is open elsewhere is checked
+    once opened; a missing one is created by :func:`open_store`."""
+    root = _check_store_root(store_dir)
+    for device in sorted({t.device for t in needed}):
+        _check_store_tables(device_store_dir(root, device),
+                            [t for t in needed if t.device == device])
+
+
+def _check_store_tables(path: Path, needed: Sequence[StoreTable]) -> None:
+    """:func:`check_store_tables` for one store."""
+    if not (path / "zarr.json").is_file():
+        return
+    try:
+        with TableStore.open(path, mode="r") as peek:
+            present, step = set(peek.tables()), peek.checkpoint_step
+    except (RecoveryRequiredError, StoreLockedError):
+        return  # checked once open_store has it open
+    except StoreError as exc:
+        raise ConfigError(f"store_dir {str(path)!r} cannot be used as the table store: "
+                          f"{exc}") from exc
+    _check_tables(path, present, step, needed)
+
+
+def _check_tables(path: Path, present: set[str], step: int | None,
+                  needed: Sequence[StoreTable]) -> None:
+    """Tables are added to an existing store only to complete an interrupted creation
+    (no checkpoint yet, no table of another plan): a store made for other tables is
+    never modified. (Holding more tables than ``needed`` is fine: one process of a
+    multi-process run needs only its own.)"""
+    wanted = {t.name for t in needed}
+    foreign = sorted(present - wanted)
+    missing = sorted(wanted - present)
+    if missing and (foreign or step is not None):
+        detail = ", ".join(part for part in (
+            f"tables {foreign} not in the plan" if foreign else "",
+            f"tables {missing} of the plan missing" if missing else "") if part)
+        raise ConfigError(f"store {str(path)!r} holds other tables than the plan caches "
+                          f"({detail}); it is left as it is: use another store_dir "
+                          f"(--store-dir)")
 
 
 def _check_matches(store: TableStore, table: StoreTable) -> None:

@@ -63,22 +63,22 @@ from dlrm_runtime.config import ModelConfig, TrainConfig
 from dlrm_runtime.data import VALIDATION_OFFSET, Batch
 from dlrm_runtime.embeddings import (
     TORCH_DTYPE,
-    PooledLookup,
     RowBlock,
     Segment,
     TableBatchedBags,
     batch_order,
     init_table,
+    pooled_lookup,
 )
 from dlrm_runtime.errors import (
     ConfigError,
     PlanMismatchError,
 )
-from dlrm_runtime.memory import empty_weight
+from dlrm_runtime.memory import empty_weight, host_weight
 from dlrm_runtime.metrics import accuracy, roc_auc
 from dlrm_runtime.model import DLRM
 from dlrm_runtime.optim import RowOptimizer
-from dlrm_runtime.sharding import placements_from_plan
+from dlrm_runtime.sharding import CACHED_TIERS, placements_from_plan
 from dlrm_runtime.sparse import SparseBatch
 from dlrm_runtime.timing import PhaseTimer, Stopwatch
 from dlrm_runtime.train import (
@@ -173,9 +173,11 @@ class LookupJob:
     row_end: int
     col_start: int
     col_end: int
+    host: bool = False
+    """The ``host`` tier: the rows live in the owner's host memory, pooled on its device."""
     tier: Tier = Tier.HBM
-    """``hbm``, or a cached tier: then the owner serves it through a row cache over its
-    table store (:mod:`dlrm_runtime.cached`)."""
+    """The shard's tier; in a cached tier the owner serves it through a row cache over
+    its table store (:mod:`dlrm_runtime.cached`)."""
 
     @property
     def cols(self) -> int:
@@ -183,7 +185,7 @@ class LookupJob:
 
     @property
     def cached(self) -> bool:
-        return self.tier is not Tier.HBM
+        return self.tier in CACHED_TIERS
 
 
 def lookup_jobs(plan: Plan, world_size: int) -> tuple[tuple[LookupJob, ...], tuple[int, ...]]:
@@ -207,7 +209,8 @@ def lookup_jobs(plan: Plan, world_size: int) -> tuple[tuple[LookupJob, ...], tup
             replicated.append(index)
             continue
         jobs.extend(LookupJob(index, placement.sharding, s.plan_device, s.row_start, s.row_end,
-                              s.col_start, s.col_end, s.tier) for s in placement.shards)
+                              s.col_start, s.col_end, placement.host, s.tier)
+                     for s in placement.shards)
     return tuple(jobs), tuple(replicated)
 
 
@@ -222,7 +225,10 @@ class ShardBag(nn.Module):
         self.job = job
         self.row_group = row_group
         full = init_table(spec, job.table, seed)
-        weight = empty_weight(job.row_end - job.row_start, job.cols, TORCH_DTYPE[spec.dtype], device)
+        rows, dtype = job.row_end - job.row_start, TORCH_DTYPE[spec.dtype]
+        weight = host_weight(rows, job.cols, dtype) if job.host else empty_weight(rows, job.cols,
+                                                                                   dtype, device)
+        self.compute_device = device if job.host else None
         weight.copy_(full[job.row_start:job.row_end, job.col_start:job.col_end])
         self.weight = nn.Parameter(weight)
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -231,11 +237,8 @@ class ShardBag(nn.Module):
         """Shard-local ids and ``N + 1`` offsets -> pooled ``[N, cols]`` float32."""
         device = self.weight.device
         ids, starts = ids.to(device), offsets[:-1].to(device)
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            out = PooledLookup.apply(self.weight, ids, starts, self.pending)
-        else:
-            out = F.embedding_bag(ids, self.weight, starts, mode="sum")
-        return out.float()
+        return pooled_lookup(self.weight, ids, starts, self.pending, (),
+                             self.compute_device).float()
 
     def row_block(self) -> RowBlock:
         job = self.job
@@ -245,12 +248,14 @@ class ShardBag(nn.Module):
                         self.row_group, pending=self.pending)
 
 
-def _whole_groups(members: list[tuple[int, TableSpec]]) -> list[list[tuple[int, TableSpec]]]:
-    """Whole tables batched per (dim, dtype, optimizer), each group in
-    :func:`~dlrm_runtime.embeddings.batch_order`."""
+def _whole_groups(members: list[tuple[int, TableSpec]],
+                  host: frozenset[int] = frozenset()) -> list[list[tuple[int, TableSpec]]]:
+    """Whole tables batched per (dim, dtype, optimizer, in the ``host`` tier: index in
+    ``host``), each group in :func:`~dlrm_runtime.embeddings.batch_order`."""
     groups: dict[tuple, list[tuple[int, TableSpec]]] = {}
     for index, spec in members:
-        groups.setdefault((spec.embedding_dim, spec.dtype, spec.optimizer), []).append((index, spec))
+        key = (spec.embedding_dim, spec.dtype, spec.optimizer, index in host)
+        groups.setdefault(key, []).append((index, spec))
     return [batch_order(group) for group in groups.values()]
 
 
@@ -320,8 +325,10 @@ class DistributedEmbeddings(nn.Module):
                  if jobs[j].sharding is Sharding.TABLE_WISE]
         position = {jobs[j].table: k for k, j in enumerate(self.mine)
                     if jobs[j].sharding is Sharding.TABLE_WISE and not jobs[j].cached}
-        members = _whole_groups(whole)
-        self.whole = nn.ModuleList(TableBatchedBags(m, device, seed) for m in members)
+        host = frozenset(jobs[j].table for j in self.mine if jobs[j].host)
+        members = _whole_groups(whole, host)
+        self.whole = nn.ModuleList(TableBatchedBags(m, device, seed, host=m[0][0] in host)
+                                   for m in members)
         self.whole_positions = [[position[index] for index, _ in m] for m in members]
         self.cached_positions = [(k, j) for k, j in enumerate(self.mine) if jobs[j].cached]
         self.cached: CachedTables | None = None

@@ -307,3 +307,18 @@ def test_the_store_dir_holds_one_store_per_plan_device(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="it is one store, and runs keep one store per plan "
                                           "device"):
         embeddings_from_plan(plan, CPU, store_dir=str(single))
+
+
+def test_a_store_half_built_by_a_killed_run_is_built_again(tmp_path: Path) -> None:
+    """Stores are built beside their path and renamed into place: what a run killed
+    while building leaves is a hidden leftover, removed by the next run."""
+    _, plan = _plans("sgd")
+    leftover = tmp_path / "s" / ".device-0.tmp-12345"
+    leftover.mkdir(parents=True)
+    (leftover / "zarr.json").write_text("{ torn")
+    embeddings = embeddings_from_plan(plan, CPU, seed=5, store_dir=str(tmp_path / "s"))
+    try:
+        assert torch.equal(embeddings.weight("t1"), init_table(plan.tables_spec.tables[1], 1, 5))
+    finally:
+        embeddings.close()
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["device-0", "device-1"]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.store_training import manual_plan  # noqa: E402
 from dlrm_runtime import DLRM, ModelConfig, SyntheticClicks, TrainConfig, Trainer  # noqa: E402
-from dlrm_runtime.cached import open_store, store_tables  # noqa: E402
+from dlrm_runtime.cached import device_store_dir, open_store, store_tables  # noqa: E402
 from dlrm_runtime.embeddings import embeddings_from_plan  # noqa: E402
 from dlrm_runtime.memory import tune_malloc  # noqa: E402
 from dlrm_runtime.sharding import placements_from_plan  # noqa: E402
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         def progress(name: str, done: int, total: int) -> None:
             bar.update(done - bar.n)
 
-        store = open_store(store_dir, store_tables(plan.tables_spec, placements_from_plan(plan)),
+        store = open_store(device_store_dir(store_dir, 0),
+                           store_tables(plan.tables_spec, placements_from_plan(plan)),
                            seed=0, progress=progress)
         bar.close()
         store.close()

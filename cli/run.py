@@ -130,13 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-every", type=int, metavar="STEPS",
                         help="steps between checkpoints, >= 1 (default: only at the end)")
     parser.add_argument("--store-dir", metavar="DIR",
-                        help="table store for the tables the plan puts in a cached tier "
-                             "(dram_cache, store_cache): created with their initial values "
-                             "when empty, else continued with --resume; checkpoints commit "
-                             "it together with --checkpoint-dir")
+                        help="table stores for the tables the plan puts in a cached tier "
+                             "(dram_cache, store_cache), one per plan device in "
+                             "DIR/device-D (under torchrun rank D opens its own): created "
+                             "with their initial values when missing, else continued with "
+                             "--resume; checkpoints commit them together with "
+                             "--checkpoint-dir")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in --checkpoint-dir; the run "
-                             "ends with the same weights as an uninterrupted one")
+                        help="continue from the newest step that every part of the run "
+                             "committed (runtime checkpoint in --checkpoint-dir and every "
+                             "table store), or start from step 0 when nothing was committed "
+                             "(rerun the same command after a crash); the run ends with the "
+                             "same weights as an uninterrupted one")
     parser.add_argument("--deterministic", action="store_true",
                         help="torch.use_deterministic_algorithms(True); on the CPU fix --threads "
                              "too for identical results across machines")
@@ -216,14 +221,18 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.store_dir is not None and Path(args.store_dir).absolute() == ckpt.absolute():
             raise UsageError(f"--checkpoint-dir and --store-dir are both {ckpt}: give each its "
                              f"own directory")
-    if args.store_dir is not None:
+    if args.store_dir is not None:  # holds one table store per plan device: device-D
         store = Path(args.store_dir)
-        if store.is_dir() and any(store.iterdir()) and not (store / "zarr.json").is_file():
+        others = ([p.name for p in store.iterdir()
+                   if not p.name.startswith(("device-", ".device-"))] if store.is_dir() else [])
+        if others:
             kind = ("a directory of checkpoints (pass it as --checkpoint-dir)"
-                    if any(p.name.startswith("ckpt-") for p in store.iterdir())
-                    else "a non-empty directory that is not a table store")
+                    if any(name.startswith("ckpt-") for name in others)
+                    else "one table store (runs keep one per plan device under --store-dir, "
+                         "as DIR/device-D)" if "zarr.json" in others
+                    else "a non-empty directory that holds no table stores (DIR/device-D)")
             raise UsageError(f"--store-dir {store}: is {kind}; give an empty or new directory, "
-                             f"or a table store")
+                             f"or the --store-dir of an earlier run")
 
 
 def _cache_path(data: str, lines: tuple[int, int | None]) -> str:
@@ -390,6 +399,8 @@ def format_result(result: TrainResult) -> str:
             "embedding_bytes": result.embedding_bytes}, result.prediction.to_json()))
     if result.resumed_from is not None:
         lines.insert(0, f"resumed from step {result.resumed_from}")
+    elif result.notice is not None:
+        lines.insert(0, result.notice)
     if result.checkpoint is not None:
         lines.append(f"checkpoint: {result.checkpoint}")
     return "\n".join(lines)

@@ -20,6 +20,16 @@ the row optimizer no :class:`~dlrm_runtime.embeddings.RowBlock`: they are invisi
 to it and to the runtime checkpoint; their weights and optimizer state are made
 durable by the store checkpoint (:meth:`CachedTables.checkpoint`).
 
+Store layout: one table store per plan device that holds cached shards,
+``<store_dir>/device-<d>/`` (:func:`device_store_dir`), holding that device's shards
+(a whole table under its name, a row shard as ``<table>.rows-<start>-<end>``). The
+layout is the same in one process and under torchrun, where rank ``d`` opens only
+``device-<d>``: a run resumes with either. Checkpoints are transactions across the
+stores (and the runtime checkpoint): :meth:`CachedTables.prepare` makes every
+store durable at a step without committing it, :meth:`CachedTables.commit` commits,
+and :meth:`CachedTables.recover` settles a store left in doubt by a crash from the
+step the run committed (see :mod:`dlrm_runtime.checkpoint`).
+
 The store is created with the tables initialised exactly like
 :func:`~dlrm_runtime.embeddings.init_table` (same generator, consumed block by block:
 CPU ``uniform_`` draws serially), so a cached model starts from the same weights as
@@ -31,7 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+import os
+import shutil
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +57,7 @@ from dlrm_runtime.embeddings import (
     check_range,
     expand_pooled,
     init_generator,
+    sum_rows,
     uniform_bag_length,
 )
 from dlrm_runtime.errors import CheckpointError, ConfigError
@@ -55,7 +68,7 @@ from planner import DType, Optimizer, TableSpec, TablesSpec, Tier
 from storage import RecoveryRequiredError, RowCache, StoreError, StoreLockedError, TableStore
 
 __all__ = ["ADAGRAD_EPS", "CACHE_POLICY", "CachedTable", "CachedTables", "StoreTable",
-           "check_store_tables", "open_store", "store_tables"]
+           "check_store_tables", "device_store_dir", "open_store", "store_tables"]
 
 ADAGRAD_EPS = 1e-8
 """Row-wise Adagrad's epsilon; equals :data:`dlrm_runtime.optim.ADAGRAD_EPS` (tested)."""
@@ -65,6 +78,9 @@ WRITE_BEHIND = True
 INIT_BLOCK_ROWS_BYTES = 64 * 1024 * 1024
 """Bytes of fp32 rows drawn at once when skipping to a row shard's first row."""
 STORE_DTYPE = {DType.FP32: "fp32", DType.FP16: "fp16", DType.BF16: "bf16"}
+
+DEVICE_DIR = "device-{device}"
+"""Name of plan device ``device``'s store under ``store_dir``."""
 
 StoreProgress = Callable[[str, int, int], None]
 """``progress(store_table, rows_done, rows_total)`` while the store's tables are written."""
@@ -86,6 +102,8 @@ class StoreTable:
     row_start: int
     row_end: int
     tier: Tier
+    device: int = 0
+    """The plan device whose store holds it (:func:`device_store_dir`)."""
 
     @property
     def rows(self) -> int:
@@ -106,8 +124,37 @@ def store_tables(tables: TablesSpec, placements: dict[str, TablePlacement]) -> l
         whole = len(placement.shards) == 1
         for shard in placement.shards:
             name = spec.name if whole else f"{spec.name}.rows-{shard.row_start}-{shard.row_end}"
-            out.append(StoreTable(name, spec, index, shard.row_start, shard.row_end, shard.tier))
+            out.append(StoreTable(name, spec, index, shard.row_start, shard.row_end, shard.tier,
+                                  shard.plan_device))
     return out
+
+
+def device_store_dir(store_dir: str | Path, device: int) -> Path:
+    """The store of plan device ``device`` under ``store_dir``."""
+    return Path(store_dir) / DEVICE_DIR.format(device=device)
+
+
+def _check_store_root(store_dir: str | Path) -> Path:
+    """``store_dir`` as a directory of per-device stores: missing, empty, or holding
+    only ``device-<d>`` entries; :class:`ConfigError` otherwise."""
+    root = Path(store_dir)
+    if not root.exists():
+        return root
+    if not root.is_dir():
+        raise ConfigError(f"store_dir {str(root)!r} cannot be used as the table store: it is "
+                          f"a file; pass a directory (--store-dir)")
+    if (root / "zarr.json").exists():
+        raise ConfigError(f"store_dir {str(root)!r} cannot be used as the table store: it is "
+                          f"one store, and runs keep one store per plan device under "
+                          f"store_dir ({DEVICE_DIR.format(device='D')}); use another "
+                          f"--store-dir")
+    others = sorted(e.name for e in root.iterdir()
+                    if not e.name.startswith(("device-", ".device-")))
+    if others:
+        raise ConfigError(f"store_dir {str(root)!r} cannot be used as the table store: it "
+                          f"holds {others[:3]} besides the per-device stores "
+                          f"({DEVICE_DIR.format(device='D')}); use an empty directory")
+    return root
 
 
 class _InitBlocks:
@@ -138,12 +185,15 @@ class _InitBlocks:
 
 def open_store(store_dir: str | Path | None, needed: Sequence[StoreTable], seed: int = 0,
                progress: StoreProgress | None = None) -> TableStore:
-    """The store at ``store_dir`` opened for writing (created when missing or an empty
-    directory), holding every table of ``needed``: tables it lacks are added with
-    :func:`~dlrm_runtime.embeddings.init_table`'s values; tables it has must match
-    (rows, dim, dtype, optimizer state) and keep their values as of the store's last
-    checkpoint. Raises :class:`ConfigError` for a missing ``store_dir``, a path that
-    is not a store, a store held by another writer, or a table that does not match."""
+    """The store at ``store_dir`` opened for writing, holding every table of ``needed``:
+    created when missing or an empty directory (built beside it and renamed into place
+    once every table is written, so a crash while creating leaves no half store);
+    tables it lacks are added with :func:`~dlrm_runtime.embeddings.init_table`'s
+    values; tables it has must match (rows, dim, dtype, optimizer state) and keep their
+    values as of the store's last checkpoint (or stay in doubt, see
+    :meth:`~storage.TableStore.prepare`). Raises :class:`ConfigError` for a missing
+    ``store_dir``, a path that is not a store, a store held by another writer, or a
+    table that does not match."""
     if store_dir is None:
         names = sorted({t.spec.name for t in needed})
         raise ConfigError(f"tables {names} are planned in a cached tier and need a table "
@@ -151,37 +201,68 @@ def open_store(store_dir: str | Path | None, needed: Sequence[StoreTable], seed:
     path = Path(store_dir)
     try:
         if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-            store = TableStore.create(path, overwrite=path.exists())
+            _build_store(path, needed, seed, progress)
         else:
-            check_store_tables(path, needed)  # before r+, which rewrites the journal
-            store = TableStore.open(path, mode="r+")
+            _check_store_tables(path, needed)  # before r+, which rewrites the journal
+        store = TableStore.open(path, mode="r+")
     except StoreError as exc:
         raise ConfigError(f"store_dir {str(path)!r} cannot be used as the table store: "
                           f"{exc}") from exc
     try:
-        present = set(store.tables())
-        _check_tables(store.path, present, store.checkpoint_step, needed)
-        for table in needed:
-            if table.name in present:
-                _check_matches(store, table)
-                continue
-            store.add_table(table.name, table.rows, table.spec.embedding_dim,
-                            dtype=STORE_DTYPE[table.spec.dtype], init=_InitBlocks(table, seed),
-                            optimizer_state=table.optimizer_state,
-                            progress=None if progress is None
-                            else (lambda done, total, name=table.name: progress(name, done, total)))
+        _check_tables(store.path, set(store.tables()), store.checkpoint_step, needed)
+        _add_tables(store, needed, seed, progress)
     except BaseException:
         store.close()
         raise
     return store
 
 
-def check_store_tables(path: str | Path, needed: Sequence[StoreTable]) -> None:
-    """Read-only look at an existing store: :class:`ConfigError` unless it can hold
-    ``needed`` without being made for other tables (see :func:`_check_tables`). A store
-    that needs recovery or is open elsewhere is checked once opened; a path that is not
-    a store, or none, is left to :func:`open_store`."""
-    path = Path(path)
+def _build_store(path: Path, needed: Sequence[StoreTable], seed: int,
+                 progress: StoreProgress | None) -> None:
+    """Create the store of ``needed`` at ``path`` atomically: built in a hidden sibling
+    (leftovers of a killed builder are removed first), then renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with TableStore.create(tmp) as store:
+        _add_tables(store, needed, seed, progress)
+    if path.exists():
+        path.rmdir()  # the empty directory it replaces
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _add_tables(store: TableStore, needed: Sequence[StoreTable], seed: int,
+                progress: StoreProgress | None) -> None:
+    present = set(store.tables())
+    for table in needed:
+        if table.name in present:
+            _check_matches(store, table)
+            continue
+        store.add_table(table.name, table.rows, table.spec.embedding_dim,
+                        dtype=STORE_DTYPE[table.spec.dtype], init=_InitBlocks(table, seed),
+                        optimizer_state=table.optimizer_state,
+                        progress=None if progress is None
+                        else (lambda done, total, name=table.name: progress(name, done, total)))
+def check_store_tables(store_dir: str | Path, needed: Sequence[StoreTable]) -> None:
+    """Read-only look at the stores under ``store_dir`` (:func:`device_store_dir`):
+    :class:`ConfigError` for a ``store_dir`` that cannot hold them, or a device's store
+    that cannot hold its tables of ``needed`` without being made for other tables (see
+    :func:`_check_tables`). A store that needs recovery or is open elsewhere is checked
+    once opened; a missing one is created by :func:`open_store`."""
+    root = _check_store_root(store_dir)
+    for device in sorted({t.device for t in needed}):
+        _check_store_tables(device_store_dir(root, device),
+                            [t for t in needed if t.device == device])
+
+
+def _check_store_tables(path: Path, needed: Sequence[StoreTable]) -> None:
+    """:func:`check_store_tables` for one store."""
     if not (path / "zarr.json").is_file():
         return
     try:
@@ -283,7 +364,8 @@ class _CacheShard:
         bag_starts = offsets[:-1].to(self.device)
         if slots is not None:
             if self.optimizer is Optimizer.ROWWISE_ADAGRAD:
-                touched = self._adagrad_on_slots(slots, bag_starts, grad, lr)
+                touched = self._adagrad_on_slots(ids.to(self.device), slots, bag_starts, grad,
+                                                 lr)
             else:
                 touched = self._sgd_on_slots(slots, bag_starts, grad, lr)
             self.cache.mark_dirty(touched)
@@ -309,21 +391,25 @@ class _CacheShard:
             weights.index_add_(0, slots, expand_pooled(scaled, bag_starts, slots.numel()))
         return slots
 
-    def _adagrad_on_slots(self, slots: torch.Tensor, bag_starts: torch.Tensor,
-                          grad: torch.Tensor, lr: float) -> torch.Tensor:
-        """``RowOptimizer._adagrad`` on the slots (coalesced per slot, i.e. per row)."""
+    def _adagrad_on_slots(self, ids: torch.Tensor, slots: torch.Tensor,
+                          bag_starts: torch.Tensor, grad: torch.Tensor,
+                          lr: float) -> torch.Tensor:
+        """``RowOptimizer._adagrad`` on the slots: duplicate ids summed per row id by
+        :func:`~dlrm_runtime.embeddings.sum_rows`, as the in-memory tables do, so the
+        sums do not depend on which slots the rows occupy (nor on the cache's history)."""
         weights, state = self.cache.weights, self.cache.state
         if state is None:  # pragma: no cover - built with_state for row-wise Adagrad
             raise ConfigError(f"table {self.table.spec.name!r}: the cache holds no Adagrad state")
         values = expand_pooled(grad, bag_starts, slots.numel())
-        coalesced = torch.sparse_coo_tensor(slots.unsqueeze(0), values,
-                                            (weights.shape[0], weights.shape[1]),
-                                            check_invariants=False).coalesce()
-        rows, values = coalesced.indices()[0], coalesced.values()
-        state.index_add_(0, rows, values.pow(2).mean(dim=1))
-        scale = (state[rows].sqrt() + ADAGRAD_EPS).reciprocal().unsqueeze(1)
-        weights.index_add_(0, rows, (values * (scale * -lr)).to(weights.dtype))
-        return rows
+        rows, values = sum_rows(ids, values)
+        # the slot of each distinct row: every occurrence of a row has the same slot
+        slot_of = torch.empty_like(rows)
+        slot_of[torch.searchsorted(rows, ids)] = slots.to(rows.device)
+        values = values.float()
+        state.index_add_(0, slot_of, values.pow(2).mean(dim=1))
+        scale = (state[slot_of].sqrt() + ADAGRAD_EPS).reciprocal().unsqueeze(1)
+        weights.index_add_(0, slot_of, (values * (scale * -lr)).to(weights.dtype))
+        return slot_of
 
 
 class _CachedBag(torch.autograd.Function):
@@ -357,15 +443,19 @@ class CachedTable(nn.Module):
     :class:`~dlrm_runtime.embeddings.ShardedTable`)."""
 
     def __init__(self, spec: TableSpec, index: int, placement: TablePlacement,
-                 tables: Sequence[StoreTable], store: TableStore,
+                 tables: Sequence[StoreTable], stores: dict[int, TableStore],
                  output_device: torch.device) -> None:
         super().__init__()
         self.spec = spec
         self.index = index
         self.placement = placement
         self.output_device = output_device
-        self.shards = [_CacheShard(store, table, shard.cache_rows, shard.device, output_device)
-                       for shard, table in zip(placement.shards, tables)]
+        self.shards: list[_CacheShard | None] = [
+            _CacheShard(stores[shard.plan_device], table, shard.cache_rows, shard.device,
+                        output_device) if shard.plan_device in stores else None
+            for shard, table in zip(placement.shards, tables)]
+        """One cache per shard of the placement; None for shards of plan devices this
+        process does not serve (other ranks)."""
         self.boundaries = torch.tensor([s.row_start for s in placement.shards[1:]],
                                        dtype=torch.int64)
         self.lr: float | None = None
@@ -382,20 +472,42 @@ class CachedTable(nn.Module):
             raise ConfigError(f"table {self.spec.name!r} is cached and trains through its "
                               f"cache: set the embeddings' embedding_lr first")
         total = None
-        for shard, local, local_offsets in self._routed(ids, offsets):
-            if train:
-                anchor = torch.empty(0, requires_grad=True)
-                out = _CachedBag.apply(anchor, shard, local, local_offsets, self.lr,
-                                       self.clock)
-            else:
-                out, _ = shard.pool(local, local_offsets)
+        for s, (shard, local, local_offsets) in enumerate(self._routed(ids, offsets)):
+            if shard is None:
+                raise ConfigError(f"table {self.spec.name!r}: the shard of plan device "
+                                  f"{self.placement.shards[s].plan_device} is served by "
+                                  f"another process")
+            out = self.shard_forward(shard, local, local_offsets)
             total = out if total is None else total + out
         if total is None:  # pragma: no cover - a placement has at least one shard
             raise ValueError(f"table {self.spec.name!r} has no shards")
         return total
 
+    def shard_forward(self, shard: _CacheShard, ids: torch.Tensor,
+                      offsets: torch.Tensor) -> torch.Tensor:
+        """One shard's pooled ``[B, dim]`` float32 for its local ``ids`` and ``offsets``
+        (``B + 1``); in training (grad enabled) its backward updates the rows."""
+        if not torch.is_grad_enabled():
+            return shard.pool(ids, offsets)[0]
+        if self.lr is None:
+            raise ConfigError(f"table {self.spec.name!r} is cached and trains through its "
+                              f"cache: set the embeddings' embedding_lr first")
+        anchor = torch.empty(0, requires_grad=True)
+        return _CachedBag.apply(anchor, shard, ids, offsets, self.lr, self.clock)
+
+    def local_shards(self) -> list[_CacheShard]:
+        """The caches this process serves."""
+        return [shard for shard in self.shards if shard is not None]
+
+    def shard_at(self, row_start: int) -> _CacheShard:
+        """The local cache of the shard starting at row ``row_start``."""
+        for shard in self.local_shards():
+            if shard.table.row_start == row_start:
+                return shard
+        raise KeyError(f"table {self.spec.name!r}: no local shard at row {row_start}")
+
     def _routed(self, ids: torch.Tensor, offsets: torch.Tensor
-                ) -> list[tuple[_CacheShard, torch.Tensor, torch.Tensor]]:
+                ) -> list[tuple[_CacheShard | None, torch.Tensor, torch.Tensor]]:
         """Per shard: its local ids and bag offsets (``B + 1``)."""
         if len(self.shards) == 1:
             return [(self.shards[0], ids, offsets)]
@@ -418,10 +530,13 @@ class CachedTable(nn.Module):
             return
         check_range(self.spec, ids)
         if len(self.shards) == 1:
-            self.shards[0].cache.prefetch(ids)
+            if self.shards[0] is not None:
+                self.shards[0].cache.prefetch(ids)
             return
         owner = torch.bucketize(ids, self.boundaries, right=True)
         for s, shard in enumerate(self.shards):
+            if shard is None:
+                continue
             local = ids[owner == s] - shard.table.row_start
             if local.numel():
                 shard.cache.prefetch(local)
@@ -432,6 +547,9 @@ class CachedTable(nn.Module):
         full = torch.empty(self.spec.num_embeddings, self.spec.embedding_dim,
                            dtype=TORCH_DTYPE[self.spec.dtype], device=self.output_device)
         for shard in self.shards:
+            if shard is None:
+                raise ConfigError(f"table {self.spec.name!r}: full_weight needs every shard in "
+                                  f"this process")
             shard.cache.flush()
             rows = shard.store.read_table(shard.table.name)
             values = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16) \
@@ -444,30 +562,55 @@ class CachedTable(nn.Module):
 
 
 class CachedTables(nn.Module):
-    """The cached tables of a model and the store they share; the training-loop API
-    (:meth:`prefetch`, :meth:`stats`, :meth:`checkpoint`, :meth:`restore`,
-    :meth:`close`) that :class:`~dlrm_runtime.embeddings.InMemoryEmbeddings` forwards."""
+    """The cached tables of a model and their stores (one per plan device, see the
+    module docstring); the training-loop API (:meth:`prefetch`, :meth:`stats`, the
+    checkpoint transaction :meth:`prepare` / :meth:`commit` / :meth:`recover`, and
+    :meth:`close`) that :class:`~dlrm_runtime.embeddings.InMemoryEmbeddings` and
+    :class:`~dlrm_runtime.distributed.DistributedEmbeddings` forward.
+
+    ``devices``: the plan devices this process serves (default: every device holding
+    cached shards); only their stores are opened and their shards cached."""
 
     def __init__(self, tables: TablesSpec, placements: dict[str, TablePlacement],
                  output_device: torch.device, seed: int, store_dir: str | Path | None,
-                 embedding_lr: float | None = None) -> None:
+                 embedding_lr: float | None = None,
+                 devices: Collection[int] | None = None) -> None:
         super().__init__()
-        needed = store_tables(tables, placements)
-        self.store = open_store(store_dir, needed, seed)
+        every = store_tables(tables, placements)
+        if store_dir is None:
+            names = sorted({t.spec.name for t in every})
+            raise ConfigError(f"tables {names} are planned in a cached tier and need a table "
+                              f"store: pass store_dir (dlrm-run --store-dir DIR)")
+        root = _check_store_root(store_dir)
+        wanted = sorted({t.device for t in every} if devices is None
+                        else set(devices) & {t.device for t in every})
+        self.stores: dict[int, TableStore] = {}
         try:
+            for device in wanted:
+                self.stores[device] = open_store(device_store_dir(root, device),
+                                                 [t for t in every if t.device == device], seed)
             by_table: dict[int, list[StoreTable]] = {}
-            for table in needed:
+            for table in every:
                 by_table.setdefault(table.index, []).append(table)
-                if table.tier is Tier.DRAM_CACHE:
-                    self.store.warm(table.name)
+                if table.tier is Tier.DRAM_CACHE and table.device in self.stores:
+                    self.stores[table.device].warm(table.name)
             self.tables = nn.ModuleList(
                 CachedTable(tables.tables[index], index, placements[tables.tables[index].name],
-                            parts, self.store, output_device)
-                for index, parts in by_table.items())
+                            parts, self.stores, output_device)
+                for index, parts in by_table.items()
+                if any(part.device in self.stores for part in parts))
         except BaseException:
-            self.store.close()
+            for store in self.stores.values():
+                store.close()
             raise
         self.embedding_lr = embedding_lr
+
+    @property
+    def store(self) -> TableStore:
+        """The one store of a single-device run."""
+        if len(self.stores) != 1:
+            raise ConfigError(f"{len(self.stores)} table stores here; use .stores")
+        return next(iter(self.stores.values()))
 
     @property
     def embedding_lr(self) -> float | None:
@@ -488,11 +631,22 @@ class CachedTables(nn.Module):
         for table in self.tables:
             table.clock = clock
 
+    def _shards(self) -> list[_CacheShard]:
+        return [shard for table in self.tables for shard in table.local_shards()]
+
     def _caches(self) -> list[RowCache]:
-        return [shard.cache for table in self.tables for shard in table.shards]
+        return [shard.cache for shard in self._shards()]
+
+    def table(self, index: int) -> CachedTable:
+        """The cached table of spec position ``index``."""
+        for table in self.tables:
+            if table.index == index:
+                return table
+        raise KeyError(f"no cached table at position {index}")
 
     def prefetch(self, sparse: SparseBatch) -> None:
-        """Start reading the uncached rows of ``sparse`` (a whole batch, every table)."""
+        """Start reading the uncached rows of ``sparse`` (a whole batch, every table;
+        each cache takes the ids of its shard)."""
         for table in self.tables:
             table.prefetch(sparse.ids[table.index])
 
@@ -502,7 +656,7 @@ class CachedTables(nn.Module):
         per_table: dict[str, float] = {}
         for table in self.tables:
             hits = accesses = 0
-            for shard in table.shards:
+            for shard in table.local_shards():
                 s = shard.cache.stats()
                 hits += s.hits
                 accesses += s.accesses
@@ -530,35 +684,90 @@ class CachedTables(nn.Module):
                     total += tensor.numel() * tensor.element_size()
         return total
 
-    def checkpoint(self, step: int) -> None:
-        """Write every dirty cached row back, then make the store durable at ``step``."""
+    # ---- checkpoints: a transaction over the stores ----------------------------------
+    def prepare(self, step: int) -> None:
+        """First phase of the checkpoint of ``step``: every dirty cached row written
+        back, every store durable at ``step`` but in doubt until :meth:`commit` (or,
+        after a crash, :meth:`recover`)."""
         for cache in self._caches():
             cache.flush()
-        self.store.checkpoint(step)
+        for store in self.stores.values():
+            store.prepare(step)
+
+    def commit(self, step: int) -> None:
+        """Second phase: every store prepared at ``step`` commits it."""
+        for store in self.stores.values():
+            if store.prepared_step != step:
+                raise CheckpointError(f"table store {str(store.path)!r} holds no prepared "
+                                      f"checkpoint of step {step} to commit")
+            store.commit_prepared()
+
+    def checkpoint(self, step: int) -> None:
+        """Both phases at once (a run whose only state is these stores)."""
+        self.prepare(step)
+        self.commit(step)
+
+    def recover(self, committed: int | None) -> None:
+        """Settle every store on ``committed``, the newest step that the whole run
+        committed (None: none): a store in doubt at that step rolls forward, one in
+        doubt at another step rolls back; then every store must be at ``committed``
+        (:class:`CheckpointError` naming the store otherwise). The caches start empty."""
+        for store in self.stores.values():
+            prepared = store.prepared_step
+            if prepared is not None and prepared == committed:
+                store.commit_prepared()
+            elif prepared is not None:
+                self._settle_caches()
+                store.rollback()
+        for store in self.stores.values():
+            have = store.checkpoint_step
+            if have != committed:
+                held = "no checkpoint" if have is None else f"tables trained to step {have}"
+                wanted = ("no committed checkpoint" if committed is None
+                          else f"its last committed checkpoint at step {committed}")
+                raise CheckpointError(f"the table store {str(store.path)!r} holds {held}, but "
+                                      f"the run has {wanted}; pass --resume with the "
+                                      f"--checkpoint-dir of the run that wrote the store, or "
+                                      f"use another --store-dir")
+        self._rebuild()
 
     @property
     def checkpoint_step(self) -> int | None:
-        return self.store.checkpoint_step
+        """The step of the stores' last checkpoint (None: none); they must agree."""
+        steps = {store.checkpoint_step for store in self.stores.values()}
+        if len(steps) > 1:
+            raise CheckpointError(f"the table stores are at different steps "
+                                  f"{sorted(steps, key=lambda s: -1 if s is None else s)}: "
+                                  f"resume with --resume to settle them")
+        return steps.pop() if steps else None
 
     def restore(self, step: int) -> None:
-        """Return the tables to the store's checkpoint of ``step`` (its last one):
+        """Return the tables to the stores' checkpoint of ``step`` (their last one):
         writes since then are undone and the caches start empty."""
-        have = self.store.checkpoint_step
-        if have != step:
-            held = "no checkpoint" if have is None else f"the checkpoint of step {have}"
-            raise CheckpointError(f"table store {str(self.store.path)!r} holds {held}, not "
-                                  f"step {step}; resume from the checkpoint of step {have} "
-                                  f"or start afresh with another store_dir")
+        for store in self.stores.values():
+            have = store.checkpoint_step
+            if have != step:
+                held = "no checkpoint" if have is None else f"the checkpoint of step {have}"
+                raise CheckpointError(f"table store {str(store.path)!r} holds {held}, not "
+                                      f"step {step}; resume from the checkpoint of step {have} "
+                                      f"or start afresh with another store_dir")
+        self._settle_caches()
+        for store in self.stores.values():
+            store.rollback()
+        self._rebuild()
+
+    def _settle_caches(self) -> None:
         for cache in self._caches():
             cache.close()
-        self.store.rollback()
-        for table in self.tables:
-            for shard in table.shards:
-                shard.rebuild()
+
+    def _rebuild(self) -> None:
+        for shard in self._shards():
+            shard.rebuild()
 
     def close(self) -> None:
-        """Stop the caches' background work and close the store (writes after its last
-        checkpoint are rolled back)."""
+        """Stop the caches' background work and close the stores (writes after their
+        last checkpoint are rolled back; a store in doubt stays so for :meth:`recover`)."""
         for cache in self._caches():
             cache.close()
-        self.store.close()
+        for store in self.stores.values():
+            store.close()

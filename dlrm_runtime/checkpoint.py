@@ -8,14 +8,31 @@ place, so a process killed at any instant leaves the previous complete checkpoin
 the new one, never a torn one; leftovers of a killed writer are removed by the next.
 
 Tables in a cached tier (:mod:`dlrm_runtime.cached`) are not saved here: their
-weights and optimizer state live in the table store, which the embeddings checkpoint
-themselves (``embeddings.checkpoint(step)``; the row optimizer never sees them, so
-:func:`export_tables` and :func:`import_tables` skip them). The two checkpoints are
-separate commits, so a run with cached tables writes the runtime checkpoint of step S
-keeping the previous one (``save_checkpoint(..., keep=2)``), then checkpoints the
-store at S; resuming takes the runtime checkpoint of the store's step
-(:func:`checkpoint_of_step`). A crash between the two leaves the store at the
-previous step, whose runtime checkpoint is still there.
+weights and optimizer state live in the table stores (one per plan device), which
+the runtime checkpoint must commit together with. A checkpoint of a run with cached
+tables is therefore one transaction over every rank's stores and the runtime
+checkpoint (two-phase commit, rank 0 the coordinator):
+
+1. rank 0 writes ``ckpt-<S>`` (the previous one stays); every rank *prepares* its
+   stores at S (dirty cached rows written back and fsynced, undo records kept:
+   :meth:`storage.TableStore.prepare`);
+2. all ranks agree that every part is prepared (a collective);
+3. rank 0 writes the decision record ``committed.json`` ``{"step": S}`` (temporary
+   file, fsync, atomic rename, fsync of the directory): the commit point;
+4. after a second collective every rank commits its stores, and rank 0 removes the
+   other checkpoints.
+
+On start (:func:`committed_step`, then ``CachedTables.recover``) the decision record
+names the step the run committed, D: a store prepared at D rolls forward, one
+prepared at another step rolls back, and ``ckpt-<D>`` is resumed; checkpoints other
+than D are removed. A crash at any instant (of one rank or all) therefore resumes
+every rank at the same step; with no decision record nothing was committed and the
+run starts from step 0. Runs without cached tables have one part only: their newest
+complete ``ckpt-*`` is their committed step.
+
+:func:`fault_point` kills the process at a named point of this protocol when the
+environment variable ``DLRM_CRASH_AT`` asks for it (crash tests and
+``bench/crash_trials.py``).
 
 Embedding tables are saved independently of their placement: per table the whole
 weight and the whole per-row (Adagrad) or per-element (Adam) optimizer state,
@@ -31,6 +48,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterable
@@ -47,6 +65,13 @@ from dlrm_runtime.optim import RowOptimizer
 from planner import Plan, TablesSpec
 
 FORMAT_VERSION = 1
+DECISION_FILE = "committed.json"
+FAULT_ENV = "DLRM_CRASH_AT"
+"""``POINT[:STEP][@RANK]``: :func:`fault_point` SIGKILLs the process at POINT (of the
+checkpoint of STEP; on rank RANK) when set."""
+FAULT_POINTS = ("saved", "prepared", "decided", "committed")
+"""In protocol order: rank 0's runtime checkpoint written; this rank's stores
+prepared; the decision record written (rank 0); this rank's stores committed."""
 PREFIX = "ckpt-"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -126,7 +151,10 @@ def _discard(path: Path) -> None:
 def _remove_leftovers(directory: Path) -> None:
     for entry in directory.iterdir():
         if entry.name.startswith((".tmp-", ".trash-")):
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def checkpoint_of_step(directory: str | Path, step: int) -> Path | None:
@@ -138,10 +166,10 @@ def checkpoint_of_step(directory: str | Path, step: int) -> Path | None:
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any],
-                    keep: int = 1) -> Path:
+                    keep: int | None = 1) -> Path:
     """Write ``state`` as the checkpoint of ``step``; then drop older checkpoints but
-    the newest ``keep`` (this one included)."""
-    if keep < 1:
+    the newest ``keep`` (this one included; None: drop none)."""
+    if keep is not None and keep < 1:
         raise CheckpointError(f"keep must be >= 1, got {keep}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -164,9 +192,72 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any],
     os.replace(tmp, final)
     _fsync_dir(directory)
     others = [path for _, path in list_checkpoints(directory) if path != final]
-    for older in others[:max(0, len(others) - (keep - 1))]:
+    for older in [] if keep is None else others[:max(0, len(others) - (keep - 1))]:
         _discard(older)
     return final
+
+
+def prune_checkpoints(directory: str | Path, keep_step: int | None) -> None:
+    """Remove every checkpoint but the one of ``keep_step`` (all when None), and
+    leftovers of killed writers."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    _remove_leftovers(directory)
+    for step, path in list_checkpoints(directory):
+        if step != keep_step:
+            _discard(path)
+
+
+# ---------------------------------------------------------------- the decision record
+
+
+def read_decision(directory: str | Path) -> int | None:
+    """The step of the decision record in ``directory`` (None: none, nothing was
+    committed)."""
+    path = Path(directory) / DECISION_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return int(doc["step"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"decision record {path} is unreadable ({exc}); the run's "
+                              f"committed step is unknown: restore it from a backup") from None
+
+
+def write_decision(directory: str | Path, step: int) -> None:
+    """Commit the checkpoint of ``step``: atomically replace the decision record."""
+    directory = Path(directory)
+    tmp = directory / f".tmp-{DECISION_FILE}-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.write(json.dumps({"format": FORMAT_VERSION, "step": step,
+                              "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, directory / DECISION_FILE)
+    _fsync_dir(directory)
+
+
+def committed_step(directory: str | Path, *, two_phase: bool) -> int | None:
+    """The newest step the run in ``directory`` committed: the decision record's for
+    a run with cached tables (``two_phase``), else the newest complete checkpoint's."""
+    if two_phase:
+        return read_decision(directory)
+    found = list_checkpoints(directory)
+    return found[-1][0] if found else None
+
+
+def fault_point(name: str, step: int, rank: int) -> None:
+    """SIGKILL this process here when :data:`FAULT_ENV` names this point (and step,
+    and rank); a testing aid for the crash trials, a no-op otherwise."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    where, _, who = wanted.partition("@")
+    point, _, at = where.partition(":")
+    if point == name and (not at or int(at) == step) and (not who or int(who) == rank):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

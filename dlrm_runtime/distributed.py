@@ -22,6 +22,16 @@ owns it in the plan, for the whole global batch. Per training step:
 6. row-wise Adagrad on a column-wise table split over several ranks: its per-row sums
    of squares are all-reduced among the ranks holding its columns.
 
+Tables in a cached tier (``dram_cache``, ``store_cache``; table-, row- and
+table-row-wise) are lookup jobs like the others, served by their owner through row
+caches over ITS table store, ``<store_dir>/device-<rank>`` (the layout of one
+process too, :mod:`dlrm_runtime.cached`); the reverse exchange brings each cached
+job its pooled gradient, and the fused row optimizer updates the cached rows inside
+the backward. Since every rank has the global batch, each rank prefetches the next
+batch's rows of its own cached shards without an exchange. A checkpoint is one
+transaction over rank 0's runtime checkpoint and every rank's store (two-phase, see
+:mod:`dlrm_runtime.checkpoint`).
+
 The backward runs on ``local_loss / W``: gradients summed over ranks are then exactly
 the gradients of the global mean loss, so the run computes what one process does on
 the whole batch (up to float summation order). Only rank 0 writes progress, the
@@ -32,7 +42,7 @@ process count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -68,7 +78,7 @@ from dlrm_runtime.memory import empty_weight, host_weight
 from dlrm_runtime.metrics import accuracy, roc_auc
 from dlrm_runtime.model import DLRM
 from dlrm_runtime.optim import RowOptimizer
-from dlrm_runtime.sharding import placements_from_plan
+from dlrm_runtime.sharding import CACHED_TIERS, placements_from_plan
 from dlrm_runtime.sparse import SparseBatch
 from dlrm_runtime.timing import PhaseTimer, Stopwatch
 from dlrm_runtime.train import (
@@ -86,6 +96,7 @@ from dlrm_runtime.train import (
 from planner import Optimizer, Plan, Sharding, TableSpec, Tier
 
 if TYPE_CHECKING:
+    from dlrm_runtime.cached import CachedTables
     from dlrm_runtime.data import ClickSource
 
 __all__ = [
@@ -164,24 +175,26 @@ class LookupJob:
     col_end: int
     host: bool = False
     """The ``host`` tier: the rows live in the owner's host memory, pooled on its device."""
+    tier: Tier = Tier.HBM
+    """The shard's tier; in a cached tier the owner serves it through a row cache over
+    its table store (:mod:`dlrm_runtime.cached`)."""
 
     @property
     def cols(self) -> int:
         return self.col_end - self.col_start
 
+    @property
+    def cached(self) -> bool:
+        return self.tier in CACHED_TIERS
+
 
 def lookup_jobs(plan: Plan, world_size: int) -> tuple[tuple[LookupJob, ...], tuple[int, ...]]:
     """The jobs of every model-parallel table in spec order (shards in row or column
     order), and the indices of the data-parallel tables. Raises
-    :class:`PlanMismatchError` for a shard outside the HBM and host tiers or a
-    data-parallel table without a replica on every rank."""
+    :class:`PlanMismatchError` for a data-parallel table without a replica on every
+    rank (and, from :func:`~dlrm_runtime.sharding.placements_from_plan`, for cached
+    tiers of shardings other than table-, row- and table-row-wise)."""
     specs = plan.tables_spec.tables
-    for table in plan.tables:
-        for shard in table.shards:
-            if shard.tier not in (Tier.HBM, Tier.HOST):
-                raise PlanMismatchError(
-                    f"table {table.name!r}: tier {shard.tier.value!r} is not supported in "
-                    f"multi-process runs yet; plan it in HBM or train in one process")
     placements = placements_from_plan(plan)  # checks every sharding type's conventions
     jobs: list[LookupJob] = []
     replicated: list[int] = []
@@ -196,7 +209,8 @@ def lookup_jobs(plan: Plan, world_size: int) -> tuple[tuple[LookupJob, ...], tup
             replicated.append(index)
             continue
         jobs.extend(LookupJob(index, placement.sharding, s.plan_device, s.row_start, s.row_end,
-                              s.col_start, s.col_end, placement.host) for s in placement.shards)
+                              s.col_start, s.col_end, placement.host, s.tier)
+                     for s in placement.shards)
     return tuple(jobs), tuple(replicated)
 
 
@@ -256,7 +270,8 @@ class DistributedEmbeddings(nn.Module):
     """
 
     def __init__(self, plan: Plan, rank: int, world_size: int, device: torch.device,
-                 seed: int = 0, group: dist.ProcessGroup | None = None) -> None:
+                 seed: int = 0, group: dist.ProcessGroup | None = None, *,
+                 store_dir: str | None = None, embedding_lr: float | None = None) -> None:
         super().__init__()
         self.clock: Stopwatch | None = None
         """When set, every exchange's time is added to it (see :mod:`dlrm_runtime.timing`)."""
@@ -303,18 +318,33 @@ class DistributedEmbeddings(nn.Module):
             if rank in owners:
                 self.column_stat_groups[spec.name] = subgroups[owners]
 
-        # this rank's jobs: whole tables batched, shards one weight each
-        whole = [(jobs[j].table, self.specs[jobs[j].table]) for j in self.mine
+        # this rank's jobs: whole tables batched, shards one weight each, cached ones
+        # through row caches over this rank's table store
+        in_memory = [j for j in self.mine if not jobs[j].cached]
+        whole = [(jobs[j].table, self.specs[jobs[j].table]) for j in in_memory
                  if jobs[j].sharding is Sharding.TABLE_WISE]
         position = {jobs[j].table: k for k, j in enumerate(self.mine)
-                    if jobs[j].sharding is Sharding.TABLE_WISE}
+                    if jobs[j].sharding is Sharding.TABLE_WISE and not jobs[j].cached}
         host = frozenset(jobs[j].table for j in self.mine if jobs[j].host)
         members = _whole_groups(whole, host)
         self.whole = nn.ModuleList(TableBatchedBags(m, device, seed, host=m[0][0] in host)
                                    for m in members)
         self.whole_positions = [[position[index] for index, _ in m] for m in members]
+        self.cached_positions = [(k, j) for k, j in enumerate(self.mine) if jobs[j].cached]
+        self.cached: CachedTables | None = None
+        """The cached jobs' row caches and this rank's table store (on every rank when
+        any job is cached, so that every rank takes part in the checkpoint protocol)."""
+        self._next_batch: SparseBatch | None = None
+        if any(job.cached for job in jobs):
+            from dlrm_runtime.cached import CachedTables
+
+            placements = {name: replace(p, shards=tuple(
+                replace(s, device=device) if s.plan_device == rank else s for s in p.shards))
+                for name, p in placements_from_plan(plan).items()}
+            self.cached = CachedTables(plan.tables_spec, placements, device, seed, store_dir,
+                                       embedding_lr, devices=(rank,))
         shards = [(k, j) for k, j in enumerate(self.mine)
-                  if jobs[j].sharding is not Sharding.TABLE_WISE]
+                  if jobs[j].sharding is not Sharding.TABLE_WISE and not jobs[j].cached]
         self.shards = nn.ModuleList(
             ShardBag(self.specs[jobs[j].table], jobs[j], device, seed, row_groups[jobs[j].table])
             for _, j in shards)
@@ -380,7 +410,23 @@ class DistributedEmbeddings(nn.Module):
                 pooled[k] = out[m].float()
         for bag, k in zip(self.shards, self.shard_positions):
             pooled[k] = bag(*received[k])
+        for k, j in self.cached_positions:
+            pooled[k] = self._cached_lookup(self.jobs[j], *received[k])
+        if self._next_batch is not None and self.cached is not None:
+            # this step's rows are resident: read the next batch's misses meanwhile
+            self.cached.prefetch(self._next_batch)
+        self._next_batch = None
         return pooled
+
+    def _cached_lookup(self, job: LookupJob, ids: torch.Tensor,
+                       offsets: torch.Tensor) -> torch.Tensor:
+        """A cached job over the global batch: pooled ``[W b, cols]`` float32; in
+        training the backward (the reverse exchange brings the gradient here) applies
+        the row optimizer to the cached rows."""
+        if self.cached is None:  # pragma: no cover - built whenever a job is cached
+            raise ConfigError("cached job without row caches")
+        table = self.cached.table(job.table)
+        return table.shard_forward(table.shard_at(job.row_start), ids, offsets)
 
     def _pooled_per_job(self, sparse: SparseBatch, b: int) -> list[torch.Tensor]:
         """Every job's pooled ``[b, cols]`` for this rank's samples, in job order."""
@@ -427,6 +473,35 @@ class DistributedEmbeddings(nn.Module):
         if not self.same_dim:
             raise ValueError("forward_stacked needs every table to have the same dim")
         return torch.stack(self.forward(sparse))
+
+    # ------------------------------------------------------------ cached tables
+
+    @property
+    def embedding_lr(self) -> float | None:
+        """Learning rate of the cached jobs' fused row optimizer (None: not set)."""
+        return self.cached.embedding_lr if self.cached is not None else None
+
+    @embedding_lr.setter
+    def embedding_lr(self, lr: float | None) -> None:
+        if self.cached is not None:
+            self.cached.embedding_lr = lr
+
+    def prefetch(self, next_sparse: SparseBatch) -> None:
+        """Announce the GLOBAL batch after the next forward's: once that forward's
+        cached rows are resident, this rank's caches read the rows of ``next_sparse``
+        that their shards own and lack (no exchange needed: every rank has the global
+        batch)."""
+        if self.cached is not None:
+            self._next_batch = next_sparse
+
+    def cache_stats(self) -> dict[str, float] | None:
+        """This rank's cache counters (None without cached tables anywhere)."""
+        return self.cached.stats() if self.cached is not None else None
+
+    def close(self) -> None:
+        """Stop the caches' background work and close this rank's table store."""
+        if self.cached is not None:
+            self.cached.close()
 
     # ------------------------------------------------------------ what the optimizer sees
 
@@ -522,7 +597,8 @@ class DistributedTrainer:
         self.info = info
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
         self.embeddings = DistributedEmbeddings(plan, info.rank, info.world_size, info.device,
-                                                config.seed)
+                                                config.seed, store_dir=config.store_dir,
+                                                embedding_lr=config.embedding_lr)
         dims = [t.embedding_dim for t in plan.tables_spec.tables]
         self.model = DLRM(model_config, self.embeddings, dims, config.seed).dense_to(info.device)
         self.dense_params = self.model.dense_parameters()
@@ -543,6 +619,9 @@ class DistributedTrainer:
             self.row_opt.step()
             return value
         clock = self.embeddings.clock = Stopwatch()
+        cached, updates = self.embeddings.cached, Stopwatch()
+        if cached is not None:  # cached jobs update inside the backward
+            cached.time_updates(updates)
         try:
             with timer.phase("lookup"):
                 pooled = self.model.lookup(local.sparse)
@@ -553,10 +632,13 @@ class DistributedTrainer:
                 value = self._backward(logits, local, clock)
                 self.dense_opt.step()
             timer.move("dense", "communication", clock.seconds - before)
+            timer.move("dense", "update", updates.seconds)
             with timer.phase("update"):
                 self.row_opt.step()
         finally:
             self.embeddings.clock = None
+            if cached is not None:
+                cached.time_updates(None)
         timer.step_done()
         return value
 
@@ -685,11 +767,14 @@ def _train_distributed(plan: Plan, model_config: ModelConfig, config: TrainConfi
                        metrics_log: IO[str] | None) -> TrainResult:
     torch.manual_seed(config.seed)
     trainer = DistributedTrainer(plan, model_config, config)
-    data = data_for(plan, model_config, config, data)
-    return run_loop(
-        plan, model_config, config, data, trainer, Peers(trainer.rank, trainer.world),
-        save_state=trainer.state,
-        validate=lambda: evaluate_distributed(trainer, data, config.eval_batches,
-                                              config.batch_size),
-        devices=(trainer.rank,), communication=True, progress=progress,
-        metrics_log=metrics_log, timing_every=None)
+    try:
+        data = data_for(plan, model_config, config, data)
+        return run_loop(
+            plan, model_config, config, data, trainer, Peers(trainer.rank, trainer.world),
+            save_state=trainer.state,
+            validate=lambda: evaluate_distributed(trainer, data, config.eval_batches,
+                                                  config.batch_size),
+            devices=(trainer.rank,), communication=True, progress=progress,
+            metrics_log=metrics_log, timing_every=None)
+    finally:
+        trainer.embeddings.close()  # cached tables: the store rolls back to its checkpoint

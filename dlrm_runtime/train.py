@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -16,14 +16,17 @@ import torch.nn.functional as F
 
 from dlrm_runtime.checkpoint import (
     FORMAT_VERSION,
+    PREFIX,
     check_fingerprint,
-    checkpoint_of_step,
+    committed_step,
     export_tables,
+    fault_point,
     fingerprint,
     import_tables,
-    latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
+    write_decision,
 )
 from dlrm_runtime.config import ModelConfig, TrainConfig
 from dlrm_runtime.data import (
@@ -47,6 +50,9 @@ from dlrm_runtime.optim import RowOptimizer
 from dlrm_runtime.prediction import StepPrediction, predict_step
 from dlrm_runtime.timing import PhaseTimer, StepTimes, Stopwatch, cpu_ticks, steal_share
 from planner import Plan, TablesSpec, plan_sha256
+
+if TYPE_CHECKING:
+    from dlrm_runtime.cached import CachedTables
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,9 @@ class TrainResult:
     """What the plan predicts for the same step (see :mod:`dlrm_runtime.prediction`)."""
     embedding_bytes: int = 0
     """Bytes of the embedding weights and their optimizer state held by this process."""
+    notice: str | None = None
+    """One line for the user about where the run started, when ``resume`` found
+    nothing committed (it then starts from step 0)."""
 
 
 ProgressFactory = Callable[[int], "Progress"]
@@ -379,6 +388,14 @@ class Peers:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_ok(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (a collective: also a barrier)."""
+        if self.world == 1:
+            return ok
+        flags = [None] * self.world
+        torch.distributed.all_gather_object(flags, bool(ok))
+        return all(flags)
+
     def gather(self, value: object) -> list[object] | None:
         """Every rank's ``value`` in rank order on rank 0; None on the others."""
         if self.world == 1:
@@ -425,38 +442,45 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
     run_fingerprint = fingerprint(plan, model_config, config)
 
     first_step, recent, resumed_from, checkpoint = 0, [], None, None
-    if cached and not config.resume and embeddings.store_checkpoint_step is not None:
-        raise CheckpointError(f"the table store in {config.store_dir} already holds tables "
-                              f"trained to step {embeddings.store_checkpoint_step}; pass "
-                              f"--resume with that run's --checkpoint-dir, or use another "
-                              f"--store-dir")
+    store = embeddings.cached if cached else None
+    notice = None
+    committed = None
     if config.checkpoint_dir is not None:
-        if cached and config.resume:  # the runtime checkpoint of the store's step
-            found = _checkpoint_for_store(config, embeddings.store_checkpoint_step)
-        else:
-            found = latest_checkpoint(config.checkpoint_dir) if lead else None
-        latest = peers.broadcast(None if found is None else str(found))
-        latest = None if latest is None else Path(latest)
-        if config.resume:
-            if latest is None:
-                raise CheckpointError(f"no checkpoint in {config.checkpoint_dir} to resume from; "
-                                      f"run without --resume to start")
-            state = load_checkpoint(latest)  # every rank reads it: a shared directory
-            check_fingerprint(state.get("fingerprint", {}), run_fingerprint, latest)
-            first_step = int(state["step"])
-            if first_step > config.steps:
-                raise CheckpointError(f"checkpoint {latest} is at step {first_step}, past the "
-                                      f"{config.steps} steps asked for; ask for more steps")
-            trainer.restore(state, latest)
-            if cached:
-                embeddings.restore(first_step)
-            recent = [float(v) for v in state["recent_losses"]]
-            resumed_from, checkpoint = first_step, str(latest)
-            del state
-        elif latest is not None:
-            raise CheckpointError(f"{config.checkpoint_dir} already holds checkpoints (newest "
-                                  f"{latest.name}); pass --resume to continue that run or "
-                                  f"choose an empty --checkpoint-dir")
+        # rank 0 reads what the run committed; every rank settles its stores on it
+        found = committed_step(config.checkpoint_dir, two_phase=cached) if lead else None
+        committed = peers.broadcast(found)
+    if store is not None:
+        failure = None
+        try:
+            store.recover(committed)
+        except CheckpointError as exc:
+            failure = exc
+        if not peers.all_ok(failure is None):  # every rank stops alike
+            raise failure or CheckpointError("another rank's table store does not match the "
+                                             "run's committed checkpoint (see its message)")
+    if committed is not None and not config.resume:
+        raise CheckpointError(f"{config.checkpoint_dir} already holds checkpoints (newest "
+                              f"committed: step {committed}); pass --resume to continue that "
+                              f"run or choose an empty --checkpoint-dir")
+    if config.checkpoint_dir is not None and lead and cached:
+        prune_checkpoints(config.checkpoint_dir, committed)  # undecided ones, older ones
+    if committed is not None:
+        latest = Path(config.checkpoint_dir) / f"{PREFIX}{committed:010d}"
+        state = load_checkpoint(latest)  # every rank reads it: a shared directory
+        check_fingerprint(state.get("fingerprint", {}), run_fingerprint, latest)
+        first_step = int(state["step"])
+        if first_step > config.steps:
+            raise CheckpointError(f"checkpoint {latest} is at step {first_step}, past the "
+                                  f"{config.steps} steps asked for; ask for more steps")
+        trainer.restore(state, latest)
+        recent = [float(v) for v in state["recent_losses"]]
+        resumed_from, checkpoint = first_step, str(latest)
+        del state
+    elif config.resume:
+        notice = (f"nothing committed in {config.checkpoint_dir}: starting from step 0"
+                  if config.checkpoint_dir is not None
+                  else "no --checkpoint-dir to resume from: starting from step 0")
+        _log(log, {"event": "resume", "step": 0, "note": notice})
     bar = progress(config.steps) if progress and lead else Progress()
     if first_step:
         bar.update(first_step, {"resumed": str(first_step)})
@@ -497,12 +521,11 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
                         done == config.steps
                         or (config.checkpoint_every and done % config.checkpoint_every == 0)):
                     state = save_state(done, run_fingerprint, recent)  # may gather to rank 0
-                    # with cached tables, two commits: the runtime's (keeping the previous
-                    # one) then the store's; a crash between them resumes the previous step
-                    path = (save_checkpoint(config.checkpoint_dir, done, state,
-                                            keep=2 if cached else 1) if lead else None)
-                    if cached:
-                        embeddings.checkpoint(done)
+                    if store is None:  # one part: the checkpoint's atomic rename commits
+                        path = save_checkpoint(config.checkpoint_dir, done, state) if lead else None
+                    else:
+                        path = _commit_checkpoint(config.checkpoint_dir, done, state, store,
+                                                  peers)
                     checkpoint = str(peers.broadcast(None if path is None else str(path)))
                     saved[0] = done
                     _log(log, {"event": "checkpoint", "step": done, "path": checkpoint})
@@ -532,7 +555,7 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
     return TrainResult(config.steps, config.batch_size,
                        float(np.mean(recent)) if recent else float("nan"),
                        trained * config.batch_size / seconds if trained else 0.0, seconds,
-                       validation, resumed_from, checkpoint, times, prediction, held)
+                       validation, resumed_from, checkpoint, times, prediction, held, notice)
 
 
 def _spans_devices(plan: Plan) -> bool:
@@ -552,17 +575,34 @@ def embedding_bytes(trainer: Stepper) -> int:
     return weights + state + (cached.resident_bytes() if cached is not None else 0)
 
 
-def _checkpoint_for_store(config: TrainConfig, store_step: int | None) -> Path | None:
-    """The runtime checkpoint that goes with the table store's last checkpoint."""
-    if store_step is None:
-        raise CheckpointError(f"the table store in {config.store_dir} holds no checkpoint to "
-                              f"resume from; run without --resume to start")
-    found = checkpoint_of_step(config.checkpoint_dir, store_step)
-    if found is None:
-        raise CheckpointError(f"the table store in {config.store_dir} is at step {store_step} "
-                              f"but {config.checkpoint_dir} has no checkpoint of that step; "
-                              f"pass the --checkpoint-dir of the run that wrote the store")
-    return found
+def _commit_checkpoint(directory: str, step: int, state: dict | None, stores: CachedTables,
+                       peers: Peers) -> Path | None:
+    """The checkpoint of ``step`` as one transaction over rank 0's runtime checkpoint
+    and every rank's table stores (see :mod:`dlrm_runtime.checkpoint`); returns the
+    runtime checkpoint's path on rank 0."""
+    lead = peers.rank == 0
+    path, failure = None, None
+    try:
+        if lead:
+            path = save_checkpoint(directory, step, state, keep=None)  # not yet decided
+            fault_point("saved", step, peers.rank)
+        stores.prepare(step)
+        fault_point("prepared", step, peers.rank)
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the vote below
+        failure = exc
+    if not peers.all_ok(failure is None):  # every part prepared, or the step is abandoned
+        raise CheckpointError(f"checkpoint of step {step} abandoned: "
+                              f"{failure or 'another rank failed to prepare it'}; the run's "
+                              f"last committed checkpoint stays") from failure
+    if lead:
+        write_decision(directory, step)  # the commit point
+        fault_point("decided", step, peers.rank)
+    peers.all_ok(True)  # the decision is durable before any store commits
+    stores.commit(step)
+    fault_point("committed", step, peers.rank)
+    if lead:
+        prune_checkpoints(directory, step)
+    return path
 
 
 def _log(out: IO[str] | None, record: dict) -> None:

@@ -18,6 +18,17 @@ Protocol (one writer; every step is ordered by fsync):
    CRC: that record was being appended when the writer died, so none of its data
    writes can have started.
 
+Two-phase commit (a checkpoint shared with other stores or files, decided by a
+coordinator): ``prepare(step)`` fsyncs the chunk files and writes
+``prepared.json`` ``{"step", "generation": g + 1}`` (the active generation) the same
+atomic way; the store is then *in doubt*: its undo records are kept, writes are
+refused, and neither opening nor closing it rolls anything back. The coordinator
+then either commits (the marker ``{"step", "generation": g + 1}`` is written, which
+is the commit point, then the journal reset and ``prepared.json`` removed) or aborts
+(``prepared.json`` removed first, then the records replayed as on open). On open, a
+``prepared.json`` whose generation is not the active one is a leftover of a commit
+that completed and is removed.
+
 File format (little-endian): a 16-byte header ``b"DLJ1"``, generation (u64), CRC-32
 of the first 12 bytes (u32); then records: ``b"DLR1"``, generation (u64), row count
 (u32), row bytes (u32), key length (u16), 2 reserved bytes, CRC-32 (u32) of the
@@ -137,6 +148,11 @@ def _read_record(f: BinaryIO, generation: int) -> tuple[JournalRecord | None, in
     return JournalRecord(key, ids, rows), RECORD_PREFIX_BYTES + body_len
 
 
+def _record_size(record: JournalRecord) -> int:
+    return (RECORD_PREFIX_BYTES + len(record.key.encode("utf-8"))
+            + record.ids.size * 8 + record.rows.size)
+
+
 def has_records(path: Path, generation: int) -> bool:
     """Whether the journal holds at least one valid record of ``generation``."""
     if read_generation(path) != generation:
@@ -147,14 +163,22 @@ def has_records(path: Path, generation: int) -> bool:
 class UndoJournal:
     """The append side of the journal, owned by the one writer."""
 
-    def __init__(self, path: Path, generation: int) -> None:
+    def __init__(self, path: Path, generation: int, *, keep_records: bool = False) -> None:
+        """Open the journal at ``generation``: reset (empty), or with ``keep_records``
+        continued after its valid records of that generation (an in-doubt store keeps
+        them until its coordinator decides)."""
         self.path = path
         self.generation = generation
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         self._size = 0
         self.broken = False
         try:
-            self.reset(generation)
+            if keep_records and read_generation(path) == generation:
+                self._size = HEADER_BYTES
+                for offset, record in iter_records(path, generation):
+                    self._size = offset + _record_size(record)
+            else:
+                self.reset(generation)
         except BaseException:
             self.close()
             raise
@@ -264,6 +288,22 @@ def write_checkpoint(txn_dir: Path, marker_name: str, checkpoint: Checkpoint) ->
     finally:
         os.close(fd)
     os.replace(tmp, txn_dir / marker_name)
+    fsync_dir(txn_dir)
+
+
+def read_prepared(txn_dir: Path, name: str) -> Checkpoint | None:
+    """The prepared (in-doubt) checkpoint recorded in ``name``; None when absent."""
+    if not (txn_dir / name).exists():
+        return None
+    return read_checkpoint(txn_dir, name)
+
+
+def remove_marker(txn_dir: Path, name: str) -> None:
+    """Delete marker ``name`` (if present) durably."""
+    try:
+        os.unlink(txn_dir / name)
+    except FileNotFoundError:
+        return
     fsync_dir(txn_dir)
 
 

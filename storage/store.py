@@ -19,6 +19,12 @@ Semantics worth knowing:
   after a crash at any instant, opening with ``mode="r+"`` rolls every array back
   to the last completed checkpoint (``checkpoint_step``). ``close()`` (and leaving a
   ``with`` block) also rolls back uncommitted writes; call ``checkpoint`` first.
+* Two-phase checkpoints, for a checkpoint that must commit together with other
+  stores or files (one per rank of a distributed run): ``prepare(step)`` makes the
+  writes durable but keeps their undo records; the store is then in doubt
+  (``prepared_step``) until ``commit_prepared()`` or ``rollback()``, also across a
+  crash: opening an in-doubt store rolls nothing back (and closing it neither), so
+  the coordinator that knows the outcome decides (see :mod:`storage.journal`).
 * ``add_table`` is not part of a checkpoint: a table is durable once it returns.
 * One writer (``mode="r+"``, an exclusive lock) or any number of readers (``"r"``,
   a shared lock) at a time. A reader refuses a store that a crashed writer left
@@ -83,6 +89,8 @@ from storage.layout import (
 from storage.tables import ProgressFn, build_table, check_init_array, make_spec
 
 Mode = Literal["r", "r+"]
+PREPARED_FILE = "prepared.json"
+"""In ``_txn/``: the step and journal generation of an in-doubt (prepared) checkpoint."""
 SYNC_THREADS = 8
 """Threads that fdatasync chunk files at flush/checkpoint (overlapping device flushes)."""
 
@@ -100,6 +108,8 @@ class TableStore:
         self._specs: dict[str, TableSpec] = {}
         self._files: dict[tuple[str, str], ChunkFiles] = {}
         self._checkpoint = jr.read_checkpoint(self._txn, MARKER_FILE)
+        self._prepared: int | None = None
+        """Step of the in-doubt prepared checkpoint (None: not in doubt)."""
         self._journal: jr.UndoJournal | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
@@ -196,9 +206,11 @@ class TableStore:
                 self._specs[entry.name] = TableSpec.from_attrs(attrs, str(meta))
 
     def _recover(self) -> None:
-        """Undo the writes of an unfinished generation, then start a fresh journal."""
+        """Undo the writes of an unfinished generation, then start a fresh journal; an
+        in-doubt prepared checkpoint keeps its journal (see :meth:`prepare`)."""
         txn = self._txn
         jr.remove_stale_temporaries(txn, MARKER_FILE)
+        jr.remove_stale_temporaries(txn, PREPARED_FILE)
         shutil.rmtree(txn / STAGING_DIR, ignore_errors=True)
         active = self._checkpoint.generation + 1
         path = txn / JOURNAL_FILE
@@ -207,6 +219,19 @@ class TableStore:
             raise CorruptStoreError(path, f"journal generation {found} is ahead of the "
                                           f"checkpoint marker ({active - 1}); restore the "
                                           f"store from a backup")
+        prepared = jr.read_prepared(txn, PREPARED_FILE)
+        if prepared is not None and prepared.generation > active:
+            raise CorruptStoreError(txn / PREPARED_FILE, f"prepared generation "
+                                                         f"{prepared.generation} is ahead of "
+                                                         f"the checkpoint marker "
+                                                         f"({active - 1}); restore the store "
+                                                         f"from a backup")
+        if prepared is not None and prepared.generation == active:
+            self._journal = jr.UndoJournal(path, active, keep_records=True)
+            self._prepared = prepared.step
+            return
+        if prepared is not None:  # its commit completed; only the removal was missing
+            jr.remove_marker(txn, PREPARED_FILE)
         if found == active:
             self._undo(path, active)
         self._journal = jr.UndoJournal(path, active)
@@ -246,6 +271,12 @@ class TableStore:
     def checkpoint_step(self) -> int | None:
         """Step of the last completed checkpoint (None before the first)."""
         return self._checkpoint.step
+
+    @property
+    def prepared_step(self) -> int | None:
+        """Step of a prepared checkpoint awaiting :meth:`commit_prepared` or
+        :meth:`rollback` (None when the store is not in doubt)."""
+        return self._prepared
 
     def tables(self) -> tuple[str, ...]:
         """Names of the tables, sorted."""
@@ -356,6 +387,7 @@ class TableStore:
 
     def _scatter(self, name: str, role: str, ids: Any, rows: Any) -> None:
         self._check_writable("scatter")
+        self._check_not_prepared("scatter")
         files = self._chunk_files(name, role)
         id_array = self._ids(name, ids)
         values = self._rows(name, role, rows, id_array.size, files.layout.width)
@@ -393,6 +425,7 @@ class TableStore:
         """Make every write so far durable and record ``step``; a crash at any later
         instant reopens the store in exactly this state."""
         self._check_writable("checkpoint")
+        self._check_not_prepared("checkpoint")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise StoreArgumentError(f"checkpoint step must be an int >= 0, got {step!r}")
         journal = self._writer_journal()
@@ -404,10 +437,46 @@ class TableStore:
         for files in self._files.values():
             files.forget_journaled()
 
+    def prepare(self, step: int) -> None:
+        """First phase of a checkpoint at ``step``: every write so far durable, its undo
+        records kept. Until :meth:`commit_prepared` or :meth:`rollback` the store is in
+        doubt (:attr:`prepared_step`): writes are refused, and a crash, :meth:`close`
+        or reopening keeps both outcomes possible."""
+        self._check_writable("checkpoint")
+        self._check_not_prepared("prepare")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise StoreArgumentError(f"checkpoint step must be an int >= 0, got {step!r}")
+        journal = self._writer_journal()
+        self.flush()
+        jr.write_checkpoint(self._txn, PREPARED_FILE,
+                            jr.Checkpoint(step=int(step), generation=journal.generation))
+        self._prepared = int(step)
+
+    def commit_prepared(self) -> None:
+        """Second phase: the prepared checkpoint becomes the store's last checkpoint
+        (the marker's atomic replace is the commit point)."""
+        self._check_writable("commit_prepared")
+        if self._prepared is None:
+            raise StoreArgumentError(f"{self._path}: commit_prepared needs a prepared "
+                                     f"checkpoint; call prepare(step) first")
+        journal = self._writer_journal()
+        committed = jr.Checkpoint(step=self._prepared, generation=journal.generation)
+        jr.write_checkpoint(self._txn, MARKER_FILE, committed)
+        self._checkpoint = committed
+        self._prepared = None
+        journal.reset(committed.generation + 1)
+        jr.remove_marker(self._txn, PREPARED_FILE)
+        for files in self._files.values():
+            files.forget_journaled()
+
     def rollback(self) -> None:
-        """Discard every write since the last checkpoint (restores the old rows)."""
+        """Discard every write since the last checkpoint (restores the old rows); for
+        an in-doubt store: abort the prepared checkpoint."""
         self._check_writable("rollback")
         journal = self._writer_journal()
+        if self._prepared is not None:  # from here on, a crash rolls back on open
+            jr.remove_marker(self._txn, PREPARED_FILE)
+            self._prepared = None
         if journal.size_bytes > jr.HEADER_BYTES:
             self._undo(journal.path, journal.generation, journal.size_bytes)
         journal.reset(journal.generation)
@@ -430,7 +499,8 @@ class TableStore:
                     hook()
                 except Exception:  # noqa: BLE001 - the cache reports its errors to its own user
                     pass
-            if self._journal is not None and not self._journal.broken:
+            if (self._journal is not None and not self._journal.broken
+                    and self._prepared is None):  # an in-doubt store waits for its decision
                 self.rollback()
         finally:
             self._release()
@@ -467,6 +537,12 @@ class TableStore:
         self._check_open()
         if self._mode != "r+":
             raise ReadOnlyStoreError(self._path, operation)
+
+    def _check_not_prepared(self, operation: str) -> None:
+        if self._prepared is not None:
+            raise StoreError(f"{self._path}: {operation} refused: the store holds a prepared "
+                             f"checkpoint of step {self._prepared}; commit_prepared() or "
+                             f"rollback() first")
 
     def _writer_journal(self) -> jr.UndoJournal:
         journal = self._journal

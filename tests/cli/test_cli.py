@@ -235,12 +235,16 @@ def test_profile_data_then_plan(tmp_path: Path, capsys) -> None:
     assert "line 6" in capsys.readouterr().err
 
 
-def test_resume_without_checkpoint_exits_2(tmp_path: Path, tables_file: Path,
-                                           topology_file: Path, capsys) -> None:
+def test_resume_without_checkpoint_starts_from_step_0(tmp_path: Path, tables_file: Path,
+                                                      topology_file: Path, capsys) -> None:
+    """Resume-if-present: nothing committed yet, so the run starts and says so."""
     path = _plan_file(tmp_path, tables_file, topology_file)
     capsys.readouterr()
-    code = run_cli.main(["--plan", str(path), "--steps", "2", "--bottom-mlp", "16,8",
-                         "--checkpoint-dir", str(tmp_path / "none"), "--resume", "--no-progress"])
-    assert code == ExitCode.BAD_INPUT
+    common = ["--plan", str(path), "--steps", "2", "--bottom-mlp", "16,8",
+              "--checkpoint-dir", str(tmp_path / "none"), "--no-progress"]
+    assert run_cli.main([*common, "--resume"]) == ExitCode.OK
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"nothing committed in {tmp_path / 'none'}: starting from step 0"
+    assert run_cli.main(common) == ExitCode.BAD_INPUT  # without --resume: not over a run
     err = capsys.readouterr().err
-    assert "checkpoint" in err and "Traceback" not in err
+    assert "already holds checkpoints" in err and "Traceback" not in err

@@ -21,9 +21,13 @@ from dlrm_runtime import (
 from dlrm_runtime.cached import ADAGRAD_EPS, store_tables
 from dlrm_runtime.checkpoint import (
     checkpoint_of_step,
+    committed_step,
     export_tables,
     list_checkpoints,
+    prune_checkpoints,
+    read_decision,
     save_checkpoint,
+    write_decision,
 )
 from dlrm_runtime.embeddings import InMemoryEmbeddings, init_table
 from dlrm_runtime.model import DLRM
@@ -258,16 +262,63 @@ def test_models_without_cached_tables_ignore_the_loop_api() -> None:
     embeddings.close()
 
 
-def test_runtime_checkpoints_can_keep_the_previous_one_for_the_store(tmp_path: Path) -> None:
-    """keep=2 leaves the previous runtime checkpoint beside the new one, so a store left
-    at the previous step by a crash still finds its runtime checkpoint."""
+def test_runtime_checkpoints_are_kept_until_pruned(tmp_path: Path) -> None:
+    """keep=None leaves every checkpoint (a step not yet decided by the two-phase
+    commit keeps its predecessor); prune_checkpoints keeps only the decided one."""
     state = {"fingerprint": {}}
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, state, keep=2)
-    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+        save_checkpoint(tmp_path, step, state, keep=None)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2, 3]
     assert checkpoint_of_step(tmp_path, 2) == tmp_path / "ckpt-0000000002"
+    prune_checkpoints(tmp_path, 2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
     assert checkpoint_of_step(tmp_path, 1) is None
     save_checkpoint(tmp_path, 4, state)  # keep=1: only the newest
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
+    prune_checkpoints(tmp_path, None)
+    assert list_checkpoints(tmp_path) == []
     with pytest.raises(CheckpointError, match="keep must be >= 1"):
         save_checkpoint(tmp_path, 5, state, keep=0)
+
+
+def test_the_decision_record_round_trips_and_reports_damage(tmp_path: Path) -> None:
+    assert read_decision(tmp_path) is None
+    write_decision(tmp_path, 7)
+    assert read_decision(tmp_path) == 7
+    assert committed_step(tmp_path, two_phase=True) == 7
+    assert committed_step(tmp_path, two_phase=False) is None  # no ckpt-* here
+    (tmp_path / "committed.json").write_text("{")
+    with pytest.raises(CheckpointError, match="decision record .* is unreadable"):
+        read_decision(tmp_path)
+
+
+def test_the_store_dir_holds_one_store_per_plan_device(tmp_path: Path) -> None:
+    _, plan = _plans("sgd")  # cached shards on devices 0 and 1
+    embeddings_from_plan(plan, CPU, store_dir=str(tmp_path / "s")).close()
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["device-0", "device-1"]
+    only_one = embeddings_from_plan(plan, CPU, store_dir=str(tmp_path / "s"))
+    try:
+        assert sorted(only_one.cached.stores) == [0, 1]
+    finally:
+        only_one.close()
+    single = tmp_path / "old"
+    from storage import TableStore
+    TableStore.create(single).close()  # one store at the root: an older layout
+    with pytest.raises(ConfigError, match="it is one store, and runs keep one store per plan "
+                                          "device"):
+        embeddings_from_plan(plan, CPU, store_dir=str(single))
+
+
+def test_a_store_half_built_by_a_killed_run_is_built_again(tmp_path: Path) -> None:
+    """Stores are built beside their path and renamed into place: what a run killed
+    while building leaves is a hidden leftover, removed by the next run."""
+    _, plan = _plans("sgd")
+    leftover = tmp_path / "s" / ".device-0.tmp-12345"
+    leftover.mkdir(parents=True)
+    (leftover / "zarr.json").write_text("{ torn")
+    embeddings = embeddings_from_plan(plan, CPU, seed=5, store_dir=str(tmp_path / "s"))
+    try:
+        assert torch.equal(embeddings.weight("t1"), init_table(plan.tables_spec.tables[1], 1, 5))
+    finally:
+        embeddings.close()
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["device-0", "device-1"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dlrm_runtime import CheckpointError, ConfigError, TrainConfig, build_model, train
-from dlrm_runtime.checkpoint import list_checkpoints
+from dlrm_runtime.checkpoint import list_checkpoints, read_decision
 from tests.dlrm_runtime.test_cached import MODEL, _plans
 
 STEPS = 6
@@ -49,9 +49,10 @@ def test_checkpoint_and_resume_through_the_store(tmp_path: Path) -> None:
     first = _config(tmp_path / "b", steps=4, checkpoint_dir=str(tmp_path / "b" / "ck"),
                     checkpoint_every=2)
     train(cached, MODEL, first)
-    # the runtime keeps the previous checkpoint too: the store may lag one commit behind
-    assert [step for step, _ in list_checkpoints(first.checkpoint_dir)] == [2, 4]
-    with pytest.raises(CheckpointError, match="already holds tables trained to step 4"):
+    # one transaction: the decision record names step 4, the only checkpoint kept
+    assert [step for step, _ in list_checkpoints(first.checkpoint_dir)] == [4]
+    assert read_decision(first.checkpoint_dir) == 4
+    with pytest.raises(CheckpointError, match="already holds checkpoints .*committed: step 4"):
         train(cached, MODEL, _config(tmp_path / "b", checkpoint_dir=first.checkpoint_dir))
     resumed = train(cached, MODEL, _config(tmp_path / "b", checkpoint_dir=first.checkpoint_dir,
                                            resume=True))
@@ -61,13 +62,16 @@ def test_checkpoint_and_resume_through_the_store(tmp_path: Path) -> None:
                                    rtol=0, atol=0)
 
 
-def test_resume_needs_the_runtime_checkpoint_of_the_store_step(tmp_path: Path) -> None:
+def test_a_store_ahead_of_the_checkpoint_dir_is_refused(tmp_path: Path) -> None:
     _, cached = _plans("sgd")
     run = _config(tmp_path, steps=2, checkpoint_dir=str(tmp_path / "ck"))
     train(cached, MODEL, run)
-    with pytest.raises(CheckpointError, match="is at step 2 but .* has no checkpoint"):
+    with pytest.raises(CheckpointError, match="holds tables trained to step 2, but the run "
+                                              "has no committed checkpoint"):
         train(cached, MODEL, _config(tmp_path, checkpoint_dir=str(tmp_path / "other"),
                                      resume=True))
+    with pytest.raises(CheckpointError, match="holds tables trained to step 2"):
+        train(cached, MODEL, _config(tmp_path))  # no checkpoint dir at all
 
 
 def test_cached_plan_needs_a_store_dir(tmp_path: Path) -> None:

@@ -665,3 +665,65 @@ def test_every_error_is_a_store_error() -> None:
                   StoreLockedError("p", "r"), RecoveryRequiredError("p", None)):
         assert isinstance(error, StoreError)
         assert "\n" not in str(error) and str(error)
+
+
+def test_two_phase_checkpoint_commits_or_aborts_and_survives_reopening(tmp_path: Path) -> None:
+    """prepare() makes writes durable but keeps their undo records: the store is in
+    doubt (writes refused, nothing rolled back by close or reopen) until
+    commit_prepared() or rollback() decides."""
+    path = tmp_path / "s"
+    ids = np.arange(0, 100, 7)
+
+    def rows(value: float) -> np.ndarray:
+        return np.full((ids.size, 4), value, dtype=np.float32)
+
+    with TableStore.create(path) as store:
+        store.add_table("w", 100, 4, optimizer_state="rowwise_adagrad")
+        store.scatter("w", ids, rows(1.0))
+        store.checkpoint(1)
+        store.scatter("w", ids, rows(2.0))
+        store.prepare(2)
+        assert (store.prepared_step, store.checkpoint_step) == (2, 1)
+        for write in (lambda: store.scatter("w", ids, rows(9.0)),
+                      lambda: store.checkpoint(3), lambda: store.prepare(3)):
+            with pytest.raises(StoreError, match="prepared checkpoint of step 2"):
+                write()
+    with pytest.raises(RecoveryRequiredError):  # readers wait for the decision
+        TableStore.open(path, mode="r")
+    with TableStore.open(path, mode="r+") as store:  # in doubt: nothing rolled back
+        assert (store.prepared_step, store.checkpoint_step) == (2, 1)
+        assert np.array_equal(store.gather("w", ids), rows(2.0))
+        store.commit_prepared()
+        assert (store.prepared_step, store.checkpoint_step) == (None, 2)
+    with TableStore.open(path, mode="r+") as store:
+        assert (store.prepared_step, store.checkpoint_step) == (None, 2)
+        assert np.array_equal(store.gather("w", ids), rows(2.0))
+        store.scatter("w", ids, rows(3.0))
+        store.scatter_state("w", ids, np.ones((ids.size, 1), dtype=np.float32))
+        store.prepare(3)
+    with TableStore.open(path, mode="r+") as store:
+        assert store.prepared_step == 3
+        store.rollback()  # abort
+        assert (store.prepared_step, store.checkpoint_step) == (None, 2)
+        assert np.array_equal(store.gather("w", ids), rows(2.0))
+        assert not store.gather_state("w", ids).any()
+        with pytest.raises(StoreArgumentError, match="commit_prepared needs a prepared"):
+            store.commit_prepared()
+    assert not (path / "_txn" / "prepared.json").exists()
+
+
+def test_a_prepared_marker_left_by_a_completed_commit_is_removed(tmp_path: Path) -> None:
+    """A crash after the commit point (the checkpoint marker) but before prepared.json
+    was removed: the store opens committed, not in doubt."""
+    path = tmp_path / "s"
+    store = TableStore.create(path)
+    store.add_table("w", 10, 2)
+    store.scatter("w", [1], np.ones((1, 2), dtype=np.float32))
+    store.prepare(5)
+    generation = jr.read_prepared(path / "_txn", "prepared.json").generation
+    jr.write_checkpoint(path / "_txn", "checkpoint.json", jr.Checkpoint(5, generation))
+    store._release()  # the process dies here: no rollback, no removal
+    with TableStore.open(path, mode="r+") as store:
+        assert (store.prepared_step, store.checkpoint_step) == (None, 5)
+        assert np.array_equal(store.gather("w", [1]), np.ones((1, 2), dtype=np.float32))
+    assert not (path / "_txn" / "prepared.json").exists()

@@ -95,38 +95,37 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _MASK64 = (1 << 64) - 1
 _INT_RE = re.compile(rb"[+-]?[0-9]+")
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _HEX_RE = re.compile(rb"[0-9a-fA-F]{1,%d}" % MAX_HEX_DIGITS)
 
-# Byte codes of the fast path: hex digits -> their value, the sign, separators, rest.
-_SIGN, _CR, _BAD, _TAB, _NL = 0x20, 0x41, 0x40, 0xFE, 0xFF
-
-
-def _code_table() -> bytes:
-    table = bytearray([_BAD]) * 256
-    for i, c in enumerate(b"0123456789abcdef"):
-        table[c] = i
-    for i, c in enumerate(b"ABCDEF"):
-        table[c] = 10 + i
-    table[ord("-")] = _SIGN
-    table[ord("\r")] = _CR
-    table[ord("\t")] = _TAB
-    table[ord("\n")] = _NL
-    return bytes(table)
-
-
-_CODES = _code_table()
-_PAD = bytes([_BAD]) * 8
+_ONES = 0x0101010101010101
+_HIGH = np.uint64(0x80 * _ONES)
+_LOW_NIBBLES = np.uint64(0x0F * _ONES)
+_LOWEST_BITS = np.uint64(_ONES)
+_LOWERCASE = np.uint64(0x20 * _ONES)
 _KEEP = np.array([0] + [(0xFFFFFFFFFFFFFFFF << (8 * (8 - k))) & 0xFFFFFFFFFFFFFFFF
                         for k in range(1, 9)] + [0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
 """``_KEEP[k]``: the mask of the top ``k`` bytes of a little-endian word (k <= 8; 9 keeps all)."""
-_SHIFT_TO_FIRST = np.array([0] + [8 * (8 - k) for k in range(1, 9)] + [0], dtype=np.uint64)
-"""``word >> _SHIFT_TO_FIRST[k]`` brings the first byte of a ``k``-byte field to byte 0."""
 _M8 = np.uint64(0x00FF00FF00FF00FF)
 _M16 = np.uint64(0x0000FFFF0000FFFF)
 _M32 = np.uint64(0x00000000FFFFFFFF)
-_HIGH = np.uint64(0x8080808080808080)
-_NIBBLE_HIGH = np.uint64(0xF0F0F0F0F0F0F0F0)
-_DIGIT_BIAS = np.uint64(0x7676767676767676)
+_EXACT_IN_FLOAT = 1 << 53
+"""Integer features at or above this go to :func:`parse_line` (its log is exact)."""
+_LENIENT = (b" ", b"x", b"X")
+"""Bytes that Arrow's integer conversion accepts where the grammar does not (it trims
+spaces and reads ``0x`` hexadecimal); a block holding one goes line by line."""
+_BOM = b"\xef\xbb\xbf"
+_BISECT_LINES = 64
+"""A block Arrow refuses is halved until it has this many lines or fewer, then parsed
+line by line with :func:`parse_line`."""
+
+
+def _at_least(k: int) -> np.uint64:
+    """Added to a word of ASCII bytes, sets a byte's high bit where the byte is >= ``k``."""
+    return np.uint64((0x80 - k) * _ONES)
+
+
+_GE_SPACE, _GE_0, _GE_COLON, _GE_A, _GE_G = (_at_least(c) for c in b" 0:ag")
 
 
 class CriteoFormatError(RuntimeErrorBase, ValueError):
@@ -267,7 +266,11 @@ def _decode_line(line: bytes, path: str, number: int) -> tuple[int, list[float],
         if not text:
             dense.append(0.0)
         elif _INT_RE.fullmatch(text):
-            dense.append(_log1p_int(int(text)))
+            value = int(text)
+            if not _INT64_MIN <= value <= _INT64_MAX:
+                raise CriteoFormatError(path, number, FIELD_NAMES[i],
+                                        f"integer outside the 64-bit range: {_show(text)}")
+            dense.append(_log1p_int(value))
         else:
             raise CriteoFormatError(path, number, FIELD_NAMES[i], f"not an integer: {_show(text)}")
     values: list[int | None] = []
@@ -383,7 +386,7 @@ class CriteoReader:
         pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         with handle, pool if pool is not None else contextlib.nullcontext():
             total = os.fstat(handle.fileno()).st_size
-            pending: deque[tuple[int, bytes | None, int, Future[_FastBlock] | None]] = deque()
+            pending: deque[tuple[int, bytes | None, int, Future[_Decoded | None] | None]] = deque()
             blocks = _blocks(handle, self.start, self.stop, self.chunk_bytes)
             tick = time.perf_counter()
             while True:
@@ -392,7 +395,7 @@ class CriteoReader:
                     if item is None:
                         break
                     first, block = item
-                    job = (pool.submit(_parse_block, block, self._sizes)
+                    job = (pool.submit(_decode_block, block, block.count(b"\n"), self._sizes)
                            if pool is not None and block is not None else None)
                     pending.append((first, block, handle.tell(), job))
                 if not pending:
@@ -403,8 +406,9 @@ class CriteoReader:
                     self._malformed_line(CriteoFormatError(
                         self.path, first + 1, None, f"longer than {MAX_LINE_BYTES} bytes"))
                     continue
-                fast = job.result() if job is not None else _parse_block(block, self._sizes)
-                chunk = self._finish(fast, block, first)
+                decoded = (job.result() if job is not None
+                           else _decode_block(block, block.count(b"\n"), self._sizes))
+                chunk = self._decode(block, first, decoded)
                 self._bytes = done_bytes
                 self._seconds += time.perf_counter() - tick
                 if self.progress is not None:
@@ -414,18 +418,49 @@ class CriteoReader:
                 tick = time.perf_counter()
             self._seconds += time.perf_counter() - tick
 
-    def _finish(self, fast: _FastBlock, block: bytes, first: int) -> ParsedChunk:
-        """Decode the lines the fast path left with the reference parser; count and
-        drop (or raise for) malformed ones."""
-        n = fast.line_start.size
+    def _decode(self, block: bytes, first: int, decoded: _Decoded | None) -> ParsedChunk:
+        """The samples of a block whose first line is ``first`` (0-based), from Arrow
+        (``decoded``) where it took the block, else from its halves, down to
+        :data:`_BISECT_LINES` lines parsed one by one."""
+        lines = block.count(b"\n")
+        if decoded is not None:
+            return self._finish(decoded, block, first)
+        if lines <= _BISECT_LINES:
+            return self._reference(block, first)
+        cut = _nth_newline(block, lines // 2) + 1
+        halves = [(block[:cut], first), (block[cut:], first + lines // 2)]
+        chunks = [self._decode(part, at, _decode_block(part, part.count(b"\n"), self._sizes))
+                  for part, at in halves]
+        return ParsedChunk(*(np.concatenate([getattr(c, f) for c in chunks])
+                             for f in ("labels", "dense", "rows")))
+
+    def _reference(self, block: bytes, first: int) -> ParsedChunk:
+        """Every line of ``block`` through :func:`parse_line`."""
+        parsed = []
+        for i, line in enumerate(block.split(b"\n")[:-1]):
+            self._lines += 1
+            try:
+                parsed.append(_parse_line(line, self.sizes, self.path, first + i + 1))
+            except CriteoFormatError as exc:
+                self._malformed_line(exc)
+        self._samples += len(parsed)
+        return ParsedChunk(np.array([p.label for p in parsed], dtype=np.float32),
+                           np.array([p.dense for p in parsed], dtype=np.float32).reshape(-1, NUM_DENSE),
+                           np.array([p.rows for p in parsed], dtype=np.int64).reshape(-1, NUM_SPARSE))
+
+    def _finish(self, fast: _Decoded, block: bytes, first: int) -> ParsedChunk:
+        """Decode the lines Arrow left with the reference parser; count and drop (or
+        raise for) malformed ones."""
+        n = fast.labels.size
         self._lines += n
         if fast.slow.size == 0:
             self._samples += n
             return ParsedChunk(fast.labels, fast.dense, fast.rows)
+        line_end = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
         keep = np.ones(n, dtype=bool)
         labels, dense, rows = fast.labels, fast.dense, fast.rows
         for i in fast.slow.tolist():
-            line = block[fast.line_start[i]:fast.line_end[i]]
+            line = block[line_end[i - 1] + 1 if i else 0:line_end[i]]
             try:
                 parsed = _parse_line(line, self.sizes, self.path, first + i + 1)
             except CriteoFormatError as exc:
@@ -501,100 +536,99 @@ def _nth_newline(block: bytes, n: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class _FastBlock:
+class _Decoded:
     labels: np.ndarray
+    """[n] float32."""
     dense: np.ndarray
+    """[n, 13] float32."""
     rows: np.ndarray
-    line_start: np.ndarray
-    line_end: np.ndarray
+    """[n, 26] int64."""
     slow: np.ndarray
-    """Lines (block indices) the fast path could not decode; their values are garbage."""
+    """Lines (block indices) that :func:`parse_line` must decide; their values are garbage."""
 
 
-def _parse_block(block: bytes, sizes: np.ndarray) -> _FastBlock:
-    """Vectorised decoding of a block of whole lines.
+def _decode_block(block: bytes, lines: int, sizes: np.ndarray) -> _Decoded | None:
+    """Decode a block of ``lines`` whole lines with Arrow's CSV reader, or ``None`` when
+    Arrow cannot take it line for line (a wrong field count, a value its integer
+    conversion refuses, a byte where it is more lenient than the grammar).
 
-    Bytes are translated to codes (hex digit -> its value, ``-`` -> 0x20, tab -> 0xFE,
-    newline -> 0xFF, anything else 0x40 or 0x41 for ``\r``). Every field is loaded as
-    the little-endian 8-byte word that ends where the field ends, the bytes before the
-    field's start are masked off, and fields of 1-8 characters are checked and decoded
-    with SWAR arithmetic on the words (all fields of the block at once).
+    Arrow splits the fields and converts ``I1..I13`` to int64; the label and the
+    categorical fields come as raw bytes, checked and decoded here, each categorical
+    value as the 8-byte word that ends where it ends. Lines with a value Arrow's types
+    cannot hold exactly (a categorical value over 8 digits, an integer from 2**53 on)
+    or that break the grammar are left to :func:`parse_line` (``slow``).
     """
-    text = _PAD + block.translate(_CODES)
-    codes = np.frombuffer(text, dtype=np.uint8)
-    seps = np.flatnonzero(codes >= _TAB)
-    newline = np.flatnonzero(codes[seps] == _NL)
-    n = newline.size
-    lengths = np.empty_like(seps)  # characters between a separator and the one before
-    lengths[:1] = seps[:1] - len(_PAD)
-    np.subtract(seps[1:], seps[:-1], out=lengths[1:])
-    lengths[1:] -= 1
-    line_end = seps[newline]
-    line_start = np.empty(n, dtype=np.int64)
-    line_start[:1] = len(_PAD)
-    line_start[1:] = line_end[:-1] + 1
-    fields = np.empty_like(newline)  # fields per line
-    fields[:1] = newline[:1] + 1
-    np.subtract(newline[1:], newline[:-1], out=fields[1:])
-    good = fields == NUM_FIELDS
-    if good.all():
-        good_lines = None
-        ends, lengths = seps.reshape(n, NUM_FIELDS), lengths.reshape(n, NUM_FIELDS)
-    else:
-        good_lines = np.flatnonzero(good)
-        keep = np.repeat(good, fields)
-        ends, lengths = seps[keep].reshape(-1, NUM_FIELDS), lengths[keep].reshape(-1, NUM_FIELDS)
-    cr = (lengths[:, -1] > 0) & (codes[ends[:, -1] - 1] == _CR)
-    if cr.any():  # \r\n line ends: the last field ends before the \r
-        ends[:, -1] -= cr
-        lengths[:, -1] -= cr
-    ends -= 8  # now the start of the word that ends where each field ends
-    words = _words(text)
-    short = np.minimum(lengths, 9).astype(np.uint8)  # 9: too long for the fast path
-    bad = short > 8
+    import pyarrow as pa
+    from pyarrow import csv
 
-    # label: one character, 0 or 1
-    label = codes[ends[:, 0] + 7]
-    bad[:, 0] |= (short[:, 0] != 1) | (label > 1)
+    if (block.count(b"\t") != (NUM_FIELDS - 1) * lines or block.startswith(_BOM)
+            or any(c in block for c in _LENIENT)):
+        return None
+    cr = block.count(b"\r")
+    if cr and cr != block.count(b"\r\n"):  # Arrow ends a line at a lone \r
+        return None
+    try:
+        table = csv.read_csv(
+            pa.py_buffer(block),
+            read_options=csv.ReadOptions(column_names=list(FIELD_NAMES), use_threads=False,
+                                         block_size=len(block) + 1),
+            parse_options=csv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
+                                           escape_char=False, ignore_empty_lines=False),
+            convert_options=csv.ConvertOptions(
+                column_types={name: pa.int64() if name.startswith("I") else pa.binary()
+                              for name in FIELD_NAMES},
+                null_values=[""], strings_can_be_null=False, quoted_strings_can_be_null=False))
+    except pa.ArrowInvalid:
+        return None
+    if table.num_rows != lines:
+        return None
+    columns = [c.combine_chunks() for c in table.columns]
 
-    # integer features: optional '-', then 1-8 digits; a negative value clamps to 0
-    dl = short[:, 1:1 + NUM_DENSE]
-    dw = words[ends[:, 1:1 + NUM_DENSE]].view("<u8")
-    first = (dw >> _SHIFT_TO_FIRST[dl]) & np.uint64(0xFF)
-    negative = (dl >= 2) & (first == _SIGN)
-    digits = dw & _KEEP[dl - negative]
-    bad[:, 1:1 + NUM_DENSE] |= ((digits | (digits + _DIGIT_BIAS)) & _HIGH) != 0
-    x = (digits & _M8) * np.uint64(10) + ((digits >> np.uint64(8)) & _M8)
-    x = (x & _M16) * np.uint64(100) + ((x >> np.uint64(16)) & _M16)
-    x = (x & _M32) * np.uint64(10000) + (x >> np.uint64(32))
-    x[negative] = 0
-    dense = np.log1p(x.astype(np.float64)).astype(np.float32)
+    # label: exactly one character, 0 or 1
+    offsets, data = _binary_parts(columns[0])
+    slow = np.diff(offsets) != 1
+    label = np.frombuffer(data, dtype=np.uint8)[np.minimum(offsets[:-1], len(data) - 1)] - 48 \
+        if len(data) else np.zeros(lines, dtype=np.uint8)
+    slow |= label > 1
 
-    # categorical features: 1-8 hex digits (longer ones go to the slow path)
-    hl = short[:, 1 + NUM_DENSE:]
-    hw = words[ends[:, 1 + NUM_DENSE:]].view("<u8")
-    hw &= _KEEP[hl]
-    bad[:, 1 + NUM_DENSE:] |= (hw & _NIBBLE_HIGH) != 0
-    v = ((hw & _M8) << np.uint64(4)) | ((hw >> np.uint64(8)) & _M8)
+    # integer features: missing or negative -> 0
+    ints = np.stack([c.fill_null(0).to_numpy() for c in columns[1:1 + NUM_DENSE]], axis=1)
+    np.maximum(ints, 0, out=ints)
+    slow |= (ints >= _EXACT_IN_FLOAT).any(axis=1)
+    dense = np.log1p(ints.astype(np.float64)).astype(np.float32)
+
+    # categorical features: 1-8 hex digits here, longer ones in parse_line
+    parts, ends, lengths, base = [b"\0" * 8], [], [], 8
+    for column in columns[1 + NUM_DENSE:]:
+        offsets, data = _binary_parts(column)
+        ends.append(offsets[1:] + (base - offsets[0] - 8))
+        lengths.append(np.diff(offsets))
+        parts.append(data[offsets[0]:offsets[-1]])
+        base += offsets[-1] - offsets[0]
+    size = np.minimum(np.stack(lengths, axis=1), 9)  # [n, 26]; 9: too long for a word
+    words = _words(b"".join(parts))[np.stack(ends, axis=1)].view("<u8")
+    words &= _KEEP[size]
+    bad = (size > 8) | ((words & _HIGH) != 0)
+    lower = words | _LOWERCASE  # A-F -> a-f
+    ok = ((lower + _GE_0) & ~(lower + _GE_COLON)) | ((lower + _GE_A) & ~(lower + _GE_G))
+    ok &= words + _GE_SPACE  # control bytes would fold onto digits
+    bad |= (ok & _HIGH) != (_KEEP[size] & _HIGH)
+    slow |= bad.any(axis=1)
+    nibbles = (words & _LOW_NIBBLES) + ((words >> np.uint64(6)) & _LOWEST_BITS) * np.uint64(9)
+    v = ((nibbles & _M8) << np.uint64(4)) | ((nibbles >> np.uint64(8)) & _M8)
     v = ((v & _M16) << np.uint64(8)) | ((v >> np.uint64(16)) & _M16)
     v = ((v & _M32) << np.uint64(16)) | (v >> np.uint64(32))
     rows = (splitmix64(v) % sizes).astype(np.int64)
-    rows[hl == 0] = MISSING_ROW
+    rows[size == 0] = MISSING_ROW
+    return _Decoded(label.astype(np.float32), dense, rows, np.flatnonzero(slow))
 
-    slow_good = bad.any(axis=1)
-    labels = label.astype(np.float32)
-    line_start -= len(_PAD)
-    line_end -= len(_PAD)
-    if good_lines is None:
-        return _FastBlock(labels, dense, rows, line_start, line_end, np.flatnonzero(slow_good))
-    full_labels = np.zeros(n, dtype=np.float32)
-    full_dense = np.zeros((n, NUM_DENSE), dtype=np.float32)
-    full_rows = np.zeros((n, NUM_SPARSE), dtype=np.int64)
-    full_labels[good_lines], full_dense[good_lines], full_rows[good_lines] = labels, dense, rows
-    slow = np.ones(n, dtype=bool)
-    slow[good_lines] = slow_good
-    return _FastBlock(full_labels, full_dense, full_rows, line_start, line_end,
-                      np.flatnonzero(slow))
+
+def _binary_parts(array: Any) -> tuple[np.ndarray, memoryview]:
+    """Offsets (int64, ``len + 1``) and data bytes of an Arrow binary array."""
+    buffers = array.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int32, count=len(array) + 1,
+                            offset=4 * array.offset).astype(np.int64)
+    return offsets, memoryview(buffers[2] if buffers[2] is not None else b"")
 
 
 def _words(text: bytes) -> np.ndarray:

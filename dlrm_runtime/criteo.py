@@ -1,29 +1,32 @@
 """Criteo click logs (Kaggle display-advertising and Terabyte TSV) for training.
 
 Format: one sample per line, 40 tab-separated fields: the label (``0`` or ``1``), 13
-integer features ``I1..I13`` (decimal, possibly negative) and 26 categorical
-features ``C1..C26`` (hexadecimal, 32-bit in the published data; up to 64 bits are
-accepted). Every feature may be missing (an empty field); the label may not.
+integer features ``I1..I13`` (decimal, possibly negative, within the signed 64-bit range)
+and 26 categorical features ``C1..C26`` (hexadecimal, 32-bit in the published data; up
+to 64 bits are accepted). Every feature may be missing (an empty field); the label may
+not.
 
 Transformations (fixed; the cache header records the format version):
 
 - dense value = ``log(1 + max(x, 0))`` computed in float64 and stored as float32; a
-  missing or negative value gives 0. Integers of any size are accepted (``10**30``
-  gives 69.08; beyond float64 the natural log of the integer is taken exactly).
+  missing or negative value gives 0.
 - categorical row = ``splitmix64(int(value, 16)) % num_embeddings`` where
   ``splitmix64`` is SplitMix64's finaliser (golden-ratio increment, then the two
   multiply-xorshift rounds); a missing value maps to row :data:`MISSING_ROW` (0).
   The hash is the same for every table; only the modulus differs.
 
-Reading is streamed in blocks of whole lines (``chunk_bytes`` at a time, 16 MiB by
-default; a line over :data:`MAX_LINE_BYTES` is skipped as malformed without being held)
-and vectorised with numpy: each field is loaded as one 8-byte word and decoded with
-SWAR arithmetic (optionally in ``workers`` threads). Lines the fast path cannot decode
-(a field longer than 8 characters, a ``+`` sign, a wrong field count, a bad character)
-go through :func:`parse_line`, the reference parser, which either decodes them or
-reports why they are malformed. Malformed lines are skipped and counted (the first
-few are kept in the report), or raise :class:`CriteoFormatError` naming the file,
-line and field when ``strict=True``.
+Reading is streamed in blocks of whole lines (``chunk_bytes`` at a time, 4 MiB by
+default; a line over :data:`MAX_LINE_BYTES` is skipped as malformed without being held),
+decoded in ``workers`` threads. Arrow's CSV reader (``pyarrow.csv``) splits each block
+into fields and converts the integers; the labels and the hex values are checked and
+decoded with numpy. :func:`parse_line` is the reference parser and has the last word:
+lines Arrow's types cannot hold exactly (a hex value over 8 digits, a ``+`` sign, an
+integer from 2**53 on) go through it, and a block Arrow refuses (a wrong field count, a
+bad value, or a byte where Arrow is more lenient than the grammar: spaces, ``0x``, a
+byte-order mark, a lone ``\r``) is halved until the parts are accepted or small enough
+to parse line by line. Malformed lines are skipped and counted (the first few are kept
+in the report), or raise :class:`CriteoFormatError` naming the file, line and field
+when ``strict=True``.
 
 Train/validation splits are line ranges: ``start`` and ``stop`` are 0-based line
 indices, half-open like a Python slice (``start=0, stop=40_000_000`` is the first 40 M
@@ -82,8 +85,10 @@ CACHE_VERSION = 1
 CACHE_MAGIC = b"DLRMCRT1"
 CACHE_DATA_OFFSET = 64
 """Byte offset of the first record in a cache file."""
-DEFAULT_CHUNK_BYTES = 1 << 24
+DEFAULT_CHUNK_BYTES = 1 << 22
 """Bytes of text parsed per block (whole lines; a block grows to hold a longer line)."""
+MAX_WORKERS = 8
+"""Most threads a reader uses by default (one per CPU up to this)."""
 MAX_LINE_BYTES = 1 << 20
 """A line longer than about this (it may reach this plus ``chunk_bytes``) is malformed
 and skipped without being held in memory."""
@@ -190,6 +195,11 @@ def _log1p_int(value: int) -> float:
     if value < 1 << 53:
         return math.log1p(value)
     return math.log(value)  # exact for big ints; log(1 + x) == log(x) in float64 here
+
+
+def default_workers() -> int:
+    """Threads a reader uses unless told: one per CPU, at most :data:`MAX_WORKERS`."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 def table_sizes(tables: TablesSpec | Sequence[int]) -> tuple[int, ...]:
@@ -345,20 +355,21 @@ class CriteoReader:
     Iterate to get :class:`ParsedChunk` blocks; :meth:`report` tells what was read so
     far. Memory is bounded by ``chunk_bytes`` (times a small factor, times ``workers``),
     not the file. ``progress(bytes_read, file_bytes)`` is called after every block.
-    ``workers > 1`` decodes the next blocks in threads while one is handed out (numpy
-    releases the GIL for most of the work; on the 2-core development machine, shared
-    with other jobs, this measured no gain, so the default is 1).
+    ``workers`` threads (default :func:`default_workers`) decode the next blocks while
+    one is handed out (Arrow and numpy release the GIL for most of the work).
     """
 
     def __init__(self, path: str | os.PathLike[str], tables: TablesSpec | Sequence[int], *,
                  start: int = 0, stop: int | None = None, strict: bool = False,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int = 1,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> None:
         if start < 0 or (stop is not None and stop < start):
             raise ConfigError(f"line range must satisfy 0 <= start <= stop, got start={start}, "
                               f"stop={stop}")
         if chunk_bytes < 1:
             raise ConfigError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if workers is None:
+            workers = default_workers()
         if workers < 1:
             raise ConfigError(f"workers must be at least 1, got {workers}")
         self.path = str(path)
@@ -386,7 +397,7 @@ class CriteoReader:
         pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         with handle, pool if pool is not None else contextlib.nullcontext():
             total = os.fstat(handle.fileno()).st_size
-            pending: deque[tuple[int, bytes | None, int, Future[_Decoded | None] | None]] = deque()
+            pending: deque[tuple[int, bytes | None, int, int, Future[_Decoded | None] | None]] = deque()
             blocks = _blocks(handle, self.start, self.stop, self.chunk_bytes)
             tick = time.perf_counter()
             while True:
@@ -394,21 +405,21 @@ class CriteoReader:
                     item = next(blocks, None)
                     if item is None:
                         break
-                    first, block = item
-                    job = (pool.submit(_decode_block, block, block.count(b"\n"), self._sizes)
+                    first, block, lines = item
+                    job = (pool.submit(_decode_block, block, lines, self._sizes)
                            if pool is not None and block is not None else None)
-                    pending.append((first, block, handle.tell(), job))
+                    pending.append((first, block, lines, handle.tell(), job))
                 if not pending:
                     break
-                first, block, done_bytes, job = pending.popleft()
+                first, block, lines, done_bytes, job = pending.popleft()
                 if block is None:
                     self._lines += 1
                     self._malformed_line(CriteoFormatError(
                         self.path, first + 1, None, f"longer than {MAX_LINE_BYTES} bytes"))
                     continue
                 decoded = (job.result() if job is not None
-                           else _decode_block(block, block.count(b"\n"), self._sizes))
-                chunk = self._decode(block, first, decoded)
+                           else _decode_block(block, lines, self._sizes))
+                chunk = self._decode(block, first, lines, decoded)
                 self._bytes = done_bytes
                 self._seconds += time.perf_counter() - tick
                 if self.progress is not None:
@@ -418,19 +429,20 @@ class CriteoReader:
                 tick = time.perf_counter()
             self._seconds += time.perf_counter() - tick
 
-    def _decode(self, block: bytes, first: int, decoded: _Decoded | None) -> ParsedChunk:
+    def _decode(self, block: bytes, first: int, lines: int,
+                decoded: _Decoded | None) -> ParsedChunk:
         """The samples of a block whose first line is ``first`` (0-based), from Arrow
         (``decoded``) where it took the block, else from its halves, down to
         :data:`_BISECT_LINES` lines parsed one by one."""
-        lines = block.count(b"\n")
         if decoded is not None:
             return self._finish(decoded, block, first)
         if lines <= _BISECT_LINES:
             return self._reference(block, first)
         cut = _nth_newline(block, lines // 2) + 1
-        halves = [(block[:cut], first), (block[cut:], first + lines // 2)]
-        chunks = [self._decode(part, at, _decode_block(part, part.count(b"\n"), self._sizes))
-                  for part, at in halves]
+        halves = [(block[:cut], first, lines // 2), (block[cut:], first + lines // 2,
+                                                     lines - lines // 2)]
+        chunks = [self._decode(part, at, count, _decode_block(part, count, self._sizes))
+                  for part, at, count in halves]
         return ParsedChunk(*(np.concatenate([getattr(c, f) for c in chunks])
                              for f in ("labels", "dense", "rows")))
 
@@ -480,9 +492,10 @@ class CriteoReader:
 
 
 def _blocks(handle: BinaryIO, start: int, stop: int | None,
-            chunk_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+            chunk_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
     """Blocks of whole lines (each ending in ``\\n``) of lines ``[start, stop)``, with
-    the 0-based index of each block's first line; a last line without ``\\n`` gets one.
+    the 0-based index of each block's first line and the block's line count; a last line
+    without ``\\n`` gets one.
     A line longer than :data:`MAX_LINE_BYTES` is skipped unread and yields ``None``."""
     line = 0  # index of the next line to hand out
     head: list[bytes] = []  # the start of a line whose end is not read yet
@@ -492,7 +505,7 @@ def _blocks(handle: BinaryIO, start: int, stop: int | None,
         data = handle.read(chunk_bytes)
         if not data:
             if skipping and line >= start:
-                yield line, None
+                yield line, None, 1
             if skipping or not head:
                 return
             data = b"\n"  # end the last line
@@ -501,7 +514,7 @@ def _blocks(handle: BinaryIO, start: int, stop: int | None,
             if end < 0:
                 continue
             if line >= start:
-                yield line, None
+                yield line, None, 1
             line, skipping, data = line + 1, False, data[end + 1:]
             if (stop is not None and line >= stop) or not data:
                 continue
@@ -526,7 +539,7 @@ def _blocks(handle: BinaryIO, start: int, stop: int | None,
         if stop is not None and line + count > stop:
             block = block[:_nth_newline(block, stop - line) + 1]
             count = stop - line
-        yield line, block
+        yield line, block, count
         line += count
 
 
@@ -553,20 +566,20 @@ def _decode_block(block: bytes, lines: int, sizes: np.ndarray) -> _Decoded | Non
     conversion refuses, a byte where it is more lenient than the grammar).
 
     Arrow splits the fields and converts ``I1..I13`` to int64; the label and the
-    categorical fields come as raw bytes, checked and decoded here, each categorical
-    value as the 8-byte word that ends where it ends. Lines with a value Arrow's types
-    cannot hold exactly (a categorical value over 8 digits, an integer from 2**53 on)
-    or that break the grammar are left to :func:`parse_line` (``slow``).
+    categorical fields come as raw bytes, checked and decoded here (all 8-digit values
+    at once with ``bytes.fromhex``, else each as the 8-byte word that ends where it
+    ends). Lines with a value these types cannot hold exactly (a categorical value over
+    8 digits, an integer from 2**53 on) or that break the grammar are left to
+    :func:`parse_line` (``slow``).
     """
     import pyarrow as pa
     from pyarrow import csv
 
-    if (block.count(b"\t") != (NUM_FIELDS - 1) * lines or block.startswith(_BOM)
+    if (block.startswith((b"\n", b"\r\n", _BOM)) or b"\n\n" in block or b"\n\r\n" in block
             or any(c in block for c in _LENIENT)):
-        return None
-    cr = block.count(b"\r")
-    if cr and cr != block.count(b"\r\n"):  # Arrow ends a line at a lone \r
-        return None
+        return None  # Arrow reads an empty line as a row of nulls
+    if b"\r" in block and block.count(b"\r") != block.count(b"\r\n"):
+        return None  # Arrow ends a line at a lone \r
     try:
         table = csv.read_csv(
             pa.py_buffer(block),
@@ -586,41 +599,70 @@ def _decode_block(block: bytes, lines: int, sizes: np.ndarray) -> _Decoded | Non
 
     # label: exactly one character, 0 or 1
     offsets, data = _binary_parts(columns[0])
-    slow = np.diff(offsets) != 1
-    label = np.frombuffer(data, dtype=np.uint8)[np.minimum(offsets[:-1], len(data) - 1)] - 48 \
-        if len(data) else np.zeros(lines, dtype=np.uint8)
+    slow = (offsets[1:] - offsets[:-1]) != 1
+    label = (np.frombuffer(data, dtype=np.uint8)[np.minimum(offsets[:-1], len(data) - 1)] - 48
+             if len(data) else np.zeros(lines, dtype=np.uint8))
     slow |= label > 1
 
     # integer features: missing or negative -> 0
-    ints = np.stack([c.fill_null(0).to_numpy() for c in columns[1:1 + NUM_DENSE]], axis=1)
+    ints = np.stack([c.fill_null(0).to_numpy() for c in columns[1:1 + NUM_DENSE]])  # [13, n]
     np.maximum(ints, 0, out=ints)
-    slow |= (ints >= _EXACT_IN_FLOAT).any(axis=1)
+    slow |= (ints >= _EXACT_IN_FLOAT).any(axis=0)
     dense = np.log1p(ints.astype(np.float64)).astype(np.float32)
 
-    # categorical features: 1-8 hex digits here, longer ones in parse_line
-    parts, ends, lengths, base = [b"\0" * 8], [], [], 8
-    for column in columns[1 + NUM_DENSE:]:
+    # categorical features: hex digits, one table per row of [26, n]
+    parts, lengths = [], np.empty((NUM_SPARSE, lines), dtype=np.int64)
+    for c, column in enumerate(columns[1 + NUM_DENSE:]):
         offsets, data = _binary_parts(column)
-        ends.append(offsets[1:] + (base - offsets[0] - 8))
-        lengths.append(np.diff(offsets))
+        np.subtract(offsets[1:], offsets[:-1], out=lengths[c])
         parts.append(data[offsets[0]:offsets[-1]])
-        base += offsets[-1] - offsets[0]
-    size = np.minimum(np.stack(lengths, axis=1), 9)  # [n, 26]; 9: too long for a word
-    words = _words(b"".join(parts))[np.stack(ends, axis=1)].view("<u8")
+    text = b"".join(parts)
+    present = lengths != 0
+    values = _hex8(text, present) if ((lengths == 8) | ~present).all() else None
+    if values is None:
+        values, bad = _hex_words(text, lengths)
+        slow |= bad.any(axis=0)
+    rows = splitmix64(values)
+    for c in range(NUM_SPARSE):  # one divisor per row: numpy divides by a scalar faster
+        np.remainder(rows[c], sizes[c], out=rows[c])
+    rows = rows.astype(np.int64)
+    rows[~present] = MISSING_ROW
+    return _Decoded(label.astype(np.float32), dense.T, rows.T, np.flatnonzero(slow))
+
+
+def _hex8(text: bytes, present: np.ndarray) -> np.ndarray | None:
+    """[26, n] uint64 values when ``text`` is the 8-digit hex values where ``present``
+    (in row order), or ``None`` when it holds anything else."""
+    try:
+        raw = bytes.fromhex(text.decode("ascii"))
+    except ValueError:  # not ASCII, not hex
+        return None
+    if 2 * len(raw) != len(text):  # fromhex skips whitespace
+        return None
+    values = np.zeros(present.shape, dtype=np.uint64)
+    values[present] = np.frombuffer(raw, dtype=">u4")
+    return values
+
+
+def _hex_words(text: bytes, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[26, n] uint64 values of the hex values of ``lengths`` bytes each laid end to end
+    in ``text``, and where a value is not 1-8 hex digits (its value is then garbage).
+
+    Each value is the little-endian word that ends where it ends, its bytes before the
+    value masked off; the checks and the decoding are SWAR arithmetic on the words."""
+    size = np.minimum(lengths, 9).astype(np.uint8)  # 9: too long for a word
+    ends = np.cumsum(lengths, axis=None).reshape(lengths.shape)
+    words = _words(b"\0" * 8 + text)[ends].view("<u8")
     words &= _KEEP[size]
     bad = (size > 8) | ((words & _HIGH) != 0)
     lower = words | _LOWERCASE  # A-F -> a-f
     ok = ((lower + _GE_0) & ~(lower + _GE_COLON)) | ((lower + _GE_A) & ~(lower + _GE_G))
     ok &= words + _GE_SPACE  # control bytes would fold onto digits
     bad |= (ok & _HIGH) != (_KEEP[size] & _HIGH)
-    slow |= bad.any(axis=1)
     nibbles = (words & _LOW_NIBBLES) + ((words >> np.uint64(6)) & _LOWEST_BITS) * np.uint64(9)
     v = ((nibbles & _M8) << np.uint64(4)) | ((nibbles >> np.uint64(8)) & _M8)
     v = ((v & _M16) << np.uint64(8)) | ((v >> np.uint64(16)) & _M16)
-    v = ((v & _M32) << np.uint64(16)) | (v >> np.uint64(32))
-    rows = (splitmix64(v) % sizes).astype(np.int64)
-    rows[size == 0] = MISSING_ROW
-    return _Decoded(label.astype(np.float32), dense, rows, np.flatnonzero(slow))
+    return ((v & _M32) << np.uint64(16)) | (v >> np.uint64(32)), bad
 
 
 def _binary_parts(array: Any) -> tuple[np.ndarray, memoryview]:
@@ -799,7 +841,7 @@ class CriteoCache:
 
 def build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
                 tables: TablesSpec | Sequence[int], *, start: int = 0, stop: int | None = None,
-                strict: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int = 1,
+                strict: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> CriteoCache:
     """Parse lines ``[start, stop)`` of ``source`` into the cache file ``cache``
     (replacing any file there, atomically) and open it.
@@ -873,7 +915,7 @@ def _fsync_directory(path: Path) -> None:
 def open_or_build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
                         tables: TablesSpec | Sequence[int], *, start: int = 0,
                         stop: int | None = None, strict: bool = False, rebuild: bool = True,
-                        chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int = 1,
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None,
                         progress: Callable[[int, int], None] | None = None) -> CriteoCache:
     """The cache of lines ``[start, stop)`` of ``source`` for these tables: opened when
     it exists and is fresh (same source size and mtime, table sizes, line range and

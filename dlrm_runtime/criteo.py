@@ -336,6 +336,8 @@ class ParseReport:
     """The first :data:`MAX_REPORTED_ERRORS` malformed lines."""
     bytes_read: int
     seconds: float
+    file_lines: int | None = None
+    """Lines in the whole file, when the read reached its end (else ``None``)."""
 
     @property
     def lines_per_s(self) -> float:
@@ -382,10 +384,12 @@ class CriteoReader:
         self._lines = self._samples = self._malformed = self._bytes = 0
         self._errors: list[CriteoFormatError] = []
         self._seconds = 0.0
+        self._file_lines: int | None = None
 
     def report(self) -> ParseReport:
         return ParseReport(self.path, self.start, self.stop, self._lines, self._samples,
-                           self._malformed, tuple(self._errors), self._bytes, self._seconds)
+                           self._malformed, tuple(self._errors), self._bytes, self._seconds,
+                           self._file_lines)
 
     def __iter__(self) -> Iterator[ParsedChunk]:
         """Blocks decoded in file order; with ``workers > 1`` the vectorised decoding of
@@ -406,6 +410,9 @@ class CriteoReader:
                     if item is None:
                         break
                     first, block, lines = item
+                    if block == b"":  # the end of the file
+                        self._file_lines = first
+                        continue
                     job = (pool.submit(_decode_block, block, lines, self._sizes)
                            if pool is not None and block is not None else None)
                     pending.append((first, block, lines, handle.tell(), job))
@@ -496,7 +503,9 @@ def _blocks(handle: BinaryIO, start: int, stop: int | None,
     """Blocks of whole lines (each ending in ``\\n``) of lines ``[start, stop)``, with
     the 0-based index of each block's first line and the block's line count; a last line
     without ``\\n`` gets one.
-    A line longer than :data:`MAX_LINE_BYTES` is skipped unread and yields ``None``."""
+    A line longer than :data:`MAX_LINE_BYTES` is skipped unread and yields ``None``; the
+    end of the file, when reached, yields an empty block whose index is the file's line
+    count."""
     line = 0  # index of the next line to hand out
     head: list[bytes] = []  # the start of a line whose end is not read yet
     head_bytes = 0
@@ -507,6 +516,7 @@ def _blocks(handle: BinaryIO, start: int, stop: int | None,
             if skipping and line >= start:
                 yield line, None, 1
             if skipping or not head:
+                yield line + int(skipping), b"", 0
                 return
             data = b"\n"  # end the last line
         if skipping:
@@ -751,6 +761,17 @@ class CacheHeader:
             errors=tuple(dict(e) for e in doc["errors"]), parse_seconds=float(doc["parse_seconds"]),
             version=int(doc["version"]))
 
+    def inconsistency(self) -> str | None:
+        """What in this header contradicts itself, or ``None``."""
+        if len(self.table_sizes) != NUM_SPARSE or min(self.table_sizes) < 1:
+            return f"table sizes {list(self.table_sizes)} are not 26 positive sizes"
+        if self.samples < 0 or self.malformed < 0 or self.samples + self.malformed != self.lines:
+            return (f"{self.samples} samples and {self.malformed} malformed lines do not make "
+                    f"{self.lines} lines")
+        if self.start < 0 or (self.stop is not None and self.stop - self.start < self.lines):
+            return f"{self.lines} lines do not fit lines {self.start}:{self.stop}"
+        return None
+
     def stale_reason(self, stamp: SourceStamp, sizes: Sequence[int], start: int,
                      stop: int | None) -> str | None:
         """Why this cache does not hold the given source, tables and lines, or ``None``."""
@@ -768,18 +789,23 @@ class CacheHeader:
 class CriteoCache:
     """A read-only, memory-mapped cache file of parsed samples (see the module doc)."""
 
-    def __init__(self, path: Path, header: CacheHeader, records: np.ndarray) -> None:
+    def __init__(self, path: Path, header: CacheHeader, records: np.ndarray,
+                 built: bool = False) -> None:
         self.path = path
         self.header = header
         self.records = records
         """[N] structured records (``label``, ``dense``, ``rows``), memory-mapped."""
+        self.built = built
+        """Whether this cache was built by the call that returned it (else reused)."""
 
     @staticmethod
-    def open(path: str | os.PathLike[str]) -> CriteoCache:
+    def open(path: str | os.PathLike[str], *, built: bool = False) -> CriteoCache:
         """Open a cache without checking it against a source (see :func:`open_or_build_cache`).
 
-        Raises :class:`CriteoCacheError` for a missing, truncated or foreign file or
-        another format version.
+        Raises :class:`CriteoCacheError` for a missing, truncated or foreign file, another
+        format version, a header that contradicts itself or the file's size, or records
+        out of range among the first and last :data:`CHECKED_RECORDS` (every batch read
+        later is checked too).
         """
         path = Path(path)
         try:
@@ -808,7 +834,10 @@ class CriteoCache:
         try:
             header = CacheHeader.from_json(doc)
         except (KeyError, TypeError, ValueError) as exc:
-            raise CriteoCacheError(f"{path}: malformed cache header: {exc!r}") from None
+            raise CriteoCacheError(f"{path}: malformed cache header: {exc!r}{_REBUILD}") from None
+        problem = header.inconsistency()
+        if problem is not None:
+            raise CriteoCacheError(f"{path}: corrupted cache header: {problem}{_REBUILD}")
         dtype = record_dtype(header.table_sizes)
         data_bytes = size - 16 - length - CACHE_DATA_OFFSET
         if data_bytes != header.samples * dtype.itemsize:
@@ -817,7 +846,22 @@ class CriteoCache:
         records = (np.memmap(path, dtype=dtype, mode="r", offset=CACHE_DATA_OFFSET,
                              shape=(header.samples,))
                    if header.samples else np.zeros(0, dtype=dtype))
-        return CriteoCache(path, header, records)
+        cache = CriteoCache(path, header, records, built)
+        cache.check(0, min(CHECKED_RECORDS, len(cache)))
+        cache.check(max(0, len(cache) - CHECKED_RECORDS), len(cache))
+        return cache
+
+    def check(self, lo: int, hi: int, records: np.ndarray | None = None) -> None:
+        """Raise :class:`CriteoCacheError` naming the file and the first bad sample when a
+        record of samples ``lo..hi-1`` (``records``, when given, holds them) has a row
+        outside its table, a label other than 0/1 or a dense value that is negative or
+        not finite: the file was damaged after it was written."""
+        records = self.records[lo:hi] if records is None else records
+        problem = _bad_record(records, np.asarray(self.table_sizes, dtype=np.int64))
+        if problem is not None:
+            index, what = problem
+            raise CriteoCacheError(f"{self.path}: corrupted cache: sample {lo + index}: "
+                                   f"{what}{_REBUILD}")
 
     def __len__(self) -> int:
         return self.header.samples
@@ -836,7 +880,42 @@ class CriteoCache:
         end = len(self) if limit is None else min(limit, len(self))
         rows = self.records["rows"]
         for lo in range(0, end, chunk):
-            yield np.ascontiguousarray(rows[lo:min(end, lo + chunk)])
+            block = np.ascontiguousarray(rows[lo:min(end, lo + chunk)])
+            problem = _bad_rows(block, np.asarray(self.table_sizes, dtype=np.int64))
+            if problem is not None:
+                raise CriteoCacheError(f"{self.path}: corrupted cache: sample {lo + problem[0]}: "
+                                       f"{problem[1]}{_REBUILD}")
+            yield block
+
+
+_REBUILD = "; delete the file and run again to rebuild it from the source"
+CHECKED_RECORDS = 4096
+"""Records checked at each end of a cache when it is opened."""
+
+
+def _bad_rows(rows: np.ndarray, sizes: np.ndarray) -> tuple[int, str] | None:
+    """The first sample (index) of ``rows`` [n, 26] with a row outside its table, and why."""
+    bad = (rows < 0) | (rows >= sizes)
+    if not bad.any():
+        return None
+    i, t = (int(x) for x in np.argwhere(bad)[0])
+    return i, f"row {int(rows[i, t])} of table C{t + 1} is outside 0..{int(sizes[t]) - 1}"
+
+
+def _bad_record(records: np.ndarray, sizes: np.ndarray) -> tuple[int, str] | None:
+    """The first bad record (index) of ``records``, and why (see :meth:`CriteoCache.check`)."""
+    found = _bad_rows(np.asarray(records["rows"]), sizes)
+    labels, dense = np.asarray(records["label"]), np.asarray(records["dense"])
+    bad_label = np.flatnonzero((labels != 0) & (labels != 1))
+    bad_dense = np.flatnonzero(~(np.isfinite(dense) & (dense >= 0)).all(axis=1))
+    candidates = [found] if found is not None else []
+    if bad_label.size:
+        i = int(bad_label[0])
+        candidates.append((i, f"label {labels[i]!r} is not 0 or 1"))
+    if bad_dense.size:
+        i = int(bad_dense[0])
+        candidates.append((i, "a dense value is negative or not finite"))
+    return min(candidates) if candidates else None
 
 
 def build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
@@ -875,6 +954,7 @@ def build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
                 records["rows"] = chunk.rows
                 f.write(records.data)
             report = reader.report()
+            _check_range(report)
             if SourceStamp.of(source) != stamp:
                 raise CriteoCacheError(f"{source}: changed while it was being cached; retry")
             header = CacheHeader(
@@ -895,7 +975,25 @@ def build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return CriteoCache.open(cache)
+    return CriteoCache.open(cache, built=True)
+
+
+def _check_range(report: ParseReport) -> None:
+    """Raise :class:`CriteoFormatError` when the line range read holds no sample: it
+    starts beyond the end of the file, or all its lines are malformed (an empty file
+    gives an empty cache)."""
+    if report.samples or report.file_lines == 0:
+        return
+    lines = f"lines {report.start}:{'' if report.stop is None else report.stop}"
+    if report.lines == 0 and report.file_lines is not None:
+        raise CriteoFormatError(report.path, None, None,
+                                f"{lines} are beyond the end of the file, which has "
+                                f"{report.file_lines:,} lines")
+    if report.lines == 0:
+        raise CriteoFormatError(report.path, None, None, f"{lines} is an empty range")
+    raise CriteoFormatError(report.path, None, None,
+                            f"{lines} hold no valid sample: all {report.lines:,} are malformed "
+                            f"(first: {report.errors[0]})")
 
 
 def _fsync_directory(path: Path) -> None:
@@ -969,11 +1067,13 @@ class CriteoClicks:
         if tables is not None and table_sizes(tables) != train.table_sizes:
             raise ConfigError(f"{train.path} was built for other table sizes than the tables "
                               f"spec; rebuild it (open_or_build_cache does)")
-        if len(train) == 0:
-            raise ConfigError(f"{train.path}: the cache holds no samples")
+        for cache in (train, validation):
+            if cache is not None and len(cache) == 0:
+                header = cache.header
+                raise ConfigError(f"{header.source}: lines {header.start}:"
+                                  f"{'' if header.stop is None else header.stop} hold no "
+                                  f"samples (cache {cache.path})")
         if validation is not None:
-            if len(validation) == 0:
-                raise ConfigError(f"{validation.path}: the cache holds no samples")
             if validation.table_sizes != train.table_sizes:
                 raise ConfigError(f"{validation.path}: table sizes differ from {train.path}")
         self.train = train
@@ -1003,8 +1103,13 @@ class CriteoClicks:
         lo = (index * batch_size) % n
         if lo + batch_size <= n:
             records = data.records[lo:lo + batch_size]
+            data.check(lo, lo + batch_size, records)
         else:
-            records = data.records[(lo + np.arange(batch_size)) % n]
+            at = (lo + np.arange(batch_size)) % n
+            records = data.records[at]
+            problem = _bad_record(records, np.asarray(data.table_sizes, dtype=np.int64))
+            if problem is not None:
+                data.check(int(at[problem[0]]), int(at[problem[0]]) + 1)
         return records_to_batch(records)
 
 

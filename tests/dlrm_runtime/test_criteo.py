@@ -3,6 +3,7 @@ malformed lines, the binary cache (round trip, staleness, atomic writes) and bat
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -529,3 +530,82 @@ def test_batches_have_the_trainer_layout(tmp_path: Path) -> None:
     assert CriteoClicks(train, tables=SIZES).table_sizes == SIZES
     with pytest.raises(ConfigError, match="other table sizes"):
         CriteoClicks(train, tables=(7,) * 26)
+
+
+# ---------------------------------------------------------------- damaged caches, empty ranges
+
+
+def _corrupt_rows(cache_path: Path, sample: int, table: int, value: int) -> None:
+    """Overwrite one row id of a cache file in place (int32 rows)."""
+    dtype = record_dtype(SIZES)
+    at = criteo.CACHE_DATA_OFFSET + sample * dtype.itemsize + dtype.fields["rows"][1] + 4 * table
+    with open(cache_path, "r+b") as f:
+        f.seek(at)
+        f.write(int(value).to_bytes(4, "little", signed=True))
+
+
+def test_damaged_records_are_reported_with_the_file_and_what_to_do(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _write(tmp_path / "day.tsv", _random_lines(60, seed=14))
+    cache_path = tmp_path / "day.cache"
+    build_cache(source, cache_path, SIZES)
+    _corrupt_rows(cache_path, 2, 4, -1804901973)  # among the records checked on opening
+    with pytest.raises(CriteoCacheError) as info:
+        CriteoCache.open(cache_path)
+    message = str(info.value)
+    assert message.startswith(f"{cache_path}: corrupted cache: sample 2: row -1804901973 of "
+                              f"table C5 is outside 0..{SIZES[4] - 1}")
+    assert "delete the file and run again" in message
+    assert len(open_or_build_cache(source, cache_path, SIZES)) == 60  # rebuilt
+    CriteoCache.open(cache_path)
+
+    monkeypatch.setattr(criteo, "CHECKED_RECORDS", 2)  # damage beyond the opening check
+    _corrupt_rows(cache_path, 30, 0, SIZES[0])
+    data = CriteoClicks(open_or_build_cache(source, cache_path, SIZES, rebuild=False))
+    data.batch(0, 16)  # samples 0..15 are fine
+    with pytest.raises(CriteoCacheError, match=rf"{cache_path.name}: corrupted cache: sample 30: "
+                                               rf"row {SIZES[0]} of table C1"):
+        data.batch(1, 16)
+    with pytest.raises(CriteoCacheError, match="sample 30"):
+        data.batch(1, 50)  # wraps around: samples 50..59, then 0..39
+    with pytest.raises(CriteoCacheError, match="sample 30"):
+        list(data.train.row_chunks(chunk=8))
+
+
+def test_damaged_header_is_refused(tmp_path: Path) -> None:
+    source = _write(tmp_path / "day.tsv", _random_lines(20, seed=15))
+    cache_path = tmp_path / "day.cache"
+    build_cache(source, cache_path, SIZES)
+    data = cache_path.read_bytes()
+    cache_path.write_bytes(data.replace(b'"malformed": 0', b'"malformed": 7'))
+    with pytest.raises(CriteoCacheError, match="corrupted cache header: 20 samples and 7 "
+                                               "malformed lines do not make 20 lines"):
+        CriteoCache.open(cache_path)
+    sizes = json.dumps(list(SIZES)).encode()  # same length: the header's length is stored
+    cache_path.write_bytes(data.replace(sizes, sizes.replace(b"[50,", b"[ 0,")))
+    with pytest.raises(CriteoCacheError, match="not 26 positive sizes"):
+        CriteoCache.open(cache_path)
+
+
+def test_ranges_without_samples_are_errors_and_leave_no_file(tmp_path: Path) -> None:
+    source = _write(tmp_path / "day.tsv", _random_lines(100, seed=16))
+    cache_path = tmp_path / "day.cache"
+    for start, stop, shown in ((100, None, "lines 100:"), (4_000_000, 4_000_010,
+                                                           "lines 4000000:4000010")):
+        with pytest.raises(CriteoFormatError) as info:
+            build_cache(source, cache_path, SIZES, start=start, stop=stop)
+        assert str(info.value) == (f"{source}: {shown} are beyond the end of the file, "
+                                   f"which has 100 lines")
+    bad = _write(tmp_path / "bad.tsv", ["x"] * 5 + _random_lines(3, seed=17))
+    with pytest.raises(CriteoFormatError, match=r"lines 0:5 hold no valid sample: all 5 are "
+                                                r"malformed \(first: .*line 1: has 1 fields"):
+        build_cache(bad, cache_path, SIZES, stop=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tsv", "day.tsv"]
+    assert len(build_cache(bad, cache_path, SIZES, start=5)) == 3
+    assert CriteoReader(source, SIZES, start=100).report().file_lines is None
+    reader = CriteoReader(source, SIZES, start=10, stop=20)
+    _read_all(reader)
+    assert reader.report().file_lines is None  # stopped before the end
+    reader = CriteoReader(source, SIZES, start=90)
+    _read_all(reader)
+    assert reader.report().file_lines == 100

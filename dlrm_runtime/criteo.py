@@ -401,7 +401,8 @@ class CriteoReader:
         pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         with handle, pool if pool is not None else contextlib.nullcontext():
             total = os.fstat(handle.fileno()).st_size
-            pending: deque[tuple[int, bytes | None, int, int, Future[_Decoded | None] | None]] = deque()
+            pending: deque[tuple[int, bytes | None, int, int,
+                                 Future[_Decoded | None] | None]] = deque()
             blocks = _blocks(handle, self.start, self.stop, self.chunk_bytes)
             tick = time.perf_counter()
             while True:
@@ -463,9 +464,9 @@ class CriteoReader:
             except CriteoFormatError as exc:
                 self._malformed_line(exc)
         self._samples += len(parsed)
-        return ParsedChunk(np.array([p.label for p in parsed], dtype=np.float32),
-                           np.array([p.dense for p in parsed], dtype=np.float32).reshape(-1, NUM_DENSE),
-                           np.array([p.rows for p in parsed], dtype=np.int64).reshape(-1, NUM_SPARSE))
+        dense = np.array([p.dense for p in parsed], dtype=np.float32).reshape(-1, NUM_DENSE)
+        rows = np.array([p.rows for p in parsed], dtype=np.int64).reshape(-1, NUM_SPARSE)
+        return ParsedChunk(np.array([p.label for p in parsed], dtype=np.float32), dense, rows)
 
     def _finish(self, fast: _Decoded, block: bytes, first: int) -> ParsedChunk:
         """Decode the lines Arrow left with the reference parser; count and drop (or
@@ -605,7 +606,7 @@ def _decode_block(block: bytes, lines: int, sizes: np.ndarray) -> _Decoded | Non
         return None
     if table.num_rows != lines:
         return None
-    columns = [c.combine_chunks() for c in table.columns]
+    columns = [c.chunk(0) if c.num_chunks == 1 else c.combine_chunks() for c in table.columns]
 
     # label: exactly one character, 0 or 1
     offsets, data = _binary_parts(columns[0])
@@ -920,7 +921,8 @@ def _bad_record(records: np.ndarray, sizes: np.ndarray) -> tuple[int, str] | Non
 
 def build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
                 tables: TablesSpec | Sequence[int], *, start: int = 0, stop: int | None = None,
-                strict: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None,
+                strict: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> CriteoCache:
     """Parse lines ``[start, stop)`` of ``source`` into the cache file ``cache``
     (replacing any file there, atomically) and open it.

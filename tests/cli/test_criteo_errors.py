@@ -101,3 +101,24 @@ def test_integers_beyond_64_bits(tmp_path: Path, criteo, capsys) -> None:
     assert _files(tmp_path) == before
     assert run_cli.main(["--plan", str(plan), "--data", str(data), *BASE]) == ExitCode.OK
     assert "2 malformed lines skipped" in capsys.readouterr().err
+
+
+def test_failed_profile_leaves_no_cache(tmp_path: Path, criteo, capsys) -> None:
+    from cli import plan as plan_cli
+
+    data, tables, _ = criteo
+    before = _files(tmp_path)
+    out = tmp_path / "profiled.json"
+    code = plan_cli.main(["profile", str(data), "--tables", str(tables), "-o", str(out),
+                          "--sample", "0"])
+    assert code == ExitCode.BAD_INPUT
+    assert "positive" in capsys.readouterr().err
+    assert _files(tmp_path) == before
+    code = plan_cli.main(["profile", str(data), "--tables", str(tables), "-o", str(out),
+                          "--cache", str(tmp_path / "c.cache")])
+    assert code == ExitCode.OK and (tmp_path / "c.cache").exists()
+    capsys.readouterr()
+    code = plan_cli.main(["profile", str(data), "--tables", str(tables), "-o", str(out),
+                          "--cache", str(tmp_path / "c.cache"), "--sample", "0"])
+    assert code == ExitCode.BAD_INPUT
+    assert (tmp_path / "c.cache").exists()  # reused, not built by the failed run: kept

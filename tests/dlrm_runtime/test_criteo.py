@@ -249,7 +249,8 @@ def test_values_arrow_would_accept_are_malformed(tmp_path: Path, workers: int,
     \r; the grammar does not. A block holding one is halved until the bad line is found,
     so only a few lines go through the reference parser."""
     rng = np.random.default_rng(13)
-    good = [_line(str(rng.integers(0, 2)), [str(v) if v > -5 else "" for v in rng.integers(-9, 99, 13)],
+    good = [_line(str(rng.integers(0, 2)),
+                  [str(v) if v > -5 else "" for v in rng.integers(-9, 99, 13)],
                   [f"{v:08x}" if v % 5 else "" for v in rng.integers(0, 2 ** 32, 26)])
             for _ in range(2000)]
     bad = {100: _line("1", [" 7"] + [""] * 12), 700: _line("1", ["0x1F"] + [""] * 12),

@@ -131,7 +131,7 @@ def machine() -> dict[str, Any]:
 
     return {"platform": platform.platform(), "python": platform.python_version(),
             "cpu": model, "cpus": os.cpu_count(), "numpy": np.__version__,
-            "pyarrow": pyarrow.__version__, "load_average_1m_before": os.getloadavg()[0]}
+            "pyarrow": pyarrow.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     chunk_bytes = int(args.chunk_mb * 2 ** 20)
+    info = machine()
+    info["load_average_1m_before"] = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="criteo_parse.", dir=args.workdir))
     try:
         old = load_old_parser(args.old_rev, workdir)
@@ -183,10 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                for name in runs}
     ratio = summary["new"]["lines_per_s"] / summary["old"]["lines_per_s"]
     ratio_cpu = summary["new"]["lines_per_cpu_s"] / summary["old"]["lines_per_cpu_s"]
-    info = machine()
     info["load_average_1m_after"] = os.getloadavg()[0]
     doc = {
-        "command": "python bench/criteo_parse.py " + " ".join(argv or sys.argv[1:]),
+        "command": " ".join(["python bench/criteo_parse.py", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": info,
         "note": ("the machine was shared with other processes (see the load averages); "

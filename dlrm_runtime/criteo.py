@@ -392,8 +392,8 @@ class CriteoReader:
                            self._file_lines)
 
     def __iter__(self) -> Iterator[ParsedChunk]:
-        """Blocks decoded in file order; with ``workers > 1`` the vectorised decoding of
-        the next blocks runs in threads (numpy releases the GIL) while one is handed out."""
+        """Blocks decoded in file order; with ``workers > 1`` the next blocks are decoded
+        in threads (Arrow and numpy release the GIL) while one is handed out."""
         try:
             handle = open(self.path, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:

@@ -20,11 +20,12 @@ default; a line over :data:`MAX_LINE_BYTES` is skipped as malformed without bein
 decoded in ``workers`` threads. Arrow's CSV reader (``pyarrow.csv``) splits each block
 into fields and converts the integers; the labels and the hex values are checked and
 decoded with numpy. :func:`parse_line` is the reference parser and has the last word:
-lines Arrow's types cannot hold exactly (a hex value over 8 digits, a ``+`` sign, an
-integer from 2**53 on) go through it, and a block Arrow refuses (a wrong field count, a
-bad value, or a byte where Arrow is more lenient than the grammar: spaces, ``0x``, a
-byte-order mark, a lone ``\r``) is halved until the parts are accepted or small enough
-to parse line by line. Malformed lines are skipped and counted (the first few are kept
+lines Arrow's types cannot hold exactly (a hex value over 8 digits, an integer from 2**53
+on) go through it, and a block Arrow refuses (a wrong field count, a value its integer
+conversion rejects, ``+7`` included, or a byte where Arrow is more lenient than the
+grammar: spaces, ``0x``, a byte-order mark, a lone ``\r``) is halved until the parts are
+accepted or small enough to parse line by line, so each such line costs a few re-reads
+of its block. Malformed lines are skipped and counted (the first few are kept
 in the report), or raise :class:`CriteoFormatError` naming the file, line and field
 when ``strict=True``.
 
@@ -41,7 +42,13 @@ dense float32[13], rows int32[26], or int64[26] when a table has more than 2**31
 place, so a reader sees either the old cache or the complete new one. The header holds
 the source's size and mtime (not its path: a copy that keeps the mtime reuses the
 cache), the table sizes, the line range and the format version; a cache that
-disagrees with any of them is stale.
+disagrees with any of them is stale. A range that holds no sample (it starts beyond the
+end of the file, or all its lines are malformed) is an error, and no cache is written.
+Damage after writing is caught cheaply: opening checks that the header agrees with
+itself and the file's size and checks the first and last :data:`CHECKED_RECORDS` records
+(rows inside their tables, labels 0/1, dense values finite and >= 0); every batch and
+row chunk read later is checked the same way. :class:`CriteoCacheError` then names the
+file and says to delete it to rebuild it.
 :class:`CriteoClicks` serves :class:`dlrm_runtime.data.Batch` objects from a cache by
 batch index, like :class:`dlrm_runtime.data.SyntheticClicks`.
 """

@@ -596,8 +596,6 @@ def _decode_block(block: bytes, lines: int, sizes: np.ndarray) -> _Decoded | Non
     if (block.startswith((b"\n", b"\r\n", _BOM)) or b"\n\n" in block or b"\n\r\n" in block
             or any(c in block for c in _LENIENT)):
         return None  # Arrow reads an empty line as a row of nulls
-    if b"\r" in block and block.count(b"\r") != block.count(b"\r\n"):
-        return None  # Arrow ends a line at a lone \r
     try:
         table = csv.read_csv(
             pa.py_buffer(block),
@@ -611,7 +609,7 @@ def _decode_block(block: bytes, lines: int, sizes: np.ndarray) -> _Decoded | Non
                 null_values=[""], strings_can_be_null=False, quoted_strings_can_be_null=False))
     except pa.ArrowInvalid:
         return None
-    if table.num_rows != lines:
+    if table.num_rows != lines:  # Arrow also ends a line at a lone \r
         return None
     columns = [c.chunk(0) if c.num_chunks == 1 else c.combine_chunks() for c in table.columns]
 

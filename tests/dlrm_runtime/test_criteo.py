@@ -254,7 +254,8 @@ def test_values_arrow_would_accept_are_malformed(tmp_path: Path, workers: int,
                   [f"{v:08x}" if v % 5 else "" for v in rng.integers(0, 2 ** 32, 26)])
             for _ in range(2000)]
     bad = {100: _line("1", [" 7"] + [""] * 12), 700: _line("1", ["0x1F"] + [""] * 12),
-           1300: _line("1", None, ["ab\rcd"] + ["1"] * 25), 1900: _line("1", ["7 "] + [""] * 12)}
+           1300: _line("1", None, ["ab\rcd"] + ["1"] * 25), 1900: _line("1", ["7 "] + [""] * 12),
+           1950: _line("1") + "\r" + _line("0")}  # Arrow: two lines of 40 fields
     lines = list(good)
     for at, line in bad.items():
         lines.insert(at, line)
@@ -270,11 +271,11 @@ def test_values_arrow_would_accept_are_malformed(tmp_path: Path, workers: int,
     monkeypatch.setattr(criteo, "_parse_line", counted)
     reader = CriteoReader(path, SIZES, chunk_bytes=1 << 20, workers=workers)
     labels, _, rows = _read_all(reader)
-    assert len(calls) < 5 * 2 * criteo._BISECT_LINES
+    assert len(calls) < 6 * 2 * criteo._BISECT_LINES
     monkeypatch.undo()
     report = reader.report()
-    assert report.malformed == 5 and report.samples == 1999
-    assert [e.line for e in report.errors] == [1, 101, 701, 1301, 1901]  # 1: the BOM
+    assert report.malformed == 6 and report.samples == 1999
+    assert [e.line for e in report.errors] == [1, 101, 701, 1301, 1901, 1951]  # 1: the BOM
     assert rows.tolist() == [parse_line(g, SIZES).rows.tolist() for g in good[1:]]
     assert labels.shape == (1999,)
 

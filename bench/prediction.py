@@ -96,6 +96,7 @@ PLANS = {
     "row_wise": ["--sharding", "row_wise"],
     "dram_cache": ["--tiers", "dram_cache", "--cache-fractions", "0.05"],
     "store_cache": ["--tiers", "store_cache", "--cache-fractions", "0.05"],
+    "host": ["--tiers", "host"],
 }
 
 
@@ -176,7 +177,7 @@ def run_plan(plan: Path, w: Workload, work: Path, steps: int, threads: int,
     log = work / f"{plan.stem}.{attempt}.jsonl"
     store = work / f"{plan.stem}.{attempt}.store"
     tiers = {s["tier"] for t in json.loads(plan.read_text())["tables"] for s in t["shards"]}
-    cached = ["--store-dir", str(store)] if tiers != {"hbm"} else []
+    cached = ["--store-dir", str(store)] if tiers - {"hbm", "host"} else []
     ran = _run([str(BIN / "dlrm-run"), "--plan", str(plan), "--steps", str(steps),
                 "--threads", str(threads), "--no-progress", "--eval-batches", "1",
                 "--bottom-mlp", w.bottom, "--top-mlp", w.top, "--metrics-log", str(log),

@@ -1,22 +1,18 @@
-"""One place that maps typed errors to exit codes and one-line messages."""
+"""One place that maps typed errors to exit codes and one-line messages.
+
+The error types are named by module and class, not imported: a type can only be
+raised once its module is loaded, so the table is matched against ``sys.modules``
+and ``dlrm-plan`` never imports the runtime (and torch) just to map its errors.
+"""
 
 from __future__ import annotations
 
+import argparse
 import enum
 import sys
 import traceback
 from collections.abc import Callable
-
-from dlrm_runtime.criteo import CriteoCacheError, CriteoFormatError
-from dlrm_runtime.errors import (
-    CheckpointError,
-    ConfigError,
-    PlanMismatchError,
-    TrainingDivergedError,
-)
-from dlrm_runtime.profile import ProfileError
-from planner.cost import CostModelError
-from planner.errors import InfeasibleError, PlanFileError, PlannerError, SolverError, SpecError
+from typing import NoReturn
 
 
 class ExitCode(enum.IntEnum):
@@ -24,7 +20,7 @@ class ExitCode(enum.IntEnum):
     INTERNAL = 1
     """A bug: please report it with the --verbose traceback."""
     BAD_INPUT = 2
-    """Malformed spec, plan or flag; nothing was written."""
+    """Malformed spec, plan, file or flag; nothing was written."""
     INFEASIBLE = 3
     """The tables do not fit the topology."""
     SOLVER = 4
@@ -34,41 +30,82 @@ class ExitCode(enum.IntEnum):
     INTERRUPTED = 130
 
 
-EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
-    (SpecError, ExitCode.BAD_INPUT),
-    (PlanFileError, ExitCode.BAD_INPUT),
-    (CostModelError, ExitCode.BAD_INPUT),
-    (CriteoFormatError, ExitCode.BAD_INPUT),
-    (CriteoCacheError, ExitCode.BAD_INPUT),
-    (ProfileError, ExitCode.BAD_INPUT),
-    (ConfigError, ExitCode.BAD_INPUT),
-    (PlanMismatchError, ExitCode.BAD_INPUT),
-    (CheckpointError, ExitCode.BAD_INPUT),
-    (InfeasibleError, ExitCode.INFEASIBLE),
-    (SolverError, ExitCode.SOLVER),
-    (TrainingDivergedError, ExitCode.DIVERGED),
-    (PlannerError, ExitCode.BAD_INPUT),
+class UsageError(Exception):
+    """A flag's value or a path given on the command line cannot be used; the message
+    names the flag as the user typed it."""
+
+
+EXIT_CODES: tuple[tuple[str, str, ExitCode], ...] = (
+    ("cli.errors", "UsageError", ExitCode.BAD_INPUT),
+    ("planner.errors", "SpecError", ExitCode.BAD_INPUT),
+    ("planner.errors", "PlanFileError", ExitCode.BAD_INPUT),
+    ("planner.cost", "CostModelError", ExitCode.BAD_INPUT),
+    ("planner.errors", "InfeasibleError", ExitCode.INFEASIBLE),
+    ("planner.capacity", "TargetUnreachableError", ExitCode.INFEASIBLE),
+    ("planner.errors", "SolverError", ExitCode.SOLVER),
+    ("planner.errors", "PlannerError", ExitCode.BAD_INPUT),
+    ("dlrm_runtime.errors", "TrainingDivergedError", ExitCode.DIVERGED),
+    ("dlrm_runtime.errors", "RuntimeErrorBase", ExitCode.BAD_INPUT),
+    ("storage.errors", "StoreError", ExitCode.BAD_INPUT),
 )
+"""(module, class, exit code), first match wins. Every runtime error (``ConfigError``,
+``PlanMismatchError``, ``CheckpointError``, the Criteo and profile errors) derives
+from ``dlrm_runtime.errors.RuntimeErrorBase``."""
 
 EXIT_CODES_HELP = "exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode)
 
 
-def run_guarded(prog: str, verbose: bool, body: Callable[[], int]) -> int:
-    """Run ``body``; turn a known error into one line on stderr and its exit code."""
+def exit_code_of(exc: BaseException) -> ExitCode | None:
+    """The exit code of a known error type, None for anything else (a bug)."""
+    for module_name, class_name, code in EXIT_CODES:
+        module = sys.modules.get(module_name)
+        kind = getattr(module, class_name, None) if module is not None else None
+        if isinstance(kind, type) and isinstance(exc, kind):
+            return code
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return ExitCode.BAD_INPUT  # a file the user named: missing, a directory, no access
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (an OSError names its file)."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror.lower()}"
+        if exc.filename2 is not None:
+            text = f"{exc.filename} -> {exc.filename2}: {exc.strerror.lower()}"
+    else:
+        text = str(exc)
+    return " ".join(text.split())
+
+
+def one_line_parse_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` report a bad flag as one line (``PROG: error: ...``, exit 2)
+    instead of argparse's usage block followed by the error."""
+    def error(message: str) -> NoReturn:
+        parser.exit(ExitCode.BAD_INPUT,
+                    f"{parser.prog}: error: {one_line(Exception(message))} (see --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def run_guarded(prog: str, verbose: bool, body: Callable[[], int],
+                on_interrupt: Callable[[KeyboardInterrupt], str] | None = None) -> int:
+    """Run ``body``; turn a known error into one line on stderr and its exit code.
+    ``on_interrupt`` words Ctrl-C (e.g. where to resume from)."""
     try:
         return body()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        detail = on_interrupt(exc) if on_interrupt is not None else ""
+        print(f"{prog}: interrupted{' ' + detail if detail else ''}", file=sys.stderr)
         return ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
-        for kind, code in EXIT_CODES:
-            if isinstance(exc, kind):
-                if verbose:
-                    traceback.print_exc()
-                print(f"{prog}: error: {exc}", file=sys.stderr)
-                return code
+        code = exit_code_of(exc)
         if verbose:
             traceback.print_exc()
-        print(f"{prog}: internal error: {type(exc).__name__}: {exc} "
+        if code is not None:
+            print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+            return code
+        print(f"{prog}: internal error: {type(exc).__name__}: {one_line(exc)} "
               f"(re-run with --verbose for the traceback)", file=sys.stderr)
         return ExitCode.INTERNAL

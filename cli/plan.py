@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
+from cli import plan_tools
 from cli.chart import draw_chart
-from cli.errors import EXIT_CODES_HELP, ExitCode, run_guarded
+from cli.errors import EXIT_CODES_HELP, ExitCode, UsageError, one_line_parse_errors, run_guarded
+from cli.paths import check_input_file, check_output_dir, check_output_file, write_output
 from cli.progress import bytes_progress
 from cli.report import device_table, measured_vs_predicted, solve_summary, table_choices
 from planner import (
@@ -59,6 +62,8 @@ subcommands:
   show PLAN       per-device load and memory, each table's placement and why
   evaluate PLAN   re-cost a plan (any plan file, hand-written too) under a cost
                   model and topology, to compare plans from different tools
+  capacity        fewest hosts whose plan meets a step time (--global-batch, --target-ms)
+  diff A B        tables moved, bytes to migrate per device, change of each device's load
 """
 
 
@@ -76,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--topology", required=True, metavar="TOPOLOGY",
                         help="topology spec (.json or .toml)")
     parser.add_argument("-o", "--output", required=True, metavar="PLAN",
-                        help="where to write the plan (JSON); written only on success")
+                        help="where to write the plan (JSON); written only on success, "
+                             "creating missing directories (and saying so)")
     parser.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS",
                         help="MIP solver wall-clock limit; the best plan found by then is "
                              "written with its gap (default: %(default)s)")
@@ -84,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--solver", choices=("cbc", "highs"), default="cbc",
                         help="MIP solver: cbc (bundled with PuLP) or highs (needs highspy)")
     parser.add_argument("--cost-model", metavar="MODULE:CLASS",
-                        help="your own cost model class (see planner.CostModel); "
-                             "default: the analytic model")
+                        help="your own cost model class (see planner.CostModel), importable "
+                             "from the current directory or PYTHONPATH; default: the analytic "
+                             "model")
     parser.add_argument("--baseline", choices=BASELINES,
                         help="plan with a greedy baseline instead of the ILP: random, size "
                              "(bytes), lookup (dim x pooling), size-lookup (x log10 rows), "
@@ -96,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                              + ", ".join(x.value for x in Sharding))
     parser.add_argument("--tiers", type=_enum_list(Tier), metavar="TIER,..", default=frozenset(Tier),
                         help="allowed tiers (default: all): hbm, dram_cache (device cache over "
-                             "host DRAM), store_cache (device cache over the zarr store)")
+                             "host DRAM), store_cache (device cache over the zarr store), host "
+                             "(rows in host DRAM read over the host link, no device cache; "
+                             "TorchRec's fused_uvm)")
     parser.add_argument("--cache-fractions", type=_fractions, metavar="F,..",
                         default=OptionSettings().cache_fractions,
                         help="device cache sizes to consider, as shares of a shard's rows "
@@ -106,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "max_shards, a device or host pin; groups to co-locate; pairs to "
                              "keep apart (see planner/constraints.py)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    plan_tools.add_replan_flags(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
@@ -141,7 +151,8 @@ def build_show_parser() -> argparse.ArgumentParser:
                                      epilog=EXIT_CODES_HELP)
     parser.add_argument("plan", metavar="PLAN", help="plan file written by dlrm-plan")
     parser.add_argument("--chart", metavar="FILE.png",
-                        help="also draw per-device load and HBM bars (needs matplotlib)")
+                        help="also draw per-device load and HBM bars (needs matplotlib; "
+                             "missing directories are created)")
     parser.add_argument("--measured", metavar="LOG",
                         help="a dlrm-run --metrics-log of this plan: put the measured time per "
                              "step (lookup, communication, dense, update) and embedding memory "
@@ -161,7 +172,8 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
                         help="cost model (default: the analytic model)")
     parser.add_argument("--topology", metavar="TOPOLOGY",
                         help="topology to cost on (default: the plan's)")
-    parser.add_argument("-o", "--output", metavar="PLAN", help="also write the re-costed plan")
+    parser.add_argument("-o", "--output", metavar="PLAN",
+                        help="also write the re-costed plan (creating missing directories)")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
 
@@ -181,7 +193,9 @@ def build_profile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tables", required=True, metavar="TABLES",
                         help="tables spec giving the 26 tables' row counts (ids are hashed "
                              "into them)")
-    parser.add_argument("-o", "--output", required=True, metavar="TABLES_OUT")
+    parser.add_argument("-o", "--output", required=True, metavar="TABLES_OUT",
+                        help="where to write the tables spec with measured access profiles "
+                             "(creating missing directories)")
     parser.add_argument("--cache", metavar="FILE",
                         help="binary cache of the parsed data (default: DATA.cache)")
     parser.add_argument("--sample", type=int, metavar="N", help="count only the first N samples")
@@ -199,13 +213,19 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
                     "and write a topology file with the measured rates and the date. Run it on "
                     "a quiet machine: other load lowers every figure.",
         epilog=EXIT_CODES_HELP)
-    parser.add_argument("-o", "--output", required=True, metavar="TOPOLOGY")
+    parser.add_argument("-o", "--output", required=True, metavar="TOPOLOGY",
+                        help="where to write the topology file (checked before measuring; "
+                             "missing directories are created)")
     parser.add_argument("--hbm-gb", type=float, help="device memory (default: the GPU's; "
                                                      "CPU: half the host memory)")
     parser.add_argument("--dram-gb", type=float, help="host memory (default: /proc/meminfo)")
     parser.add_argument("--devices", type=int, help="devices per host (default: GPUs, else 1)")
-    parser.add_argument("--batch-size-per-device", type=int, default=2048)
-    parser.add_argument("--reserved-hbm-gb", type=float, default=0.0)
+    parser.add_argument("--batch-size-per-device", type=int, default=2048, metavar="N",
+                        help="batch_size_per_device of the topology written "
+                             "(default: %(default)s)")
+    parser.add_argument("--reserved-hbm-gb", type=float, default=0.0, metavar="GB",
+                        help="reserved_hbm_gb of the topology written: device memory kept "
+                             "from the tables (default: %(default)s)")
     parser.add_argument("--inter-host-gbps", type=float,
                         help="network between hosts (not measurable on one host; default: the "
                              "measured all-to-all rate)")
@@ -218,7 +238,8 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=1, metavar="N",
                         help="measure N times over and write the median of each figure: on a "
                              "shared VM one calibration can catch a fast or a slow minute "
-                             "(default: 1)")
+                             "(default: 1); with several rounds each figure's spread is "
+                             "shown, with a warning where rounds differ by more than 20 %%")
     parser.add_argument("--no-network", action="store_true",
                         help="skip the all-to-all probe (then the network rate is the copy rate)")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
@@ -230,6 +251,7 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--time-limit must be > 0, got {args.time_limit}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    plan_tools.check_replan_flags(parser, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,33 +261,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         "evaluate": (build_evaluate_parser, _evaluate),
         "profile": (build_profile_parser, _profile),
         "calibrate": (build_calibrate_parser, _calibrate),
+        "capacity": (plan_tools.build_capacity_parser, plan_tools.run_capacity),
+        "diff": (plan_tools.build_diff_parser, plan_tools.run_diff),
     }
     if argv and argv[0] in subcommands:
         build, run = subcommands[argv[0]]
-        args = build().parse_args(argv[1:])
+        args = one_line_parse_errors(build()).parse_args(argv[1:])
         return run_guarded(PROG, args.verbose, lambda: run(args))
-    parser = build_parser()
+    parser = one_line_parse_errors(build_parser())
     args = parser.parse_args(argv)
     _check_options(parser, args)
     return run_guarded(PROG, args.verbose, lambda: _plan(args))
 
 
+def _load_cost_model(spec: str):
+    """``module:Class``, importable from the current directory too (as ``python -m``
+    finds modules there)."""
+    here = os.getcwd()
+    added = here not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        return load_cost_model(spec)
+    finally:
+        if added:
+            sys.path.remove(here)
+
+
 def _plan(args: argparse.Namespace) -> int:
+    check_output_file(args.output, "-o/--output")
     tables = load_tables(args.tables)
     topology = load_topology(args.topology)
-    model = load_cost_model(args.cost_model) if args.cost_model else None
-    if not args.quiet:
-        print(f"planning {len(tables.tables)} tables on {topology.world_size} devices "
-              f"({topology.hosts} host(s)); solver {args.solver}, limit {args.time_limit:g} s",
-              file=sys.stderr)
+    model = _load_cost_model(args.cost_model) if args.cost_model else None
     settings = OptionSettings(shardings=args.sharding, tiers=args.tiers,
                               cache_fractions=args.cache_fractions)
     constraints = (load_constraints(args.constraints, tables, topology) if args.constraints
                    else NO_CONSTRAINTS)
-    result = plan(tables, topology, cost_model=model,
-                  options=PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
-                                      args.seed, settings, constraints))
-    write_plan(result, args.output)
+    if not args.quiet:
+        print(f"planning {len(tables.tables)} tables on {topology.world_size} devices "
+              f"({topology.hosts} host(s)); solver {args.solver}, limit {args.time_limit:g} s",
+              file=sys.stderr)
+    options = PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
+                          args.seed, settings, constraints)
+    if args.from_plan is not None:
+        return plan_tools.run_replan(args, tables, topology, model, options)
+    result = plan(tables, topology, cost_model=model, options=options)
+    write_output(args.output, "-o/--output", lambda path: write_plan(result, path),
+                 say=(lambda _: None) if args.quiet else lambda line: print(line, file=sys.stderr))
     if not args.quiet:
         print(device_table(result))
         print(solve_summary(result))
@@ -274,13 +316,17 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    if args.chart:
+        check_output_file(args.chart, "--chart")
+    if args.measured:
+        check_input_file(args.measured, "--measured")
     result = read_plan(args.plan)
     print(device_table(result))
     print(solve_summary(result))
     print()
     print(table_choices(result))
     if args.chart:
-        draw_chart(result, args.chart)
+        write_output(args.chart, "--chart", lambda path: draw_chart(result, path))
         print(f"chart written to {args.chart}")
     if args.measured:
         for record in timing_records(args.measured, plan_sha256(result)):
@@ -320,6 +366,10 @@ def _profile(args: argparse.Namespace) -> int:
     from dlrm_runtime.criteo import open_or_build_cache
     from dlrm_runtime.profile import profile_tables
 
+    check_input_file(args.data, "DATA")
+    check_output_file(args.output, "-o/--output")
+    if args.sample is not None and args.sample < 1:
+        raise UsageError(f"--sample must be >= 1, got {args.sample}")
     tables = load_tables(args.tables)
     cache_path = args.cache or f"{args.data}.cache"
     with bytes_progress("parse") as progress:
@@ -333,7 +383,8 @@ def _profile(args: argparse.Namespace) -> int:
               file=sys.stderr)
     try:
         profiled = profile_tables(cache, tables, sample=args.sample)
-        write_json_atomic(profiled.to_json(), args.output)
+        write_output(args.output, "-o/--output",
+                     lambda path: write_json_atomic(profiled.to_json(), path))
     except BaseException:
         if cache.built:  # a failed run leaves no cache behind
             cache.path.unlink(missing_ok=True)
@@ -342,22 +393,39 @@ def _profile(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _check_calibrate(args: argparse.Namespace) -> None:
+    """Every flag and path of ``calibrate``, before minutes of measuring."""
+    check_output_file(args.output, "-o/--output")
+    if args.store_dir is not None:
+        check_output_dir(args.store_dir, "--store-dir")
+    for flag, value in (("--threads", args.threads), ("--rounds", args.rounds),
+                        ("--devices", args.devices),
+                        ("--batch-size-per-device", args.batch_size_per_device)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--hbm-gb", args.hbm_gb), ("--dram-gb", args.dram_gb),
+                        ("--inter-host-gbps", args.inter_host_gbps)):
+        if value is not None and not 0 < value < float("inf"):
+            raise UsageError(f"{flag} must be a number > 0, got {value}")
+    if not 0 <= args.reserved_hbm_gb < float("inf"):
+        raise UsageError(f"--reserved-hbm-gb must be >= 0, got {args.reserved_hbm_gb}")
+    if args.hbm_gb is not None and args.reserved_hbm_gb >= args.hbm_gb:
+        raise UsageError(f"--reserved-hbm-gb {args.reserved_hbm_gb:g} must be below --hbm-gb "
+                         f"{args.hbm_gb:g}")
+
+
 def _calibrate(args: argparse.Namespace) -> int:
+    _check_calibrate(args)
     import torch
 
-    from dlrm_runtime.calibrate import CalibrationSizes, combine, measure, to_topology
-    from dlrm_runtime.errors import ConfigError
+    from dlrm_runtime.calibrate import CalibrationSizes, combine, measure, spreads, to_topology
 
     sizes = (CalibrationSizes(rows=200_000, batch_rows=16_384, store_rows=65_536, repeats=3,
                               all_to_all_bytes=8 * 1024 * 1024, overhead_rows=50_000,
                               mlp_batch=512, run_steps=10)
              if args.quick else CalibrationSizes())
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if args.rounds < 1:
-        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
     results = []
     for done in range(args.rounds):
         if args.rounds > 1:
@@ -368,28 +436,45 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.rounds > 1:
         print(f"medians of {args.rounds} rounds: embedding step {result.device_gbps:.2f} GB/s, "
               f"dense {result.dense_gflops:.1f} GFLOP/s", file=sys.stderr)
+        spread = spreads(results)
+        print("spread over the rounds (low / median / high):", file=sys.stderr)
+        for s in spread:
+            print(f"  {s.figure}: {s.low:.4g} / {s.median:.4g} / {s.high:.4g} "
+                  f"({s.relative:.0%})", file=sys.stderr)
+        disagree = [f"{s.figure} ({s.relative:.0%})" for s in spread if s.disagrees]
+        if disagree:
+            print(f"warning: the rounds disagree by more than 20 % on {', '.join(disagree)}: "
+                  f"the machine's speed changed while measuring; the medians are written, "
+                  f"but re-run on a quiet machine (or with more --rounds) for steadier "
+                  f"figures", file=sys.stderr)
     topology = to_topology(result, hbm_gb=args.hbm_gb, dram_gb=args.dram_gb, devices=args.devices,
                            batch_size_per_device=args.batch_size_per_device,
                            reserved_hbm_gb=args.reserved_hbm_gb,
                            inter_host_gbps=args.inter_host_gbps)
     # Validate what we write with the same reader users will use.
     parse_topology(topology.to_json(), args.output)
-    write_json_atomic(topology.to_json(), args.output)
+    write_output(args.output, "-o/--output",
+                 lambda path: write_json_atomic(topology.to_json(), path))
     print(f"topology written to {args.output}")
     return ExitCode.OK
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.output:
+        check_output_file(args.output, "-o/--output")
     original = read_plan(args.plan)
-    model = load_cost_model(args.cost_model) if args.cost_model else AnalyticCostModel()
+    model = _load_cost_model(args.cost_model) if args.cost_model else AnalyticCostModel()
     topology = load_topology(args.topology) if args.topology else None
+    if topology is not None and topology.world_size < original.topology.world_size:
+        raise UsageError(f"{args.plan} places shards on {original.topology.world_size} devices "
+                         f"but --topology {args.topology} has {topology.world_size}")
     result = evaluate(original, model, cost_model_name(model), topology)
     print(device_table(result))
     print(f"re-costed under {result.cost_model}: slowest device {result.solve.objective_ms:.4f} "
           f"ms/step (the plan said {original.solve.objective_ms:.4f} ms under "
           f"{original.cost_model})")
     if args.output:
-        write_plan(result, args.output)
+        write_output(args.output, "-o/--output", lambda path: write_plan(result, path))
         print(f"re-costed plan written to {args.output}")
     return ExitCode.OK
 

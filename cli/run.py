@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from cli.errors import EXIT_CODES_HELP, ExitCode, run_guarded
+from cli.errors import EXIT_CODES_HELP, ExitCode, UsageError, one_line_parse_errors, run_guarded
+from cli.paths import check_input_file, check_output_dir, check_output_file, make_parents
 from cli.progress import bytes_progress
 from cli.report import measured_vs_predicted
 from dlrm_runtime import (
     ConfigError,
     Interaction,
     ModelConfig,
+    PlanMismatchError,
     TrainConfig,
     check_plan_matches,
     train,
 )
 from dlrm_runtime.collectives import init_from_env, shutdown
+from dlrm_runtime.config import as_flag
 from dlrm_runtime.criteo import CriteoCache, CriteoClicks, open_or_build_cache
 from dlrm_runtime.distributed import train_distributed
-from dlrm_runtime.train import Progress, TrainResult, open_metrics_log
+from dlrm_runtime.train import Progress, TrainingInterrupted, TrainResult, open_metrics_log
 from planner import Plan, load_tables, read_plan
 
 PROG = "dlrm-run"
@@ -116,12 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steps between progress and metrics-log updates (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and weights (default: 0)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--metrics-log", metavar="FILE", help="append JSON lines of metrics here")
+    parser.add_argument("--metrics-log", metavar="FILE",
+                        help="append JSON lines of metrics here (missing directories are "
+                             "created)")
     parser.add_argument("--checkpoint-dir", metavar="DIR",
                         help="write checkpoints here (atomically; only the newest is kept), "
                              "at the end and every --checkpoint-every steps")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                        help="steps between checkpoints (default: only at the end)")
+    parser.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                        help="steps between checkpoints, >= 1 (default: only at the end)")
     parser.add_argument("--store-dir", metavar="DIR",
                         help="table store for the tables the plan puts in a cached tier "
                              "(dram_cache, store_cache): created with their initial values "
@@ -163,9 +170,60 @@ def model_config(args: argparse.Namespace, plan: Plan) -> ModelConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = one_line_parse_errors(build_parser())
     args = parser.parse_args(argv)
-    return run_guarded(PROG, args.verbose, lambda: _run(args))
+    return run_guarded(PROG, args.verbose, lambda: _run(args),
+                       on_interrupt=lambda exc: _resume_hint(exc, args, argv))
+
+
+def _resume_hint(exc: KeyboardInterrupt, args: argparse.Namespace, argv: list[str]) -> str:
+    """Where an interrupted run stands and the command that continues it."""
+    if not isinstance(exc, TrainingInterrupted):
+        return "before the first training step"
+    where = f"during step {exc.step + 1}"
+    if exc.checkpoint_step is None:
+        how = ("no checkpoint was written; pass --checkpoint-dir DIR --checkpoint-every N to "
+               "be able to resume")
+        return f"{where}; {how}"
+    again = argv if "--resume" in argv else [*argv, "--resume"]
+    return (f"{where}; the last checkpoint is step {exc.checkpoint_step} in "
+            f"{args.checkpoint_dir}; resume with: {PROG} {shlex.join(again)}")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The flags that need no file read, and every path, before any work."""
+    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads),
+                        ("--checkpoint-every", args.checkpoint_every)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.checkpoint_every is not None and args.checkpoint_dir is None:
+        raise UsageError("--checkpoint-every needs --checkpoint-dir")
+    if args.data is not None:
+        check_input_file(args.data, "--data")
+    elif args.train_lines != (0, None) or args.validation_lines is not None:
+        raise UsageError("--train-lines and --validation-lines need --data")
+    if args.metrics_log is not None:
+        check_output_file(args.metrics_log, "--metrics-log")
+    for flag, path in (("--checkpoint-dir", args.checkpoint_dir), ("--store-dir", args.store_dir)):
+        if path is not None:
+            check_output_dir(path, flag)
+    if args.checkpoint_dir is not None:
+        ckpt = Path(args.checkpoint_dir)
+        if (ckpt / "zarr.json").is_file():
+            raise UsageError(f"--checkpoint-dir {ckpt}: is a table store (pass it as "
+                             f"--store-dir); give a directory of checkpoints")
+        if args.store_dir is not None and Path(args.store_dir).absolute() == ckpt.absolute():
+            raise UsageError(f"--checkpoint-dir and --store-dir are both {ckpt}: give each its "
+                             f"own directory")
+    if args.store_dir is not None:
+        store = Path(args.store_dir)
+        if store.is_dir() and any(store.iterdir()) and not (store / "zarr.json").is_file():
+            kind = ("a directory of checkpoints (pass it as --checkpoint-dir)"
+                    if any(p.name.startswith("ckpt-") for p in store.iterdir())
+                    else "a non-empty directory that is not a table store")
+            raise UsageError(f"--store-dir {store}: is {kind}; give an empty or new directory, "
+                             f"or a table store")
 
 
 def _cache_path(data: str, lines: tuple[int, int | None]) -> str:
@@ -217,12 +275,25 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, world: int, rank: int) -> int:
+    _check_args(args)
     plan = read_plan(args.plan)
     if args.tables:
-        check_plan_matches(plan, load_tables(args.tables))
+        check_plan_matches(plan, load_tables(args.tables), args.plan, args.tables)
     data = None
-    batch_size = args.batch_size or plan.topology.global_batch_size
+    batch_size = plan.topology.global_batch_size if args.batch_size is None else args.batch_size
     eval_batches = args.eval_batches
+    if world > 1 and plan.topology.world_size != world:
+        raise PlanMismatchError(
+            f"{args.plan} has {plan.topology.world_size} devices but torchrun started {world} "
+            f"processes (plan device d runs on rank d): launch torchrun --nproc_per_node "
+            f"{plan.topology.world_size}, or re-plan with a --topology of {world} devices")
+    _train_config(args, batch_size, eval_batches).check(as_flag)
+    if world > 1 and batch_size % world:
+        raise UsageError(f"--batch-size {batch_size} must be a multiple of the {world} "
+                         f"processes (each trains batch-size / processes samples a step)")
+    _check_store(args, plan, rank)
+    model = model_config(args, plan)
+    model.check(tuple(t.embedding_dim for t in plan.tables_spec.tables), as_flag)
     if args.data:
         if rank > 0:  # rank 0 parses the data into the caches first
             torch.distributed.barrier()
@@ -234,34 +305,31 @@ def _train(args: argparse.Namespace, world: int, rank: int) -> int:
             if available < 1:
                 raise ConfigError(f"--validation-lines hold {len(data.validation)} samples, "
                                   f"fewer than one batch of {batch_size}")
+            if available < eval_batches and rank == 0:
+                print(f"note: validating on {available * batch_size:,} samples ({available} "
+                      f"batches of {batch_size}), fewer than the --eval-batches {eval_batches} "
+                      f"asked for: the --validation-lines hold {len(data.validation):,} "
+                      f"samples", file=sys.stderr)
             eval_batches = min(eval_batches, available)
-    elif args.train_lines != (0, None) or args.validation_lines is not None:
-        raise ConfigError("--train-lines and --validation-lines need --data")
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=batch_size,
-        lr=args.lr,
-        embedding_lr=args.embedding_lr,
-        dense_optimizer=args.dense_optimizer,
-        eval_batches=eval_batches,
-        log_every=args.log_every,
-        seed=args.seed,
-        threads=args.threads,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        store_dir=args.store_dir,
-        deterministic=args.deterministic,
-    )
+    config = _train_config(args, batch_size, eval_batches)
     lead = rank == 0
     if lead:
         where = f" on {world} processes" if world > 1 else ""
         print(f"training {len(plan.tables)} tables from {args.plan}{where}: {config.steps} "
               f"steps of {config.batch_size} samples", file=sys.stderr)
-    log = open_metrics_log(args.metrics_log) if lead else None
+        if data is not None:
+            epochs = config.steps * config.batch_size / len(data.train)
+            if epochs > 1:
+                print(f"note: {config.steps} steps of {config.batch_size} samples cycle the "
+                      f"{len(data.train):,} training samples {epochs:.2f} times ({epochs:.2f} "
+                      f"epochs, in file order)", file=sys.stderr)
+    log = None
+    if lead and args.metrics_log is not None:
+        make_parents(args.metrics_log)
+        log = open_metrics_log(args.metrics_log)
     run = train_distributed if world > 1 else train
     try:
-        result = run(plan, model_config(args, plan), config, data=data,
+        result = run(plan, model, config, data=data,
                      progress=None if args.no_progress or not lead else _TqdmProgress,
                      metrics_log=log)
     finally:
@@ -272,11 +340,50 @@ def _train(args: argparse.Namespace, world: int, rank: int) -> int:
     return ExitCode.OK
 
 
+def _check_store(args: argparse.Namespace, plan: Plan, rank: int) -> None:
+    """The tables the plan caches need a --store-dir holding those tables (or none);
+    rank 0 looks into the store."""
+    from dlrm_runtime.cached import check_store_tables, store_tables
+    from dlrm_runtime.sharding import placements_from_plan
+
+    needed = store_tables(plan.tables_spec, placements_from_plan(plan))
+    if not needed:
+        return
+    if args.store_dir is None:
+        names = sorted({t.spec.name for t in needed})
+        raise UsageError(f"{args.plan} caches tables {names} over the table store: pass "
+                         f"--store-dir DIR (created when new or empty)")
+    if rank == 0:
+        check_store_tables(args.store_dir, needed)
+
+
+def _train_config(args: argparse.Namespace, batch_size: int, eval_batches: int) -> TrainConfig:
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=batch_size,
+        lr=args.lr,
+        embedding_lr=args.embedding_lr,
+        dense_optimizer=args.dense_optimizer,
+        eval_batches=eval_batches,
+        log_every=args.log_every,
+        seed=args.seed,
+        threads=args.threads,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every or 0,
+        resume=args.resume,
+        store_dir=args.store_dir,
+        deterministic=args.deterministic,
+    )
+
+
 def format_result(result: TrainResult) -> str:
     v = result.validation
+    first = result.resumed_from or 0
+    span = f" (steps {first + 1}-{result.steps})" if first else ""
     lines = [
-        f"trained {result.steps} steps x {result.batch_size} samples in {result.seconds:.1f} s: "
-        f"{result.samples_per_s:,.0f} samples/s, final train loss {result.train_loss:.4f}",
+        f"trained {result.steps - first} steps{span} x {result.batch_size} samples in "
+        f"{result.seconds:.1f} s: {result.samples_per_s:,.0f} samples/s, final train loss "
+        f"{result.train_loss:.4f}",
     ]
     if v is None:
         lines.append("no validation data (pass --validation-lines)")

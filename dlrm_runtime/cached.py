@@ -52,10 +52,10 @@ from dlrm_runtime.sharding import TablePlacement
 from dlrm_runtime.sparse import SparseBatch
 from dlrm_runtime.timing import Stopwatch
 from planner import DType, Optimizer, TableSpec, TablesSpec, Tier
-from storage import RowCache, StoreError, TableStore
+from storage import RecoveryRequiredError, RowCache, StoreError, StoreLockedError, TableStore
 
 __all__ = ["ADAGRAD_EPS", "CACHE_POLICY", "CachedTable", "CachedTables", "StoreTable",
-           "open_store", "store_tables"]
+           "check_store_tables", "open_store", "store_tables"]
 
 ADAGRAD_EPS = 1e-8
 """Row-wise Adagrad's epsilon; equals :data:`dlrm_runtime.optim.ADAGRAD_EPS` (tested)."""
@@ -153,12 +153,14 @@ def open_store(store_dir: str | Path | None, needed: Sequence[StoreTable], seed:
         if not path.exists() or (path.is_dir() and not any(path.iterdir())):
             store = TableStore.create(path, overwrite=path.exists())
         else:
+            check_store_tables(path, needed)  # before r+, which rewrites the journal
             store = TableStore.open(path, mode="r+")
     except StoreError as exc:
         raise ConfigError(f"store_dir {str(path)!r} cannot be used as the table store: "
                           f"{exc}") from exc
     try:
         present = set(store.tables())
+        _check_tables(store.path, present, store.checkpoint_step, needed)
         for table in needed:
             if table.name in present:
                 _check_matches(store, table)
@@ -172,6 +174,43 @@ def open_store(store_dir: str | Path | None, needed: Sequence[StoreTable], seed:
         store.close()
         raise
     return store
+
+
+def check_store_tables(path: str | Path, needed: Sequence[StoreTable]) -> None:
+    """Read-only look at an existing store: :class:`ConfigError` unless it can hold
+    ``needed`` without being made for other tables (see :func:`_check_tables`). A store
+    that needs recovery or is open elsewhere is checked once opened; a path that is not
+    a store, or none, is left to :func:`open_store`."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        return
+    try:
+        with TableStore.open(path, mode="r") as peek:
+            present, step = set(peek.tables()), peek.checkpoint_step
+    except (RecoveryRequiredError, StoreLockedError):
+        return  # checked once open_store has it open
+    except StoreError as exc:
+        raise ConfigError(f"store_dir {str(path)!r} cannot be used as the table store: "
+                          f"{exc}") from exc
+    _check_tables(path, present, step, needed)
+
+
+def _check_tables(path: Path, present: set[str], step: int | None,
+                  needed: Sequence[StoreTable]) -> None:
+    """Tables are added to an existing store only to complete an interrupted creation
+    (no checkpoint yet, no table of another plan): a store made for other tables is
+    never modified. (Holding more tables than ``needed`` is fine: one process of a
+    multi-process run needs only its own.)"""
+    wanted = {t.name for t in needed}
+    foreign = sorted(present - wanted)
+    missing = sorted(wanted - present)
+    if missing and (foreign or step is not None):
+        detail = ", ".join(part for part in (
+            f"tables {foreign} not in the plan" if foreign else "",
+            f"tables {missing} of the plan missing" if missing else "") if part)
+        raise ConfigError(f"store {str(path)!r} holds other tables than the plan caches "
+                          f"({detail}); it is left as it is: use another store_dir "
+                          f"(--store-dir)")
 
 
 def _check_matches(store: TableStore, table: StoreTable) -> None:

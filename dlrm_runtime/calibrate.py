@@ -144,6 +144,44 @@ def combine(results: Sequence[Calibration]) -> Calibration:
     return dataclasses.replace(last, **figures)
 
 
+DISAGREEMENT = 0.20
+"""Rounds whose figures spread wider than this share of their median disagree: the
+machine's speed changed while it was measured."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """How one measured figure varied over the rounds of a calibration."""
+
+    figure: str
+    """A :class:`Calibration` field, e.g. ``device_gbps``."""
+    low: float
+    median: float
+    high: float
+
+    @property
+    def relative(self) -> float:
+        """(high - low) / median: 0 when every round measured the same."""
+        return (self.high - self.low) / abs(self.median) if self.median else 0.0
+
+    @property
+    def disagrees(self) -> bool:
+        return self.relative > DISAGREEMENT
+
+
+def spreads(results: Sequence[Calibration]) -> tuple[Spread, ...]:
+    """The spread of every measured figure over ``results`` (rounds of one machine)."""
+    out = []
+    for field in dataclasses.fields(Calibration):
+        values = [getattr(r, field.name) for r in results]
+        values = [v for v in values if isinstance(v, float)]
+        if len(values) < 2 or field.name == "rounds":
+            continue
+        out.append(Spread(field.name, min(values), float(statistics.median(values)),
+                          max(values)))
+    return tuple(out)
+
+
 def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
     fn()
     sync()
@@ -162,6 +200,13 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     tuned as ``dlrm-run`` tunes it (:func:`~dlrm_runtime.memory.tune_malloc`), so that
     the probes allocate as the runtime does."""
     tune_malloc()
+    total = 7 if network else 6
+    done = [0]
+
+    def finished(line: str) -> None:
+        done[0] += 1
+        log(f"[{done[0]}/{total}] {line}")
+
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
@@ -172,7 +217,7 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     ids = torch.from_numpy(rng.integers(0, sizes.rows, sizes.batch_rows)).to(device)
     seconds = _median_seconds(lambda: torch.index_select(table, 0, ids), sizes.repeats, sync)
     device_gbps = block / seconds / GB
-    log(f"device gather ({device.type}, index_select): {device_gbps:.2f} GB/s")
+    finished(f"device gather ({device.type}, index_select): {device_gbps:.2f} GB/s")
 
     host = np.random.default_rng(1).random((sizes.rows, sizes.dim), dtype=np.float32)
     host_ids = rng.integers(0, sizes.rows, sizes.batch_rows)
@@ -180,7 +225,7 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     seconds = _median_seconds(lambda: np.take(host, host_ids, axis=0, out=out), sizes.repeats,
                               lambda: None)
     host_gbps = block / seconds / GB
-    log(f"host gather: {host_gbps:.2f} GB/s")
+    finished(f"host gather: {host_gbps:.2f} GB/s")
 
     source = torch.from_numpy(out)
     if device.type == "cuda":
@@ -188,19 +233,19 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     target = torch.empty_like(source, device=device)
     seconds = _median_seconds(lambda: target.copy_(source, non_blocking=True), sizes.repeats, sync)
     h2d_gbps = block / seconds / GB
-    log(f"host-to-device copy: {h2d_gbps:.2f} GB/s")
+    finished(f"host-to-device copy: {h2d_gbps:.2f} GB/s")
 
     read_gbps, write_gbps = _store_rates(sizes, store_dir, rng)
-    log(f"store: read {read_gbps:.3f} GB/s, write {write_gbps:.3f} GB/s (random rows)")
+    finished(f"store: read {read_gbps:.3f} GB/s, write {write_gbps:.3f} GB/s (random rows)")
 
     costs = _runtime_overheads(sizes, device, sync, store_dir, min(h2d_gbps, host_gbps))
-    log(f"runtime: {costs.shard_ms:.3f} ms per extra shard; row cache: "
+    finished(f"runtime: {costs.shard_ms:.3f} ms per extra shard; row cache: "
         f"{costs.cache_shard_ms:.3f} ms per cached shard, {costs.cache_ns_per_lookup:.0f} ns "
         f"per looked-up id, {costs.cache_ns_per_miss:.0f} ns per miss beyond its traffic, "
         f"{costs.cache_ns_per_overflow_row:.0f} ns per row without a slot")
 
     rates = _training_model(sizes, costs.shard_ms)
-    log(f"training runs ({torch.get_num_threads()} threads): embedding step "
+    finished(f"training runs ({torch.get_num_threads()} threads): embedding step "
         f"{rates.step_gbps:.2f} GB/s (used as the device rate), "
         f"{rates.optimizer_ns_per_id:.0f} ns per id for optimizer state; dense "
         f"{rates.dense_gflops:.1f} GFLOP/s, {rates.dense_gbps:.2f} GB/s, "
@@ -209,7 +254,7 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
     a2a, backend = (None, "none")
     if network:
         a2a, backend = _all_to_all_gbps(sizes.all_to_all_bytes, sizes.repeats)
-        log(f"all-to-all ({backend}, 2 processes): {a2a:.2f} GB/s")
+        finished(f"all-to-all ({backend}, 2 processes): {a2a:.2f} GB/s")
     return Calibration(str(device), rates.step_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps,
                        a2a, backend,
                        dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

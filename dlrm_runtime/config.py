@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dlrm_runtime.errors import ConfigError
+
+
+SettingNames = Callable[[str], str]
+"""How an error names a setting: the field name (the default) or, from the CLI, the
+flag the user typed (``steps`` -> ``--steps``)."""
+
+
+def as_field(name: str) -> str:
+    return name
+
+
+def as_flag(name: str) -> str:
+    """The ``dlrm-run`` flag of a config field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
 
 
 class Interaction(enum.Enum):
@@ -27,22 +42,27 @@ class ModelConfig:
     """Top MLP layer widths; the last must be 1 (the click logit)."""
     interaction: Interaction = Interaction.DOT
 
-    def check(self, embedding_dims: tuple[int, ...]) -> None:
-        """Raise :class:`ConfigError` when the layer sizes cannot work with the tables."""
+    def check(self, embedding_dims: tuple[int, ...], names: SettingNames = as_field) -> None:
+        """Raise :class:`ConfigError` when the layer sizes cannot work with the tables;
+        ``names`` words the settings (:func:`as_flag` for the CLI's flags)."""
         if self.dense_features < 1:
-            raise ConfigError(f"dense_features must be >= 1, got {self.dense_features}")
+            raise ConfigError(f"{names('dense_features')} must be >= 1, "
+                              f"got {self.dense_features}")
         for name, layers in (("bottom_mlp", self.bottom_mlp), ("top_mlp", self.top_mlp)):
             if not layers or any(w < 1 for w in layers):
-                raise ConfigError(f"{name} needs one or more positive widths, got {list(layers)}")
+                raise ConfigError(f"{names(name)} needs one or more positive widths, "
+                                  f"got {list(layers)}")
         if self.top_mlp[-1] != 1:
-            raise ConfigError(f"top_mlp must end with 1 (the logit), got {list(self.top_mlp)}")
+            raise ConfigError(f"{names('top_mlp')} must end with 1 (the logit), "
+                              f"got {list(self.top_mlp)}")
         if self.interaction is Interaction.DOT:
             dims = set(embedding_dims) | {self.bottom_mlp[-1]}
             if len(dims) != 1:
                 raise ConfigError(
                     f"dot interaction needs one width for the bottom MLP output "
                     f"({self.bottom_mlp[-1]}) and every table (dims {sorted(set(embedding_dims))});"
-                    f" set the bottom MLP's last width to the tables' dim or use --interaction cat")
+                    f" set the last width of {names('bottom_mlp')} to the tables' dim or use "
+                    f"{names('interaction')} cat")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,20 +101,25 @@ class TrainConfig:
     flag matters on CUDA, where it also needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in
     the environment before CUDA starts."""
 
-    def check(self) -> None:
+    def check(self, names: SettingNames = as_field) -> None:
+        """Raise :class:`ConfigError` for a setting out of range; ``names`` words the
+        settings (:func:`as_flag` for the CLI's flags)."""
         for name in ("steps", "batch_size", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{names(name)} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"{names('threads')} must be >= 1, got {self.threads}")
         if self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+            raise ConfigError(f"{names('checkpoint_every')} must be >= 0, "
+                              f"got {self.checkpoint_every}")
         if self.checkpoint_dir is None:
             if self.resume:
-                raise ConfigError("resume needs checkpoint_dir (--checkpoint-dir)")
+                raise ConfigError(f"{names('resume')} needs {names('checkpoint_dir')}")
             if self.checkpoint_every:
-                raise ConfigError("checkpoint_every needs checkpoint_dir (--checkpoint-dir)")
+                raise ConfigError(f"{names('checkpoint_every')} needs {names('checkpoint_dir')}")
         for name in ("lr", "embedding_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(f"{names(name)} must be > 0, got {getattr(self, name)}")
         if self.dense_optimizer not in ("sgd", "adagrad", "adam"):
-            raise ConfigError(f"dense_optimizer must be sgd, adagrad or adam, "
+            raise ConfigError(f"{names('dense_optimizer')} must be sgd, adagrad or adam, "
                               f"got {self.dense_optimizer!r}")

@@ -53,18 +53,18 @@ from dlrm_runtime.config import ModelConfig, TrainConfig
 from dlrm_runtime.data import VALIDATION_OFFSET, Batch
 from dlrm_runtime.embeddings import (
     TORCH_DTYPE,
-    PooledLookup,
     RowBlock,
     Segment,
     TableBatchedBags,
     batch_order,
     init_table,
+    pooled_lookup,
 )
 from dlrm_runtime.errors import (
     ConfigError,
     PlanMismatchError,
 )
-from dlrm_runtime.memory import empty_weight
+from dlrm_runtime.memory import empty_weight, host_weight
 from dlrm_runtime.metrics import accuracy, roc_auc
 from dlrm_runtime.model import DLRM
 from dlrm_runtime.optim import RowOptimizer
@@ -162,6 +162,8 @@ class LookupJob:
     row_end: int
     col_start: int
     col_end: int
+    host: bool = False
+    """The ``host`` tier: the rows live in the owner's host memory, pooled on its device."""
 
     @property
     def cols(self) -> int:
@@ -171,12 +173,12 @@ class LookupJob:
 def lookup_jobs(plan: Plan, world_size: int) -> tuple[tuple[LookupJob, ...], tuple[int, ...]]:
     """The jobs of every model-parallel table in spec order (shards in row or column
     order), and the indices of the data-parallel tables. Raises
-    :class:`PlanMismatchError` for a shard outside the HBM tier or a data-parallel table
-    without a replica on every rank."""
+    :class:`PlanMismatchError` for a shard outside the HBM and host tiers or a
+    data-parallel table without a replica on every rank."""
     specs = plan.tables_spec.tables
     for table in plan.tables:
         for shard in table.shards:
-            if shard.tier is not Tier.HBM:
+            if shard.tier not in (Tier.HBM, Tier.HOST):
                 raise PlanMismatchError(
                     f"table {table.name!r}: tier {shard.tier.value!r} is not supported in "
                     f"multi-process runs yet; plan it in HBM or train in one process")
@@ -194,7 +196,7 @@ def lookup_jobs(plan: Plan, world_size: int) -> tuple[tuple[LookupJob, ...], tup
             replicated.append(index)
             continue
         jobs.extend(LookupJob(index, placement.sharding, s.plan_device, s.row_start, s.row_end,
-                              s.col_start, s.col_end) for s in placement.shards)
+                              s.col_start, s.col_end, placement.host) for s in placement.shards)
     return tuple(jobs), tuple(replicated)
 
 
@@ -209,7 +211,10 @@ class ShardBag(nn.Module):
         self.job = job
         self.row_group = row_group
         full = init_table(spec, job.table, seed)
-        weight = empty_weight(job.row_end - job.row_start, job.cols, TORCH_DTYPE[spec.dtype], device)
+        rows, dtype = job.row_end - job.row_start, TORCH_DTYPE[spec.dtype]
+        weight = host_weight(rows, job.cols, dtype) if job.host else empty_weight(rows, job.cols,
+                                                                                   dtype, device)
+        self.compute_device = device if job.host else None
         weight.copy_(full[job.row_start:job.row_end, job.col_start:job.col_end])
         self.weight = nn.Parameter(weight)
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -218,11 +223,8 @@ class ShardBag(nn.Module):
         """Shard-local ids and ``N + 1`` offsets -> pooled ``[N, cols]`` float32."""
         device = self.weight.device
         ids, starts = ids.to(device), offsets[:-1].to(device)
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            out = PooledLookup.apply(self.weight, ids, starts, self.pending)
-        else:
-            out = F.embedding_bag(ids, self.weight, starts, mode="sum")
-        return out.float()
+        return pooled_lookup(self.weight, ids, starts, self.pending, (),
+                             self.compute_device).float()
 
     def row_block(self) -> RowBlock:
         job = self.job
@@ -232,12 +234,14 @@ class ShardBag(nn.Module):
                         self.row_group, pending=self.pending)
 
 
-def _whole_groups(members: list[tuple[int, TableSpec]]) -> list[list[tuple[int, TableSpec]]]:
-    """Whole tables batched per (dim, dtype, optimizer), each group in
-    :func:`~dlrm_runtime.embeddings.batch_order`."""
+def _whole_groups(members: list[tuple[int, TableSpec]],
+                  host: frozenset[int] = frozenset()) -> list[list[tuple[int, TableSpec]]]:
+    """Whole tables batched per (dim, dtype, optimizer, in the ``host`` tier: index in
+    ``host``), each group in :func:`~dlrm_runtime.embeddings.batch_order`."""
     groups: dict[tuple, list[tuple[int, TableSpec]]] = {}
     for index, spec in members:
-        groups.setdefault((spec.embedding_dim, spec.dtype, spec.optimizer), []).append((index, spec))
+        key = (spec.embedding_dim, spec.dtype, spec.optimizer, index in host)
+        groups.setdefault(key, []).append((index, spec))
     return [batch_order(group) for group in groups.values()]
 
 
@@ -304,8 +308,10 @@ class DistributedEmbeddings(nn.Module):
                  if jobs[j].sharding is Sharding.TABLE_WISE]
         position = {jobs[j].table: k for k, j in enumerate(self.mine)
                     if jobs[j].sharding is Sharding.TABLE_WISE}
-        members = _whole_groups(whole)
-        self.whole = nn.ModuleList(TableBatchedBags(m, device, seed) for m in members)
+        host = frozenset(jobs[j].table for j in self.mine if jobs[j].host)
+        members = _whole_groups(whole, host)
+        self.whole = nn.ModuleList(TableBatchedBags(m, device, seed, host=m[0][0] in host)
+                                   for m in members)
         self.whole_positions = [[position[index] for index, _ in m] for m in members]
         shards = [(k, j) for k, j in enumerate(self.mine)
                   if jobs[j].sharding is not Sharding.TABLE_WISE]

@@ -15,6 +15,11 @@ Two kinds of modules serve the tables, both sum-pooled bags:
 Tables in a cached tier (``dram_cache``, ``store_cache``) are
 :class:`~dlrm_runtime.cached.CachedTable` modules: row caches over the table store,
 trained inside the backward; :class:`InMemoryEmbeddings` holds them beside the others.
+Tables in the ``host`` tier are the same two kinds of modules with their weights in
+host memory (pinned when CUDA is present): each lookup gathers the batch's unique rows
+on the host, copies them to the compute device and pools them there
+(:func:`host_pooled`); the pooled gradient comes back to the host, where the row
+optimizer updates the host rows and their state (:class:`HostLookup`).
 
 Both describe their weights to the row optimizer as :class:`RowBlock` objects, whose
 :class:`Segment` entries say which rows and columns of which table each block holds;
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlrm_runtime.memory import empty_weight
+from dlrm_runtime.memory import empty_weight, host_weight
 from dlrm_runtime.sharding import (
     TablePlacement,
     device_for,
@@ -42,10 +47,10 @@ from dlrm_runtime.sparse import SparseBatch
 from planner import DType, Optimizer, Plan, Sharding, TablesSpec, TableSpec
 
 __all__ = [
-    "InMemoryEmbeddings", "PooledLookup", "RowBlock", "Segment", "ShardedTable", "TORCH_DTYPE",
-    "TableBatchedBags", "UniformRun", "bag_of_ids", "batch_order", "check_range", "device_for",
-    "embeddings_from_plan", "embeddings_in_memory", "expand_pooled", "init_generator",
-    "init_table", "uniform_runs",
+    "HostLookup", "InMemoryEmbeddings", "PooledLookup", "RowBlock", "Segment", "ShardedTable",
+    "TORCH_DTYPE", "TableBatchedBags", "UniformRun", "bag_of_ids", "batch_order", "check_range",
+    "device_for", "embeddings_from_plan", "embeddings_in_memory", "expand_pooled",
+    "host_pooled", "init_generator", "init_table", "pooled_lookup", "uniform_runs",
 ]
 
 TORCH_DTYPE = {DType.FP32: torch.float32, DType.FP16: torch.float16, DType.BF16: torch.bfloat16}
@@ -217,14 +222,77 @@ class PooledLookup(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         ids, offsets = ctx.saved_tensors
-        if not ctx.runs:
-            ctx.pending.append((ids, offsets, grad))
-        for run in ctx.runs:
-            ctx.pending.append((ids[run.id_start:run.id_end],
-                                torch.arange(0, run.id_end - run.id_start, run.length,
-                                             device=ids.device),
-                                grad[run.bag_start:run.bag_end]))
+        _record_pending(ctx.pending, ctx.runs, ids, offsets, grad)
         return None, None, None, None, None
+
+
+def _record_pending(pending: list, runs: tuple[UniformRun, ...], ids: torch.Tensor,
+                    offsets: torch.Tensor, grad: torch.Tensor) -> None:
+    """Keep a lookup's pooled gradient for the row optimizer (see :class:`PooledLookup`)."""
+    if not runs:
+        pending.append((ids, offsets, grad))
+    for run in runs:
+        pending.append((ids[run.id_start:run.id_end],
+                        torch.arange(0, run.id_end - run.id_start, run.length, device=ids.device),
+                        grad[run.bag_start:run.bag_end]))
+
+
+# ---------------------------------------------------------------- host tier
+
+
+def host_pooled(weight: torch.Tensor, ids: torch.Tensor, bag_offsets: torch.Tensor,
+                device: torch.device) -> torch.Tensor:
+    """Sum-pooled lookup of a weight held in host memory, computed on ``device``: the
+    batch's unique rows are gathered on the host (into page-locked memory when the
+    weight is pinned), copied to ``device`` and pooled there through the ids' inverse
+    index. Each bag adds the same rows in the same order as ``embedding_bag`` over
+    the weight itself, so the result is the same to the bit."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    rows = torch.empty(unique.numel(), weight.shape[1], dtype=weight.dtype,
+                       pin_memory=weight.is_pinned())
+    torch.index_select(weight, 0, unique, out=rows)  # the host gather
+    staged = rows.to(device, non_blocking=True)  # the host-to-device link
+    return F.embedding_bag(inverse.to(device, non_blocking=True), staged,
+                           bag_offsets.to(device, non_blocking=True), mode="sum")
+
+
+class HostLookup(torch.autograd.Function):
+    """:class:`PooledLookup` for a weight in host memory (the ``host`` tier): forward
+    as :func:`host_pooled`; backward the pooled gradient comes back to the host, where
+    it is recorded in ``pending`` with the host ids for the row optimizer, which then
+    updates the host rows and their optimizer state in place."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,  # type: ignore[override]
+                pending: list, runs: tuple[UniformRun, ...], device: torch.device) -> torch.Tensor:
+        ctx.save_for_backward(ids, offsets)
+        ctx.pending = pending
+        ctx.runs = runs
+        ctx.host = weight.device
+        return host_pooled(weight, ids, offsets, device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        ids, offsets = ctx.saved_tensors
+        _record_pending(ctx.pending, ctx.runs, ids, offsets, grad.to(ctx.host))  # device-to-host
+        return None, None, None, None, None, None
+
+
+def pooled_lookup(weight: torch.Tensor, ids: torch.Tensor, bag_offsets: torch.Tensor,
+                  pending: list, runs: tuple[UniformRun, ...] = (),
+                  compute_device: torch.device | None = None) -> torch.Tensor:
+    """Sum-pooled lookup whose gradient goes to ``pending`` when autograd records
+    (:class:`PooledLookup`); with ``compute_device``, of a host-tier weight pooled on
+    that device (:class:`HostLookup`). ``ids`` and ``bag_offsets`` on the weight's
+    device."""
+    if compute_device is not None:
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return HostLookup.apply(weight, ids, bag_offsets, pending, runs, compute_device)
+        return host_pooled(weight, ids, bag_offsets, compute_device)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return PooledLookup.apply(weight, ids, bag_offsets, pending, runs)
+    return F.embedding_bag(ids, weight, bag_offsets, mode="sum")
 
 
 # ---------------------------------------------------------------- whole tables, batched
@@ -295,7 +363,7 @@ class TableBatchedBags(nn.Module):
     """
 
     def __init__(self, tables: Sequence[tuple[int, TableSpec]], device: torch.device,
-                 seed: int = 0) -> None:
+                 seed: int = 0, *, host: bool = False) -> None:
         super().__init__()
         specs = [spec for _, spec in tables]
         first = specs[0]
@@ -312,7 +380,11 @@ class TableBatchedBags(nn.Module):
         self.bases_list = bases
         self.bases = torch.tensor(bases, dtype=torch.int64)
         self.last_rows = torch.tensor(rows, dtype=torch.int64) - 1
-        weight = empty_weight(sum(rows), self.dim, TORCH_DTYPE[first.dtype], device)
+        self.compute_device = device if host else None
+        """Host tier: the weight lives in host memory and is pooled on this device."""
+        dtype = TORCH_DTYPE[first.dtype]
+        weight = (host_weight(sum(rows), self.dim, dtype) if host
+                  else empty_weight(sum(rows), self.dim, dtype, device))
         for (index, spec), base in zip(tables, bases):
             _fill_init(weight[base:base + spec.num_embeddings], spec, index, seed)
         self.weight = nn.Parameter(weight)
@@ -320,7 +392,8 @@ class TableBatchedBags(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.weight.device
+        """Where the group is pooled (its weight's device, but for the host tier)."""
+        return self.compute_device or self.weight.device
 
     def table_weight(self, k: int) -> torch.Tensor:
         """Table ``k`` of the group: a view of the shared weight (writes go through)."""
@@ -330,7 +403,7 @@ class TableBatchedBags(nn.Module):
     def forward(self, ids: Sequence[torch.Tensor], offsets: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per table, ``ids[k]`` and ``offsets[k]`` (``B + 1`` entries, first 0, last
         ``len(ids[k])``) -> pooled ``[T_g, B, dim]`` on the group's device."""
-        device = self.weight.device
+        device = self.weight.device  # ids go where the weight is (host tier: the host)
         offs = torch.stack(list(offsets))  # [T_g, B + 1]
         batch = offs.shape[1] - 1
         # first and last offset of every table, in one small read-back
@@ -364,9 +437,8 @@ class TableBatchedBags(nn.Module):
 
     def _lookup(self, ids: torch.Tensor, bag_offsets: torch.Tensor,
                 runs: tuple[UniformRun, ...] = ()) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return PooledLookup.apply(self.weight, ids, bag_offsets, self.pending, runs)
-        return F.embedding_bag(ids, self.weight, bag_offsets, mode="sum")
+        return pooled_lookup(self.weight, ids, bag_offsets, self.pending, runs,
+                             self.compute_device)
 
     def row_block(self) -> RowBlock:
         segments = tuple(Segment(spec.name, base, 0, spec.num_embeddings, 0, self.dim)
@@ -414,16 +486,28 @@ class ShardedTable(nn.Module):
         self.placement = placement
         self.output_device = output_device
         self.column_wise = placement.sharding is Sharding.COLUMN_WISE
+        self.host = placement.host
+        """Host tier: every weight lives in host memory and is pooled on its shard's device."""
         shards = placement.shards
         dtype = TORCH_DTYPE[spec.dtype]
+
+        def allocate(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+            return host_weight(rows, cols, dtype) if self.host else empty_weight(rows, cols, dtype,
+                                                                                  device)
+
         self.parts = nn.ParameterList()
         """Column-wise: one weight per shard. Row-wise: one weight per device group."""
+        self.pending: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+        """Per weight, its :class:`PooledLookup` gradients since the last ``zero_grad``
+        (row-wise and host-tier column-wise weights; in-device column shards get
+        autograd's sparse gradient)."""
         if self.column_wise:
             full = init_table(spec, index, seed)
             for shard in shards:
-                weight = empty_weight(shard.rows, shard.cols, dtype, shard.device)
+                weight = allocate(shard.rows, shard.cols, shard.device)
                 weight.copy_(full[shard.row_start:shard.row_end, shard.col_start:shard.col_end])
                 self.parts.append(nn.Parameter(weight))
+                self.pending.append([])
             return
         # ---- row-wise: group the shards by device, one weight per group
         keys: dict[object, int] = {}
@@ -445,7 +529,7 @@ class ShardedTable(nn.Module):
         # a single group whose rows are the table's rows: ids need no routing
         self.unrouted = len(group_rows) == 1 and all(
             base == shard.row_start for shard, base in zip(shards, self.shard_base))
-        weights = [empty_weight(rows, spec.embedding_dim, dtype, device)
+        weights = [allocate(rows, spec.embedding_dim, device)
                    for rows, device in zip(group_rows, self.group_devices)]
         if self.unrouted:
             _fill_init(weights[0], spec, index, seed)
@@ -453,8 +537,6 @@ class ShardedTable(nn.Module):
             full = init_table(spec, index, seed)
             for shard, g, base in zip(shards, self.shard_group, self.shard_base):
                 weights[g][base:base + shard.rows].copy_(full[shard.row_start:shard.row_end])
-        self.pending: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
-        """Per group, its :class:`PooledLookup` gradients since the last ``zero_grad``."""
         for weight in weights:
             self.parts.append(nn.Parameter(weight))
             self.pending.append([])
@@ -480,6 +562,11 @@ class ShardedTable(nn.Module):
         """``ids``, ``offsets`` (``B + 1``) -> pooled ``[B, dim]`` float32 on the
         output device."""
         _check_range(self.spec, ids)
+        if self.column_wise and self.host:
+            outs = [pooled_lookup(w, ids.to(w.device), offsets[:-1].to(w.device), pending, (),
+                                  shard.device)
+                    for w, pending, shard in zip(self.parts, self.pending, self.placement.shards)]
+            return torch.cat([o.to(self.output_device, torch.float32) for o in outs], dim=1)
         if self.column_wise:
             outs = [F.embedding_bag(ids.to(w.device), w, offsets.to(w.device), mode="sum",
                                     sparse=True, include_last_offset=True)
@@ -512,9 +599,8 @@ class ShardedTable(nn.Module):
         ``bag_offsets``, on the group's device."""
         weight = self.parts[g]
         ids, bag_offsets = ids.to(weight.device), bag_offsets.to(weight.device)
-        if torch.is_grad_enabled() and weight.requires_grad:
-            return PooledLookup.apply(weight, ids, bag_offsets, self.pending[g])
-        return F.embedding_bag(ids, weight, bag_offsets, mode="sum")
+        return pooled_lookup(weight, ids, bag_offsets, self.pending[g], (),
+                             self.group_devices[g] if self.host else None)
 
     def full_weight(self) -> torch.Tensor:
         """The whole table assembled from its shards: a copy on the output device."""
@@ -531,8 +617,9 @@ class ShardedTable(nn.Module):
             group = self.spec.name if len(self.parts) > 1 else None
             return [RowBlock(weight, self.spec.optimizer,
                              (Segment(self.spec.name, 0, s.row_start, s.rows, s.col_start, s.cols),),
-                             self.spec.embedding_dim, group)
-                    for s, weight in zip(shards, self.parts)]
+                             self.spec.embedding_dim, group,
+                             pending=pending if self.host else None)
+                    for s, weight, pending in zip(shards, self.parts, self.pending)]
         blocks = []
         for g, weight in enumerate(self.parts):
             segments = tuple(Segment(self.spec.name, base, s.row_start, s.rows, 0, s.cols)
@@ -627,14 +714,15 @@ class InMemoryEmbeddings(nn.Module):
             if placement.cached:
                 continue
             if placement.whole:
-                key = (str(placement.home(output_device)), spec.embedding_dim, spec.dtype,
-                       spec.optimizer)
+                key = (str(placement.home(output_device)), placement.host, spec.embedding_dim,
+                       spec.dtype, spec.optimizer)
                 groups.setdefault(key, []).append((index, spec))
             else:
                 sharded.append(ShardedTable(spec, index, placement, output_device, seed))
         self.groups = nn.ModuleList(
             TableBatchedBags(batch_order(members),
-                             placements[members[0][1].name].home(output_device), seed)
+                             placements[members[0][1].name].home(output_device), seed,
+                             host=placements[members[0][1].name].host)
             for members in groups.values())
         self.sharded = nn.ModuleList(sharded)
         self.cached = None
@@ -783,8 +871,10 @@ def embeddings_from_plan(plan: Plan, output_device: torch.device, seed: int = 0,
     ``device_for(shard.device)`` (that GPU when present, else the CPU).
 
     Executes ``table_wise``, ``row_wise``, ``table_row_wise``, ``column_wise`` and
-    ``data_parallel`` tables in the ``hbm`` tier, and ``table_wise``, ``row_wise`` and
-    ``table_row_wise`` tables in the cached tiers (``dram_cache``, ``store_cache``:
+    ``data_parallel`` tables in the ``hbm`` tier, the same but ``data_parallel`` in the
+    ``host`` tier (weights in host memory, pooled on the shards' devices), and
+    ``table_wise``, ``row_wise`` and ``table_row_wise`` tables in the cached tiers
+    (``dram_cache``, ``store_cache``:
     row caches of the shards' ``cache_rows`` over the table store in ``store_dir``,
     created with :func:`init_table`'s values or opened; see
     :mod:`dlrm_runtime.cached`). Shards that break their sharding type's conventions

@@ -52,6 +52,16 @@ def empty_weight(rows: int, cols: int, dtype: torch.dtype, device: torch.device)
     return weight
 
 
+def host_weight(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``[rows, cols]`` tensor in host memory for a host-tier table:
+    page-locked (pinned) when CUDA is present, so that copies of its rows to the GPU
+    run asynchronously at the link's full rate; else a CPU weight as
+    :func:`empty_weight` makes it."""
+    if torch.cuda.is_available():
+        return torch.empty(rows, cols, dtype=dtype, pin_memory=True)
+    return empty_weight(rows, cols, dtype, torch.device("cpu"))
+
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit on 64-bit

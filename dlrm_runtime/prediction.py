@@ -119,19 +119,23 @@ def dense_ms(config: ModelConfig, embedding_dims: Sequence[int], batch_size: int
     return seconds * 1e3 + (step_ms or 0.0)
 
 
-def _runs_merged(planned: TablePlan, devices: set[int]) -> bool:
+def _runs_merged(planned: TablePlan, devices: set[int]) -> Tier | None:
     """Whether a process whose plan ``devices`` share one torch device executes this
-    table as one whole table (:class:`~dlrm_runtime.embeddings.InMemoryEmbeddings`): a
-    row-wise (or table-row-wise) table with every shard in device memory and on those
-    devices keeps its shards in ONE weight, pooled by one lookup over the unrouted ids;
-    a data-parallel table keeps one copy, batched with the whole tables. So it costs
-    what the whole table costs. Priced per shard, four row shards of each of the demo's
-    tables were predicted 5 % slower than its table-wise plans, which ran as fast. Row
-    caches (one per shard) are priced per shard."""
-    return (planned.sharding in (Sharding.ROW_WISE, Sharding.TABLE_ROW_WISE,
-                                 Sharding.DATA_PARALLEL)
-            and len(planned.shards) > 1
-            and all(s.device in devices and s.tier is Tier.HBM for s in planned.shards))
+    table as one whole table (:class:`~dlrm_runtime.embeddings.InMemoryEmbeddings`),
+    and in which tier: a row-wise (or table-row-wise) table with every shard in device
+    memory, or every shard in host memory (the ``host`` tier), and on those devices
+    keeps its shards in ONE weight, pooled by one lookup over the unrouted ids; a
+    data-parallel table keeps one copy, batched with the whole tables. So it costs
+    what the whole table costs in that tier. Priced per shard, four row shards of each
+    of the demo's tables were predicted 5 % slower than its table-wise plans, which ran
+    as fast. Row caches (one per shard) are priced per shard (None)."""
+    tiers = {s.tier for s in planned.shards}
+    merged = (planned.sharding in (Sharding.ROW_WISE, Sharding.TABLE_ROW_WISE,
+                                   Sharding.DATA_PARALLEL)
+              and len(planned.shards) > 1 and len(tiers) == 1
+              and tiers <= {Tier.HBM, Tier.HOST}
+              and all(s.device in devices for s in planned.shards))
+    return next(iter(tiers)) if merged else None
 
 
 def predict_step(plan: Plan, config: ModelConfig, batch_size: int,
@@ -154,9 +158,10 @@ def predict_step(plan: Plan, config: ModelConfig, batch_size: int,
     hbm = dram = 0
     for planned in plan.tables:
         spec = plan.tables_spec.by_name(planned.name)
-        if not communication and _runs_merged(planned, mine):
+        merged = None if communication else _runs_merged(planned, mine)
+        if merged is not None:
             options = [ShardOption(spec, Sharding.TABLE_WISE, spec.num_embeddings,
-                                   spec.embedding_dim)]
+                                   spec.embedding_dim, tier=merged)]
         else:
             options = [shard_option(spec, planned.sharding, planned.shards, shard, world)
                        for shard in planned.shards if shard.device in mine]

@@ -12,11 +12,13 @@ Conventions (one :class:`~planner.Shard` = a row range and a column range on one
   pooled outputs are concatenated in column order;
 - ``data_parallel``: one shard per device, each the whole table (replicas).
 
-Tiers: ``hbm`` shards hold their rows in device memory; ``dram_cache`` and
-``store_cache`` shards are a row cache of ``cache_rows`` slots on the device over the
-table in the tiered store (:mod:`dlrm_runtime.cached`). A cached table must be
-``table_wise``, ``row_wise`` or ``table_row_wise`` with every shard in the same cached
-tier; other combinations raise :class:`PlanMismatchError` naming the table.
+Tiers: ``hbm`` shards hold their rows in device memory; ``host`` shards hold them in
+host memory and are pooled on their device (:func:`~dlrm_runtime.embeddings.host_pooled`);
+``dram_cache`` and ``store_cache`` shards are a row cache of ``cache_rows`` slots on the
+device over the table in the tiered store (:mod:`dlrm_runtime.cached`). A cached table
+must be ``table_wise``, ``row_wise`` or ``table_row_wise``, a host-tier table anything
+but ``data_parallel``, with every shard in the same tier; other combinations raise
+:class:`PlanMismatchError` naming the table.
 """
 
 from __future__ import annotations
@@ -79,7 +81,12 @@ class TablePlacement:
     @property
     def cached(self) -> bool:
         """True when the table's shards are row caches over the tiered store."""
-        return self.shards[0].tier is not Tier.HBM
+        return self.shards[0].tier in CACHED_TIERS
+
+    @property
+    def host(self) -> bool:
+        """True when the table's rows live in host memory (the ``host`` tier)."""
+        return self.shards[0].tier is Tier.HOST
 
     def home(self, output_device: torch.device) -> torch.device:
         """The device of the one copy kept for a whole table: the replica on the
@@ -148,17 +155,26 @@ def placement_from_plan(spec: TableSpec, table: TablePlan, topology: Topology) -
     return TablePlacement(kind, shards)
 
 
+CACHED_TIERS = (Tier.DRAM_CACHE, Tier.STORE_CACHE)
+"""Tiers whose shards are row caches over the tiered store."""
+
 CACHED_SHARDINGS = (Sharding.TABLE_WISE, Sharding.ROW_WISE, Sharding.TABLE_ROW_WISE)
 """Shardings whose shards may be row caches (a column shard's cache would need the
 row-wise Adagrad statistics of the other column shards)."""
 
 
 def _check_tiers(table: TablePlan) -> None:
-    """A table is all ``hbm``, or all in one cached tier with a sharding that supports it."""
+    """A table is all ``hbm``, all ``host`` (not data-parallel), or all in one cached
+    tier with a sharding that supports it."""
     tiers = {s.tier for s in table.shards}
     if tiers == {Tier.HBM} or not tiers:
         return
     name = table.name
+    if tiers == {Tier.HOST}:
+        if table.sharding is Sharding.DATA_PARALLEL:
+            raise PlanMismatchError(f"table {name!r}: data_parallel replicas in tier 'host' "
+                                    f"are not supported; plan the replicas in hbm")
+        return
     if len(tiers) > 1:
         cached = sorted(t.value for t in tiers if t is not Tier.HBM)
         raise PlanMismatchError(f"table {name!r}: tier {cached[0]!r} is not supported mixed "

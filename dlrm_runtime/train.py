@@ -97,21 +97,37 @@ class Progress:
         pass
 
 
-def check_plan_matches(plan: Plan, tables: TablesSpec) -> None:
-    """The plan must have been made for exactly these tables."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training, with where the run stands: the step that was
+    running (0-based) and the step of the last checkpoint (None: none written or
+    resumed from)."""
+
+    def __init__(self, step: int, checkpoint_step: int | None, checkpoint: str | None) -> None:
+        self.step = step
+        self.checkpoint_step = checkpoint_step
+        self.checkpoint = checkpoint
+        super().__init__(step, checkpoint_step, checkpoint)
+
+
+def check_plan_matches(plan: Plan, tables: TablesSpec, plan_file: str = "the plan",
+                       tables_file: str = "the tables spec") -> None:
+    """The plan must have been made for exactly these tables; the error names both
+    files when given."""
     if plan.tables_spec.sha256() != tables.sha256():
         ours = {t.name: t for t in tables.tables}
         theirs = {t.name: t for t in plan.tables_spec.tables}
         if ours.keys() != theirs.keys():
             missing = sorted(ours.keys() - theirs.keys())
             extra = sorted(theirs.keys() - ours.keys())
-            detail = f"tables missing from the plan {missing}, unknown to the spec {extra}"
+            detail = (f"tables missing from {plan_file} {missing}, unknown to {tables_file} "
+                      f"{extra}")
         else:
             differ = [n for n in ours if ours[n] != theirs[n]]
-            detail = (f"table {differ[0]!r} differs: spec {ours[differ[0]].to_json()}, "
-                      f"plan {theirs[differ[0]].to_json()}") if differ else "table order differs"
-        raise PlanMismatchError(f"the plan was made for other tables: {detail}; "
-                                f"re-run dlrm-plan with this tables spec")
+            detail = (f"table {differ[0]!r} differs: {tables_file} "
+                      f"{ours[differ[0]].to_json()}, {plan_file} {theirs[differ[0]].to_json()}"
+                      ) if differ else "table order differs"
+        raise PlanMismatchError(f"{plan_file} was made for other tables than {tables_file}: "
+                                f"{detail}; re-run dlrm-plan with {tables_file}")
 
 
 def build_model(plan: Plan, config: ModelConfig, seed: int = 0, *, store_dir: str | None = None,
@@ -447,6 +463,8 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
 
     start = time.perf_counter()
     ticks = cpu_ticks()
+    step = first_step
+    saved = [resumed_from]  # the step of the newest checkpoint
     try:
         with Prefetcher(data, config.batch_size, first_step, config.steps) as batches:
             upcoming: Batch | None = None
@@ -486,7 +504,12 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
                     if cached:
                         embeddings.checkpoint(done)
                     checkpoint = str(peers.broadcast(None if path is None else str(path)))
+                    saved[0] = done
                     _log(log, {"event": "checkpoint", "step": done, "path": checkpoint})
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, TrainingInterrupted):
+            raise
+        raise TrainingInterrupted(step, saved[0], checkpoint) from exc
     finally:
         bar.close()
     seconds = time.perf_counter() - start

@@ -8,6 +8,7 @@ Typical use::
 """
 
 from planner.api import PlanOptions, plan
+from planner.capacity import CapacityResult, TargetUnreachableError, capacity
 from planner.cost import (
     AnalyticCostModel,
     CostModel,
@@ -19,6 +20,7 @@ from planner.cost import (
     check_cost_model,
     load_cost_model,
 )
+from planner.diff import PlanDiff, diff_plans
 from planner.errors import (
     InfeasibleError,
     PlanFileError,
@@ -37,6 +39,7 @@ from planner.plan import (
     read_plan,
     write_plan,
 )
+from planner.replan import ReplanResult, replan
 from planner.specs import (
     AccessProfile,
     DType,
@@ -57,4 +60,6 @@ __all__ = [
     "check_cost_model", "load_cost_model",
     "Tier", "Topology", "load_tables", "load_topology", "parse_tables", "parse_topology", "plan",
     "plan_from_json", "plan_sha256", "plan_to_json", "read_plan", "write_plan",
+    "CapacityResult", "PlanDiff", "ReplanResult", "TargetUnreachableError", "capacity",
+    "diff_plans", "replan",
 ]

@@ -356,7 +356,7 @@ def check_capacity(tables: TablesSpec, topology: Topology,
                 f"needs {need} bytes",
                 tables=(table.name,),
                 fixes=("allow row-wise or column-wise sharding",
-                       "allow a cache tier (dram_cache or store_cache)",
+                       "allow a cache tier (dram_cache or store_cache) or the host tier",
                        f"devices of at least {need / GB + topology.reserved_hbm_gb:.3g} GB HBM",
                        "fp16 or bf16 storage (half the bytes)"),
             )

@@ -93,10 +93,71 @@ def parse_constraints(doc: object, tables: TablesSpec, topology: Topology,
             if r.shardings is not None and Sharding.TABLE_WISE not in r.shardings:
                 raise SpecError(file, "colocate", f"table {name!r} is co-located, so it must "
                                                   f"allow table_wise sharding", sorted(group))
-    for a, b in pairs:
-        if any(a in g and b in g for g in groups):
-            raise SpecError(file, "separate", "these tables are also co-located", [a, b])
+    _check_contradictions(file, rules, groups, pairs, topology)
     return Constraints(rules, tuple(tuple(g) for g in groups), tuple((p[0], p[1]) for p in pairs))
+
+
+def _check_contradictions(file: str, rules: dict[str, TableRules], groups: list[list[str]],
+                          pairs: list[list[str]], topology: Topology) -> None:
+    """Pins, co-location and separation that no plan can satisfy together, reported as
+    such (before the planner would report them as a shortage of memory)."""
+    for name, r in rules.items():
+        if r.shardings is None:
+            continue
+        where = f"tables.{name}.shardings"
+        if r.device is not None and Sharding.TABLE_WISE not in r.shardings:
+            raise SpecError(file, where, f"contradicts the pin to device {r.device}: a pinned "
+                                         f"table is placed whole (allow table_wise)",
+                            sorted(s.value for s in r.shardings))
+        if any(name in pair for pair in pairs) and not r.shardings & {Sharding.TABLE_WISE,
+                                                                      Sharding.COLUMN_WISE}:
+            raise SpecError(file, where, "contradicts 'separate': a table kept apart from "
+                                         "another needs table_wise or column_wise sharding",
+                            sorted(s.value for s in r.shardings))
+    # tables co-located through overlapping groups share one device
+    component = {name: name for group in groups for name in group}
+
+    def root(name: str) -> str:
+        while component[name] != name:
+            name = component[name]
+        return name
+
+    for group in groups:
+        for name in group[1:]:
+            component[root(name)] = root(group[0])
+    pinned_device: dict[str, tuple[str, int]] = {}
+    pinned_host: dict[str, tuple[str, int]] = {}
+    for name in component:
+        r = rules.get(name, TableRules())
+        for pins, value, what in ((pinned_device, r.device, "device"),
+                                  (pinned_host, r.host, "host")):
+            if value is None:
+                continue
+            other = pins.setdefault(root(name), (name, value))
+            if other[1] != value:
+                raise SpecError(file, "colocate", f"contradictory pins: {other[0]!r} is pinned "
+                                                  f"to {what} {other[1]} and {name!r} to {what} "
+                                                  f"{value}, but they are co-located",
+                                sorted(n for n in component if root(n) == root(name)))
+    for top, (name, device) in pinned_device.items():
+        if top in pinned_host and topology.host_of(device) != pinned_host[top][1]:
+            other, host = pinned_host[top]
+            raise SpecError(file, "colocate", f"contradictory pins: {name!r} is pinned to device "
+                                              f"{device} (host {topology.host_of(device)}) and "
+                                              f"{other!r} to host {host}, but they are co-located",
+                            sorted(n for n in component if root(n) == top))
+
+    def device_of(name: str) -> int | None:
+        if name in component and root(name) in pinned_device:
+            return pinned_device[root(name)][1]
+        return rules.get(name, TableRules()).device
+
+    for i, (a, b) in enumerate(pairs):
+        if a in component and b in component and root(a) == root(b):
+            raise SpecError(file, "separate", "these tables are also co-located", [a, b])
+        if device_of(a) is not None and device_of(a) == device_of(b):
+            raise SpecError(file, f"separate[{i}]", f"contradictory pins: both tables are "
+                                                    f"pinned to device {device_of(a)}", [a, b])
 
 
 def _table_rules(f: Fields, topology: Topology) -> TableRules:

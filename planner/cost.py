@@ -52,6 +52,10 @@ class Tier(enum.Enum):
     """A device row cache over host DRAM."""
     STORE_CACHE = "store_cache"
     """A device row cache over the zarr store."""
+    HOST = "host"
+    """All rows (and their optimizer state) in host DRAM, with no device cache: each
+    step's looked-up rows are read from host memory and cross the host-to-device link,
+    and their updates go back (TorchRec's ``fused_uvm`` kernel)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +77,15 @@ class ShardOption:
     (partial sums for row-wise shards)."""
     tier: Tier = Tier.HBM
     cache_rows: int = 0
-    """Device cache slots (0 for ``Tier.HBM``)."""
+    """Device cache slots (0 for ``Tier.HBM`` and ``Tier.HOST``)."""
 
     @property
     def hit_rate(self) -> float:
         """Share of this shard's lookups served from HBM."""
         if self.tier is Tier.HBM:
             return 1.0
+        if self.tier is Tier.HOST:
+            return 0.0
         return self.table.access.hit_rate(self.rows, self.cache_rows)
 
 
@@ -143,6 +149,16 @@ class AnalyticCostModel:
     - backward: the row-slice gradients read and written back (sparse scatter-add),
       plus the write-back of evicted dirty rows for cached shards;
     - optimizer: per-row optimizer state read and written for every looked-up row;
+    - a host-tier shard (:attr:`Tier.HOST`) keeps its rows and optimizer state in host
+      DRAM: every looked-up row slice is read from DRAM and crosses the host-to-device
+      link (at the slower of ``host.dram_gbps`` and ``host.h2d_gbps``) and is pooled on
+      the device; backward its row-slice gradients are formed on the device as for an
+      HBM shard and go back over the link; the optimizer reads and writes the state in
+      host memory (at ``host.dram_gbps``, counted no faster than HBM, so that a host
+      shard never costs less than its HBM twin: the planner's HBM-first search relies
+      on it). Its HBM bytes are the step's staging buffer (one row slice per looked-up
+      id, at most the shard's rows); its DRAM bytes are its rows and optimizer state,
+      charged to its device's host;
     - fixed costs, when the topology carries measured ones (``dlrm-plan calibrate``):
       ``device.shard_overhead_ms`` per shard; for a cached shard,
       ``device.cache_shard_overhead_ms``, ``device.cache_ns_per_lookup`` per looked-up
@@ -161,6 +177,9 @@ class AnalyticCostModel:
         row_bytes = shard.cols * table.dtype.bytes
         state_per_row = table.optimizer.state_bytes_per_row(shard.cols)
         hbm_gbps = topology.device.hbm_gbps
+
+        if shard.tier is Tier.HOST:
+            return self._host_cost(shard, topology, lookups, row_bytes, state_per_row)
 
         hits = lookups * shard.hit_rate
         misses = lookups - hits
@@ -187,12 +206,7 @@ class AnalyticCostModel:
         optimizer_ms = _ms(2 * lookups * state_per_row, hbm_gbps)
         if shard.tier is Tier.HBM and table.optimizer is not Optimizer.SGD:
             optimizer_ms += 1e-6 * lookups * topology.device.optimizer_ns_per_id
-        if shard.sharding is Sharding.DATA_PARALLEL:
-            gradient_bytes = shard.rows * shard.cols * ACTIVATION_BYTES
-            communication_ms = self._all_reduce_ms(gradient_bytes, topology)
-        else:
-            pooled = topology.global_batch_size * shard.output_share * shard.cols * ACTIVATION_BYTES
-            communication_ms = self._all_to_all_ms(2 * pooled + lookups * ID_BYTES, topology)
+        communication_ms = self._communication_ms(shard, topology, lookups)
 
         resident_rows = shard.rows if shard.tier is Tier.HBM else shard.cache_rows
         hbm_bytes = resident_rows * (row_bytes + state_per_row)
@@ -201,6 +215,30 @@ class AnalyticCostModel:
         dram_bytes = shard.rows * (row_bytes + state_per_row) if shard.tier is Tier.DRAM_CACHE else 0
         return ShardCost(lookup_ms, communication_ms, backward_ms, optimizer_ms,
                          int(hbm_bytes), int(dram_bytes))
+
+    def _host_cost(self, shard: ShardOption, topology: Topology, lookups: float,
+                   row_bytes: int, state_per_row: int) -> ShardCost:
+        """A :attr:`Tier.HOST` shard (see the class docstring)."""
+        host, device = topology.host, topology.device
+        link_gbps = min(host.h2d_gbps, host.dram_gbps)
+        looked_up = lookups * row_bytes
+        lookup_ms = (_ms(looked_up, link_gbps) + _ms(looked_up, device.hbm_gbps)
+                     + device.shard_overhead_ms)
+        backward_ms = _ms(2 * looked_up, device.hbm_gbps) + _ms(looked_up, link_gbps)
+        optimizer_ms = _ms(2 * lookups * state_per_row, min(host.dram_gbps, device.hbm_gbps))
+        if shard.table.optimizer is not Optimizer.SGD:
+            optimizer_ms += 1e-6 * lookups * device.optimizer_ns_per_id
+        hbm_bytes = min(float(shard.rows), lookups) * row_bytes
+        dram_bytes = shard.rows * (row_bytes + state_per_row)
+        return ShardCost(lookup_ms, self._communication_ms(shard, topology, lookups), backward_ms,
+                         optimizer_ms, int(hbm_bytes), int(dram_bytes))
+
+    def _communication_ms(self, shard: ShardOption, topology: Topology, lookups: float) -> float:
+        """All-to-all of ids and pooled outputs, or a data-parallel table's all-reduce."""
+        if shard.sharding is Sharding.DATA_PARALLEL:
+            return self._all_reduce_ms(shard.rows * shard.cols * ACTIVATION_BYTES, topology)
+        pooled = topology.global_batch_size * shard.output_share * shard.cols * ACTIVATION_BYTES
+        return self._all_to_all_ms(2 * pooled + lookups * ID_BYTES, topology)
 
     @staticmethod
     def _all_to_all_ms(num_bytes: float, topology: Topology) -> float:
@@ -264,11 +302,16 @@ def check_cost_model(model: object) -> CostModel:
     if answers[1].hbm_bytes + answers[1].dram_bytes < answers[0].hbm_bytes + answers[0].dram_bytes:
         raise CostModelError(f"cost model {name}: a shard of 1000 rows needs less memory than "
                              f"one of 500 rows; check the units")
+    # The planner searches HBM options first and relies on these to bound plans.
     cached = model.cost(replace(large, tier=Tier.DRAM_CACHE, cache_rows=100), topology)
     if not isinstance(cached, ShardCost) or cached.total_ms < answers[1].total_ms:
-        # The planner searches HBM options first and relies on this to bound plans.
         raise CostModelError(f"cost model {name}: a shard cached over DRAM is faster than the "
                              f"same shard in HBM; the planner assumes caching never speeds up")
+    hosted = model.cost(replace(large, tier=Tier.HOST), topology)
+    if not isinstance(hosted, ShardCost) or hosted.total_ms < answers[1].total_ms:
+        raise CostModelError(f"cost model {name}: a shard in the host tier is faster than the "
+                             f"same shard in HBM; the planner assumes host memory never speeds "
+                             f"up")
     return model  # type: ignore[return-value]
 
 

@@ -59,6 +59,15 @@ def explain(plan: Plan, table: TablePlan) -> str:
     tiers = {s.tier for s in table.shards}
     peak = plan.solve.objective_ms
     capacity = plan.topology.usable_hbm_bytes
+    if tiers == {Tier.HOST}:
+        free = sum(d.hbm_capacity_bytes - d.hbm_bytes for d in plan.devices)
+        why = (f"HBM binds: whole it needs {spec.weight_bytes} bytes, the devices have "
+               f"{free} left" if spec.weight_bytes > free else
+               f"in host DRAM although HBM has room (whole it needs {spec.weight_bytes} "
+               f"bytes, the devices have {free} left): the allowed tiers or the cost model "
+               f"chose it")
+        return (f"{why}; all {spec.num_embeddings} rows in host DRAM, read over the host "
+                f"link every step (no device cache)")
     if tiers != {Tier.HBM}:
         whole = spec.weight_bytes
         free = sum(d.hbm_capacity_bytes - d.hbm_bytes for d in plan.devices)

@@ -1,7 +1,8 @@
 """Candidate sharding options per table, each priced shard by shard by the cost model.
 
-An option fixes a table's sharding type, the tier of its shards (HBM, or a device
-cache of a given size over DRAM or the store) and how its shards may be placed:
+An option fixes a table's sharding type, the tier of its shards (HBM, a device cache
+of a given size over DRAM or the store, or host DRAM read over the host link with no
+device cache) and how its shards may be placed:
 anywhere (table-wise, column-wise), one shard per device (row-wise over all devices,
 data-parallel), or one shard per device of a single host (table-row-wise).
 """
@@ -73,6 +74,7 @@ class TableOption:
     sharding: Sharding
     tier: Tier
     cache_fraction: float
+    """Device cache size as a share of each shard's rows (1 for ``hbm``, 0 for ``host``)."""
     placement: Placement
     row_ranges: tuple[tuple[int, int], ...]
     col_ranges: tuple[tuple[int, int], ...]
@@ -112,7 +114,7 @@ class TableOption:
     @property
     def label(self) -> str:
         tier = self.tier.value
-        if self.tier is not Tier.HBM:
+        if self.tier in CACHED_TIERS:
             tier += f"@{self.cache_fraction:g}"
         return f"{self.sharding.value}x{self.num_shards}/{tier}"
 
@@ -145,13 +147,21 @@ def _split_lengths(total: int, parts: int) -> Counter[int]:
     return Counter({n: k for n, k in ((q + 1, r), (q, parts - r)) if k})
 
 
+CACHED_TIERS = (Tier.DRAM_CACHE, Tier.STORE_CACHE)
+"""Tiers whose shards keep a device row cache (sized by ``cache_fractions``)."""
+
+
 def _tiers(settings: OptionSettings) -> list[tuple[Tier, float]]:
+    """Every (tier, cache fraction) to price: ``hbm`` whole, each cached tier at every
+    cache size, ``host`` without a cache."""
     out: list[tuple[Tier, float]] = []
     if Tier.HBM in settings.tiers:
         out.append((Tier.HBM, 1.0))
-    for tier in (Tier.DRAM_CACHE, Tier.STORE_CACHE):
+    for tier in CACHED_TIERS:
         if tier in settings.tiers:
             out.extend((tier, f) for f in settings.cache_fractions)
+    if Tier.HOST in settings.tiers:
+        out.append((Tier.HOST, 0.0))
     return out
 
 
@@ -199,7 +209,7 @@ def table_options(
         for tier, fraction in tiers:
             priced = []
             for (rows_, cols_), number in shapes:
-                cache = 0 if tier is Tier.HBM else max(1, math.ceil(rows_ * fraction))
+                cache = max(1, math.ceil(rows_ * fraction)) if tier in CACHED_TIERS else 0
                 shard = ShardOption(table, sharding, rows_, cols_, count, lookup_share,
                                     output_share, tier, cache)
                 priced.append(((rows_, cols_), number, cache, model.cost(shard, topology)))

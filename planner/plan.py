@@ -181,6 +181,7 @@ def write_json_atomic(doc: object, path: str | Path) -> None:
     text = json.dumps(doc, indent=1) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from others
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()
@@ -191,6 +192,13 @@ def write_json_atomic(doc: object, path: str | Path) -> None:
         raise
 
 
+def _umask() -> int:
+    """The process's file mode creation mask (read by setting it and back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def read_plan(path: str | Path) -> Plan:
     """Read and check a plan file; every problem is a :class:`PlanFileError`."""
     name = str(path)
@@ -198,7 +206,15 @@ def read_plan(path: str | Path) -> Plan:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PlanFileError(name, "no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":
+            raise PlanFileError(name, "holds several JSON documents (a metrics log?), not a "
+                                      "plan") from None
+        raise PlanFileError(name, f"not a readable JSON plan: {exc.msg} at line {exc.lineno} "
+                                  f"column {exc.colno}") from None
+    except IsADirectoryError:
+        raise PlanFileError(name, "is a directory, not a plan file") from None
+    except (OSError, UnicodeDecodeError) as exc:
         raise PlanFileError(name, f"not a readable JSON plan: {exc}") from None
     return plan_from_json(doc, name)
 
@@ -207,6 +223,8 @@ def plan_from_json(doc: Any, name: str = "<memory>") -> Plan:
     if not isinstance(doc, dict):
         raise PlanFileError(name, "a plan must be a JSON object")
     version = doc.get("schema_version")
+    if version is None:
+        raise PlanFileError(name, _what_instead(doc))
     if version != SCHEMA_VERSION:
         raise PlanFileError(name, f"schema_version {version!r} is not supported "
                                   f"(this version reads {SCHEMA_VERSION}); re-run dlrm-plan")
@@ -243,6 +261,18 @@ def plan_from_json(doc: Any, name: str = "<memory>") -> Plan:
         raise PlanFileError(name, "inputs_sha256 does not match the embedded specs "
                                   "(edited by hand?); re-run dlrm-plan")
     return plan
+
+
+def _what_instead(doc: dict[str, Any]) -> str:
+    """What a JSON object without ``schema_version`` is, for the error message."""
+    make = "make a plan with dlrm-plan --tables TABLES --topology TOPOLOGY -o PLAN"
+    if isinstance(doc.get("tables"), list) and "devices" not in doc:
+        return f"this is a tables spec, not a plan; {make}"
+    if "devices_per_host" in doc or "hosts" in doc:
+        return f"this is a topology spec, not a plan; {make}"
+    if isinstance(doc.get("tables"), dict) or "colocate" in doc or "separate" in doc:
+        return f"this is a constraints file, not a plan; {make}"
+    return f"not a plan: it has no schema_version field; {make}"
 
 
 def _table_from_json(t: dict[str, Any]) -> TablePlan:
@@ -282,7 +312,8 @@ def check_plan(plan: Plan, name: str = "<memory>") -> None:
                                           f"[{s.row_start}, {s.row_end}) cols [{s.col_start}, "
                                           f"{s.col_end}) outside {spec.num_embeddings} x "
                                           f"{spec.embedding_dim}")
-            if (s.tier is Tier.HBM) != (s.cache_rows == 0) or s.cache_rows > s.row_end - s.row_start:
+            cached = s.tier in (Tier.DRAM_CACHE, Tier.STORE_CACHE)
+            if cached == (s.cache_rows == 0) or s.cache_rows > s.row_end - s.row_start:
                 raise PlanFileError(name, f"table {table.name!r}: a {s.tier.value} shard of "
                                           f"{s.row_end - s.row_start} rows cannot have "
                                           f"{s.cache_rows} cache rows")

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -365,6 +366,7 @@ def load_topology(path: str | Path) -> Topology:
 
 def parse_tables(doc: object, file: str = "<memory>") -> TablesSpec:
     """Validate a parsed tables spec (a dict with ``tables`` and optional ``description``)."""
+    _check_kind(doc, file, "tables spec", lambda d: isinstance(d.get("tables"), list))
     root = Fields(doc, file, "")
     description = root.string("description", default="")
     entries = root.items("tables")
@@ -381,8 +383,51 @@ def parse_tables(doc: object, file: str = "<memory>") -> TablesSpec:
     return TablesSpec(tables=tuple(tables), description=description)
 
 
+TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+"""What a table name may be: it names the table's files and arrays (the table store's
+own rule, ``storage.layout.check_table_name``, is the same)."""
+MAX_TABLE_NAME_CHARS = 96
+"""At most this long, so that a row shard's store table, ``<name>.rows-<start>-<end>``,
+stays within the store's 128 characters."""
+
+
+def table_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a table (None when it can)."""
+    if not TABLE_NAME.fullmatch(name):
+        return ("must be letters, digits, '_', '.' and '-', starting with a letter or "
+                "digit (it names files and arrays)")
+    if len(name) > MAX_TABLE_NAME_CHARS:
+        return f"must have at most {MAX_TABLE_NAME_CHARS} characters, not {len(name)}"
+    return None
+
+
+def _check_kind(doc: object, file: str, wanted: str, looks_right) -> None:
+    """A file of another kind (a plan, a topology, a tables spec, constraints) given
+    where ``wanted`` is expected is named as what it is."""
+    if not isinstance(doc, Mapping):
+        return
+    if "schema_version" in doc and "tables_spec" in doc:
+        kind = "a plan"
+    elif looks_right(doc):
+        return
+    elif "schema_version" in doc:
+        kind = "a plan"
+    elif isinstance(doc.get("tables"), list):
+        kind = "a tables spec"
+    elif "devices_per_host" in doc or "hosts" in doc:
+        kind = "a topology spec"
+    elif isinstance(doc.get("tables"), Mapping) or "colocate" in doc or "separate" in doc:
+        kind = "a constraints file"
+    else:
+        return
+    raise SpecError(file, "<file>", f"this is {kind}, not a {wanted}")
+
+
 def _parse_table(f: Fields) -> TableSpec:
     name = f.string("name")
+    problem = table_name_problem(name)
+    if problem is not None:
+        raise f.error("name", problem, name)
     rows = f.integer("num_embeddings")
     dim = f.integer("embedding_dim")
     pooling = f.number("pooling_factor")
@@ -419,6 +464,7 @@ def _parse_access(f: Fields, num_rows: int) -> AccessProfile:
 
 def parse_topology(doc: object, file: str = "<memory>") -> Topology:
     """Validate a parsed topology spec."""
+    _check_kind(doc, file, "topology spec", lambda d: "devices_per_host" in d or "hosts" in d)
     root = Fields(doc, file, "")
     description = root.string("description", default="")
     hosts = root.integer("hosts")

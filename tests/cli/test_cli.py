@@ -111,7 +111,7 @@ def test_run_rejects_other_tables(tmp_path: Path, tables_file: Path, topology_fi
     other = write_json(tmp_path / "other.json", small_tables_doc(num_tables=3))
     code = run_cli.main(["--plan", str(path), "--tables", str(other), "--steps", "1"])
     assert code == ExitCode.BAD_INPUT
-    assert "the plan was made for other tables" in capsys.readouterr().err
+    assert "plan.json was made for other tables than" in capsys.readouterr().err
 
 
 def test_run_missing_plan_and_bad_config(tmp_path: Path, tables_file: Path, topology_file: Path,
@@ -152,7 +152,7 @@ def test_evaluate_command(tmp_path: Path, tables_file: Path, topology_file: Path
     assert json.loads(out.read_text())["method"] == "evaluate"
     small = write_json(tmp_path / "one.json", small_topology_doc(devices=1))
     assert plan_cli.main(["evaluate", str(path), "--topology", str(small)]) == ExitCode.BAD_INPUT
-    assert "the plan uses 2 devices" in capsys.readouterr().err
+    assert "plan.json places shards on 2 devices but --topology" in capsys.readouterr().err
 
 
 def test_show_chart(tmp_path: Path, tables_file: Path, topology_file: Path) -> None:
@@ -173,6 +173,7 @@ def test_calibrate_writes_a_topology_the_planner_uses(tmp_path: Path, tables_fil
     assert code == ExitCode.OK
     err = capsys.readouterr().err
     assert "device gather" in err and "store: read" in err and "all-to-all (gloo" in err
+    assert "[1/7] device gather" in err and "[7/7] all-to-all" in err  # progress
     topology = load_topology(out)
     assert topology.world_size == 2 and topology.device.hbm_gb == 0.002
     assert dict(topology.calibration)["date"].startswith("20")

@@ -103,22 +103,28 @@ def test_integers_beyond_64_bits(tmp_path: Path, criteo, capsys) -> None:
     assert "2 malformed lines skipped" in capsys.readouterr().err
 
 
-def test_failed_profile_leaves_no_cache(tmp_path: Path, criteo, capsys) -> None:
+def test_failed_profile_leaves_no_cache(tmp_path: Path, criteo, capsys,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from cli import plan as plan_cli
+    from dlrm_runtime import profile
+    from dlrm_runtime.profile import ProfileError
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise ProfileError("profiling failed")
 
     data, tables, _ = criteo
-    before = _files(tmp_path)
     out = tmp_path / "profiled.json"
-    code = plan_cli.main(["profile", str(data), "--tables", str(tables), "-o", str(out),
-                          "--sample", "0"])
-    assert code == ExitCode.BAD_INPUT
-    assert "positive" in capsys.readouterr().err
+    argv = ["profile", str(data), "--tables", str(tables), "-o", str(out),
+            "--cache", str(tmp_path / "c.cache")]
+    before = _files(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(profile, "profile_tables", fail)
+        assert plan_cli.main(argv) == ExitCode.BAD_INPUT  # fails after building the cache
+    assert "profiling failed" in capsys.readouterr().err
     assert _files(tmp_path) == before
-    code = plan_cli.main(["profile", str(data), "--tables", str(tables), "-o", str(out),
-                          "--cache", str(tmp_path / "c.cache")])
-    assert code == ExitCode.OK and (tmp_path / "c.cache").exists()
+    assert plan_cli.main(argv) == ExitCode.OK and (tmp_path / "c.cache").exists()
     capsys.readouterr()
-    code = plan_cli.main(["profile", str(data), "--tables", str(tables), "-o", str(out),
-                          "--cache", str(tmp_path / "c.cache"), "--sample", "0"])
-    assert code == ExitCode.BAD_INPUT
+    with monkeypatch.context() as patch:
+        patch.setattr(profile, "profile_tables", fail)
+        assert plan_cli.main(argv) == ExitCode.BAD_INPUT
     assert (tmp_path / "c.cache").exists()  # reused, not built by the failed run: kept

@@ -151,4 +151,4 @@ def test_dlrm_run_under_torchrun(tmp_path: Path, tables_file: Path, topology_fil
          "-m", "cli.run", "--plan", str(other), "--steps", "1", "--bottom-mlp", "16,8",
          "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert done.returncode != 0
-    assert "the plan has 3 devices but the world size is 2" in done.stderr
+    assert "has 3 devices but torchrun started 2 processes" in done.stderr

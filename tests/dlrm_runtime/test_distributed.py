@@ -40,7 +40,7 @@ from dlrm_runtime.distributed import (
     lookup_jobs,
     train_distributed,
 )
-from planner import Sharding
+from planner import Sharding, Tier
 from tests.dlrm_runtime.helpers import sharded, table_wise, tables, topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,8 @@ MODEL = ModelConfig(dense_features=13, bottom_mlp=(16, 8), top_mlp=(8, 1))
 CAT_MODEL = dataclasses.replace(MODEL, interaction=Interaction.CAT)
 STEPS = 5
 BATCH = 32
-SCENARIOS = (("dot", MODEL, "adagrad"), ("cat", CAT_MODEL, "adam"), ("lopsided", MODEL, "sgd"))
+SCENARIOS = (("dot", MODEL, "adagrad"), ("cat", CAT_MODEL, "adam"), ("lopsided", MODEL, "sgd"),
+             ("host", MODEL, "adagrad"))
 OPTIMIZERS = ("sgd", "rowwise_adagrad", "adam", "rowwise_adagrad", "adam", "rowwise_adagrad",
               "rowwise_adagrad", "sgd")
 
@@ -90,6 +91,20 @@ def lopsided_plan():
     })
 
 
+def host_plan():
+    """:func:`mixed_plan` with every model-parallel table in the host tier (rows in host
+    memory, pooled on the device); it trains like the in-device mixed plan."""
+    plan = mixed_plan()
+    return dataclasses.replace(plan, tables=tuple(
+        t if t.sharding is Sharding.DATA_PARALLEL else dataclasses.replace(
+            t, shards=tuple(dataclasses.replace(s, tier=Tier.HOST) for s in t.shards))
+        for t in plan.tables))
+
+
+def scenario_plan(name: str):
+    return {"lopsided": lopsided_plan, "host": host_plan}.get(name, mixed_plan)()
+
+
 def config(**changes) -> TrainConfig:
     base = TrainConfig(steps=STEPS, batch_size=BATCH, lr=0.05, embedding_lr=0.1,
                        dense_optimizer="adagrad", eval_batches=2, log_every=2, seed=3, threads=1)
@@ -120,12 +135,15 @@ def _worker(out: Path) -> None:
     results: dict = {"world": world}
     for name, model_config, dense_optimizer in SCENARIOS:
         cfg = config(dense_optimizer=dense_optimizer)
-        run_plan = lopsided_plan() if name == "lopsided" else plan
+        run_plan = scenario_plan(name)
         trainer = DistributedTrainer(run_plan, model_config, cfg)
         data = SyntheticClicks(run_plan.tables_spec, model_config.dense_features, cfg.seed)
         losses = [trainer.step(data.batch(s, BATCH)) for s in range(STEPS)]
         results[name] = {"losses": losses, "tables": trainer.gather_tables(),
-                         "dense": trainer.model.state_dict() if rank == 0 else None}
+                         "dense": trainer.model.state_dict() if rank == 0 else None,
+                         "host_modules": sum(m.compute_device is not None for m in
+                                             [*trainer.embeddings.whole,
+                                              *trainer.embeddings.shards])}
     three = table_wise(tables(num_tables=3, rows=40), topology(hosts=1, devices_per_host=3))
     results["mismatch"] = _error(lambda: DistributedTrainer(three, MODEL, config()))
     results["indivisible"] = _error(lambda: DistributedTrainer(plan, MODEL, config(batch_size=33)))
@@ -185,10 +203,12 @@ def test_two_processes_train_like_one(launched, scenario) -> None:
     _, results = launched
     assert results["world"] == 2
     name, model_config, dense_optimizer = scenario
+    # the host scenario against the same shards in device memory
     plan = lopsided_plan() if name == "lopsided" else mixed_plan()
     trainer, losses, tables_1 = _one_process(model_config, config(dense_optimizer=dense_optimizer),
                                              plan)
     got = results[name]
+    assert (got["host_modules"] > 0) == (name == "host")  # rank 0's weights in host memory
     torch.testing.assert_close(torch.tensor(got["losses"], dtype=torch.float64),
                                torch.tensor(losses, dtype=torch.float64), rtol=1e-5, atol=0)
     _assert_tables_close(got["tables"], tables_1)
@@ -303,6 +323,13 @@ def test_lookup_jobs_follow_the_plan() -> None:
     assert by_table[1] == [(0, 0, 0), (1, 30, 0)]  # row order
     assert by_table[3] == [(0, 0, 0), (1, 0, 3)]  # column order
     assert by_table[6] == [(0, 0, 0), (1, 0, 2), (0, 0, 5)]
+
+
+def test_lookup_jobs_carry_the_host_tier() -> None:
+    jobs, replicated = lookup_jobs(host_plan(), 2)
+    assert replicated == (4, 7)
+    assert jobs and all(job.host for job in jobs)
+    assert not any(job.host for job in lookup_jobs(mixed_plan(), 2)[0])
 
 
 def test_data_parallel_needs_a_replica_on_every_rank() -> None:

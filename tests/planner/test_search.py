@@ -66,9 +66,10 @@ def test_options_cover_every_kind_and_fit() -> None:
     tables, topology = _specs(devices=4, hosts=2, dim=32, hbm_gb=0.01)
     options = table_options(tables.tables[3], topology, MODEL)
     kinds = {(o.sharding, o.tier) for o in options}
-    # data-parallel (one whole replica per device) is dominated here by row-wise
+    # data-parallel (one whole replica per device) is dominated here by row-wise, the
+    # host tier by small device caches (Zipf 1.1: a 1 % cache serves most lookups)
     assert {s for s, _ in kinds} == set(Sharding) - {Sharding.DATA_PARALLEL}
-    assert {t for _, t in kinds} == set(Tier)
+    assert {t for _, t in kinds} == set(Tier) - {Tier.HOST}
     for option in options:
         assert option.max_shard_hbm_bytes <= topology.usable_hbm_bytes
         assert option.total_ms == pytest.approx(sum(s.cost.total_ms for s in option.shards))

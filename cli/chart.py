@@ -27,9 +27,9 @@ above, the legend states it and the axis fits the bars."""
 MAX_LABELLED_DEVICES = 32
 """Up to this many devices every one gets a tick label; beyond, about this many do."""
 OTHER = "other"
-TIER_HATCH = {Tier.HBM: "", Tier.DRAM_CACHE: "//", Tier.STORE_CACHE: "xx"}
+TIER_HATCH = {Tier.HBM: "", Tier.DRAM_CACHE: "//", Tier.STORE_CACHE: "xx", Tier.HOST: ".."}
 TIER_LABEL = {Tier.HBM: "in HBM", Tier.DRAM_CACHE: "row cache over DRAM",
-              Tier.STORE_CACHE: "row cache over the store"}
+              Tier.STORE_CACHE: "row cache over the store", Tier.HOST: "rows in host DRAM"}
 
 
 def byte_unit(max_bytes: float) -> tuple[str, float]:
@@ -143,14 +143,14 @@ def draw_chart(plan: Plan, path: str | Path, top: int = 10) -> None:
     used = max(d.hbm_bytes for d in plan.devices)
     capacity_shown = capacity <= CAPACITY_IN_VIEW * used
     unit, scale = byte_unit(max(used, capacity) if capacity_shown else used)
-    tiers = [t for t in Tier if any(k[1] is t for k in parts.hbm_bytes)]
+    tiers = [t for t in Tier if any(v > 0 for k, v in parts.hbm_bytes.items() if k[1] is t)]
     bottom = [0.0] * len(devices)
     for group in parts.groups:
         for tier in tiers:
             heights = [parts.hbm_bytes.get((group, tier, d), 0.0) / scale for d in devices]
             if any(heights):
                 mem_ax.bar(devices, heights, bottom=bottom, color=colour[group],
-                           hatch=TIER_HATCH[tier], edgecolor="white", linewidth=0.3)
+                           hatch=TIER_HATCH.get(tier, ".."), edgecolor="white", linewidth=0.3)
                 bottom = [b + h for b, h in zip(bottom, heights)]
     cap_unit, cap_scale = byte_unit(capacity)
     cap_text = f"usable HBM {capacity / cap_scale:.4g} {cap_unit}"
@@ -161,9 +161,9 @@ def draw_chart(plan: Plan, path: str | Path, top: int = 10) -> None:
     mem_ax.set_ylim(0.0, 1.08 * max(used, capacity if capacity_shown else 0) / scale or 1.0)
     handles: list = [Line2D([], [], color="black", linestyle="--" if capacity_shown else "",
                             label=cap_text)]
-    if tiers != [Tier.HBM]:
-        handles += [Patch(facecolor="0.85", edgecolor="black", hatch=TIER_HATCH[t],
-                          label=TIER_LABEL[t]) for t in tiers]
+    if set(tiers) - {Tier.HBM}:
+        handles += [Patch(facecolor="0.85", edgecolor="black", hatch=TIER_HATCH.get(t, ".."),
+                          label=TIER_LABEL.get(t, t.value)) for t in tiers]
     mem_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                   fontsize="small", frameon=False)
     mem_ax.set_ylabel(f"HBM {unit}")

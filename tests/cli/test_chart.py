@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli import plan as plan_cli
-from cli.chart import OTHER, breakdown, byte_unit, device_ticks, draw_chart
+from cli.chart import OTHER, TIER_HATCH, TIER_LABEL, breakdown, byte_unit, device_ticks, draw_chart
 from cli.errors import ExitCode
 from planner import read_plan
 from planner.cost import Tier
@@ -72,3 +72,8 @@ def test_show_chart_writes_a_png(tmp_path: Path, capsys) -> None:
     again = tmp_path / "again.png"
     draw_chart(read_plan(plan), again, top=3)
     assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_tier_has_a_hatch_and_a_label() -> None:
+    assert set(TIER_HATCH) == set(TIER_LABEL) == set(Tier)
+    assert len(set(TIER_HATCH.values())) == len(Tier)

@@ -129,12 +129,14 @@ def draw_chart(plan: Plan, path: str | Path, top: int = 10) -> None:
         load_ax.bar(devices, heights, bottom=bottom, color=colour[group], label=group,
                     edgecolor="white", linewidth=0.3)
         bottom = [b + h for b, h in zip(bottom, heights)]
-    load_ax.axhline(plan.solve.lower_bound_ms, color="tab:red", linestyle="--",
-                    label=f"lower bound {plan.solve.lower_bound_ms:.4g} ms")
-    load_ax.set_ylim(0.0, 1.08 * max([plan.solve.lower_bound_ms, *bottom]) or 1.0)
+    bound = plan.solve.lower_bound_ms
+    if bound is not None:
+        load_ax.axhline(bound, color="tab:red", linestyle="--", label=f"lower bound {bound:.4g} ms")
+    load_ax.set_ylim(0.0, 1.08 * max([bound or 0.0, *bottom]) or 1.0)
     load_ax.set_ylabel("predicted ms / step")
+    gap = "no bound" if plan.solve.gap is None else f"gap {plan.solve.gap:.2%}"
     load_ax.set_title(f"{plan.solve.method}: slowest device {plan.solve.objective_ms:.4g} ms, "
-                      f"gap {plan.solve.gap:.2%}")
+                      f"{gap}")
     title = f"tables (top {top} by load)" if OTHER in parts.groups else "tables"
     load_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small",
                    title=title, title_fontsize="small", frameon=False)

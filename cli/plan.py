@@ -27,7 +27,7 @@ from planner import (
     read_plan,
     write_plan,
 )
-from planner.api import cost_model_name
+from planner.api import DEFAULT_GAP, DEFAULT_STALL_S, cost_model_name
 from planner.baselines import BASELINES
 from planner.constraints import NO_CONSTRAINTS, load_constraints
 from planner.cost import load_cost_model
@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS",
                         help="MIP solver wall-clock limit; the best plan found by then is "
                              "written with its gap (default: %(default)s)")
+    parser.add_argument("--gap", type=float, default=DEFAULT_GAP, metavar="FRACTION",
+                        help="stop once the plan is proven within this relative gap of the "
+                             "lower bound, (plan - bound) / bound; 0 searches until optimal, "
+                             "a stall or the time limit (default: %(default)s, i.e. 1 %%)")
+    parser.add_argument("--stall", type=float, default=DEFAULT_STALL_S, metavar="SECONDS",
+                        help="stop when neither the plan nor the lower bound improved over "
+                             "this much search work, in CPU seconds of the planner and its "
+                             "solver (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="solver threads (default: 1)")
     parser.add_argument("--solver", choices=("cbc", "highs"), default="cbc",
                         help="MIP solver: cbc (bundled with PuLP) or highs (needs highspy)")
@@ -251,6 +259,10 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--time-limit must be > 0, got {args.time_limit}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if not 0 <= args.gap < float("inf"):
+        parser.error(f"--gap must be a number >= 0, got {args.gap}")
+    if not 0 < args.stall < float("inf"):
+        parser.error(f"--stall must be > 0, got {args.stall}")
     plan_tools.check_replan_flags(parser, args)
 
 
@@ -302,7 +314,7 @@ def _plan(args: argparse.Namespace) -> int:
               f"({topology.hosts} host(s)); solver {args.solver}, limit {args.time_limit:g} s",
               file=sys.stderr)
     options = PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
-                          args.seed, settings, constraints)
+                          args.seed, settings, constraints, gap=args.gap, stall_s=args.stall)
     if args.from_plan is not None:
         return plan_tools.run_replan(args, tables, topology, model, options)
     result = plan(tables, topology, cost_model=model, options=options)

@@ -29,10 +29,23 @@ def device_table(plan: Plan) -> str:
 
 
 def solve_summary(plan: Plan) -> str:
+    """The plan's certificate in one line. "Optimal" only with a proof (the objective
+    meets a proven lower bound), whatever status an older plan file recorded; plans
+    without a bound (baselines, re-costed plans) say so instead of a gap."""
     s = plan.solve
-    return (f"{s.method} via {s.solver}: status {s.status} ({s.sol_status}); "
-            f"slowest device {s.objective_ms:.4f} ms/step, lower bound {s.lower_bound_ms:.4f} ms, "
-            f"gap {s.gap:.2%}; solved in {s.solve_seconds:.2f} s")
+    head = s.method if s.solver == "none" else f"{s.method} via {s.solver}"
+    gap = s.gap
+    if gap is None:
+        return (f"{head}: slowest device {s.objective_ms:.4f} ms/step; no lower bound, so no "
+                f"gap (this plan proves nothing about the best possible one; the ILP planner "
+                f"reports a bound); made in {s.solve_seconds:.2f} s")
+    verdict = "Optimal (proven)" if s.proven_optimal else "Feasible"
+    stop = ""
+    if s.stop_reason is not None:
+        target = "" if s.target_gap is None else f", target gap {s.target_gap:.2%}"
+        stop = f"; stopped: {s.stop_reason.value}{target}"
+    return (f"{head}: {verdict}; slowest device {s.objective_ms:.4f} ms/step, lower bound "
+            f"{s.lower_bound_ms:.4f} ms, gap {gap:.2%}{stop}; solved in {s.solve_seconds:.2f} s")
 
 
 def _devices(shards) -> str:

@@ -6,8 +6,13 @@
 3. Placement: the chosen shards are packed onto devices (greedy, local search, and
    the exact packing ILP on small instances). If packing fails for memory, the
    choice is re-solved with less HBM (a cut) and packed again.
-4. The best of this plan and the greedy baselines is returned, with the bound and
-   the gap between them.
+4. Small instances: the device-indexed ILP improves the plan and the bound.
+5. The best of these plans and the greedy baselines is returned, with the bound and
+   the gap between them, and why the search stopped.
+
+The search is anytime (``planner.anytime``): it stops as soon as the best plan is
+within ``PlanOptions.gap`` of the bound, when neither improved for
+``PlanOptions.stall_s`` seconds, or at the time limit.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from planner.aggregate import AggregateCut, solve_aggregate
+from planner.anytime import Progress
 from planner.baselines import BASELINES, BaselineResult, run_baseline
 from planner.constraints import NO_CONSTRAINTS, Constraints
 from planner.cost import (
@@ -33,13 +39,17 @@ from planner.options import OptionSettings, TableOption, table_options
 from planner.packing import makespan_lower_bound
 from planner.exact import EXACT_MAX_TERMS, exact_size, solve_exact
 from planner.placement import PlacedShard, PlacementRules, place
-from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan
-from planner.specs import GB, TablesSpec, Topology
+from planner.plan import DeviceLoad, Plan, Shard, SolveReport, StopReason, TablePlan
+from planner.specs import GB, TablesSpec, Topology, check_limits
 
 PACKING_CUTS = ((1.0, 1 / 2), (1.0, 1 / 4), (0.97, 1 / 4), (0.92, 1 / 4), (0.85, 1 / 4),
                 (0.85, None))
 """When the chosen shards cannot be packed, the choice is re-solved with these cuts in
 turn: (share of the total HBM, largest shard as a share of a device's HBM or None)."""
+
+
+DEFAULT_GAP = 0.01
+DEFAULT_STALL_S = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +60,8 @@ class PlanOptions:
     """Budget of the solver stages (option choice 30 %, placement 20 %, re-solves after
     packing cuts 5 % each, no new cut after half the budget; the exact ILP on small
     instances 40 %, or what the others left of 90 %); the best plan found within it
-    is returned with its gap."""
+    is returned with its gap. Most searches stop much earlier, on ``gap`` or
+    ``stall_s``."""
     threads: int = 1
     solver: str = "cbc"
     """``cbc`` (bundled with PuLP) or ``highs`` (needs highspy)."""
@@ -62,6 +73,14 @@ class PlanOptions:
     """Which sharding types, tiers and cache sizes to consider."""
     constraints: Constraints = NO_CONSTRAINTS
     """Per-table allowed options and pins, co-location, separation."""
+    gap: float = DEFAULT_GAP
+    """Stop once the best plan is proven within this relative gap of the lower bound,
+    (plan - bound) / bound; 0 searches on until the plan is proven optimal, the
+    search stalls or the time limit."""
+    stall_s: float = DEFAULT_STALL_S
+    """Stop when neither the best plan nor the lower bound improved over this many
+    seconds of search work (CPU seconds of the planner and its solver, so that a busy
+    machine does not cut the search short)."""
 
 
 def cost_model_name(model: CostModel) -> str:
@@ -83,6 +102,8 @@ def plan(
     shortfall, :class:`SolverError` when the MIP solver fails.
     """
     start = time.perf_counter()
+    _check_options(options)
+    check_limits(tables, topology)
     model = AnalyticCostModel() if cost_model is None else check_cost_model(cost_model)
     name = cost_model_name(model)
     if options.baseline is not None:
@@ -97,11 +118,14 @@ def plan(
             raise _baseline_infeasible(options.baseline, tables, topology)
         return _baseline_plan(result, tables, topology, name, options, start)
 
+    progress = Progress(options.time_limit_s, options.gap, options.stall_s, started=start)
     settings = options.candidates
     per_table = [_settings_for(t.name, settings, options.constraints, topology)
                  for t in tables.tables]
     rules = _placement_rules(tables, options.constraints)
     found = [] if rules.active else _baseline_plans(tables, topology, model, per_table)
+    for f in found:
+        progress.found(f.makespan_ms)
     # Cached tiers only trade time for memory. First search with HBM options alone:
     # without memory constraints that problem is a relaxation of the full one (a cached
     # option is never faster than its HBM twin), so its bounds hold for every plan.
@@ -111,49 +135,61 @@ def plan(
         candidates = [table_options(t, topology, model, replace(s, tiers=frozenset({Tier.HBM})))
                       for t, s in zip(tables.tables, per_table)]
         if all(candidates):
-            search = _search(candidates, topology, options, rules, relaxed=True, started=start)
+            search = _search(candidates, topology, options, rules, relaxed=True, progress=progress)
     if search is None:
         candidates = [table_options(t, topology, model, s) for t, s in zip(tables.tables, per_table)]
         check_capacity(tables, topology, candidates, model, per_table)
-        search = _search(candidates, topology, options, rules, relaxed=False, started=start)
+        search = _search(candidates, topology, options, rules, relaxed=False, progress=progress)
         if search is None:
             raise _choice_infeasible(tables, topology, candidates)
     found.extend(search.found)
     if not found:
         raise _choice_infeasible(tables, topology, candidates)
     best = min(found, key=lambda f: f.makespan_ms)
-    bound = search.bound_ms
     if all(len(opts) == 1 and opts[0].num_shards == 1 for opts in candidates):
         # Whole tables, one option each: the pigeonhole bounds hold.
-        bound = max(bound, makespan_lower_bound([o[0].total_ms for o in candidates],
-                                                topology.world_size))
+        progress.bounded(makespan_lower_bound([o[0].total_ms for o in candidates],
+                                              topology.world_size))
+    progress.found(best.makespan_ms)
+    bound = min(progress.bound_ms, best.makespan_ms)
+    stop = progress.outcome()
+    proven = stop is StopReason.OPTIMAL
     report = SolveReport(
         method="ilp",
         solver=search.solver,
-        status=search.status,
-        sol_status="Optimal Solution Found" if best.makespan_ms <= bound * (1 + 1e-9)
-        else "Solution Found",
+        status="Optimal" if proven else "Feasible",
+        sol_status="Optimal Solution Found" if proven else "Solution Found",
         objective_ms=best.makespan_ms,
-        lower_bound_ms=min(bound, best.makespan_ms),
+        lower_bound_ms=bound,
         solve_seconds=time.perf_counter() - start,
         time_limit_s=options.time_limit_s,
         threads=options.threads,
+        stop_reason=stop,
+        target_gap=options.gap,
     )
     return assemble_plan(tables, topology, name, best.options, best.placed, report)
+
+
+def _check_options(options: PlanOptions) -> None:
+    if not options.time_limit_s > 0:
+        raise PlannerError(f"the time limit must be > 0 s, got {options.time_limit_s}")
+    if not 0 <= options.gap < math.inf:
+        raise PlannerError(f"the target gap must be a number >= 0, got {options.gap}")
+    if not options.stall_s > 0:
+        raise PlannerError(f"the stall window must be > 0 s, got {options.stall_s}")
 
 
 @dataclass(frozen=True, slots=True)
 class _Search:
     found: list["_Found"]
-    bound_ms: float
-    status: str
     solver: str
     relaxed: bool
 
 
 def _search(candidates: list[list[TableOption]], topology: Topology, options: PlanOptions,
-            rules: PlacementRules, relaxed: bool, started: float) -> _Search | None:
-    """Choice, placement and (small instances) the exact ILP over ``candidates``.
+            rules: PlacementRules, relaxed: bool, progress: Progress) -> _Search | None:
+    """Choice, placement and (small instances) the exact ILP over ``candidates``;
+    plans and bounds go to ``progress``, whose rule ends the search early.
 
     ``relaxed``: the candidates lack the cache tiers, so only memory-free problems give
     valid bounds; returns ``None`` when memory binds (the caller then searches with
@@ -163,29 +199,32 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
                              threads=options.threads, solver=options.solver)
     if not choice.choice or (relaxed and choice.memory_binds):
         return None
+    progress.bounded(choice.lower_bound_ms)
     found: list[_Found] = []
-    bound, status = choice.lower_bound_ms, choice.status
-    heuristic = _choose_and_place(candidates, topology, choice.choice, options, rules)
+    heuristic = _choose_and_place(candidates, topology, choice.choice, options, rules, progress)
     if heuristic is not None:
         found.append(heuristic)
+        progress.found(heuristic.makespan_ms)
     elif relaxed:
         return None
-    if not rules.active and exact_size(candidates, topology) <= EXACT_MAX_TERMS:
+    if (progress.stop() is None and not rules.active
+            and exact_size(candidates, topology) <= EXACT_MAX_TERMS):
         # 40 % of the budget, or what the earlier stages left of 90 % of it
-        left = 0.9 * budget - (time.perf_counter() - started)
-        exact = solve_exact(candidates, topology, time_limit_s=max(0.4 * budget, left),
+        left = 0.9 * budget - (time.perf_counter() - progress.started)
+        exact = solve_exact(candidates, topology,
+                            time_limit_s=max(0.1, min(max(0.4 * budget, left), progress.left_s())),
                             threads=options.threads,
                             warm_choice=heuristic.choice if heuristic is not None else None,
                             warm_placed=heuristic.placed if heuristic is not None else (),
-                            memory=not relaxed)
+                            memory=not relaxed, watch=progress.watch(plans=not relaxed))
         if exact is not None:
-            bound = max(bound, exact.lower_bound_ms)
-            status = exact.status
+            progress.bounded(exact.lower_bound_ms)
             if exact.fits_memory:
                 found.append(_Found(exact.makespan_ms,
                                     tuple(candidates[t][o] for t, o in enumerate(exact.choice)),
                                     exact.placed))
-    return _Search(found, bound, status, choice.solver, relaxed)
+                progress.found(exact.makespan_ms)
+    return _Search(found, choice.solver, relaxed)
 
 
 def _baseline_plans(tables: TablesSpec, topology: Topology, model: CostModel,
@@ -216,15 +255,18 @@ class _Found:
 
 def _choose_and_place(candidates: Sequence[Sequence[TableOption]], topology: Topology,
                       choice: tuple[int, ...], options: PlanOptions,
-                      rules: PlacementRules) -> _Found | None:
+                      rules: PlacementRules, progress: Progress) -> _Found | None:
     """Pack the chosen options; when packing fails for memory, re-solve the choice
-    with less HBM (a cut) and try again."""
+    with less HBM (a cut) and try again. The cut loop stops at the first packing, after
+    the last cut, after half the budget, or when ``progress`` says stop (a plan found
+    elsewhere, e.g. a baseline's, is within the gap; nothing improved for the stall
+    window; the time limit)."""
     budget = options.time_limit_s
     capacity = topology.usable_hbm_bytes
     give_up = time.perf_counter() + 0.5 * budget
     for share, shard in ((1.0, None), *PACKING_CUTS):
         if (share, shard) != (1.0, None):
-            if time.perf_counter() > give_up:
+            if time.perf_counter() > give_up or progress.stop() is not None:
                 return None
             cut = AggregateCut(int(capacity * topology.world_size * share),
                                None if shard is None else int(capacity * shard))
@@ -234,8 +276,10 @@ def _choose_and_place(candidates: Sequence[Sequence[TableOption]], topology: Top
                 return None
             choice = again.choice
         chosen = tuple(candidates[t][o] for t, o in enumerate(choice))
-        placement = place(chosen, topology, time_limit_s=0.2 * budget, solver=options.solver,
-                          threads=options.threads, alternatives=candidates, rules=rules)
+        placement = place(chosen, topology, time_limit_s=0.2 * budget,
+                          solver=options.solver, threads=options.threads,
+                          alternatives=candidates, rules=rules,
+                          watch=progress.watch(plans=True))
         if placement is not None:
             final = tuple(candidates[t].index(o) for t, o in enumerate(placement.options))
             return _Found(placement.makespan_ms, placement.options, placement.shards, final)
@@ -291,10 +335,11 @@ def _baseline_plan(result: BaselineResult, tables: TablesSpec, topology: Topolog
     placed = tuple(PlacedShard(t, o.shards[0], d)
                    for t, (o, d) in enumerate(zip(result.options, result.devices)))
     objective = _makespan(placed, topology)
-    bound = makespan_lower_bound([o.total_ms for o in result.options], topology.world_size)
+    # A baseline proves nothing about the problem: a bound over its own options
+    # (whole tables) says nothing of plans that shard or cache differently.
     report = SolveReport(method=f"baseline:{result.name}", solver="none", status="Heuristic",
                          sol_status="Solution Found", objective_ms=objective,
-                         lower_bound_ms=min(bound, objective),
+                         lower_bound_ms=None,
                          solve_seconds=time.perf_counter() - start,
                          time_limit_s=options.time_limit_s, threads=1)
     return assemble_plan(tables, topology, name, result.options, placed, report)

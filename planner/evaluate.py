@@ -71,14 +71,11 @@ def explain(plan: Plan, table: TablePlan) -> str:
     if tiers != {Tier.HBM}:
         whole = spec.weight_bytes
         free = sum(d.hbm_capacity_bytes - d.hbm_bytes for d in plan.devices)
-        cache = sum(s.cache_rows for s in table.shards)
         why = (f"HBM binds: whole it needs {whole} bytes, the devices have {free} left"
                if whole > free else
                f"cached although HBM has room (whole it needs {whole} bytes, the devices "
                f"have {free} left): the allowed tiers or the cost model chose it")
-        return (f"{why}; cached {cache} of {spec.num_embeddings} rows "
-                f"({cache / spec.num_embeddings:.0%}), hit rate "
-                f"{spec.access.hit_rate(spec.num_embeddings, cache):.0%} by its access profile")
+        return f"{why}; {_cache_summary(spec, table)}"
     if table.sharding is Sharding.TABLE_WISE:
         return "fastest option: whole in HBM on one device"
     if table.sharding is Sharding.DATA_PARALLEL:
@@ -87,3 +84,22 @@ def explain(plan: Plan, table: TablePlan) -> str:
         return f"HBM binds: whole it needs {spec.weight_bytes} bytes, a device holds {capacity}"
     return (f"load balance: split into {len(table.shards)} shards so no device exceeds "
             f"{peak:.4f} ms/step")
+
+
+def _cache_summary(spec: TableSpec, table: TablePlan) -> str:
+    """How much of the table the device caches hold. Shards over the same rows
+    (column-wise shards, data-parallel replicas) each cache the same rows, so their
+    caches are reported per shard, not summed."""
+    by_rows: dict[tuple[int, int], list[int]] = {}
+    for s in table.shards:
+        by_rows.setdefault((s.row_start, s.row_end), []).append(s.cache_rows)
+    rows = spec.num_embeddings
+    if len(by_rows) == 1 and len(table.shards) > 1:
+        (cached_rows,) = by_rows.values()
+        per_shard = max(cached_rows)
+        return (f"each of its {len(table.shards)} shards caches {per_shard} of its "
+                f"{rows} rows ({per_shard / rows:.0%}), hit rate "
+                f"{spec.access.hit_rate(rows, per_shard):.0%} by its access profile")
+    cache = sum(max(c) for c in by_rows.values())
+    return (f"cached {cache} of {rows} rows ({cache / rows:.0%}), hit rate "
+            f"{spec.access.hit_rate(rows, cache):.0%} by its access profile")

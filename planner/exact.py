@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pulp
 
-from planner.solvers import solve
+from planner.solvers import Watch, solve
 from planner.options import Placement, TableOption
 from planner.placement import PlacedShard
 from planner.specs import GB, Topology
@@ -49,10 +49,13 @@ def solve_exact(
     warm_choice: Sequence[int] | None = None,
     warm_placed: Sequence[PlacedShard] = (),
     memory: bool = True,
+    watch: Watch | None = None,
 ) -> ExactSolution | None:
     """Solve with CBC; ``None`` when no solution was found in time. ``memory=False``
     drops the memory constraints: a relaxation whose bound holds for every plan over
-    these options and any slower variants of them (cached tiers)."""
+    these options and any slower variants of them (cached tiers). ``watch`` sees the
+    incumbent (the slowest device's time) and the solver's bound while it runs and
+    may stop it early (see :func:`planner.solvers.solve`)."""
     world, per_host = topology.world_size, topology.devices_per_host
     prob = pulp.LpProblem("exact_placement", pulp.LpMinimize)
     pairs = [(t, o) for t, opts in enumerate(options) for o in range(len(opts))]
@@ -109,7 +112,7 @@ def solve_exact(
         _warm_start(options, warm_choice, warm_placed, y, count, host_of_option, z, topology)
 
     outcome = solve(prob, solver="cbc", time_limit_s=time_limit_s, threads=threads,
-                    warm_start=warm_choice is not None)
+                    warm_start=warm_choice is not None, watch=watch)
     if not outcome.has_solution:
         return None
 
@@ -135,7 +138,7 @@ def solve_exact(
         dram_used[topology.host_of(p.device)] += p.slot.cost.dram_bytes
     makespan = max(loads)
     fits = max(used) <= capacity and max(dram_used) <= int(topology.host.dram_gb * GB)
-    if outcome.proven_optimal:
+    if outcome.proven_optimal and not outcome.stopped_early:
         bound = makespan
     else:
         bound = outcome.reported_bound or 0.0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pulp
 
 from planner.errors import SolverError
-from planner.solvers import solve
+from planner.solvers import Watch, solve
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +118,15 @@ def solve_packing_ilp(
     threads: int = 1,
     solver: str = "cbc",
     warm_start: Sequence[int] | None = None,
+    watch: Watch | None = None,
 ) -> Packing:
     """Solve the placement exactly with PuLP (CBC, or HiGHS when ``solver="highs"``).
 
     Identical devices are exploited by symmetry breaking: with items sorted by load,
     item ``i`` may only use devices ``0..i``. The cut ``z >= lower bound`` lets the
     solver stop as soon as a placement reaches the bound. Under the time limit the
-    best placement found is returned with ``proven_optimal=False``.
+    best placement found is returned with ``proven_optimal=False``; so it is when
+    ``watch`` stops the solver early (see :func:`planner.solvers.solve`).
     """
     n, devices = len(problem.load_ms), problem.devices
     order = sorted(range(n), key=lambda i: (-problem.load_ms[i], -problem.hbm_bytes[i], i))
@@ -156,7 +158,7 @@ def solve_packing_ilp(
         z.setInitialValue(max(bound, makespan(problem, start)))
 
     outcome = solve(prob, solver=solver, time_limit_s=time_limit_s, threads=threads,
-                    warm_start=warm_start is not None)
+                    warm_start=warm_start is not None, watch=watch)
     if not outcome.has_solution:
         return Packing((), float("inf"), bound, outcome.status, outcome.sol_status, False,
                        outcome.solver, infeasible=outcome.infeasible)
@@ -167,7 +169,7 @@ def solve_packing_ilp(
     if -1 in device_of:
         raise SolverError(f"{outcome.solver} returned a solution that leaves an item unplaced")
     span = makespan(problem, device_of)
-    proven = outcome.proven_optimal
+    proven = outcome.proven_optimal and not outcome.stopped_early
     if not proven and outcome.reported_bound is not None:
         bound = max(bound, outcome.reported_bound)
     return Packing(tuple(device_of), span, span if proven else min(bound, span), outcome.status,

@@ -12,6 +12,7 @@ to options with more shards. Small instances are finished by the exact packing I
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,10 +20,14 @@ from dataclasses import dataclass
 from planner.balance import BalanceProblem, balance_pairs
 from planner.options import Placement, ShardSlot, TableOption
 from planner.packing import PackingProblem, solve_packing_ilp
+from planner.solvers import Watch
 from planner.specs import GB, Topology
 
 EXACT_PACKING_MAX_BINARIES = 4000
 """Free shards x devices up to which the exact packing ILP refines the heuristic."""
+TARGET_SPLIT_MAX_PAIRS = 4000
+"""Free shards x devices up to which placement also tries splitting tables only as
+far as balance needs (:func:`_split_to_target`) and keeps the better result."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +117,13 @@ class _State:
                 and self.dram[host] + slot.cost.dram_bytes <= self.dram_cap
                 and self.allowed(table, device))
 
+    def copy(self) -> "_State":
+        other = _State(self.topology, self.options, self.rules)
+        other.loads, other.hbm, other.dram = list(self.loads), list(self.hbm), list(self.dram)
+        other.placed = list(self.placed)
+        other.where = [dict(w) for w in self.where]
+        return other
+
     def add(self, table: int, slot: ShardSlot, device: int, sign: int = 1) -> None:
         self.loads[device] += sign * slot.cost.total_ms
         self.hbm[device] += sign * slot.cost.hbm_bytes
@@ -132,12 +144,14 @@ def place(
     threads: int = 1,
     alternatives: Sequence[Sequence[TableOption]] | None = None,
     rules: PlacementRules | None = None,
+    watch: Watch | None = None,
 ) -> PlacementResult | None:
     """Place every shard of ``options`` (one per table); ``None`` when some shard fits
     nowhere. With ``alternatives`` (every table's candidate options), tables on the
     slowest device may switch to an option with more shards when that lowers it, and
     under tight memory a table whose shard fits nowhere may switch to one whose shards
-    fit."""
+    fit. ``watch`` may stop the exact packing ILP early (see
+    :func:`planner.solvers.solve`); its incumbents are complete placements."""
     start = time.perf_counter()
     state = _State(topology, options, rules)
     per_host = topology.devices_per_host
@@ -168,10 +182,16 @@ def place(
             state.placed.append(PlacedShard(table, slot, device))
 
     fixed = len(state.placed)
+    split_first = (state.copy() if alternatives is not None and (rules is None or not rules.active)
+                   and 0 < len(free) * topology.world_size <= TARGET_SPLIT_MAX_PAIRS else None)
     free.sort(key=lambda item: (-item[1].cost.total_ms, -item[1].cost.hbm_bytes, item[0]))
     if not _longest_first(state, free):
         free.sort(key=lambda item: (-item[1].cost.hbm_bytes, item[0]))
-        return _memory_first(state, fixed, free, alternatives, start + time_limit_s / 2)
+        result = _memory_first(state, fixed, free, alternatives, start + time_limit_s / 2)
+        split = _split_placement(split_first, fixed, free, alternatives, start + time_limit_s)
+        if split is not None and (result is None or max(split.loads) < result.makespan_ms - 1e-12):
+            return _result(split, False)
+        return result
     refine = 0 < len(free) * topology.world_size <= EXACT_PACKING_MAX_BINARIES
     # The heuristics take the whole budget, or half when the exact ILP refines them.
     deadline = start + (time_limit_s / 2 if refine else time_limit_s)
@@ -183,10 +203,78 @@ def place(
         if state.options != before:
             _local_search(state, fixed, deadline)
             _balance(state, fixed, deadline)
+    split = _split_placement(split_first, fixed, free, alternatives, deadline)
+    if split is not None and max(split.loads) < max(state.loads) - 1e-12:
+        state = split
     exact = False
     if refine:
-        exact = _refine_exactly(state, fixed, time_limit_s / 2, solver, threads)
+        exact = _refine_exactly(state, fixed, time_limit_s / 2, solver, threads, watch)
     return _result(state, exact)
+
+
+def _split_placement(state: _State | None, fixed: int, free: Sequence[tuple[int, ShardSlot]],
+                     alternatives: Sequence[Sequence[TableOption]] | None,
+                     deadline: float) -> _State | None:
+    """The free tables placed by :func:`_split_to_target` on ``state`` (the fixed
+    shards only), then moves, swaps and pairwise re-splitting; None when not tried or
+    some table fits nowhere."""
+    if state is None or alternatives is None or time.perf_counter() >= deadline:
+        return None
+    if not _split_to_target(state, fixed, sorted({table for table, _ in free}), alternatives,
+                            deadline):
+        return None
+    _local_search(state, fixed, deadline)
+    _balance(state, fixed, deadline)
+    return state
+
+
+def _split_to_target(state: _State, fixed: int, tables: Sequence[int],
+                     alternatives: Sequence[Sequence[TableOption]], deadline: float) -> bool:
+    """Place ``tables`` (their free shards not yet placed) largest first (in load or in
+    HBM), each in the
+    fewest shards whose placement on the least-loaded devices keeps every device
+    within the average load (else in the option that keeps the slowest device
+    lowest): tables are split only as far as balance needs, not more. False when
+    some table fits nowhere or time ran out."""
+    total = sum(state.loads) + sum(state.options[t].total_ms for t in tables)
+    target = total / len(state.loads) * (1 + 1e-9)
+
+    def size(table: int) -> float:
+        """The larger of the table's shares of the target load and of a device's HBM."""
+        option = state.options[table]
+        return max(option.total_ms / target if target > 0 else 0.0,
+                   option.max_shard_hbm_bytes / state.hbm_cap if state.hbm_cap > 0 else 0.0)
+
+    for table in sorted(tables, key=lambda t: (-size(t), t)):
+        if time.perf_counter() >= deadline:
+            return False
+        choices = sorted((o for o in alternatives[table] if o.placement is Placement.FREE),
+                         key=lambda o: (o.num_shards, o.total_ms))
+        best: tuple[float, TableOption] | None = None
+        for option in choices:
+            new = _put(state, table, option, lambda s: -s.cost.total_ms, _least_loaded_fitting)
+            if new is None:
+                continue
+            top = max(state.loads)
+            if top <= target:
+                state.placed.extend(new)
+                state.options[table] = option
+                best = None
+                break
+            for p in new:
+                state.add(table, p.slot, p.device, sign=-1)
+            if best is None or top < best[0]:
+                best = (top, option)
+        else:
+            if best is None:
+                return False
+            option = best[1]
+            new = _put(state, table, option, lambda s: -s.cost.total_ms, _least_loaded_fitting)
+            if new is None:
+                return False
+            state.placed.extend(new)
+            state.options[table] = option
+    return True
 
 
 def _longest_first(state: _State, free: Sequence[tuple[int, ShardSlot]]) -> bool:
@@ -396,7 +484,8 @@ def _move(state: _State, index: int, device: int) -> None:
     state.placed[index] = PlacedShard(shard.table, shard.slot, device)
 
 
-def _refine_exactly(state: _State, fixed: int, time_limit_s: float, solver: str, threads: int) -> bool:
+def _refine_exactly(state: _State, fixed: int, time_limit_s: float, solver: str, threads: int,
+                    watch: Watch | None = None) -> bool:
     """Re-place the free shards with the exact packing ILP when all devices start
     empty of fixed shards (so devices are interchangeable) and DRAM does not bind."""
     if fixed or any(s.slot.cost.dram_bytes for s in state.placed) or (
@@ -407,7 +496,8 @@ def _refine_exactly(state: _State, fixed: int, time_limit_s: float, solver: str,
                              tuple(s.slot.cost.hbm_bytes for s in free),
                              state.topology.world_size, state.hbm_cap)
     result = solve_packing_ilp(problem, time_limit_s=max(time_limit_s, 1.0), threads=threads,
-                               solver=solver, warm_start=tuple(s.device for s in free))
+                               solver=solver, warm_start=tuple(s.device for s in free),
+                               watch=watch)
     if not result.device_of or result.makespan_ms > max(state.loads) + 1e-12:
         return False
     for offset, device in enumerate(result.device_of):
@@ -415,13 +505,22 @@ def _refine_exactly(state: _State, fixed: int, time_limit_s: float, solver: str,
     return result.proven_optimal
 
 
+def _peak(loads: Sequence[float]) -> tuple[float, int]:
+    """The slowest device's load and how many devices share it: lowering either
+    (the first, or the second at an equal first) is progress on a plateau of equally
+    loaded devices."""
+    top = max(loads)
+    return top, sum(1 for load in loads if load >= top - 1e-12)
+
+
 def _split_heavy(state: _State, fixed: int, alternatives: Sequence[Sequence[TableOption]],
                  deadline: float) -> None:
-    """While it lowers the slowest device: move a table found there to an option with
-    more (hence smaller) free shards, placed least-loaded first."""
+    """While it lowers the slowest device (or the number of devices that share its
+    load): move a table found there to an option with more (hence smaller) free
+    shards, placed least-loaded first."""
     while time.perf_counter() < deadline:
         worst = max(range(len(state.loads)), key=state.loads.__getitem__)
-        peak = state.loads[worst]
+        peak = _peak(state.loads)
         here: dict[int, float] = {}
         for p in state.placed[fixed:]:
             if p.device == worst:
@@ -444,11 +543,14 @@ def _split_heavy(state: _State, fixed: int, alternatives: Sequence[Sequence[Tabl
             return
 
 
-def _try_option(state: _State, fixed: int, table: int, option: TableOption, peak: float) -> bool:
-    """Swap ``table`` to ``option`` if the slowest device gets faster; else undo."""
+def _try_option(state: _State, fixed: int, table: int, option: TableOption,
+                peak: tuple[float, int]) -> bool:
+    """Swap ``table`` to ``option`` if the slowest device gets faster, or as fast with
+    fewer devices at its load (see :func:`_peak`); else undo."""
     old = _lift(state, fixed, table)
     new = _put(state, table, option, lambda s: -s.cost.total_ms, _least_loaded_fitting)
-    if new is not None and max(state.loads) < peak - 1e-12:
+    top, count = _peak(state.loads) if new is not None else (math.inf, 0)
+    if new is not None and (top < peak[0] - 1e-12 or (top <= peak[0] + 1e-12 and count < peak[1])):
         state.placed[fixed:] = [p for p in state.placed[fixed:] if p.table != table] + new
         state.options[table] = option
         return True

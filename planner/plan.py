@@ -6,8 +6,10 @@ against the inputs of a run and re-costed later. JSON, with ``schema_version``.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -52,25 +54,53 @@ class DeviceLoad:
     hbm_capacity_bytes: int
 
 
+class StopReason(enum.Enum):
+    """Why the planner's search stopped."""
+
+    OPTIMAL = "optimal"
+    """The plan meets its lower bound: proven optimal."""
+    GAP_REACHED = "gap reached"
+    """The plan is proven within the target gap of its lower bound."""
+    STALLED = "stalled"
+    """Neither the plan nor the bound improved over the stall window, or no stage
+    was left that could improve them."""
+    TIME_LIMIT = "time limit"
+
+
 @dataclass(frozen=True, slots=True)
 class SolveReport:
     method: str
     """``ilp`` or ``baseline:<name>``."""
     solver: str
     status: str
+    """``Optimal`` only when the plan is proven optimal (its objective meets its lower
+    bound); otherwise ``Feasible`` (ILP), ``Heuristic`` (baselines) or ``Evaluated``."""
     sol_status: str
     objective_ms: float
-    lower_bound_ms: float
+    lower_bound_ms: float | None
+    """A proven lower bound on every plan's slowest device; None when none is known
+    (baselines and re-costed plans prove nothing about the problem)."""
     solve_seconds: float
     time_limit_s: float
     threads: int
+    stop_reason: StopReason | None = None
+    """Why the search stopped (None: no search, as for baselines)."""
+    target_gap: float | None = None
+    """The relative gap at which the search was to stop."""
 
     @property
-    def gap(self) -> float:
-        """(objective - bound) / bound: 0 means proven optimal."""
-        if self.lower_bound_ms <= 0:
-            return 0.0 if self.objective_ms <= 0 else float("inf")
-        return max(0.0, (self.objective_ms - self.lower_bound_ms) / self.lower_bound_ms)
+    def gap(self) -> float | None:
+        """(objective - bound) / bound: 0 means proven optimal; None without a bound."""
+        bound = self.lower_bound_ms
+        if bound is None or not math.isfinite(bound) or not math.isfinite(self.objective_ms):
+            return None
+        if bound <= 0:
+            return 0.0 if self.objective_ms <= 0 else None
+        return max(0.0, (self.objective_ms - bound) / bound)
+
+    @property
+    def proven_optimal(self) -> bool:
+        return self.gap is not None and self.gap <= 1e-9
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +142,14 @@ def _cost_json(cost: ShardCost) -> dict[str, Any]:
     }
 
 
+def _number(value: float | None) -> float | None:
+    """A finite number, or None (JSON null) for an unknown one."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def plan_to_json(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON-ready data; unknown numbers (no bound, hence no gap) are
+    None, never NaN or infinity."""
     solve = plan.solve
     return {
         "schema_version": SCHEMA_VERSION,
@@ -123,11 +160,13 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         "solver": solve.solver,
         "status": solve.status,
         "sol_status": solve.sol_status,
-        "objective_ms": solve.objective_ms,
-        "lower_bound_ms": solve.lower_bound_ms,
-        "gap": solve.gap,
-        "solve_seconds": solve.solve_seconds,
-        "time_limit_s": solve.time_limit_s,
+        "objective_ms": _number(solve.objective_ms),
+        "lower_bound_ms": _number(solve.lower_bound_ms),
+        "gap": _number(solve.gap),
+        "stop_reason": None if solve.stop_reason is None else solve.stop_reason.value,
+        "target_gap": _number(solve.target_gap),
+        "solve_seconds": _number(solve.solve_seconds),
+        "time_limit_s": _number(solve.time_limit_s),
         "threads": solve.threads,
         "devices": [
             {
@@ -175,10 +214,11 @@ def write_plan(plan: Plan, path: str | Path) -> None:
 
 
 def write_json_atomic(doc: object, path: str | Path) -> None:
-    """JSON to ``path`` through a temp file, fsync and rename."""
+    """JSON to ``path`` through a temp file, fsync and rename. Strict JSON: a NaN or
+    infinity in ``doc`` raises ValueError before anything is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(doc, indent=1) + "\n"
+    text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from others
@@ -243,10 +283,13 @@ def plan_from_json(doc: Any, name: str = "<memory>") -> Plan:
             status=str(doc["status"]),
             sol_status=str(doc["sol_status"]),
             objective_ms=float(doc["objective_ms"]),
-            lower_bound_ms=float(doc["lower_bound_ms"]),
-            solve_seconds=float(doc["solve_seconds"]),
-            time_limit_s=float(doc["time_limit_s"]),
+            lower_bound_ms=_optional_number(doc["lower_bound_ms"]),
+            solve_seconds=_optional_number(doc["solve_seconds"]) or 0.0,
+            time_limit_s=_optional_number(doc["time_limit_s"]) or 0.0,
             threads=int(doc["threads"]),
+            stop_reason=(None if doc.get("stop_reason") is None
+                         else StopReason(doc["stop_reason"])),
+            target_gap=_optional_number(doc.get("target_gap")),
         )
         cost_model = str(doc["cost_model"])
     except PlannerError as exc:
@@ -261,6 +304,15 @@ def plan_from_json(doc: Any, name: str = "<memory>") -> Plan:
         raise PlanFileError(name, "inputs_sha256 does not match the embedded specs "
                                   "(edited by hand?); re-run dlrm-plan")
     return plan
+
+
+def _optional_number(value: Any) -> float | None:
+    """A JSON number, or None for null (and for the non-standard NaN and Infinity
+    that older plan files may hold)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def _what_instead(doc: dict[str, Any]) -> str:

@@ -24,6 +24,15 @@ from planner.errors import SpecError
 
 GB = 1_000_000_000
 
+MAX_TABLE_BYTES = 2**53
+"""Most bytes one table (weights and optimizer state) may take, about 9 PB: byte
+counts stay exact in int64 sums and float64 arithmetic."""
+MAX_DEVICES = 16_384
+"""Most devices (hosts x devices_per_host) a topology may have: the planner prices
+and places shards per device, and plans for up to this many within its time limit."""
+MAX_MEMORY_GB = 1_000_000.0
+"""Most HBM per device and DRAM per host, in GB (1 PB): byte counts stay exact."""
+
 
 class DType(enum.Enum):
     """Storage dtype of an embedding table."""
@@ -380,6 +389,8 @@ def parse_tables(doc: object, file: str = "<memory>") -> TablesSpec:
                             f"duplicate table name (also tables[{seen[table.name]}])", table.name)
         seen[table.name] = i
         tables.append(table)
+    for i, table in enumerate(tables):
+        _check_table_size(table, file, f"tables[{i}]")
     return TablesSpec(tables=tuple(tables), description=description)
 
 
@@ -492,8 +503,49 @@ def parse_topology(doc: object, file: str = "<memory>") -> Topology:
         calibration = tuple((str(k), record.string(k)) for k in raw)
         record.done()
     root.done()
-    return Topology(hosts, per_host, device, host, store, network, batch, reserved, description,
-                    calibration)
+    topology = Topology(hosts, per_host, device, host, store, network, batch, reserved,
+                        description, calibration)
+    _check_topology_size(topology, file)
+    return topology
+
+
+def table_bytes(table: TableSpec) -> int:
+    """Bytes of a table's weights and optimizer state."""
+    return table.num_embeddings * (
+        table.row_bytes + table.optimizer.state_bytes_per_row(table.embedding_dim))
+
+
+def _check_table_size(table: TableSpec, file: str, path: str) -> None:
+    size = table_bytes(table)
+    if size > MAX_TABLE_BYTES:
+        field = "num_embeddings" if table.num_embeddings > table.embedding_dim else "embedding_dim"
+        raise SpecError(file, f"{path}.{field}",
+                        f"table {table.name!r}: {table.num_embeddings} rows x "
+                        f"{table.embedding_dim} columns take {size} bytes with its dtype and "
+                        f"optimizer state, above the limit of {MAX_TABLE_BYTES} (2**53) bytes",
+                        getattr(table, field))
+
+
+def _check_topology_size(topology: Topology, file: str) -> None:
+    if topology.world_size > MAX_DEVICES:
+        field = "devices_per_host" if topology.devices_per_host > topology.hosts else "hosts"
+        raise SpecError(file, field,
+                        f"{topology.hosts} hosts x {topology.devices_per_host} devices is "
+                        f"{topology.world_size} devices, above the planner's limit of "
+                        f"{MAX_DEVICES}", getattr(topology, field))
+    for field, value in (("device.hbm_gb", topology.device.hbm_gb),
+                         ("host.dram_gb", topology.host.dram_gb)):
+        if value > MAX_MEMORY_GB:
+            raise SpecError(file, field, f"above the limit of {MAX_MEMORY_GB:g} GB", value)
+
+
+def check_limits(tables: TablesSpec, topology: Topology, file: str = "<memory>") -> None:
+    """The documented size limits (:data:`MAX_TABLE_BYTES`, :data:`MAX_DEVICES`,
+    :data:`MAX_MEMORY_GB`) for specs built in Python; the readers check them too.
+    Raises :class:`SpecError` naming the table and field."""
+    for i, table in enumerate(tables.tables):
+        _check_table_size(table, file, f"tables[{i}]")
+    _check_topology_size(topology, file)
 
 
 def as_tables(obj: TablesSpec | Mapping[str, Any]) -> TablesSpec:

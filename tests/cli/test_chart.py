@@ -77,3 +77,14 @@ def test_show_chart_writes_a_png(tmp_path: Path, capsys) -> None:
 def test_every_tier_has_a_hatch_and_a_label() -> None:
     assert set(TIER_HATCH) == set(TIER_LABEL) == set(Tier)
     assert len(set(TIER_HATCH.values())) == len(Tier)
+
+
+def test_chart_of_a_plan_without_a_bound(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    plan = read_plan(_many_tables_plan(tmp_path))
+    unbounded = replace(plan, solve=replace(plan.solve, lower_bound_ms=None))
+    assert unbounded.solve.gap is None
+    out = tmp_path / "unbounded.png"
+    draw_chart(unbounded, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -32,8 +32,10 @@ ROOMY = parse_topology(small_topology_doc(devices=2, hbm_gb=0.01))
 """Hosts of 2 devices with room for every table in HBM."""
 TIGHT = parse_topology(small_topology_doc(devices=2, hbm_gb=0.0004))
 """Hosts of 2 devices of 400 kB: with HBM alone the tables need 4 hosts."""
-HBM_ONLY = PlanOptions(time_limit_s=10, candidates=OptionSettings(tiers=frozenset({Tier.HBM})))
-OPTIONS = PlanOptions(time_limit_s=10)
+HBM_ONLY = PlanOptions(time_limit_s=10, candidates=OptionSettings(tiers=frozenset({Tier.HBM})),
+                       gap=0.0)
+OPTIONS = PlanOptions(time_limit_s=10, gap=0.0)
+"""Exact plans (no early stop at a gap), as the brute force needs."""
 
 
 def _brute_force(topology, options) -> dict[int, float | None]:

@@ -393,9 +393,14 @@ def _profile(args: argparse.Namespace) -> int:
     if malformed:
         print(f"warning: {malformed} malformed lines skipped (--strict stops at the first)",
               file=sys.stderr)
-    profiled = profile_tables(cache, tables, sample=args.sample)
-    write_output(args.output, "-o/--output",
-                 lambda path: write_json_atomic(profiled.to_json(), path))
+    try:
+        profiled = profile_tables(cache, tables, sample=args.sample)
+        write_output(args.output, "-o/--output",
+                     lambda path: write_json_atomic(profiled.to_json(), path))
+    except BaseException:
+        if cache.built:  # a failed run leaves no cache behind
+            cache.path.unlink(missing_ok=True)
+        raise
     print(f"tables spec with measured access profiles written to {args.output}")
     return ExitCode.OK
 

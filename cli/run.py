@@ -26,7 +26,7 @@ from dlrm_runtime import (
 )
 from dlrm_runtime.collectives import init_from_env, shutdown
 from dlrm_runtime.config import as_flag
-from dlrm_runtime.criteo import CriteoClicks, open_or_build_cache
+from dlrm_runtime.criteo import CriteoCache, CriteoClicks, open_or_build_cache
 from dlrm_runtime.distributed import train_distributed
 from dlrm_runtime.train import Progress, TrainingInterrupted, TrainResult, open_metrics_log
 from planner import Plan, load_tables, read_plan
@@ -243,24 +243,33 @@ def _cache_path(data: str, lines: tuple[int, int | None]) -> str:
 
 
 def _criteo(args: argparse.Namespace, plan: Plan, verbose: bool) -> CriteoClicks:
-    """Open (parsing once) the caches of the train and validation line ranges."""
-    caches = []
-    for what, lines in (("train", args.train_lines), ("validation", args.validation_lines)):
-        if lines is None:
-            caches.append(None)
+    """Open (parsing once) the caches of the train and validation line ranges; on an
+    error the caches built here are removed."""
+    caches: list[CriteoCache | None] = []
+    try:
+        for what, lines in (("train", args.train_lines), ("validation", args.validation_lines)):
+            if lines is None:
+                caches.append(None)
+                continue
+            with bytes_progress(f"parse {what} lines") as progress:
+                caches.append(open_or_build_cache(args.data, _cache_path(args.data, lines),
+                                                  plan.tables_spec, start=lines[0], stop=lines[1],
+                                                  strict=args.strict, progress=progress))
+        data = CriteoClicks(caches[0], caches[1], plan.tables_spec)
+    except BaseException:
+        for cache in caches:
+            if cache is not None and cache.built:
+                cache.path.unlink(missing_ok=True)
+        raise
+    for what, cache in (("train", data.train), ("validation", data.validation)):
+        if cache is None or not verbose:
             continue
-        with bytes_progress(f"parse {what} lines") as progress:
-            cache = open_or_build_cache(args.data, _cache_path(args.data, lines), plan.tables_spec,
-                                        start=lines[0], stop=lines[1], strict=args.strict,
-                                        progress=progress)
         header = cache.header
         note = (f", {header.malformed} malformed lines skipped (--strict stops at the first)"
                 if header.malformed else "")
-        if verbose:
-            print(f"{what}: {len(cache):,} samples from lines {lines[0]}:{lines[1] or ''} of "
-                  f"{args.data}{note}", file=sys.stderr)
-        caches.append(cache)
-    return CriteoClicks(caches[0], caches[1], plan.tables_spec)
+        print(f"{what}: {len(cache):,} samples from lines {header.start}:{header.stop or ''} of "
+              f"{args.data}{note}", file=sys.stderr)
+    return data
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,29 +1,33 @@
 """Criteo click logs (Kaggle display-advertising and Terabyte TSV) for training.
 
 Format: one sample per line, 40 tab-separated fields: the label (``0`` or ``1``), 13
-integer features ``I1..I13`` (decimal, possibly negative) and 26 categorical
-features ``C1..C26`` (hexadecimal, 32-bit in the published data; up to 64 bits are
-accepted). Every feature may be missing (an empty field); the label may not.
+integer features ``I1..I13`` (decimal, possibly negative, within the signed 64-bit range)
+and 26 categorical features ``C1..C26`` (hexadecimal, 32-bit in the published data; up
+to 64 bits are accepted). Every feature may be missing (an empty field); the label may
+not.
 
 Transformations (fixed; the cache header records the format version):
 
 - dense value = ``log(1 + max(x, 0))`` computed in float64 and stored as float32; a
-  missing or negative value gives 0. Integers of any size are accepted (``10**30``
-  gives 69.08; beyond float64 the natural log of the integer is taken exactly).
+  missing or negative value gives 0.
 - categorical row = ``splitmix64(int(value, 16)) % num_embeddings`` where
   ``splitmix64`` is SplitMix64's finaliser (golden-ratio increment, then the two
   multiply-xorshift rounds); a missing value maps to row :data:`MISSING_ROW` (0).
   The hash is the same for every table; only the modulus differs.
 
-Reading is streamed in blocks of whole lines (``chunk_bytes`` at a time, 16 MiB by
-default; a line over :data:`MAX_LINE_BYTES` is skipped as malformed without being held)
-and vectorised with numpy: each field is loaded as one 8-byte word and decoded with
-SWAR arithmetic (optionally in ``workers`` threads). Lines the fast path cannot decode
-(a field longer than 8 characters, a ``+`` sign, a wrong field count, a bad character)
-go through :func:`parse_line`, the reference parser, which either decodes them or
-reports why they are malformed. Malformed lines are skipped and counted (the first
-few are kept in the report), or raise :class:`CriteoFormatError` naming the file,
-line and field when ``strict=True``.
+Reading is streamed in blocks of whole lines (``chunk_bytes`` at a time, 4 MiB by
+default; a line over :data:`MAX_LINE_BYTES` is skipped as malformed without being held),
+decoded in ``workers`` threads. Arrow's CSV reader (``pyarrow.csv``) splits each block
+into fields and converts the integers; the labels and the hex values are checked and
+decoded with numpy. :func:`parse_line` is the reference parser and has the last word:
+lines Arrow's types cannot hold exactly (a hex value over 8 digits, an integer from 2**53
+on) go through it, and a block Arrow refuses (a wrong field count, a value its integer
+conversion rejects, ``+7`` included, or a byte where Arrow is more lenient than the
+grammar: spaces, ``0x``, a byte-order mark, a lone ``\r``) is halved until the parts are
+accepted or small enough to parse line by line, so each such line costs a few re-reads
+of its block. Malformed lines are skipped and counted (the first few are kept
+in the report), or raise :class:`CriteoFormatError` naming the file, line and field
+when ``strict=True``.
 
 Train/validation splits are line ranges: ``start`` and ``stop`` are 0-based line
 indices, half-open like a Python slice (``start=0, stop=40_000_000`` is the first 40 M
@@ -38,7 +42,13 @@ dense float32[13], rows int32[26], or int64[26] when a table has more than 2**31
 place, so a reader sees either the old cache or the complete new one. The header holds
 the source's size and mtime (not its path: a copy that keeps the mtime reuses the
 cache), the table sizes, the line range and the format version; a cache that
-disagrees with any of them is stale.
+disagrees with any of them is stale. A range that holds no sample (it starts beyond the
+end of the file, or all its lines are malformed) is an error, and no cache is written.
+Damage after writing is caught cheaply: opening checks that the header agrees with
+itself and the file's size and checks the first and last :data:`CHECKED_RECORDS` records
+(rows inside their tables, labels 0/1, dense values finite and >= 0); every batch and
+row chunk read later is checked the same way. :class:`CriteoCacheError` then names the
+file and says to delete it to rebuild it.
 :class:`CriteoClicks` serves :class:`dlrm_runtime.data.Batch` objects from a cache by
 batch index, like :class:`dlrm_runtime.data.SyntheticClicks`.
 """
@@ -82,8 +92,10 @@ CACHE_VERSION = 1
 CACHE_MAGIC = b"DLRMCRT1"
 CACHE_DATA_OFFSET = 64
 """Byte offset of the first record in a cache file."""
-DEFAULT_CHUNK_BYTES = 1 << 24
+DEFAULT_CHUNK_BYTES = 1 << 22
 """Bytes of text parsed per block (whole lines; a block grows to hold a longer line)."""
+MAX_WORKERS = 8
+"""Most threads a reader uses by default (one per CPU up to this)."""
 MAX_LINE_BYTES = 1 << 20
 """A line longer than about this (it may reach this plus ``chunk_bytes``) is malformed
 and skipped without being held in memory."""
@@ -95,38 +107,37 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _MASK64 = (1 << 64) - 1
 _INT_RE = re.compile(rb"[+-]?[0-9]+")
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _HEX_RE = re.compile(rb"[0-9a-fA-F]{1,%d}" % MAX_HEX_DIGITS)
 
-# Byte codes of the fast path: hex digits -> their value, the sign, separators, rest.
-_SIGN, _CR, _BAD, _TAB, _NL = 0x20, 0x41, 0x40, 0xFE, 0xFF
-
-
-def _code_table() -> bytes:
-    table = bytearray([_BAD]) * 256
-    for i, c in enumerate(b"0123456789abcdef"):
-        table[c] = i
-    for i, c in enumerate(b"ABCDEF"):
-        table[c] = 10 + i
-    table[ord("-")] = _SIGN
-    table[ord("\r")] = _CR
-    table[ord("\t")] = _TAB
-    table[ord("\n")] = _NL
-    return bytes(table)
-
-
-_CODES = _code_table()
-_PAD = bytes([_BAD]) * 8
+_ONES = 0x0101010101010101
+_HIGH = np.uint64(0x80 * _ONES)
+_LOW_NIBBLES = np.uint64(0x0F * _ONES)
+_LOWEST_BITS = np.uint64(_ONES)
+_LOWERCASE = np.uint64(0x20 * _ONES)
 _KEEP = np.array([0] + [(0xFFFFFFFFFFFFFFFF << (8 * (8 - k))) & 0xFFFFFFFFFFFFFFFF
                         for k in range(1, 9)] + [0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
 """``_KEEP[k]``: the mask of the top ``k`` bytes of a little-endian word (k <= 8; 9 keeps all)."""
-_SHIFT_TO_FIRST = np.array([0] + [8 * (8 - k) for k in range(1, 9)] + [0], dtype=np.uint64)
-"""``word >> _SHIFT_TO_FIRST[k]`` brings the first byte of a ``k``-byte field to byte 0."""
 _M8 = np.uint64(0x00FF00FF00FF00FF)
 _M16 = np.uint64(0x0000FFFF0000FFFF)
 _M32 = np.uint64(0x00000000FFFFFFFF)
-_HIGH = np.uint64(0x8080808080808080)
-_NIBBLE_HIGH = np.uint64(0xF0F0F0F0F0F0F0F0)
-_DIGIT_BIAS = np.uint64(0x7676767676767676)
+_EXACT_IN_FLOAT = 1 << 53
+"""Integer features at or above this go to :func:`parse_line` (its log is exact)."""
+_LENIENT = (b" ", b"x", b"X")
+"""Bytes that Arrow's integer conversion accepts where the grammar does not (it trims
+spaces and reads ``0x`` hexadecimal); a block holding one goes line by line."""
+_BOM = b"\xef\xbb\xbf"
+_BISECT_LINES = 64
+"""A block Arrow refuses is halved until it has this many lines or fewer, then parsed
+line by line with :func:`parse_line`."""
+
+
+def _at_least(k: int) -> np.uint64:
+    """Added to a word of ASCII bytes, sets a byte's high bit where the byte is >= ``k``."""
+    return np.uint64((0x80 - k) * _ONES)
+
+
+_GE_SPACE, _GE_0, _GE_COLON, _GE_A, _GE_G = (_at_least(c) for c in b" 0:ag")
 
 
 class CriteoFormatError(RuntimeErrorBase, ValueError):
@@ -191,6 +202,11 @@ def _log1p_int(value: int) -> float:
     if value < 1 << 53:
         return math.log1p(value)
     return math.log(value)  # exact for big ints; log(1 + x) == log(x) in float64 here
+
+
+def default_workers() -> int:
+    """Threads a reader uses unless told: one per CPU, at most :data:`MAX_WORKERS`."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 def table_sizes(tables: TablesSpec | Sequence[int]) -> tuple[int, ...]:
@@ -267,7 +283,11 @@ def _decode_line(line: bytes, path: str, number: int) -> tuple[int, list[float],
         if not text:
             dense.append(0.0)
         elif _INT_RE.fullmatch(text):
-            dense.append(_log1p_int(int(text)))
+            value = int(text)
+            if not _INT64_MIN <= value <= _INT64_MAX:
+                raise CriteoFormatError(path, number, FIELD_NAMES[i],
+                                        f"integer outside the 64-bit range: {_show(text)}")
+            dense.append(_log1p_int(value))
         else:
             raise CriteoFormatError(path, number, FIELD_NAMES[i], f"not an integer: {_show(text)}")
     values: list[int | None] = []
@@ -323,6 +343,8 @@ class ParseReport:
     """The first :data:`MAX_REPORTED_ERRORS` malformed lines."""
     bytes_read: int
     seconds: float
+    file_lines: int | None = None
+    """Lines in the whole file, when the read reached its end (else ``None``)."""
 
     @property
     def lines_per_s(self) -> float:
@@ -342,20 +364,21 @@ class CriteoReader:
     Iterate to get :class:`ParsedChunk` blocks; :meth:`report` tells what was read so
     far. Memory is bounded by ``chunk_bytes`` (times a small factor, times ``workers``),
     not the file. ``progress(bytes_read, file_bytes)`` is called after every block.
-    ``workers > 1`` decodes the next blocks in threads while one is handed out (numpy
-    releases the GIL for most of the work; on the 2-core development machine, shared
-    with other jobs, this measured no gain, so the default is 1).
+    ``workers`` threads (default :func:`default_workers`) decode the next blocks while
+    one is handed out (Arrow and numpy release the GIL for most of the work).
     """
 
     def __init__(self, path: str | os.PathLike[str], tables: TablesSpec | Sequence[int], *,
                  start: int = 0, stop: int | None = None, strict: bool = False,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int = 1,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> None:
         if start < 0 or (stop is not None and stop < start):
             raise ConfigError(f"line range must satisfy 0 <= start <= stop, got start={start}, "
                               f"stop={stop}")
         if chunk_bytes < 1:
             raise ConfigError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if workers is None:
+            workers = default_workers()
         if workers < 1:
             raise ConfigError(f"workers must be at least 1, got {workers}")
         self.path = str(path)
@@ -368,14 +391,16 @@ class CriteoReader:
         self._lines = self._samples = self._malformed = self._bytes = 0
         self._errors: list[CriteoFormatError] = []
         self._seconds = 0.0
+        self._file_lines: int | None = None
 
     def report(self) -> ParseReport:
         return ParseReport(self.path, self.start, self.stop, self._lines, self._samples,
-                           self._malformed, tuple(self._errors), self._bytes, self._seconds)
+                           self._malformed, tuple(self._errors), self._bytes, self._seconds,
+                           self._file_lines)
 
     def __iter__(self) -> Iterator[ParsedChunk]:
-        """Blocks decoded in file order; with ``workers > 1`` the vectorised decoding of
-        the next blocks runs in threads (numpy releases the GIL) while one is handed out."""
+        """Blocks decoded in file order; with ``workers > 1`` the next blocks are decoded
+        in threads (Arrow and numpy release the GIL) while one is handed out."""
         try:
             handle = open(self.path, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
@@ -383,7 +408,8 @@ class CriteoReader:
         pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         with handle, pool if pool is not None else contextlib.nullcontext():
             total = os.fstat(handle.fileno()).st_size
-            pending: deque[tuple[int, bytes | None, int, Future[_FastBlock] | None]] = deque()
+            pending: deque[tuple[int, bytes | None, int, int,
+                                 Future[_Decoded | None] | None]] = deque()
             blocks = _blocks(handle, self.start, self.stop, self.chunk_bytes)
             tick = time.perf_counter()
             while True:
@@ -391,20 +417,24 @@ class CriteoReader:
                     item = next(blocks, None)
                     if item is None:
                         break
-                    first, block = item
-                    job = (pool.submit(_parse_block, block, self._sizes)
+                    first, block, lines = item
+                    if block == b"":  # the end of the file
+                        self._file_lines = first
+                        continue
+                    job = (pool.submit(_decode_block, block, lines, self._sizes)
                            if pool is not None and block is not None else None)
-                    pending.append((first, block, handle.tell(), job))
+                    pending.append((first, block, lines, handle.tell(), job))
                 if not pending:
                     break
-                first, block, done_bytes, job = pending.popleft()
+                first, block, lines, done_bytes, job = pending.popleft()
                 if block is None:
                     self._lines += 1
                     self._malformed_line(CriteoFormatError(
                         self.path, first + 1, None, f"longer than {MAX_LINE_BYTES} bytes"))
                     continue
-                fast = job.result() if job is not None else _parse_block(block, self._sizes)
-                chunk = self._finish(fast, block, first)
+                decoded = (job.result() if job is not None
+                           else _decode_block(block, lines, self._sizes))
+                chunk = self._decode(block, first, lines, decoded)
                 self._bytes = done_bytes
                 self._seconds += time.perf_counter() - tick
                 if self.progress is not None:
@@ -414,18 +444,50 @@ class CriteoReader:
                 tick = time.perf_counter()
             self._seconds += time.perf_counter() - tick
 
-    def _finish(self, fast: _FastBlock, block: bytes, first: int) -> ParsedChunk:
-        """Decode the lines the fast path left with the reference parser; count and
-        drop (or raise for) malformed ones."""
-        n = fast.line_start.size
+    def _decode(self, block: bytes, first: int, lines: int,
+                decoded: _Decoded | None) -> ParsedChunk:
+        """The samples of a block whose first line is ``first`` (0-based), from Arrow
+        (``decoded``) where it took the block, else from its halves, down to
+        :data:`_BISECT_LINES` lines parsed one by one."""
+        if decoded is not None:
+            return self._finish(decoded, block, first)
+        if lines <= _BISECT_LINES:
+            return self._reference(block, first)
+        cut = _nth_newline(block, lines // 2) + 1
+        halves = [(block[:cut], first, lines // 2), (block[cut:], first + lines // 2,
+                                                     lines - lines // 2)]
+        chunks = [self._decode(part, at, count, _decode_block(part, count, self._sizes))
+                  for part, at, count in halves]
+        return ParsedChunk(*(np.concatenate([getattr(c, f) for c in chunks])
+                             for f in ("labels", "dense", "rows")))
+
+    def _reference(self, block: bytes, first: int) -> ParsedChunk:
+        """Every line of ``block`` through :func:`parse_line`."""
+        parsed = []
+        for i, line in enumerate(block.split(b"\n")[:-1]):
+            self._lines += 1
+            try:
+                parsed.append(_parse_line(line, self.sizes, self.path, first + i + 1))
+            except CriteoFormatError as exc:
+                self._malformed_line(exc)
+        self._samples += len(parsed)
+        dense = np.array([p.dense for p in parsed], dtype=np.float32).reshape(-1, NUM_DENSE)
+        rows = np.array([p.rows for p in parsed], dtype=np.int64).reshape(-1, NUM_SPARSE)
+        return ParsedChunk(np.array([p.label for p in parsed], dtype=np.float32), dense, rows)
+
+    def _finish(self, fast: _Decoded, block: bytes, first: int) -> ParsedChunk:
+        """Decode the lines Arrow left with the reference parser; count and drop (or
+        raise for) malformed ones."""
+        n = fast.labels.size
         self._lines += n
         if fast.slow.size == 0:
             self._samples += n
             return ParsedChunk(fast.labels, fast.dense, fast.rows)
+        line_end = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
         keep = np.ones(n, dtype=bool)
         labels, dense, rows = fast.labels, fast.dense, fast.rows
         for i in fast.slow.tolist():
-            line = block[fast.line_start[i]:fast.line_end[i]]
+            line = block[line_end[i - 1] + 1 if i else 0:line_end[i]]
             try:
                 parsed = _parse_line(line, self.sizes, self.path, first + i + 1)
             except CriteoFormatError as exc:
@@ -445,10 +507,13 @@ class CriteoReader:
 
 
 def _blocks(handle: BinaryIO, start: int, stop: int | None,
-            chunk_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+            chunk_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
     """Blocks of whole lines (each ending in ``\\n``) of lines ``[start, stop)``, with
-    the 0-based index of each block's first line; a last line without ``\\n`` gets one.
-    A line longer than :data:`MAX_LINE_BYTES` is skipped unread and yields ``None``."""
+    the 0-based index of each block's first line and the block's line count; a last line
+    without ``\\n`` gets one.
+    A line longer than :data:`MAX_LINE_BYTES` is skipped unread and yields ``None``; the
+    end of the file, when reached, yields an empty block whose index is the file's line
+    count."""
     line = 0  # index of the next line to hand out
     head: list[bytes] = []  # the start of a line whose end is not read yet
     head_bytes = 0
@@ -457,8 +522,9 @@ def _blocks(handle: BinaryIO, start: int, stop: int | None,
         data = handle.read(chunk_bytes)
         if not data:
             if skipping and line >= start:
-                yield line, None
+                yield line, None, 1
             if skipping or not head:
+                yield line + int(skipping), b"", 0
                 return
             data = b"\n"  # end the last line
         if skipping:
@@ -466,7 +532,7 @@ def _blocks(handle: BinaryIO, start: int, stop: int | None,
             if end < 0:
                 continue
             if line >= start:
-                yield line, None
+                yield line, None, 1
             line, skipping, data = line + 1, False, data[end + 1:]
             if (stop is not None and line >= stop) or not data:
                 continue
@@ -491,7 +557,7 @@ def _blocks(handle: BinaryIO, start: int, stop: int | None,
         if stop is not None and line + count > stop:
             block = block[:_nth_newline(block, stop - line) + 1]
             count = stop - line
-        yield line, block
+        yield line, block, count
         line += count
 
 
@@ -501,100 +567,126 @@ def _nth_newline(block: bytes, n: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class _FastBlock:
+class _Decoded:
     labels: np.ndarray
+    """[n] float32."""
     dense: np.ndarray
+    """[n, 13] float32."""
     rows: np.ndarray
-    line_start: np.ndarray
-    line_end: np.ndarray
+    """[n, 26] int64."""
     slow: np.ndarray
-    """Lines (block indices) the fast path could not decode; their values are garbage."""
+    """Lines (block indices) that :func:`parse_line` must decide; their values are garbage."""
 
 
-def _parse_block(block: bytes, sizes: np.ndarray) -> _FastBlock:
-    """Vectorised decoding of a block of whole lines.
+def _decode_block(block: bytes, lines: int, sizes: np.ndarray) -> _Decoded | None:
+    """Decode a block of ``lines`` whole lines with Arrow's CSV reader, or ``None`` when
+    Arrow cannot take it line for line (a wrong field count, a value its integer
+    conversion refuses, a byte where it is more lenient than the grammar).
 
-    Bytes are translated to codes (hex digit -> its value, ``-`` -> 0x20, tab -> 0xFE,
-    newline -> 0xFF, anything else 0x40 or 0x41 for ``\r``). Every field is loaded as
-    the little-endian 8-byte word that ends where the field ends, the bytes before the
-    field's start are masked off, and fields of 1-8 characters are checked and decoded
-    with SWAR arithmetic on the words (all fields of the block at once).
+    Arrow splits the fields and converts ``I1..I13`` to int64; the label and the
+    categorical fields come as raw bytes, checked and decoded here (all 8-digit values
+    at once with ``bytes.fromhex``, else each as the 8-byte word that ends where it
+    ends). Lines with a value these types cannot hold exactly (a categorical value over
+    8 digits, an integer from 2**53 on) or that break the grammar are left to
+    :func:`parse_line` (``slow``).
     """
-    text = _PAD + block.translate(_CODES)
-    codes = np.frombuffer(text, dtype=np.uint8)
-    seps = np.flatnonzero(codes >= _TAB)
-    newline = np.flatnonzero(codes[seps] == _NL)
-    n = newline.size
-    lengths = np.empty_like(seps)  # characters between a separator and the one before
-    lengths[:1] = seps[:1] - len(_PAD)
-    np.subtract(seps[1:], seps[:-1], out=lengths[1:])
-    lengths[1:] -= 1
-    line_end = seps[newline]
-    line_start = np.empty(n, dtype=np.int64)
-    line_start[:1] = len(_PAD)
-    line_start[1:] = line_end[:-1] + 1
-    fields = np.empty_like(newline)  # fields per line
-    fields[:1] = newline[:1] + 1
-    np.subtract(newline[1:], newline[:-1], out=fields[1:])
-    good = fields == NUM_FIELDS
-    if good.all():
-        good_lines = None
-        ends, lengths = seps.reshape(n, NUM_FIELDS), lengths.reshape(n, NUM_FIELDS)
-    else:
-        good_lines = np.flatnonzero(good)
-        keep = np.repeat(good, fields)
-        ends, lengths = seps[keep].reshape(-1, NUM_FIELDS), lengths[keep].reshape(-1, NUM_FIELDS)
-    cr = (lengths[:, -1] > 0) & (codes[ends[:, -1] - 1] == _CR)
-    if cr.any():  # \r\n line ends: the last field ends before the \r
-        ends[:, -1] -= cr
-        lengths[:, -1] -= cr
-    ends -= 8  # now the start of the word that ends where each field ends
-    words = _words(text)
-    short = np.minimum(lengths, 9).astype(np.uint8)  # 9: too long for the fast path
-    bad = short > 8
+    import pyarrow as pa
+    from pyarrow import csv
 
-    # label: one character, 0 or 1
-    label = codes[ends[:, 0] + 7]
-    bad[:, 0] |= (short[:, 0] != 1) | (label > 1)
+    if (block.startswith((b"\n", b"\r\n", _BOM)) or b"\n\n" in block or b"\n\r\n" in block
+            or any(c in block for c in _LENIENT)):
+        return None  # Arrow reads an empty line as a row of nulls
+    try:
+        table = csv.read_csv(
+            pa.py_buffer(block),
+            read_options=csv.ReadOptions(column_names=list(FIELD_NAMES), use_threads=False,
+                                         block_size=len(block) + 1),
+            parse_options=csv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
+                                           escape_char=False, ignore_empty_lines=False),
+            convert_options=csv.ConvertOptions(
+                column_types={name: pa.int64() if name.startswith("I") else pa.binary()
+                              for name in FIELD_NAMES},
+                null_values=[""], strings_can_be_null=False, quoted_strings_can_be_null=False))
+    except pa.ArrowInvalid:
+        return None
+    if table.num_rows != lines:  # Arrow also ends a line at a lone \r
+        return None
+    columns = [c.chunk(0) if c.num_chunks == 1 else c.combine_chunks() for c in table.columns]
 
-    # integer features: optional '-', then 1-8 digits; a negative value clamps to 0
-    dl = short[:, 1:1 + NUM_DENSE]
-    dw = words[ends[:, 1:1 + NUM_DENSE]].view("<u8")
-    first = (dw >> _SHIFT_TO_FIRST[dl]) & np.uint64(0xFF)
-    negative = (dl >= 2) & (first == _SIGN)
-    digits = dw & _KEEP[dl - negative]
-    bad[:, 1:1 + NUM_DENSE] |= ((digits | (digits + _DIGIT_BIAS)) & _HIGH) != 0
-    x = (digits & _M8) * np.uint64(10) + ((digits >> np.uint64(8)) & _M8)
-    x = (x & _M16) * np.uint64(100) + ((x >> np.uint64(16)) & _M16)
-    x = (x & _M32) * np.uint64(10000) + (x >> np.uint64(32))
-    x[negative] = 0
-    dense = np.log1p(x.astype(np.float64)).astype(np.float32)
+    # label: exactly one character, 0 or 1
+    offsets, data = _binary_parts(columns[0])
+    slow = (offsets[1:] - offsets[:-1]) != 1
+    label = (np.frombuffer(data, dtype=np.uint8)[np.minimum(offsets[:-1], len(data) - 1)] - 48
+             if len(data) else np.zeros(lines, dtype=np.uint8))
+    slow |= label > 1
 
-    # categorical features: 1-8 hex digits (longer ones go to the slow path)
-    hl = short[:, 1 + NUM_DENSE:]
-    hw = words[ends[:, 1 + NUM_DENSE:]].view("<u8")
-    hw &= _KEEP[hl]
-    bad[:, 1 + NUM_DENSE:] |= (hw & _NIBBLE_HIGH) != 0
-    v = ((hw & _M8) << np.uint64(4)) | ((hw >> np.uint64(8)) & _M8)
+    # integer features: missing or negative -> 0
+    ints = np.stack([c.fill_null(0).to_numpy() for c in columns[1:1 + NUM_DENSE]])  # [13, n]
+    np.maximum(ints, 0, out=ints)
+    slow |= (ints >= _EXACT_IN_FLOAT).any(axis=0)
+    dense = np.log1p(ints.astype(np.float64)).astype(np.float32)
+
+    # categorical features: hex digits, one table per row of [26, n]
+    parts, lengths = [], np.empty((NUM_SPARSE, lines), dtype=np.int64)
+    for c, column in enumerate(columns[1 + NUM_DENSE:]):
+        offsets, data = _binary_parts(column)
+        np.subtract(offsets[1:], offsets[:-1], out=lengths[c])
+        parts.append(data[offsets[0]:offsets[-1]])
+    text = b"".join(parts)
+    present = lengths != 0
+    values = _hex8(text, present) if ((lengths == 8) | ~present).all() else None
+    if values is None:
+        values, bad = _hex_words(text, lengths)
+        slow |= bad.any(axis=0)
+    rows = splitmix64(values)
+    for c in range(NUM_SPARSE):  # one divisor per row: numpy divides by a scalar faster
+        np.remainder(rows[c], sizes[c], out=rows[c])
+    rows = rows.astype(np.int64)
+    rows[~present] = MISSING_ROW
+    return _Decoded(label.astype(np.float32), dense.T, rows.T, np.flatnonzero(slow))
+
+
+def _hex8(text: bytes, present: np.ndarray) -> np.ndarray | None:
+    """[26, n] uint64 values when ``text`` is the 8-digit hex values where ``present``
+    (in row order), or ``None`` when it holds anything else."""
+    try:
+        raw = bytes.fromhex(text.decode("ascii"))
+    except ValueError:  # not ASCII, not hex
+        return None
+    if 2 * len(raw) != len(text):  # fromhex skips whitespace
+        return None
+    values = np.zeros(present.shape, dtype=np.uint64)
+    values[present] = np.frombuffer(raw, dtype=">u4")
+    return values
+
+
+def _hex_words(text: bytes, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[26, n] uint64 values of the hex values of ``lengths`` bytes each laid end to end
+    in ``text``, and where a value is not 1-8 hex digits (its value is then garbage).
+
+    Each value is the little-endian word that ends where it ends, its bytes before the
+    value masked off; the checks and the decoding are SWAR arithmetic on the words."""
+    size = np.minimum(lengths, 9).astype(np.uint8)  # 9: too long for a word
+    ends = np.cumsum(lengths, axis=None).reshape(lengths.shape)
+    words = _words(b"\0" * 8 + text)[ends].view("<u8")
+    words &= _KEEP[size]
+    bad = (size > 8) | ((words & _HIGH) != 0)
+    lower = words | _LOWERCASE  # A-F -> a-f
+    ok = ((lower + _GE_0) & ~(lower + _GE_COLON)) | ((lower + _GE_A) & ~(lower + _GE_G))
+    ok &= words + _GE_SPACE  # control bytes would fold onto digits
+    bad |= (ok & _HIGH) != (_KEEP[size] & _HIGH)
+    nibbles = (words & _LOW_NIBBLES) + ((words >> np.uint64(6)) & _LOWEST_BITS) * np.uint64(9)
+    v = ((nibbles & _M8) << np.uint64(4)) | ((nibbles >> np.uint64(8)) & _M8)
     v = ((v & _M16) << np.uint64(8)) | ((v >> np.uint64(16)) & _M16)
-    v = ((v & _M32) << np.uint64(16)) | (v >> np.uint64(32))
-    rows = (splitmix64(v) % sizes).astype(np.int64)
-    rows[hl == 0] = MISSING_ROW
+    return ((v & _M32) << np.uint64(16)) | (v >> np.uint64(32)), bad
 
-    slow_good = bad.any(axis=1)
-    labels = label.astype(np.float32)
-    line_start -= len(_PAD)
-    line_end -= len(_PAD)
-    if good_lines is None:
-        return _FastBlock(labels, dense, rows, line_start, line_end, np.flatnonzero(slow_good))
-    full_labels = np.zeros(n, dtype=np.float32)
-    full_dense = np.zeros((n, NUM_DENSE), dtype=np.float32)
-    full_rows = np.zeros((n, NUM_SPARSE), dtype=np.int64)
-    full_labels[good_lines], full_dense[good_lines], full_rows[good_lines] = labels, dense, rows
-    slow = np.ones(n, dtype=bool)
-    slow[good_lines] = slow_good
-    return _FastBlock(full_labels, full_dense, full_rows, line_start, line_end,
-                      np.flatnonzero(slow))
+
+def _binary_parts(array: Any) -> tuple[np.ndarray, memoryview]:
+    """Offsets (int64, ``len + 1``) and data bytes of an Arrow binary array."""
+    buffers = array.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int32, count=len(array) + 1,
+                            offset=4 * array.offset).astype(np.int64)
+    return offsets, memoryview(buffers[2] if buffers[2] is not None else b"")
 
 
 def _words(text: bytes) -> np.ndarray:
@@ -675,6 +767,17 @@ class CacheHeader:
             errors=tuple(dict(e) for e in doc["errors"]), parse_seconds=float(doc["parse_seconds"]),
             version=int(doc["version"]))
 
+    def inconsistency(self) -> str | None:
+        """What in this header contradicts itself, or ``None``."""
+        if len(self.table_sizes) != NUM_SPARSE or min(self.table_sizes) < 1:
+            return f"table sizes {list(self.table_sizes)} are not 26 positive sizes"
+        if self.samples < 0 or self.malformed < 0 or self.samples + self.malformed != self.lines:
+            return (f"{self.samples} samples and {self.malformed} malformed lines do not make "
+                    f"{self.lines} lines")
+        if self.start < 0 or (self.stop is not None and self.stop - self.start < self.lines):
+            return f"{self.lines} lines do not fit lines {self.start}:{self.stop}"
+        return None
+
     def stale_reason(self, stamp: SourceStamp, sizes: Sequence[int], start: int,
                      stop: int | None) -> str | None:
         """Why this cache does not hold the given source, tables and lines, or ``None``."""
@@ -692,18 +795,23 @@ class CacheHeader:
 class CriteoCache:
     """A read-only, memory-mapped cache file of parsed samples (see the module doc)."""
 
-    def __init__(self, path: Path, header: CacheHeader, records: np.ndarray) -> None:
+    def __init__(self, path: Path, header: CacheHeader, records: np.ndarray,
+                 built: bool = False) -> None:
         self.path = path
         self.header = header
         self.records = records
         """[N] structured records (``label``, ``dense``, ``rows``), memory-mapped."""
+        self.built = built
+        """Whether this cache was built by the call that returned it (else reused)."""
 
     @staticmethod
-    def open(path: str | os.PathLike[str]) -> CriteoCache:
+    def open(path: str | os.PathLike[str], *, built: bool = False) -> CriteoCache:
         """Open a cache without checking it against a source (see :func:`open_or_build_cache`).
 
-        Raises :class:`CriteoCacheError` for a missing, truncated or foreign file or
-        another format version.
+        Raises :class:`CriteoCacheError` for a missing, truncated or foreign file, another
+        format version, a header that contradicts itself or the file's size, or records
+        out of range among the first and last :data:`CHECKED_RECORDS` (every batch read
+        later is checked too).
         """
         path = Path(path)
         try:
@@ -732,7 +840,10 @@ class CriteoCache:
         try:
             header = CacheHeader.from_json(doc)
         except (KeyError, TypeError, ValueError) as exc:
-            raise CriteoCacheError(f"{path}: malformed cache header: {exc!r}") from None
+            raise CriteoCacheError(f"{path}: malformed cache header: {exc!r}{_REBUILD}") from None
+        problem = header.inconsistency()
+        if problem is not None:
+            raise CriteoCacheError(f"{path}: corrupted cache header: {problem}{_REBUILD}")
         dtype = record_dtype(header.table_sizes)
         data_bytes = size - 16 - length - CACHE_DATA_OFFSET
         if data_bytes != header.samples * dtype.itemsize:
@@ -741,7 +852,22 @@ class CriteoCache:
         records = (np.memmap(path, dtype=dtype, mode="r", offset=CACHE_DATA_OFFSET,
                              shape=(header.samples,))
                    if header.samples else np.zeros(0, dtype=dtype))
-        return CriteoCache(path, header, records)
+        cache = CriteoCache(path, header, records, built)
+        cache.check(0, min(CHECKED_RECORDS, len(cache)))
+        cache.check(max(0, len(cache) - CHECKED_RECORDS), len(cache))
+        return cache
+
+    def check(self, lo: int, hi: int, records: np.ndarray | None = None) -> None:
+        """Raise :class:`CriteoCacheError` naming the file and the first bad sample when a
+        record of samples ``lo..hi-1`` (``records``, when given, holds them) has a row
+        outside its table, a label other than 0/1 or a dense value that is negative or
+        not finite: the file was damaged after it was written."""
+        records = self.records[lo:hi] if records is None else records
+        problem = _bad_record(records, np.asarray(self.table_sizes, dtype=np.int64))
+        if problem is not None:
+            index, what = problem
+            raise CriteoCacheError(f"{self.path}: corrupted cache: sample {lo + index}: "
+                                   f"{what}{_REBUILD}")
 
     def __len__(self) -> int:
         return self.header.samples
@@ -760,12 +886,48 @@ class CriteoCache:
         end = len(self) if limit is None else min(limit, len(self))
         rows = self.records["rows"]
         for lo in range(0, end, chunk):
-            yield np.ascontiguousarray(rows[lo:min(end, lo + chunk)])
+            block = np.ascontiguousarray(rows[lo:min(end, lo + chunk)])
+            problem = _bad_rows(block, np.asarray(self.table_sizes, dtype=np.int64))
+            if problem is not None:
+                raise CriteoCacheError(f"{self.path}: corrupted cache: sample {lo + problem[0]}: "
+                                       f"{problem[1]}{_REBUILD}")
+            yield block
+
+
+_REBUILD = "; delete the file and run again to rebuild it from the source"
+CHECKED_RECORDS = 4096
+"""Records checked at each end of a cache when it is opened."""
+
+
+def _bad_rows(rows: np.ndarray, sizes: np.ndarray) -> tuple[int, str] | None:
+    """The first sample (index) of ``rows`` [n, 26] with a row outside its table, and why."""
+    bad = (rows < 0) | (rows >= sizes)
+    if not bad.any():
+        return None
+    i, t = (int(x) for x in np.argwhere(bad)[0])
+    return i, f"row {int(rows[i, t])} of table C{t + 1} is outside 0..{int(sizes[t]) - 1}"
+
+
+def _bad_record(records: np.ndarray, sizes: np.ndarray) -> tuple[int, str] | None:
+    """The first bad record (index) of ``records``, and why (see :meth:`CriteoCache.check`)."""
+    found = _bad_rows(np.asarray(records["rows"]), sizes)
+    labels, dense = np.asarray(records["label"]), np.asarray(records["dense"])
+    bad_label = np.flatnonzero((labels != 0) & (labels != 1))
+    bad_dense = np.flatnonzero(~(np.isfinite(dense) & (dense >= 0)).all(axis=1))
+    candidates = [found] if found is not None else []
+    if bad_label.size:
+        i = int(bad_label[0])
+        candidates.append((i, f"label {labels[i]!r} is not 0 or 1"))
+    if bad_dense.size:
+        i = int(bad_dense[0])
+        candidates.append((i, "a dense value is negative or not finite"))
+    return min(candidates) if candidates else None
 
 
 def build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
                 tables: TablesSpec | Sequence[int], *, start: int = 0, stop: int | None = None,
-                strict: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int = 1,
+                strict: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                workers: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> CriteoCache:
     """Parse lines ``[start, stop)`` of ``source`` into the cache file ``cache``
     (replacing any file there, atomically) and open it.
@@ -799,6 +961,7 @@ def build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
                 records["rows"] = chunk.rows
                 f.write(records.data)
             report = reader.report()
+            _check_range(report)
             if SourceStamp.of(source) != stamp:
                 raise CriteoCacheError(f"{source}: changed while it was being cached; retry")
             header = CacheHeader(
@@ -819,7 +982,25 @@ def build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return CriteoCache.open(cache)
+    return CriteoCache.open(cache, built=True)
+
+
+def _check_range(report: ParseReport) -> None:
+    """Raise :class:`CriteoFormatError` when the line range read holds no sample: it
+    starts beyond the end of the file, or all its lines are malformed (an empty file
+    gives an empty cache)."""
+    if report.samples or report.file_lines == 0:
+        return
+    lines = f"lines {report.start}:{'' if report.stop is None else report.stop}"
+    if report.lines == 0 and report.file_lines is not None:
+        raise CriteoFormatError(report.path, None, None,
+                                f"{lines} are beyond the end of the file, which has "
+                                f"{report.file_lines:,} lines")
+    if report.lines == 0:
+        raise CriteoFormatError(report.path, None, None, f"{lines} is an empty range")
+    raise CriteoFormatError(report.path, None, None,
+                            f"{lines} hold no valid sample: all {report.lines:,} are malformed "
+                            f"(first: {report.errors[0]})")
 
 
 def _fsync_directory(path: Path) -> None:
@@ -839,7 +1020,7 @@ def _fsync_directory(path: Path) -> None:
 def open_or_build_cache(source: str | os.PathLike[str], cache: str | os.PathLike[str],
                         tables: TablesSpec | Sequence[int], *, start: int = 0,
                         stop: int | None = None, strict: bool = False, rebuild: bool = True,
-                        chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int = 1,
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None,
                         progress: Callable[[int, int], None] | None = None) -> CriteoCache:
     """The cache of lines ``[start, stop)`` of ``source`` for these tables: opened when
     it exists and is fresh (same source size and mtime, table sizes, line range and
@@ -893,11 +1074,13 @@ class CriteoClicks:
         if tables is not None and table_sizes(tables) != train.table_sizes:
             raise ConfigError(f"{train.path} was built for other table sizes than the tables "
                               f"spec; rebuild it (open_or_build_cache does)")
-        if len(train) == 0:
-            raise ConfigError(f"{train.path}: the cache holds no samples")
+        for cache in (train, validation):
+            if cache is not None and len(cache) == 0:
+                header = cache.header
+                raise ConfigError(f"{header.source}: lines {header.start}:"
+                                  f"{'' if header.stop is None else header.stop} hold no "
+                                  f"samples (cache {cache.path})")
         if validation is not None:
-            if len(validation) == 0:
-                raise ConfigError(f"{validation.path}: the cache holds no samples")
             if validation.table_sizes != train.table_sizes:
                 raise ConfigError(f"{validation.path}: table sizes differ from {train.path}")
         self.train = train
@@ -927,8 +1110,13 @@ class CriteoClicks:
         lo = (index * batch_size) % n
         if lo + batch_size <= n:
             records = data.records[lo:lo + batch_size]
+            data.check(lo, lo + batch_size, records)
         else:
-            records = data.records[(lo + np.arange(batch_size)) % n]
+            at = (lo + np.arange(batch_size)) % n
+            records = data.records[at]
+            problem = _bad_record(records, np.asarray(data.table_sizes, dtype=np.int64))
+            if problem is not None:
+                data.check(int(at[problem[0]]), int(at[problem[0]]) + 1)
         return records_to_batch(records)
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storage.cache import RowCache
-from storage.cache_index import DenseIndex, HashIndex, make_index
+from storage.cache_index import DenseIndex, SortedIndex, make_index
 from storage.cache_types import CacheArgumentError, CacheStats
 from storage.cache_worker import CacheWriteError
 from storage.errors import (
@@ -554,9 +554,10 @@ def test_argument_errors(tmp_path: Path) -> None:
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 10_000), max_size=40)),
                 max_size=30))
-def test_hash_index_matches_a_dict(ops: list[tuple[bool, list[int]]]) -> None:
+@pytest.mark.parametrize("kind", ["dense", "sorted"])
+def test_index_matches_a_dict(kind: str, ops: list[tuple[bool, list[int]]]) -> None:
     slots = 64
-    index, truth = HashIndex(slots), {}
+    index, truth = make_index(kind, 10_001, slots), {}
     next_slot = 0
     for insert, values in ops:
         rows = np.unique(np.asarray(values, dtype=np.int64))
@@ -565,31 +566,52 @@ def test_hash_index_matches_a_dict(ops: list[tuple[bool, list[int]]]) -> None:
                             dtype=np.int64)
             slot_ids = np.arange(next_slot, next_slot + rows.size) % slots
             next_slot += rows.size
-            index.insert(rows, slot_ids)
+            index.insert(torch.from_numpy(rows), torch.from_numpy(slot_ids))
             truth.update(zip(rows.tolist(), slot_ids.tolist()))
         else:
             rows = np.array([r for r in rows if r in truth], dtype=np.int64)
-            index.remove(rows)
+            index.remove(torch.from_numpy(rows))
             for r in rows.tolist():
                 del truth[r]
         probe = np.arange(0, 10_001, 7, dtype=np.int64)
         probe = np.concatenate([probe, np.array(list(truth), dtype=np.int64)])
         want = np.array([truth.get(r, -1) for r in probe.tolist()], dtype=np.int64)
-        assert np.array_equal(index.find(probe), want)
+        assert np.array_equal(index.find(torch.from_numpy(probe)).numpy(), want)
+
+
+def test_sorted_index_remove_then_insert_in_one_batch() -> None:
+    """The cache's pattern: evict some rows, then insert more rows than it evicted into
+    their places and fresh ones (the cleared places are refilled first)."""
+    index = SortedIndex(6, torch.device("cpu"))
+    index.insert(torch.tensor([50, 10, 30, 20]), torch.tensor([0, 1, 2, 3]))
+    index.remove(torch.tensor([10, 50]))
+    assert index.find(torch.tensor([10, 20, 30, 50])).tolist() == [-1, 3, 2, -1]
+    index.insert(torch.tensor([5, 60, 25]), torch.tensor([1, 0, 4]))
+    assert index.find(torch.tensor([5, 10, 20, 25, 30, 50, 60])).tolist() == \
+        [1, -1, 3, 4, 2, -1, 0]
+    index.remove(torch.tensor([5, 20, 60]))
+    index.insert(torch.tensor([7]), torch.tensor([3]))  # two cleared places stay unused
+    assert index.find(torch.tensor([5, 7, 20, 25, 30, 60])).tolist() == [-1, 3, -1, 4, 2, -1]
+    index.insert(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 5]))
+    assert index.find(torch.tensor([1, 2, 3, 7, 25, 30])).tolist() == [0, 1, 5, 3, 4, 2]
 
 
 def test_index_choice() -> None:
     assert isinstance(make_index("auto", 1000, 10), DenseIndex)
-    assert isinstance(make_index("hash", 1000, 10), HashIndex)
-    assert make_index("hash", 10**12, 1000).nbytes <= 48 * 1000
+    assert isinstance(make_index("sorted", 1000, 10), SortedIndex)
+    assert isinstance(make_index("hash", 1000, 10), SortedIndex)
+    assert make_index("auto", 10**12, 1000).nbytes <= 16 * 1001
+    with pytest.raises(CacheArgumentError, match="index must be"):
+        make_index("btree", 1000, 10)
 
 
-def test_hash_index_cache_behaves_like_dense(tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_sorted_index_cache_behaves_like_dense(tmp_path: Path, policy: str) -> None:
     rng = np.random.default_rng(8)
     batches = [torch.from_numpy(zipf_ids(rng, ROWS, 50)) for _ in range(40)]
     with make_store(tmp_path / "s") as store:
-        dense = RowCache(store, "t", slots=40, policy="lfu", index="dense")
-        hashed = RowCache(store, "t", slots=40, policy="lfu", index="hash")
+        dense = RowCache(store, "t", slots=40, policy=policy, index="dense")
+        hashed = RowCache(store, "t", slots=40, policy=policy, index="sorted")
         for ids in batches:
             assert torch.equal(dense.gather(ids), hashed.gather(ids))
             assert np.array_equal(dense.resident_rows(), hashed.resident_rows())

@@ -51,6 +51,7 @@ if str(ROOT) not in sys.path:  # run as a script from any directory
     sys.path.insert(0, str(ROOT))
 
 from bench.storage_hitrate import zipf_probabilities  # noqa: E402
+from dlrm_runtime.memory import tune_malloc  # noqa: E402
 from storage.cache import RowCache  # noqa: E402
 from storage.store import TableStore  # noqa: E402
 
@@ -316,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    tune_malloc()  # as the training loop does: no page faults on every step's temporaries
     work = Path(tempfile.mkdtemp(prefix="bench-cache-", dir=args.workdir))
     try:
         start = time.perf_counter()

@@ -354,8 +354,16 @@ class RowCache:
         """SGD on the rows of ``ids``: ``w -= lr * g`` with ``g`` the summed gradient
         of each distinct id (``grads``: (len(ids), dim))."""
         self._check_update("apply_sgd", lr, 0.0)
-        self._update(self._coalesce(ids, grads), lambda w, s, g: (w - lr * g, s),
-                     needs_state=False)
+        batch = self._coalesce(ids, grads)
+        if self._dtype == torch.float32 and not batch.absent:
+            # in place: w + (-(lr * g)) rounds exactly like w - lr * g
+            self._weights.index_add_(0, batch.slots, batch.grads.mul_(-lr))
+            self._dirty.index_fill_(0, batch.slots, True)
+            moved = batch.slots.numel() * self._row_bytes
+            self._counts.device_read += moved
+            self._counts.device_written += moved
+            return
+        self._update(batch, lambda w, s, g: (w - lr * g, s), needs_state=False)
 
     def apply_rowwise_adagrad(self, ids: Any, grads: torch.Tensor, lr: float,
                               eps: float = 1e-8) -> None:

@@ -100,19 +100,35 @@ def counting(store: TableStore, monkeypatch: pytest.MonkeyPatch) -> dict[str, in
 
 
 # ---- policies and counters ---------------------------------------------------------------
-@pytest.mark.parametrize("policy", ["lru", "lfu", "profile"])
-def test_access_by_access_counters_match_replay(tmp_path: Path, policy: str) -> None:
-    rows, slots = 300, 40
-    rng = np.random.default_rng(5)
-    trace = zipf_ids(rng, rows, 2500)
-    profile = np.bincount(zipf_ids(rng, rows, 2500), minlength=rows) if policy == "profile" \
+CASES = [("lru", False, 0), ("lfu", False, 0), ("profile", True, 0),
+         ("lookahead", False, 1), ("lookahead", False, 4), ("lookahead", True, 3),
+         ("lookahead", False, 1500)]
+
+
+@pytest.mark.parametrize("policy, with_profile, lookahead", CASES)
+@pytest.mark.parametrize("seed, index", [(5, "dense"), (6, "dense"), (7, "sorted")])
+def test_access_by_access_counters_match_replay(tmp_path: Path, policy: str,
+                                                with_profile: bool, lookahead: int,
+                                                seed: int, index: str) -> None:
+    """Every policy through the cache's tensor index and policy state, one id per batch,
+    counts the hits, misses and evictions of ``storage.replay`` on random Zipf streams
+    (lookahead: the next ids announced before each lookup; 1500 = the whole trace,
+    Belady's MIN)."""
+    rng = np.random.default_rng(seed)
+    rows, slots = int(rng.integers(100, 400)), int(rng.integers(5, 60))
+    trace = zipf_ids(rng, rows, 1500, exponent=float(rng.uniform(0.6, 1.3)))
+    profile = np.bincount(zipf_ids(rng, rows, 2500), minlength=rows) if with_profile \
         else None
     with make_store(tmp_path / "s", rows=rows, state=False) as store:
-        cache = RowCache(store, "t", slots=slots, policy=policy, profile=profile)
-        for row in trace:
+        cache = RowCache(store, "t", slots=slots, policy=policy, profile=profile, index=index)
+        for t, row in enumerate(trace):
+            if lookahead:
+                cache.announce(trace[t + 1:t + 1 + lookahead])
             cache.lookup(np.array([row]))
         got = cache.stats()
-    want = replay(trace, num_rows=rows, cache_rows=slots, policy=policy, profile=profile)
+    want = replay(trace, num_rows=rows, cache_rows=slots, policy=policy, profile=profile,
+                  lookahead=lookahead)
+    assert want.evictions > 100
     assert (got.accesses, got.hits, got.misses, got.evictions, got.preloaded) == (
         want.accesses, want.hits, want.misses, want.evictions, want.preloaded)
 

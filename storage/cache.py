@@ -116,6 +116,19 @@ class _Counters:
 
 
 @dataclass(frozen=True, slots=True)
+class _Probe:
+    """A batch's ids on the device, looked up in the index: ``rows``, ``clamped`` (into
+    the table, for the index), their ``slots`` (-1: missing), ``miss`` and the
+    ``protected`` slots (the ones it hits; ``num_slots + 1`` entries)."""
+
+    rows: torch.Tensor
+    clamped: torch.Tensor
+    slots: torch.Tensor
+    miss: torch.Tensor
+    protected: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
 class _Coalesced:
     """An ``apply_*`` batch on the device: sorted distinct ``rows``, their summed ``grads``
     (fp32), their ``slots`` (-1: not resident) and how many are not resident (host)."""
@@ -450,27 +463,41 @@ class RowCache:
         if rows.numel() == 0:
             self._batches += 1
             return rows.new_zeros(0), _NO_ROWS, None
+        probe = self._probe(rows)
+        head, missing, uses = _sync_to_host(
+            lambda: _misses(rows, probe.miss, probe.protected)).arrays()
+        self._check_bounds(head)
+        return self._settle_batch(probe, int(head[2]), missing, uses, read_uncached)
+
+    def _probe(self, rows: torch.Tensor) -> _Probe:
+        """The device half of a lookup, before anything is read back."""
         clamped = rows.clamp(0, self._num_rows - 1)  # bad ids are refused after the read
         slots = self._index.find(clamped)
         miss = slots < 0
         protected = torch.zeros(self._num_slots + 1, dtype=torch.bool, device=self._device)
         protected.index_fill_(0, torch.where(miss, self._num_slots, slots), True)
-        head, missing, uses = _sync_to_host(lambda: _misses(rows, miss, protected)).arrays()
-        self._check_bounds(head)
+        return _Probe(rows, clamped, slots, miss, protected)
+
+    def _settle_batch(self, probe: _Probe, used_slots: int, missing: np.ndarray,
+                      uses: np.ndarray, read_uncached: bool
+                      ) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None]:
+        """The rest of a lookup, once its distinct ``missing`` rows (sorted, with their
+        ``uses``) and the number of slots it hits are on the host."""
         batch = self._batches
         self._batches += 1
+        slots = probe.slots
         uncached: np.ndarray = _NO_ROWS
         uncached_weights = None
         if missing.size:
             uncached, uncached_weights = self._fill(missing.astype(np.int64, copy=False),
-                                                    uses, int(head[2]), protected,
+                                                    uses, used_slots, probe.protected,
                                                     read_uncached)
-            slots = self._index.find(clamped)
-        self._policy.on_access(slots, rows, batch)
+            slots = self._index.find(probe.clamped)
+        self._policy.on_access(slots, probe.rows, batch)
         c = self._counts
-        c.accesses += rows.numel()
+        c.accesses += probe.rows.numel()
         c.misses += missing.size
-        c.hits += rows.numel() - missing.size
+        c.hits += probe.rows.numel() - missing.size
         return slots, uncached, uncached_weights
 
     def _check_bounds(self, head: np.ndarray) -> None:
@@ -561,6 +588,10 @@ class RowCache:
             self._counts.store_read += rows.size * self._row_bytes
             return weights, state
         ready, valid = taken
+        if ready.rows.size == rows.size and np.array_equal(ready.rows, rows) and valid.all():
+            # the usual case: this lookup misses exactly the rows announced for it
+            self._counts.prefetched_rows += rows.size
+            return ready.weights, ready.state
         at = np.minimum(np.searchsorted(ready.rows, rows), max(ready.rows.size - 1, 0))
         hit = (ready.rows[at] == rows) & valid[at]
         used = int(hit.sum())
@@ -767,3 +798,59 @@ def _misses(rows: torch.Tensor, miss: torch.Tensor, protected: torch.Tensor
     head = torch.stack([low, high, protected[:-1].sum()])
     missing, uses = torch.unique(rows[miss], sorted=True, return_counts=True)
     return [head, missing, uses]
+
+
+def lookup_many(caches: Sequence[RowCache], ids: Sequence[Any]) -> list[torch.Tensor]:
+    """:meth:`RowCache.lookup` of ``ids[i]`` in ``caches[i]`` for the caches of one
+    device (e.g. every cached table of a model on it), with one read back for all of
+    them: every table's index lookup is queued first, then the distinct missing rows of
+    all tables come back in one transfer (one ``unique`` over ``row * T + table``), then
+    each table fills its slots. Returns the slots per table, as :meth:`RowCache.lookup`
+    would; the caches end in the same state as after the single lookups in order.
+    Raises :class:`CacheArgumentError` for caches on different devices or a length
+    mismatch, and the errors of :meth:`RowCache.lookup` (checked for every table before
+    any changes)."""
+    if len(caches) != len(ids):
+        raise CacheArgumentError(f"lookup_many needs one ids per cache, got {len(ids)} ids "
+                                 f"for {len(caches)} caches")
+    if not caches:
+        return []
+    device = caches[0].device
+    if any(cache.device != device for cache in caches):
+        raise CacheArgumentError(f"lookup_many needs caches on one device, got "
+                                 f"{sorted({str(c.device) for c in caches})}")
+    tables = len(caches)
+    if len({id(cache) for cache in caches}) != tables \
+            or max(cache._num_rows for cache in caches) * tables >= 1 << 62:
+        return [cache.lookup(batch) for cache, batch in zip(caches, ids)]
+    rows = [cache._device_rows(batch) for cache, batch in zip(caches, ids)]
+    probes = [cache._probe(r) if r.numel() else None for cache, r in zip(caches, rows)]
+
+    def select() -> list[torch.Tensor]:
+        heads, keys = [], []
+        for t, probe in enumerate(probes):
+            if probe is None:
+                heads.append(torch.zeros(3, dtype=torch.int64, device=device))
+                continue
+            low, high = torch.aminmax(probe.rows)
+            heads.append(torch.stack([low, high, probe.protected[:-1].sum()]))
+            keys.append(probe.rows[probe.miss] * tables + t)
+        missing, uses = torch.unique(torch.cat(keys) if keys else rows[0].new_zeros(0),
+                                     sorted=True, return_counts=True)
+        return [torch.stack(heads), missing, uses]
+
+    heads, keys, uses = _sync_to_host(select).arrays()
+    for cache, probe, head in zip(caches, probes, heads):
+        if probe is not None:
+            cache._check_bounds(head)
+    owner = keys % tables
+    out = []
+    for t, (cache, probe) in enumerate(zip(caches, probes)):
+        if probe is None:
+            out.append(cache.lookup(rows[t]))
+            continue
+        mine = owner == t
+        slots, _, _ = cache._settle_batch(probe, int(heads[t][2]), keys[mine] // tables,
+                                          uses[mine], read_uncached=False)
+        out.append(slots)
+    return out

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage.cache import RowCache
+from storage.cache import RowCache, lookup_many
 from storage.cache_index import DenseIndex, SortedIndex, make_index
 from storage.cache_types import CacheArgumentError, CacheStats
 from storage.cache_worker import CacheWriteError
@@ -131,6 +131,38 @@ def test_access_by_access_counters_match_replay(tmp_path: Path, policy: str,
     assert want.evictions > 100
     assert (got.accesses, got.hits, got.misses, got.evictions, got.preloaded) == (
         want.accesses, want.hits, want.misses, want.evictions, want.preloaded)
+
+
+def test_lookup_many_equals_lookups_one_by_one(tmp_path: Path) -> None:
+    """One grouped lookup per step over tables of different sizes and policies (one
+    batch larger than its cache, one empty) leaves every cache as the single lookups do."""
+    rng = np.random.default_rng(9)
+    specs = [("a", 400, 30, "lru"), ("b", 900, 50, "lfu"), ("c", 300, 8, "lookahead")]
+    with TableStore.create(tmp_path / "s") as store:
+        for name, rows, _, _ in specs:
+            store.add_table(name, rows, DIM, seed=3)
+
+        def caches() -> list[RowCache]:
+            return [RowCache(store, name, slots=slots, policy=policy)
+                    for name, _, slots, policy in specs]
+
+        grouped, single = caches(), caches()
+        for step in range(25):
+            batches = [zipf_ids(rng, rows, int(rng.integers(0, 40))) for _, rows, _, _ in specs]
+            if step == 3:
+                batches[2] = np.arange(20)  # more distinct rows than its 8 slots
+            got = lookup_many(grouped, batches)
+            want = [cache.lookup(batch) for cache, batch in zip(single, batches)]
+            for g, w, a, b in zip(got, want, grouped, single):
+                assert torch.equal(g, w)
+                assert np.array_equal(a.resident_rows(), b.resident_rows())
+        assert [c.stats() for c in grouped] == [c.stats() for c in single]
+        assert grouped[2].stats().uncached > 0 and grouped[1].stats().evictions > 0
+        with pytest.raises(CacheArgumentError, match="one ids per cache"):
+            lookup_many(grouped, [np.array([1])])
+        with pytest.raises(RowIndexError):
+            lookup_many(grouped, [np.array([1]), np.array([900]), np.array([1])])
+        assert grouped[0].stats().accesses == single[0].stats().accesses
 
 
 def batch_lru_reference(batches: list[np.ndarray], slots: int) -> tuple[list[set[int]], dict]:

@@ -22,16 +22,19 @@ Where things live:
   victims are chosen with ``topk``.
 
 Host synchronisation. The ids stay on the device. Everything the cache reads back
-to the host goes through one function, :func:`_sync_to_host`, and in the per-batch
-path that is only: the distinct missing rows of a lookup (with three scalars read in
-the same transfer: the ids' bounds, checked there, and the number of slots the batch
-hits), the rows a prefetch must read, the distinct-row count of an ``apply_*`` call
-(with the rows it must update in the store, if any), and the evicted rows' data to
-write back (copied without waiting with ``write_behind=True``: the background thread
-waits for the copy). ``flush``, ``resident_rows``, ``dirty_rows`` and batches larger
-than the cache read more. So a lookup that hits costs one synchronisation on CUDA, and
-every other per-batch tensor op is queued without waiting. On the CPU the same code
-runs with no copies at all.
+to the host goes through one function, :func:`_sync_to_host` (ops whose output size
+depends on the data, boolean masks and ``unique``, run only inside it), and in the
+per-batch path that is only: the distinct missing rows of a lookup (with three
+scalars read in the same transfer: the ids' bounds, checked there, and the number of
+slots the batch hits), the rows a prefetch must read, the distinct-row count of an
+``apply_*`` call (with the rows it must update in the store, if any), and the evicted
+rows' data to write back (with ``write_behind=True`` the copy is queued and the
+background thread waits for it). So on CUDA a lookup waits for the device once, to
+read its misses (a second time only with ``write_behind=False`` when it evicts), and
+:func:`lookup_many` reads the misses of every cache of a device in one transfer;
+``mark_dirty`` checks its slots with a device-side assertion. ``flush``,
+``resident_rows``, ``dirty_rows`` and batches larger than the cache read more. On the
+CPU the same code runs and nothing is copied.
 
 Batch semantics. ``lookup``/``gather`` make every row of the batch resident at
 once: hits are counted, the batch's distinct missing rows are read from the store
@@ -67,7 +70,6 @@ the cache*. The caller must keep that too: call :meth:`RowCache.flush` (before
 store) or :meth:`RowCache.close` (before ``store.close``). The cache itself is not
 thread-safe.
 """
-
 
 from __future__ import annotations
 

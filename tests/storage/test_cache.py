@@ -691,3 +691,23 @@ def test_closing_the_store_stops_the_cache_background_work(tmp_path) -> None:
     cache.prefetch(torch.arange(200, 400))
     store.close()  # must wait for the prefetch instead of unmapping under it
     assert cache._worker is not None
+
+
+def test_recency_keys_keep_their_order_when_renormalised() -> None:
+    """Recency keys are ``batch * num_rows + row``; for a huge table they are replaced
+    by their ranks before they would leave int64, and victims stay the least recent."""
+    from storage.cache_policy import LRU, SlotView
+
+    num_rows, slots = 1 << 60, 5
+    policy = LRU(num_rows, slots, torch.device("cpu"))
+    slot_row = torch.tensor([40, 10, 30, 20, 50, -1])
+    uses = [[0, 1], [2], [3], [4], [1]]  # batch b uses these slots; renormalised at batch 3
+    for batch, used in enumerate(uses):
+        policy.on_access(torch.tensor(used), slot_row[used], batch)
+    assert policy._base == 3
+    protected = torch.zeros(slots + 1, dtype=torch.bool)
+    view = SlotView(slots, protected, slot_row, lambda rows: rows)
+    order = [set(policy.victims(k, view).tolist()) for k in range(1, 6)]
+    assert order == [{0}, {0, 2}, {0, 2, 3}, {0, 2, 3, 4}, {0, 1, 2, 3, 4}]
+    protected[2] = True
+    assert set(policy.victims(2, view).tolist()) == {0, 3}

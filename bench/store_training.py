@@ -1,5 +1,6 @@
-"""Training from the store against the same model fully in memory (issue 4's target:
-tables 10x larger than the cache, Zipf 1.05, at least 60 % of the in-memory samples/s).
+"""Training from the store against the same model fully in memory (tables 10x larger
+than the cache, Zipf 1.05; targets: at least 90 % of the in-memory samples/s for the
+default config (b), 80 % with ``--small-mlp``).
 
     .venv/bin/python bench/store_training.py [--tables 8] [--rows 1000000] [--dim 64]
         [--pooling 10] [--batch 2048] [--cache-fraction 0.1] [--reps 10] [--steps 6]
@@ -22,7 +23,8 @@ per-repetition ratios cached/in-memory, the caches' hit rate over the measured s
 and how much background reading the prefetch hid. The store's chunk files are in the
 page cache (just written): this measures the cache machinery, not the disk.
 
-Writes ``bench/results/store_training.json``.
+Writes ``bench/results/store_training.json`` (``store_training_small_mlp.json`` with
+``--small-mlp``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from planner import Plan, Sharding, Tier, parse_tables, parse_topology  # noqa: 
 from planner.cost import ShardCost  # noqa: E402
 from planner.plan import DeviceLoad, Shard, SolveReport, TablePlan  # noqa: E402
 
-TARGET_RATIO = 0.6
+TARGET_RATIO = {"b": 0.9, "small_mlp": 0.8}
+"""Cached samples/s over in-memory samples/s to reach, per model."""
 
 
 def manual_plan(tables_doc: dict, tier: Tier, cache_fraction: float) -> Plan:
@@ -93,24 +96,34 @@ def run(trainer: Trainer, batches: list, next_batch) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tables", type=int, default=8)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--cache-fraction", type=float, default=0.1)
-    parser.add_argument("--batch", type=int, default=2048)
-    parser.add_argument("--pooling", type=float, default=10.0)
-    parser.add_argument("--zipf", type=float, default=1.05)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=12)
-    parser.add_argument("--small-mlp", action="store_true")
-    parser.add_argument("--tier", choices=["store_cache", "dram_cache"], default="store_cache")
+    parser.add_argument("--tables", type=int, default=8, help="embedding tables")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows per table")
+    parser.add_argument("--dim", type=int, default=64, help="embedding dim")
+    parser.add_argument("--cache-fraction", type=float, default=0.1,
+                        help="cache slots per table, as a share of its rows")
+    parser.add_argument("--batch", type=int, default=2048, help="samples per step")
+    parser.add_argument("--pooling", type=float, default=10.0, help="ids per lookup")
+    parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the ids")
+    parser.add_argument("--reps", type=int, default=10,
+                        help="repetitions (each side trains --steps batches per repetition)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
+    parser.add_argument("--warmup", type=int, default=12, help="untimed steps first")
+    parser.add_argument("--small-mlp", action="store_true",
+                        help="bottom 13-128-dim, top 128-64-1 (the embeddings dominate)")
+    parser.add_argument("--tier", choices=["store_cache", "dram_cache"], default="store_cache",
+                        help="tier of the cached tables")
     parser.add_argument("--store-dir", default=None,
                         help="where the table store is created (default: a new directory "
                              "under the system temp dir, deleted at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the store")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "store_training.json"))
+    parser.add_argument("--out", default=None,
+                        help="result file (default bench/results/store_training.json, "
+                             "store_training_small_mlp.json with --small-mlp)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(ROOT / "bench" / "results" / ("store_training_small_mlp.json"
+                                                      if args.small_mlp else "store_training.json"))
+    target = TARGET_RATIO["small_mlp" if args.small_mlp else "b"]
 
     torch.set_num_threads(1)
     tune_malloc()
@@ -177,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         "memory_samples_per_s_median": statistics.median(r["memory_samples_per_s"] for r in reps),
         "cached_samples_per_s_median": statistics.median(r["cached_samples_per_s"] for r in reps),
         "ratio_median": ratio,
-        "target_ratio": TARGET_RATIO,
-        "target_met": ratio >= TARGET_RATIO,
+        "target_ratio": target,
+        "target_met": ratio >= target,
         "hit_rate_measured_steps": hit_rate,
         "cache_counters_measured_steps": window,
         "reps": reps,
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     print(f"median: in memory {doc['memory_samples_per_s_median']:,.0f} samples/s, cached "
           f"{doc['cached_samples_per_s_median']:,.0f} samples/s; ratio {ratio:.2f} (target "
-          f"{TARGET_RATIO:.2f}: {'met' if doc['target_met'] else 'NOT met'}); hit rate "
+          f"{target:.2f}: {'met' if doc['target_met'] else 'NOT met'}); hit rate "
           f"{hit_rate:.1%}; background store work (prefetch reads, write-behind) hid "
           f"{window.get('background_hidden_s', 0):.2f} s, the step waited for it "
           f"{window.get('background_wait_s', 0):.2f} s")

@@ -4,7 +4,7 @@ journal); a row cache on the compute device over them (:class:`RowCache`); and
 :func:`replay`, the cache-policy simulator used to size row caches.
 """
 
-from storage.cache import RowCache
+from storage.cache import RowCache, lookup_many
 from storage.cache_policy import POLICIES as CACHE_POLICIES
 from storage.cache_types import CacheArgumentError, CacheStats, TierBytes
 from storage.cache_worker import CacheWriteError
@@ -35,5 +35,5 @@ __all__ = [
     "ReadOnlyStoreError", "RecoveryRequiredError", "ReplayError", "RowIndexError", "RowShapeError",
     "StoreArgumentError", "StoreClosedError", "StoreError", "StoreExistsError", "StoreLockedError",
     "StoreNotFoundError", "TableExistsError", "TableInfo", "TableSpecError", "TableStore",
-    "belady_hit_rate", "replay", "static_topk_hit_rate",
+    "belady_hit_rate", "lookup_many", "replay", "static_topk_hit_rate",
 ]

@@ -15,10 +15,26 @@ Where things live:
   store's uint16 bf16 bits are viewed as ``torch.bfloat16``) and, with
   ``with_state=True``, ``state`` (slots,) fp32 (row-wise Adagrad's sum of squared
   gradients), both on ``device``;
-* host (numpy): the row -> slot index (:mod:`storage.cache_index`: a dense int32
-  array of one entry per table row up to 64 M rows, a hash table above), the
-  slot -> row array, dirty bits and the policy's state (:mod:`storage.cache_policy`).
-  Ids are copied to the host once per call (one device sync on CUDA).
+* also on ``device``, as tensors updated by batched tensor ops: the row -> slot index
+  (:mod:`storage.cache_index`: a dense int32 tensor of one entry per table row up to
+  64 M rows, sorted keys above), the slot -> row tensor, the dirty bits and the
+  policy's state (:mod:`storage.cache_policy`: per-slot recency keys, per-row counts);
+  victims are chosen with ``topk``.
+
+Host synchronisation. The ids stay on the device. Everything the cache reads back
+to the host goes through one function, :func:`_sync_to_host` (ops whose output size
+depends on the data, boolean masks and ``unique``, run only inside it), and in the
+per-batch path that is only: the distinct missing rows of a lookup (with three
+scalars read in the same transfer: the ids' bounds, checked there, and the number of
+slots the batch hits), the rows a prefetch must read, the distinct-row count of an
+``apply_*`` call (with the rows it must update in the store, if any), and the evicted
+rows' data to write back (with ``write_behind=True`` the copy is queued and the
+background thread waits for it). So on CUDA a lookup waits for the device once, to
+read its misses (a second time only with ``write_behind=False`` when it evicts), and
+:func:`lookup_many` reads the misses of every cache of a device in one transfer;
+``mark_dirty`` checks its slots with a device-side assertion. ``flush``,
+``resident_rows``, ``dirty_rows`` and batches larger than the cache read more. On the
+CPU the same code runs and nothing is copied.
 
 Batch semantics. ``lookup``/``gather`` make every row of the batch resident at
 once: hits are counted, the batch's distinct missing rows are read from the store
@@ -57,7 +73,7 @@ thread-safe.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -66,10 +82,10 @@ import numpy as np
 import torch
 
 from storage.cache_index import IndexKind, make_index
-from storage.cache_policy import make_policy
+from storage.cache_policy import Lookahead, SlotView, make_policy
 from storage.cache_types import CacheArgumentError, CacheStats, TierBytes
 from storage.cache_worker import StoreWorker
-from storage.dtypes import StoreDType, is_torch_tensor, torch_to_numpy
+from storage.dtypes import StoreDType, torch_to_numpy
 from storage.errors import MissingArrayError, ReadOnlyStoreError, RowIndexError, RowShapeError
 from storage.store import TableStore
 
@@ -101,21 +117,81 @@ class _Counters:
     device_written: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    """A batch's ids on the device, looked up in the index: ``rows``, ``clamped`` (into
+    the table, for the index), their ``slots`` (-1: missing), ``miss`` and the
+    ``protected`` slots (the ones it hits; ``num_slots + 1`` entries)."""
+
+    rows: torch.Tensor
+    clamped: torch.Tensor
+    slots: torch.Tensor
+    miss: torch.Tensor
+    protected: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class _Coalesced:
+    """An ``apply_*`` batch on the device: sorted distinct ``rows``, their summed ``grads``
+    (fp32), their ``slots`` (-1: not resident) and how many are not resident (host)."""
+
+    rows: torch.Tensor
+    grads: torch.Tensor
+    slots: torch.Tensor
+    absent: int
+
+
+class _HostCopy:
+    """Tensors on their way to host memory; :meth:`arrays` waits for them."""
+
+    def __init__(self, tensors: list[torch.Tensor], event: Any) -> None:
+        self._tensors = tensors
+        self._event = event
+
+    def arrays(self) -> list[np.ndarray]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return [torch_to_numpy(t) for t in self._tensors]
+
+
+def _sync_to_host(select: Callable[[], list[torch.Tensor]], *, wait: bool = True) -> _HostCopy:
+    """The cache's one host synchronisation point: ``select()`` computes, on the device,
+    the tensors the host needs (it may use ops whose output size depends on the data,
+    such as boolean masks and ``unique``, which synchronise on CUDA), and they are
+    copied to host memory. With ``wait=False`` the copy is only queued (pinned memory,
+    an event): :meth:`_HostCopy.arrays` waits for it, on whichever thread calls it.
+    On the CPU nothing is copied and nothing waits."""
+    tensors = select()
+    if all(t.device.type == "cpu" for t in tensors):
+        return _HostCopy(tensors, None)
+    cuda = tensors[0].device.type == "cuda"
+    copies = [t.to("cpu", non_blocking=cuda) for t in tensors]
+    event = None
+    if cuda:
+        event = torch.cuda.Event()
+        event.record()
+    copy = _HostCopy(copies, event)
+    if wait:
+        copy.arrays()
+    return copy
+
+
 class RowCache:
     """Rows of one table of ``store`` in ``slots`` slots on ``device``; see the module
     docstring.
 
     ``slots``: rows the cache holds (clamped to the table's rows).
-    ``policy``: ``"lru"``, ``"lfu"`` or ``"profile"`` (:mod:`storage.cache_policy`);
-    ``profile``: per-row access counts, required by ``"profile"`` only: its hottest
-    rows are loaded here, in one gather. ``with_state``: also cache the row-wise
+    ``policy``: ``"lru"``, ``"lfu"``, ``"profile"`` or ``"lookahead"``
+    (:mod:`storage.cache_policy`; the lookahead policy keeps the rows that
+    :meth:`prefetch` or :meth:`announce` said come next); ``profile``: per-row access
+    counts, required by ``"profile"``, optional for ``"lookahead"``: its hottest rows
+    are loaded here, in one gather. ``with_state``: also cache the row-wise
     Adagrad state (the table must have ``optimizer_state="rowwise_adagrad"``).
-    ``index``: ``"auto"``, ``"dense"`` or ``"hash"`` (:mod:`storage.cache_index`).
+    ``index``: ``"auto"``, ``"dense"`` or ``"sorted"`` (:mod:`storage.cache_index`).
     ``write_behind``: write evicted dirty rows back on the background thread
-    (:mod:`storage.cache_worker`) instead of inside the lookup that evicts them. Off by
-    default: on the shared 2-core machine of bench/cache.py it hid ~8 ms of writing
-    per step but made the loop no faster (the thread competes for the same cores);
-    try it where cores are idle.
+    (:mod:`storage.cache_worker`) instead of inside the lookup that evicts them; their
+    data is copied out of the slots without waiting for the device.
     """
 
     def __init__(self, store: TableStore, table: str, *, slots: int,
@@ -134,16 +210,20 @@ class RowCache:
         self._store = store
         self._table = table
         self._num_rows = info.num_rows
+        self._num_slots = num_slots
         self._dim = info.dim
         self._np_dtype = np.dtype(info.storage_dtype)
         self._dtype = _TORCH_DTYPES[info.dtype]
         self._device = torch.device(device)
-        self._policy = make_policy(policy, info.num_rows, num_slots, profile)
-        self._index = make_index(index, info.num_rows, num_slots)
-        self._weights = torch.zeros((num_slots, info.dim), dtype=self._dtype,
-                                    device=self._device)
-        self._state = (torch.zeros(num_slots, dtype=torch.float32, device=self._device)
-                       if with_state else None)
+        self._policy = make_policy(policy, info.num_rows, num_slots, profile, self._device)
+        self._index = make_index(index, info.num_rows, num_slots, self._device)
+        # one spare row/entry past the slots: where writes for slot -1 go
+        self._weights_all = torch.zeros((num_slots + 1, info.dim), dtype=self._dtype,
+                                        device=self._device)
+        self._weights = self._weights_all[:num_slots]
+        self._state_all = (torch.zeros(num_slots + 1, dtype=torch.float32, device=self._device)
+                           if with_state else None)
+        self._state = None if self._state_all is None else self._state_all[:num_slots]
         self._host_rows: np.ndarray | None = None
         """On the CPU: a numpy view of ``_weights`` (bf16 as int16), for :meth:`_take`."""
         if self._device.type == "cpu":
@@ -152,8 +232,8 @@ class RowCache:
         self._state_width = info.state_width if with_state else 0
         self._row_bytes = info.dim * self._np_dtype.itemsize + 4 * self._state_width
         """Bytes one row moves: weights plus cached optimizer state."""
-        self._slot_row = np.full(num_slots, -1, dtype=np.int64)
-        self._dirty = np.zeros(num_slots, dtype=bool)
+        self._slot_row = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self._device)
+        self._dirty = torch.zeros(num_slots + 1, dtype=torch.bool, device=self._device)
         self._filled = 0
         self._batches = 0
         self._counts = _Counters()
@@ -164,7 +244,7 @@ class RowCache:
         if warm.size:
             weights, state = self._read_store(warm)
             self._counts.store_read += warm.size * self._row_bytes
-            self._install(np.arange(warm.size), warm, weights, state)
+            self._install(torch.arange(warm.size, device=self._device), warm, weights, state)
             self._filled = warm.size
             self._counts.preloaded = warm.size
 
@@ -179,7 +259,7 @@ class RowCache:
 
     @property
     def num_slots(self) -> int:
-        return self._slot_row.size
+        return self._num_slots
 
     @property
     def weights(self) -> torch.Tensor:
@@ -192,30 +272,38 @@ class RowCache:
         return self._state
 
     def resident_rows(self) -> np.ndarray:
-        """Row ids held in the slots, sorted."""
-        return np.sort(self._slot_row[:self._filled])
+        """Row ids held in the slots, sorted (reads them back from the device)."""
+        filled = self._filled
+        (rows,) = _sync_to_host(lambda: [self._slot_row[:filled]]).arrays()
+        return np.sort(rows)
 
     def dirty_rows(self) -> np.ndarray:
-        """Row ids updated in the slots and not yet written back, sorted."""
-        return np.sort(self._slot_row[np.flatnonzero(self._dirty)])
+        """Row ids updated in the slots and not yet written back, sorted (reads them back
+        from the device)."""
+        filled = self._filled
+        (rows,) = _sync_to_host(
+            lambda: [self._slot_row[:filled][self._dirty[:filled]]]).arrays()
+        return np.sort(rows)
 
     def stats(self) -> CacheStats:
         c, w = self._counts, self._worker.counters
+        behind = w.written_rows * self._row_bytes
         return CacheStats(
             accesses=c.accesses, hits=c.hits, misses=c.misses, evictions=c.evictions,
-            write_backs=c.write_backs, uncached=c.uncached, direct_updates=c.direct_updates,
+            write_backs=c.write_backs + w.written_rows, uncached=c.uncached,
+            direct_updates=c.direct_updates,
             preloaded=c.preloaded, prefetched_rows=c.prefetched_rows,
             prefetch_discarded=w.discarded, background_read_s=w.read_s,
             background_write_s=w.write_s, background_wait_s=w.wait_s,
             background_hidden_s=w.hidden_s,
-            store=TierBytes(read=c.store_read + w.bytes_read, written=c.store_written),
-            device=TierBytes(read=c.device_read, written=c.device_written),
+            store=TierBytes(read=c.store_read + w.bytes_read, written=c.store_written + behind),
+            device=TierBytes(read=c.device_read + behind, written=c.device_written),
         )
 
     def __repr__(self) -> str:
         return (f"RowCache(table={self._table!r}, slots={self.num_slots}, "
                 f"device={str(self._device)!r}, resident={self._filled}, "
-                f"dirty={int(self._dirty.sum())})")
+                f"dirty={self.dirty_rows().size})")
 
     # ---- reads ------------------------------------------------------------------------
     def lookup(self, ids: Any) -> torch.Tensor:
@@ -224,44 +312,73 @@ class RowCache:
         Slot -1 marks a row served uncached (only when the batch has more distinct rows
         than the cache can hold); :meth:`gather` handles those.
         """
-        rows = self._rows_of(ids)
+        rows = self._device_rows(ids)
         slots, _, _ = self._resolve(rows, read_uncached=False)
-        return torch.from_numpy(slots).to(self._device)
+        return slots
 
     def gather(self, ids: Any) -> torch.Tensor:
         """The rows of ``ids`` (1-D ints): a (len(ids), dim) tensor of the table's dtype on
         the device. Works for any batch (see the module docstring)."""
-        rows = self._rows_of(ids)
+        rows = self._device_rows(ids)
         slots, uncached, uncached_weights = self._resolve(rows, read_uncached=True)
-        if uncached.size == 0:
-            self._counts.device_read += rows.size * self._row_bytes
+        if uncached.size == 0 or uncached_weights is None:
+            self._counts.device_read += rows.numel() * self._row_bytes
             return self._take(slots)
-        slot_index = torch.from_numpy(slots).to(self._device)
         cached = slots >= 0
-        out = torch.empty((rows.size, self._dim), dtype=self._dtype, device=self._device)
-        where = torch.from_numpy(np.flatnonzero(cached)).to(self._device)
-        out[where] = self._weights.index_select(0, slot_index[where])
-        served = uncached_weights[np.searchsorted(uncached, rows[~cached])]
-        elsewhere = torch.from_numpy(np.flatnonzero(~cached)).to(self._device)
-        out[elsewhere] = self._to_torch(served)
-        self._counts.device_read += int(cached.sum()) * self._row_bytes
+        out = self._weights_all.index_select(0, torch.where(cached, slots, self._num_slots))
+        positions, which = _sync_to_host(
+            lambda: [torch.nonzero(~cached).squeeze(1), rows[~cached]]).arrays()
+        served = uncached_weights[np.searchsorted(uncached, which)]
+        out[torch.from_numpy(positions).to(self._device)] = self._to_torch(served)
+        self._counts.device_read += (rows.numel() - positions.size) * self._row_bytes
         return out
 
     def prefetch(self, next_ids: Any) -> None:
         """Start reading, on a background thread, the rows of ``next_ids`` that are not
         resident now; the next lookup that misses uses them (see
-        :mod:`storage.cache_worker`). Drops an older prefetch not yet used."""
-        rows = _distinct(self._rows_of(next_ids))
-        absent = rows[self._index.find(rows) < 0]
-        self._worker.read(self._read_store, absent)
+        :mod:`storage.cache_worker`). Drops an older prefetch not yet used. With the
+        ``"lookahead"`` policy, also :meth:`announce` them."""
+        rows = self._device_rows(next_ids)
+        if rows.numel() == 0:
+            self._worker.read(self._read_store, _NO_ROWS)
+            return
+        clamped = rows.clamp(0, self._num_rows - 1)
+        absent = self._index.find(clamped) < 0
+        head, missing = _sync_to_host(
+            lambda: [torch.stack(list(torch.aminmax(rows))),
+                     torch.unique(rows[absent], sorted=True)]).arrays()
+        self._check_bounds(head)
+        if isinstance(self._policy, Lookahead):
+            self._policy.announce(rows)
+        self._worker.read(self._read_store, missing.astype(np.int64, copy=False))
+
+    def announce(self, next_ids: Any) -> None:
+        """Tell the ``"lookahead"`` policy the ids coming next, in order (the ids of the
+        next batches; they replace the previous announcement); the lookups that follow
+        keep those rows over others when they evict. Reads nothing (see
+        :meth:`prefetch`); a no-op for the other policies."""
+        rows = self._device_rows(next_ids)
+        if rows.numel():
+            (head,) = _sync_to_host(lambda: [torch.stack(list(torch.aminmax(rows)))]).arrays()
+            self._check_bounds(head)
+        if isinstance(self._policy, Lookahead):
+            self._policy.announce(rows)
 
     # ---- optimizer steps ----------------------------------------------------------------
     def apply_sgd(self, ids: Any, grads: torch.Tensor, lr: float) -> None:
         """SGD on the rows of ``ids``: ``w -= lr * g`` with ``g`` the summed gradient
         of each distinct id (``grads``: (len(ids), dim))."""
         self._check_update("apply_sgd", lr, 0.0)
-        rows, summed = self._coalesce(ids, grads)
-        self._update(rows, summed, lambda w, s, g: (w - lr * g, s), needs_state=False)
+        batch = self._coalesce(ids, grads)
+        if self._dtype == torch.float32 and not batch.absent:
+            # in place: w + (-(lr * g)) rounds exactly like w - lr * g
+            self._weights.index_add_(0, batch.slots, batch.grads.mul_(-lr))
+            self._dirty.index_fill_(0, batch.slots, True)
+            moved = batch.slots.numel() * self._row_bytes
+            self._counts.device_read += moved
+            self._counts.device_written += moved
+            return
+        self._update(batch, lambda w, s, g: (w - lr * g, s), needs_state=False)
 
     def apply_rowwise_adagrad(self, ids: Any, grads: torch.Tensor, lr: float,
                               eps: float = 1e-8) -> None:
@@ -271,7 +388,7 @@ class RowCache:
         if self._state is None:
             raise CacheArgumentError(f"table {self._table!r}: apply_rowwise_adagrad needs the "
                                      f"cache built with with_state=True")
-        rows, summed = self._coalesce(ids, grads)
+        batch = self._coalesce(ids, grads)
 
         def step(w: torch.Tensor, s: torch.Tensor | None, g: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,31 +397,33 @@ class RowCache:
             s = s + g.pow(2).mean(dim=1)
             return w - lr * g / (torch.sqrt(s).unsqueeze(1) + eps), s
 
-        self._update(rows, summed, step, needs_state=True)
+        self._update(batch, step, needs_state=True)
 
     def mark_dirty(self, slots: Any) -> None:
         """The caller updated the rows in ``slots`` (int, on the device or host; repeats
         allowed) in place in :attr:`weights` (and :attr:`state`), e.g. with its own fused
         optimizer step on the slots of the last :meth:`lookup`: write them back on
         eviction and at :meth:`flush`. Refused over a read-only store; every slot must
-        hold a row."""
+        hold a row (checked on the host for a CPU cache, by a device-side assertion on
+        other devices, so that no call waits for the device)."""
         if self._store.mode != "r+":
             raise ReadOnlyStoreError(self._store.path, f"RowCache.mark_dirty on table "
                                                        f"{self._table!r}")
-        index = torch_to_numpy(slots) if is_torch_tensor(slots) else np.asarray(slots)
-        if index.ndim != 1 or (index.size and index.dtype.kind not in "iu"):
-            raise RowShapeError(self._table, f"slots must be a 1-D integer array, got shape "
-                                             f"{index.shape} and dtype {index.dtype}")
-        if index.size == 0:
+        index = self._device_ints(slots, "slots")
+        if index.numel() == 0:
             return
-        index = index.astype(np.int64, copy=False)
-        if int(index.min()) < 0 or int(index.max()) >= self._filled:
-            raise CacheArgumentError(f"table {self._table!r}: mark_dirty needs slots holding "
-                                     f"rows (0..{self._filled - 1}), got "
-                                     f"{int(index.min())}..{int(index.max())}")
-        self._dirty[index] = True
-        self._worker.invalidate(self._slot_row[index])
-        moved = index.size * self._row_bytes
+        message = f"table {self._table!r}: mark_dirty needs slots holding rows " \
+                  f"(0..{self._filled - 1})"
+        if self._device.type == "cpu":
+            low, high = int(index.min()), int(index.max())
+            if low < 0 or high >= self._filled:
+                raise CacheArgumentError(f"{message}, got {low}..{high}")
+        else:
+            torch._assert_async(((index >= 0) & (index < self._filled)).all(), message)
+        # no prefetch to invalidate: a pending prefetch holds only rows that were absent
+        # when it was queued, and none becomes resident before a lookup consumes it
+        self._dirty.index_fill_(0, index, True)
+        moved = index.numel() * self._row_bytes
         self._counts.device_read += moved
         self._counts.device_written += moved
 
@@ -314,9 +433,11 @@ class RowCache:
         rows stay cached, clean; returns when every write is done (background ones
         too). Then ``store.checkpoint(step)`` makes them durable."""
         self._worker.settle()
-        dirty = np.flatnonzero(self._dirty)
+        filled = self._filled
+        (dirty,) = _sync_to_host(
+            lambda: [torch.nonzero(self._dirty[:filled]).squeeze(1)]).arrays()
         if dirty.size:
-            self._write_back(dirty)
+            self._write_back(torch.from_numpy(dirty).to(self._device))
         self._worker.settle()
 
     def settle(self) -> None:
@@ -338,40 +459,65 @@ class RowCache:
         self.close()
 
     # ---- residency ----------------------------------------------------------------------
-    def _resolve(self, rows: np.ndarray, read_uncached: bool
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _resolve(self, rows: torch.Tensor, read_uncached: bool
+                 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None]:
         """Make ``rows`` resident: ``(slots, uncached rows, their weights or None)``."""
+        if rows.numel() == 0:
+            self._batches += 1
+            return rows.new_zeros(0), _NO_ROWS, None
+        probe = self._probe(rows)
+        head, missing, uses = _sync_to_host(
+            lambda: _misses(rows, probe.miss, probe.protected)).arrays()
+        self._check_bounds(head)
+        return self._settle_batch(probe, int(head[2]), missing, uses, read_uncached)
+
+    def _probe(self, rows: torch.Tensor) -> _Probe:
+        """The device half of a lookup, before anything is read back."""
+        clamped = rows.clamp(0, self._num_rows - 1)  # bad ids are refused after the read
+        slots = self._index.find(clamped)
+        miss = slots < 0
+        protected = torch.zeros(self._num_slots + 1, dtype=torch.bool, device=self._device)
+        protected.index_fill_(0, torch.where(miss, self._num_slots, slots), True)
+        return _Probe(rows, clamped, slots, miss, protected)
+
+    def _settle_batch(self, probe: _Probe, used_slots: int, missing: np.ndarray,
+                      uses: np.ndarray, read_uncached: bool
+                      ) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None]:
+        """The rest of a lookup, once its distinct ``missing`` rows (sorted, with their
+        ``uses``) and the number of slots it hits are on the host."""
         batch = self._batches
         self._batches += 1
-        slots = self._index.find(rows)
-        miss = slots < 0
+        slots = probe.slots
         uncached: np.ndarray = _NO_ROWS
         uncached_weights = None
-        missed = 0
-        if miss.any():
-            missed, uncached, uncached_weights = self._fill(rows, slots, miss, read_uncached)
-        self._policy.on_access(slots, rows, batch)
+        if missing.size:
+            uncached, uncached_weights = self._fill(missing.astype(np.int64, copy=False),
+                                                    uses, used_slots, probe.protected,
+                                                    read_uncached)
+            slots = self._index.find(probe.clamped)
+        self._policy.on_access(slots, probe.rows, batch)
         c = self._counts
-        c.accesses += rows.size
-        c.misses += missed
-        c.hits += rows.size - missed
+        c.accesses += probe.rows.numel()
+        c.misses += missing.size
+        c.hits += probe.rows.numel() - missing.size
         return slots, uncached, uncached_weights
 
-    def _fill(self, rows: np.ndarray, slots: np.ndarray, miss: np.ndarray, read_uncached: bool
-              ) -> tuple[int, np.ndarray, np.ndarray | None]:
-        """Load the missing rows of a batch into slots (``slots`` is updated in place).
+    def _check_bounds(self, head: np.ndarray) -> None:
+        """Refuse ids outside the table (``head`` starts with their min and max)."""
+        low, high = int(head[0]), int(head[1])
+        if low < 0 or high >= self._num_rows:
+            raise RowIndexError(self._table, low if low < 0 else high, self._num_rows)
 
-        Returns the number of distinct missing rows, the sorted rows served uncached and,
-        with ``read_uncached``, their weights.
-        """
-        missing_uses = rows[miss]
-        missing = _distinct(missing_uses)
-        protected = np.zeros(self.num_slots, dtype=bool)
-        protected[slots[~miss]] = True
-        room = self.num_slots - int(np.count_nonzero(protected))
+    def _fill(self, missing: np.ndarray, uses: np.ndarray, used_slots: int,
+              protected: torch.Tensor, read_uncached: bool
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Load the batch's ``missing`` rows (sorted, distinct; ``uses[i]`` ids of the
+        batch each) into slots. Returns the sorted rows served uncached and, with
+        ``read_uncached``, their weights."""
+        room = self._num_slots - used_slots
         cached, uncached = missing, _NO_ROWS
-        if missing.size > room:
-            cached = _most_used(missing_uses, missing, room)
+        if missing.size > room:  # the most used get slots (ties: lower row id)
+            cached = np.sort(missing[np.argsort(-uses, kind="stable")[:room]])
             uncached = missing[~np.isin(missing, cached, assume_unique=True)]
             self._counts.uncached += uncached.size
         wanted = cached
@@ -386,47 +532,42 @@ class RowCache:
             state = None if state is None else state[in_cache]
         new_slots = self._make_room(cached.size, protected)  # after the read: write-behind
         self._install(new_slots, cached, weights, state)
-        if cached.size:
-            at = np.minimum(np.searchsorted(cached, missing_uses), cached.size - 1)
-            slots[miss] = np.where(cached[at] == missing_uses, new_slots[at], -1)
-        else:
-            slots[miss] = -1
-        return missing.size, uncached, uncached_weights
+        return uncached, uncached_weights
 
-    def _make_room(self, count: int, protected: np.ndarray) -> np.ndarray:
+    def _make_room(self, count: int, protected: torch.Tensor) -> torch.Tensor:
         """``count`` slots for new rows: free ones first, then victims of the policy among
         the filled, unprotected slots (dirty victims written back first, so that a
         failed write changes nothing here)."""
         filled = self._filled
         free = min(self.num_slots - filled, count)
         need = count - free
-        victims = _NO_ROWS
-        if need > 0:
-            candidates = np.flatnonzero(~protected[:filled])
-            victims = candidates[self._policy.victims(need, candidates,
-                                                      self._slot_row[candidates])]
-            dirty = victims[self._dirty[victims]]
-            if dirty.size:
-                self._write_back(dirty)
-            self._index.remove(self._slot_row[victims])
-            self._slot_row[victims] = -1
-            self._counts.evictions += victims.size
+        fresh = torch.arange(filled, filled + free, device=self._device)
+        if need <= 0:
+            self._filled += free
+            return fresh
+        view = SlotView(filled, protected, self._slot_row, self._index.find)
+        victims = self._policy.victims(need, view)
+        self._write_back(victims)
+        self._index.remove(self._slot_row.index_select(0, victims))
+        self._slot_row.index_fill_(0, victims, -1)
+        self._counts.evictions += need
         self._filled += free
-        return np.concatenate([np.arange(filled, filled + free, dtype=np.int64), victims])
+        return torch.cat([fresh, victims])
 
-    def _install(self, slots: np.ndarray, rows: np.ndarray, weights: np.ndarray,
+    def _install(self, slots: torch.Tensor, rows: np.ndarray, weights: np.ndarray,
                  state: np.ndarray | None) -> None:
         """Put ``rows`` (with their ``weights`` and ``state`` from the store) in ``slots``."""
-        if slots.size == 0:
+        if rows.size == 0:
             return
-        index = torch.from_numpy(slots).to(self._device)
-        self._weights.index_copy_(0, index, self._to_torch(weights))
+        row_ids = torch.from_numpy(rows).to(self._device)
+        self._weights.index_copy_(0, slots, self._to_torch(weights))
         if self._state is not None and state is not None:
-            self._state.index_copy_(0, index, torch.from_numpy(state[:, 0]).to(self._device))
-        self._slot_row[slots] = rows
-        self._dirty[slots] = False
-        self._index.insert(rows, slots)
-        self._counts.device_written += slots.size * self._row_bytes
+            self._state.index_copy_(0, slots, torch.from_numpy(
+                np.ascontiguousarray(state[:, 0])).to(self._device))
+        self._slot_row.index_copy_(0, slots, row_ids)
+        self._dirty.index_fill_(0, slots, False)
+        self._index.insert(row_ids, slots)
+        self._counts.device_written += rows.size * self._row_bytes
 
     # ---- store traffic --------------------------------------------------------------------
     def _read_store(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -449,6 +590,10 @@ class RowCache:
             self._counts.store_read += rows.size * self._row_bytes
             return weights, state
         ready, valid = taken
+        if ready.rows.size == rows.size and np.array_equal(ready.rows, rows) and valid.all():
+            # the usual case: this lookup misses exactly the rows announced for it
+            self._counts.prefetched_rows += rows.size
+            return ready.weights, ready.state
         at = np.minimum(np.searchsorted(ready.rows, rows), max(ready.rows.size - 1, 0))
         hit = (ready.rows[at] == rows) & valid[at]
         used = int(hit.sum())
@@ -469,35 +614,42 @@ class RowCache:
             self._counts.store_read += int(rest.sum()) * self._row_bytes
         return weights, state
 
-    def _write_back(self, slots: np.ndarray) -> None:
-        """Write the rows in ``slots`` (and their state) to the store, sorted by row: on
-        the background thread with write-behind (their data copied out first)."""
-        rows = self._slot_row[slots]
-        order = np.argsort(rows)
-        rows, slots = rows[order], slots[order]
-        index = torch.from_numpy(slots).to(self._device)
-        weights = torch_to_numpy(self._weights.index_select(0, index))  # a copy
-        state = None
-        if self._state is not None:
-            state = torch_to_numpy(self._state.index_select(0, index)).reshape(-1, 1)
-        store, table = self._store, self._table
+    def _write_back(self, slots: torch.Tensor) -> None:
+        """Write the dirty rows among ``slots`` (and their state) to the store, sorted by
+        row: on the background thread with write-behind (the rows' data copied out of the
+        slots first, without waiting for the device), else here."""
+        rows = self._slot_row.index_select(0, slots)
+        dirty = self._dirty.index_select(0, slots)
+        weights = self._take(slots)  # a copy
+        state = None if self._state is None else self._state.index_select(0, slots)
+        copy = _sync_to_host(lambda: [rows, dirty, weights] + ([] if state is None else [state]),
+                             wait=not self._write_behind)
+        store, table, with_state = self._store, self._table, state is not None
 
-        def write() -> None:
-            store.scatter(table, rows, weights)
-            if state is not None:
-                store.scatter_state(table, rows, state)
+        def write() -> np.ndarray:
+            arrays = copy.arrays()
+            keep = np.flatnonzero(arrays[1])
+            written = arrays[0][keep]
+            order = np.argsort(written)
+            written, keep = written[order], keep[order]
+            if written.size:
+                store.scatter(table, written, arrays[2][keep])
+                if with_state:
+                    store.scatter_state(table, written, arrays[3][keep].reshape(-1, 1))
+            return written
 
-        self._worker.invalidate(rows)
         if self._write_behind:
-            self._worker.write(write)
-        else:
-            self._worker.settle()
-            write()
-        self._dirty[slots] = False
+            self._dirty.index_fill_(0, slots, False)
+            self._worker.write(write)  # counted and invalidated in the prefetch when done
+            return
+        self._worker.settle()
+        written = write()
+        self._dirty.index_fill_(0, slots, False)
+        self._worker.invalidate(written)
         c = self._counts
-        c.write_backs += rows.size
-        c.store_written += rows.size * self._row_bytes
-        c.device_read += rows.size * self._row_bytes
+        c.write_backs += written.size
+        c.store_written += written.size * self._row_bytes
+        c.device_read += written.size * self._row_bytes
 
     # ---- updates ----------------------------------------------------------------------------
     def _check_update(self, operation: str, lr: float, eps: float) -> None:
@@ -510,46 +662,65 @@ class RowCache:
                 raise CacheArgumentError(f"{operation}: {name} must be a finite number, "
                                          f"got {value!r}")
 
-    def _coalesce(self, ids: Any, grads: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        """Sorted distinct rows of ``ids`` and their summed gradients (fp32, on the device)."""
-        rows = self._rows_of(ids)
+    def _coalesce(self, ids: Any, grads: torch.Tensor) -> _Coalesced:
+        """The sorted distinct rows of ``ids``, their summed gradients (fp32, on the
+        device; summed in the order of the ids) and their slots. One read back: the ids'
+        bounds, the number of distinct rows and how many of them are not resident."""
+        rows = self._device_rows(ids)
+        n = rows.numel()
         if not isinstance(grads, torch.Tensor) or not grads.is_floating_point() \
-                or tuple(grads.shape) != (rows.size, self._dim):
+                or tuple(grads.shape) != (n, self._dim):
             shape = tuple(grads.shape) if isinstance(grads, torch.Tensor) else type(grads)
             raise RowShapeError(self._table, f"grads must be a floating-point tensor of shape "
-                                             f"({rows.size}, {self._dim}), got {shape}")
-        distinct, inverse = _distinct_inverse(rows)
-        summed = torch.zeros((distinct.size, self._dim), dtype=torch.float32,
-                             device=self._device)
-        summed.index_add_(0, torch.from_numpy(inverse).to(self._device),
-                          grads.to(device=self._device, dtype=torch.float32))
-        return distinct, summed
+                                             f"({n}, {self._dim}), got {shape}")
+        if n == 0:
+            return _Coalesced(rows, torch.zeros((0, self._dim), device=self._device), rows, 0)
+        ranked, order = torch.sort(rows, stable=True)
+        starts = torch.ones(n, dtype=torch.bool, device=self._device)
+        torch.ne(ranked[1:], ranked[:-1], out=starts[1:])
+        group = torch.cumsum(starts, 0) - 1
+        # distinct rows first, zeros after them (a valid row: it only pads)
+        padded = torch.zeros(n, dtype=torch.int64, device=self._device)
+        padded.index_copy_(0, group, ranked.clamp(0, self._num_rows - 1))  # repeats: same row
+        slots = self._index.find(padded)
+        distinct = group[-1] + 1
+        absent = ((slots < 0) & (torch.arange(n, device=self._device) < distinct)).sum()
+        (head,) = _sync_to_host(
+            lambda: [torch.stack([ranked[0], ranked[-1], distinct, absent])]).arrays()
+        self._check_bounds(head)
+        count = int(head[2])
+        inverse = torch.empty_like(group).index_copy_(0, order, group)
+        summed = torch.zeros((count, self._dim), dtype=torch.float32, device=self._device)
+        summed.index_add_(0, inverse, grads.to(device=self._device, dtype=torch.float32))
+        return _Coalesced(padded[:count], summed, slots[:count], int(head[3]))
 
-    def _update(self, rows: np.ndarray, grads: torch.Tensor, step: Step,
-                needs_state: bool) -> None:
-        """Apply ``step(w_fp32, state, g) -> (w, state)`` to ``rows``: in their slots, or
-        in the store for rows not resident."""
-        slots = self._index.find(rows)
-        present = slots >= 0
-        if present.any():
-            index = torch.from_numpy(slots[present]).to(self._device)
-            g = grads if present.all() else grads[torch.from_numpy(
-                np.flatnonzero(present)).to(self._device)]
-            w = self._weights.index_select(0, index).float()
-            s = self._state.index_select(0, index) if needs_state and self._state is not None \
-                else None
-            w, s = step(w, s, g)
-            self._weights.index_copy_(0, index, w.to(self._dtype))
-            if s is not None and self._state is not None:
-                self._state.index_copy_(0, index, s)
-            self._dirty[slots[present]] = True
-            moved = int(present.sum()) * self._row_bytes
-            self._counts.device_read += moved
-            self._counts.device_written += moved
-        if not present.all():
-            absent = np.flatnonzero(~present)
-            self._update_in_store(rows[absent], grads[torch.from_numpy(absent).to(
-                self._device)], step, needs_state)
+    def _update(self, batch: _Coalesced, step: Step, needs_state: bool) -> None:
+        """Apply ``step(w_fp32, state, g) -> (w, state)`` to the rows of ``batch``: in
+        their slots, or in the store for rows not resident."""
+        slots, grads = batch.slots, batch.grads
+        if slots.numel() == 0:
+            return
+        if batch.absent:
+            slots_h, rows_h = _sync_to_host(lambda: [batch.slots, batch.rows]).arrays()
+            present = np.flatnonzero(slots_h >= 0)
+            away = np.flatnonzero(slots_h < 0)
+            self._update_in_store(rows_h[away], grads[torch.from_numpy(away).to(self._device)],
+                                  step, needs_state)
+            if present.size == 0:
+                return
+            where = torch.from_numpy(present).to(self._device)
+            slots, grads = slots[where], grads[where]
+        w = self._weights.index_select(0, slots).float()
+        s = self._state.index_select(0, slots) if needs_state and self._state is not None \
+            else None
+        w, s = step(w, s, grads)
+        self._weights.index_copy_(0, slots, w.to(self._dtype))
+        if s is not None and self._state is not None:
+            self._state.index_copy_(0, slots, s)
+        self._dirty.index_fill_(0, slots, True)
+        moved = slots.numel() * self._row_bytes
+        self._counts.device_read += moved
+        self._counts.device_written += moved
 
     def _update_in_store(self, rows: np.ndarray, grads: torch.Tensor, step: Step,
                          needs_state: bool) -> None:
@@ -573,20 +744,28 @@ class RowCache:
         c.store_written += rows.size * row_bytes
 
     # ---- conversions ----------------------------------------------------------------------
-    def _rows_of(self, ids: Any) -> np.ndarray:
-        """``ids`` as validated int64 row ids on the host (the store's errors)."""
-        array = torch_to_numpy(ids) if is_torch_tensor(ids) else np.asarray(ids)
+    def _device_ints(self, values: Any, what: str) -> torch.Tensor:
+        """``values`` (1-D ints: a tensor, array or sequence) as int64 on the device; only
+        the shape and dtype are checked (no synchronisation)."""
+        if isinstance(values, torch.Tensor):
+            dtype = values.dtype
+            if values.dim() != 1 or (values.numel() and (
+                    dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)):
+                raise RowShapeError(self._table, f"{what} must be a 1-D integer array, got "
+                                                 f"shape {tuple(values.shape)} and dtype {dtype}")
+            return values.to(device=self._device, dtype=torch.int64)
+        array = np.asarray(values)
         if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
-            raise RowShapeError(self._table, f"ids must be a 1-D integer array, got shape "
+            raise RowShapeError(self._table, f"{what} must be a 1-D integer array, got shape "
                                              f"{array.shape} and dtype {array.dtype}")
-        array = array.astype(np.int64, copy=False)
-        if array.size:
-            low, high = int(array.min()), int(array.max())
-            if low < 0 or high >= self._num_rows:
-                raise RowIndexError(self._table, low if low < 0 else high, self._num_rows)
-        return array
+        return torch.from_numpy(array.astype(np.int64)).to(self._device)
 
-    def _take(self, slots: np.ndarray) -> torch.Tensor:
+    def _device_rows(self, ids: Any) -> torch.Tensor:
+        """``ids`` as int64 row ids on the device; their range is checked where they are
+        next read back (:meth:`_check_bounds`)."""
+        return self._device_ints(ids, "ids")
+
+    def _take(self, slots: torch.Tensor) -> torch.Tensor:
         """Rows of ``slots`` (all >= 0) as a new tensor on the device.
 
         On the CPU through numpy's ``take`` on the slots' memory: torch's CPU
@@ -594,8 +773,8 @@ class RowCache:
         shared 2-core machine it measured 2-3x slower than one thread (bench/cache.py).
         """
         if self._host_rows is None:
-            return self._weights.index_select(0, torch.from_numpy(slots).to(self._device))
-        taken = torch.from_numpy(np.take(self._host_rows, slots, axis=0))
+            return self._weights.index_select(0, slots)
+        taken = torch.from_numpy(np.take(self._host_rows, slots.numpy(), axis=0))
         return taken.view(torch.bfloat16) if self._dtype == torch.bfloat16 else taken
 
     def _to_torch(self, stored: np.ndarray) -> torch.Tensor:
@@ -612,33 +791,68 @@ _NO_ROWS = np.zeros(0, dtype=np.int64)
 _NO_ROWS.flags.writeable = False
 
 
-def _distinct(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values (a sort and a mask; np.unique is ~20x slower here)."""
-    ranked = np.sort(values)
-    if ranked.size < 2:
-        return ranked
-    keep = np.empty(ranked.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(ranked[1:], ranked[:-1], out=keep[1:])
-    return ranked[keep]
+def _misses(rows: torch.Tensor, miss: torch.Tensor, protected: torch.Tensor
+            ) -> list[torch.Tensor]:
+    """What a lookup reads back (inside :func:`_sync_to_host`): ``[min id, max id, slots
+    the batch hits]``, the distinct missing rows (sorted) and how often the batch uses
+    each."""
+    low, high = torch.aminmax(rows)
+    head = torch.stack([low, high, protected[:-1].sum()])
+    missing, uses = torch.unique(rows[miss], sorted=True, return_counts=True)
+    return [head, missing, uses]
 
 
-def _distinct_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct values and, per value, the index of its distinct value."""
-    order = np.argsort(values, kind="stable")
-    ranked = values[order]
-    starts = np.empty(ranked.size, dtype=bool)
-    if ranked.size:
-        starts[0] = True
-        np.not_equal(ranked[1:], ranked[:-1], out=starts[1:])
-    inverse = np.empty(values.size, dtype=np.int64)
-    inverse[order] = np.cumsum(starts) - 1
-    return ranked[starts], inverse
+def lookup_many(caches: Sequence[RowCache], ids: Sequence[Any]) -> list[torch.Tensor]:
+    """:meth:`RowCache.lookup` of ``ids[i]`` in ``caches[i]`` for the caches of one
+    device (e.g. every cached table of a model on it), with one read back for all of
+    them: every table's index lookup is queued first, then the distinct missing rows of
+    all tables come back in one transfer (one ``unique`` over ``row * T + table``), then
+    each table fills its slots. Returns the slots per table, as :meth:`RowCache.lookup`
+    would; the caches end in the same state as after the single lookups in order.
+    Raises :class:`CacheArgumentError` for caches on different devices or a length
+    mismatch, and the errors of :meth:`RowCache.lookup` (checked for every table before
+    any changes)."""
+    if len(caches) != len(ids):
+        raise CacheArgumentError(f"lookup_many needs one ids per cache, got {len(ids)} ids "
+                                 f"for {len(caches)} caches")
+    if not caches:
+        return []
+    device = caches[0].device
+    if any(cache.device != device for cache in caches):
+        raise CacheArgumentError(f"lookup_many needs caches on one device, got "
+                                 f"{sorted({str(c.device) for c in caches})}")
+    tables = len(caches)
+    if len({id(cache) for cache in caches}) != tables \
+            or max(cache._num_rows for cache in caches) * tables >= 1 << 62:
+        return [cache.lookup(batch) for cache, batch in zip(caches, ids)]
+    rows = [cache._device_rows(batch) for cache, batch in zip(caches, ids)]
+    probes = [cache._probe(r) if r.numel() else None for cache, r in zip(caches, rows)]
 
+    def select() -> list[torch.Tensor]:
+        heads, keys = [], []
+        for t, probe in enumerate(probes):
+            if probe is None:
+                heads.append(torch.zeros(3, dtype=torch.int64, device=device))
+                continue
+            low, high = torch.aminmax(probe.rows)
+            heads.append(torch.stack([low, high, probe.protected[:-1].sum()]))
+            keys.append(probe.rows[probe.miss] * tables + t)
+        missing, uses = torch.unique(torch.cat(keys) if keys else rows[0].new_zeros(0),
+                                     sorted=True, return_counts=True)
+        return [torch.stack(heads), missing, uses]
 
-def _most_used(uses: np.ndarray, distinct: np.ndarray, count: int) -> np.ndarray:
-    """The ``count`` values of ``distinct`` most frequent in ``uses`` (ties: smaller
-    value first), sorted."""
-    frequency = np.bincount(np.searchsorted(distinct, uses), minlength=distinct.size)
-    chosen = np.argsort(-frequency, kind="stable")[:count]
-    return np.sort(distinct[chosen])
+    heads, keys, uses = _sync_to_host(select).arrays()
+    for cache, probe, head in zip(caches, probes, heads):
+        if probe is not None:
+            cache._check_bounds(head)
+    owner = keys % tables
+    out = []
+    for t, (cache, probe) in enumerate(zip(caches, probes)):
+        if probe is None:
+            out.append(cache.lookup(rows[t]))
+            continue
+        mine = owner == t
+        slots, _, _ = cache._settle_batch(probe, int(heads[t][2]), keys[mine] // tables,
+                                          uses[mine], read_uncached=False)
+        out.append(slots)
+    return out

@@ -1,58 +1,56 @@
-"""Row -> slot indexes of the row cache (host memory, numpy, vectorised per batch).
+"""Row -> slot indexes of the row cache: torch tensors on the cache's device, looked up
+and updated for a whole batch at once, with no host synchronisation.
 
 Two implementations of one small protocol, :class:`SlotIndex`:
 
 :class:`DenseIndex`
-    an ``int32`` array with one entry per table row (-1: not resident). One
-    fancy-indexing pass per batch, the fastest lookup; costs 4 bytes per *table* row
+    an ``int32`` tensor with one entry per table row (-1: not resident). One
+    ``index_select`` per batch, the fastest lookup; costs 4 bytes per *table* row
     (256 MiB for 64 M rows) whatever the number of slots.
-:class:`HashIndex`
-    open addressing with linear probing over ``2 * slots`` rounded up to a power of
-    two (12 bytes per entry, so ~24-48 bytes per *slot*), probed for a whole batch at
-    once (one numpy pass per probe round; at a load factor <= 1/2 rounds stay few).
-    For tables whose dense index would not fit in host memory; ~3-5x slower per id
-    than the dense index.
+:class:`SortedIndex`
+    the resident rows as a sorted ``int64`` tensor with their slots beside it
+    (16 bytes per *slot*), looked up with ``searchsorted``; an update re-sorts it
+    (one sort of ``slots`` keys per batch that misses). For tables whose dense index
+    would not fit in device memory.
 
 :func:`make_index` picks the dense index up to :data:`DENSE_INDEX_MAX_ROWS` rows.
-A Python ``dict`` was not chosen: it costs one interpreter step per id (~50-100 ns,
-so 1-2 ms per 20 k-id batch) and ~100 bytes per entry.
+Every method takes and returns tensors on the index's device; sizes only come from
+tensor shapes, so nothing waits for the device.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Protocol
 
-import numpy as np
+import torch
 
 from storage.cache_types import CacheArgumentError
 
-IndexKind = Literal["auto", "dense", "hash"]
+IndexKind = Literal["auto", "dense", "sorted", "hash"]
 DENSE_INDEX_MAX_ROWS = 1 << 26
 """Largest table (rows) for which ``index="auto"`` uses a dense index (256 MiB of int32)."""
-_EMPTY = -1
-_TOMBSTONE = -2
-_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)
-_MAX_FILL = 0.75
-"""Live entries plus tombstones above this share of the table trigger a rebuild."""
+_ABSENT = -1
+_NO_KEY = torch.iinfo(torch.int64).max
+"""Key of an unused entry of :class:`SortedIndex` (sorts after every row id)."""
 
 
 class SlotIndex(Protocol):
-    """Which slot holds each resident row. Row ids given are valid and int64."""
+    """Which slot holds each resident row. Row ids given are valid int64 tensors."""
 
     @property
     def nbytes(self) -> int:
-        """Host memory the index holds, in bytes."""
+        """Device memory the index holds, in bytes."""
         ...
 
-    def find(self, rows: np.ndarray) -> np.ndarray:
+    def find(self, rows: torch.Tensor) -> torch.Tensor:
         """Slot of each of ``rows`` (int64; -1 for rows not resident)."""
         ...
 
-    def insert(self, rows: np.ndarray, slots: np.ndarray) -> None:
+    def insert(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Record that ``rows[i]`` (distinct, not resident) now lives in ``slots[i]``."""
         ...
 
-    def remove(self, rows: np.ndarray) -> None:
+    def remove(self, rows: torch.Tensor) -> None:
         """Forget ``rows`` (distinct, resident)."""
         ...
 
@@ -60,118 +58,90 @@ class SlotIndex(Protocol):
 class DenseIndex:
     """One int32 entry per table row; see the module docstring."""
 
-    def __init__(self, num_rows: int) -> None:
-        self._slot = np.full(num_rows, _EMPTY, dtype=np.int32)
+    def __init__(self, num_rows: int, device: torch.device) -> None:
+        self._slot = torch.full((num_rows,), _ABSENT, dtype=torch.int32, device=device)
 
     @property
     def nbytes(self) -> int:
-        return int(self._slot.nbytes)
+        return self._slot.numel() * self._slot.element_size()
 
-    def find(self, rows: np.ndarray) -> np.ndarray:
-        return self._slot[rows].astype(np.int64)
+    def find(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._slot.index_select(0, rows).long()
 
-    def insert(self, rows: np.ndarray, slots: np.ndarray) -> None:
-        self._slot[rows] = slots
+    def insert(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        self._slot.index_copy_(0, rows, slots.to(torch.int32))
 
-    def remove(self, rows: np.ndarray) -> None:
-        self._slot[rows] = _EMPTY
+    def remove(self, rows: torch.Tensor) -> None:
+        self._slot.index_fill_(0, rows, _ABSENT)
 
 
-class HashIndex:
-    """Open addressing, linear probing, Fibonacci hashing; see the module docstring.
+class SortedIndex:
+    """Sorted resident rows and their slots; see the module docstring.
 
-    Removal leaves tombstones; the table is rebuilt when live entries plus
-    tombstones exceed 3/4 of it.
+    ``_keys`` has ``slots + 1`` entries: the rows of the live part ``[0, _live)``,
+    sorted, then unused entries (:data:`_NO_KEY`); the last entry is always unused,
+    so ``searchsorted`` never points past the end. A removal only clears the slots
+    of its entries (the keys stay, so the order holds and a lookup finds them absent)
+    and remembers those places; the next insertion writes its rows there first, then
+    into the unused tail, and re-sorts once.
     """
 
-    def __init__(self, slots: int) -> None:
-        capacity = 8
-        while capacity < 2 * slots:
-            capacity *= 2
-        self._bits = capacity.bit_length() - 1
-        self._mask = capacity - 1
-        self._keys = np.full(capacity, _EMPTY, dtype=np.int64)
-        self._vals = np.full(capacity, _EMPTY, dtype=np.int32)
+    def __init__(self, slots: int, device: torch.device) -> None:
+        self._keys = torch.full((slots + 1,), _NO_KEY, dtype=torch.int64, device=device)
+        self._vals = torch.full((slots + 1,), _ABSENT, dtype=torch.int64, device=device)
         self._live = 0
-        self._tombstones = 0
+        """Length of the live part (host int): rows and cleared places."""
+        self._holes: torch.Tensor | None = None
+        """Places cleared by removals and not written since."""
 
     @property
     def nbytes(self) -> int:
-        return int(self._keys.nbytes + self._vals.nbytes)
+        return (self._keys.numel() + self._vals.numel()) * 8
 
-    def _home(self, rows: np.ndarray) -> np.ndarray:
-        hashed = rows.astype(np.uint64) * _FIBONACCI  # wraps modulo 2**64
-        return (hashed >> np.uint64(64 - self._bits)).astype(np.int64)
+    def find(self, rows: torch.Tensor) -> torch.Tensor:
+        at = torch.searchsorted(self._keys, rows)
+        found = self._keys.index_select(0, at) == rows
+        return torch.where(found, self._vals.index_select(0, at), _ABSENT)
 
-    def _positions(self, rows: np.ndarray) -> np.ndarray:
-        """Table position of each of ``rows`` (-1 where absent)."""
-        out = np.full(rows.size, -1, dtype=np.int64)
-        active = np.arange(rows.size)
-        keys, pos, want = self._keys, self._home(rows), rows
-        while active.size:
-            found = keys[pos]
-            hit = found == want
-            out[active[hit]] = pos[hit]
-            go_on = ~hit & (found != _EMPTY)
-            active, want = active[go_on], want[go_on]
-            pos = (pos[go_on] + 1) & self._mask
-        return out
+    def insert(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        if rows.numel() == 0:
+            return
+        holes = self._holes if self._holes is not None else rows.new_zeros(0)
+        self._holes = None
+        reused = min(holes.numel(), rows.numel())
+        fresh = rows.numel() - reused
+        places = torch.cat([holes[:reused], torch.arange(self._live, self._live + fresh,
+                                                         device=rows.device)])
+        self._keys.index_copy_(0, places, rows)
+        self._vals.index_copy_(0, places, slots.long())
+        self._live += fresh
+        if reused < holes.numel():  # places left cleared: unused now, sorted to the end
+            self._keys.index_fill_(0, holes[reused:], _NO_KEY)
+            self._live -= holes.numel() - reused
+        keys, order = torch.sort(self._keys)
+        self._keys = keys
+        self._vals = self._vals.index_select(0, order)
 
-    def find(self, rows: np.ndarray) -> np.ndarray:
-        pos = self._positions(rows)
-        out = self._vals[np.maximum(pos, 0)].astype(np.int64)
-        out[pos < 0] = _EMPTY
-        return out
-
-    def insert(self, rows: np.ndarray, slots: np.ndarray) -> None:
-        if self._live + self._tombstones + rows.size > _MAX_FILL * self._keys.size:
-            self._rebuild()
-        keys, vals = self._keys, self._vals
-        want, value, pos = rows, slots, self._home(rows)
-        while want.size:
-            free = np.flatnonzero(keys[pos] < 0)
-            # several rows may probe the same free position this round: the first wins
-            order = np.argsort(pos[free], kind="stable")
-            ranked = pos[free][order]
-            first = np.ones(ranked.size, dtype=bool)
-            first[1:] = ranked[1:] != ranked[:-1]
-            winners = free[order[first]]
-            self._tombstones -= int(np.count_nonzero(keys[pos[winners]] == _TOMBSTONE))
-            keys[pos[winners]] = want[winners]
-            vals[pos[winners]] = value[winners]
-            self._live += winners.size
-            rest = np.ones(want.size, dtype=bool)
-            rest[winners] = False
-            want, value = want[rest], value[rest]
-            pos = (pos[rest] + 1) & self._mask  # their position is taken now
-
-    def remove(self, rows: np.ndarray) -> None:
-        pos = self._positions(rows)
-        pos = pos[pos >= 0]
-        self._keys[pos] = _TOMBSTONE
-        self._vals[pos] = _EMPTY
-        self._live -= pos.size
-        self._tombstones += pos.size
-
-    def _rebuild(self) -> None:
-        live = np.flatnonzero(self._keys >= 0)
-        rows, slots = self._keys[live].copy(), self._vals[live].copy()
-        self._keys.fill(_EMPTY)
-        self._vals.fill(_EMPTY)
-        self._live = self._tombstones = 0
-        self.insert(rows, slots)
+    def remove(self, rows: torch.Tensor) -> None:
+        if rows.numel() == 0:
+            return
+        at = torch.searchsorted(self._keys, rows)
+        self._vals.index_fill_(0, at, _ABSENT)
+        self._holes = at if self._holes is None else torch.cat([self._holes, at])
 
 
-def make_index(kind: str, num_rows: int, slots: int) -> DenseIndex | HashIndex:
-    """The index for a table of ``num_rows`` rows and ``slots`` slots.
+def make_index(kind: str, num_rows: int, slots: int,
+               device: torch.device | str = "cpu") -> DenseIndex | SortedIndex:
+    """The index for a table of ``num_rows`` rows and ``slots`` slots on ``device``.
 
-    ``kind``: ``"dense"``, ``"hash"``, or ``"auto"`` (dense up to
-    :data:`DENSE_INDEX_MAX_ROWS` rows, hash above).
+    ``kind``: ``"dense"``, ``"sorted"`` (``"hash"`` is accepted as another name for
+    the compact index), or ``"auto"`` (dense up to :data:`DENSE_INDEX_MAX_ROWS` rows,
+    sorted above).
     """
     if kind == "auto":
-        kind = "dense" if num_rows <= DENSE_INDEX_MAX_ROWS else "hash"
+        kind = "dense" if num_rows <= DENSE_INDEX_MAX_ROWS else "sorted"
     if kind == "dense":
-        return DenseIndex(num_rows)
-    if kind == "hash":
-        return HashIndex(slots)
-    raise CacheArgumentError(f"index must be 'auto', 'dense' or 'hash', got {kind!r}")
+        return DenseIndex(num_rows, torch.device(device))
+    if kind in ("sorted", "hash"):
+        return SortedIndex(slots, torch.device(device))
+    raise CacheArgumentError(f"index must be 'auto', 'dense' or 'sorted', got {kind!r}")

@@ -1,143 +1,241 @@
-"""Replacement policies of the row cache, vectorised per batch over slot arrays.
+"""Replacement policies of the row cache: per-slot tensors on the cache's device,
+updated and searched for a whole batch at once, with no host synchronisation.
 
 The same policies as the simulator :mod:`storage.replay` (which replays one access
-at a time), applied to whole batches. A slot's *stamp* is the number of the latest
-batch that used the row it holds (batches are numbered from 0; preloaded rows get
-negative stamps). Ties that stamps leave, rows used by the same batch, are broken
-by the lower row id, so every choice is deterministic.
+at a time), applied to whole batches. A slot's *recency key* orders its latest use:
+``(b - base) * num_rows + row`` for the row it holds, last used by batch ``b``
+(batches are numbered from 0), so later batches come later and, within a batch, the
+lower row id first: every choice is deterministic. Preloaded rows get negative keys
+(the hottest the oldest). When keys would leave int64 they are replaced by their
+ranks (a sort; once per ~2**62 / num_rows batches).
 
 ``"lru"``
-    evict the slots with the oldest stamps (lower row id first among equals).
+    evict the slots with the smallest keys (oldest batch, then lower row id).
 ``"lfu"``
     per-row access counts over everything looked up so far (kept when a row is
-    evicted; 8 bytes per table row); evict the smallest count, then the oldest
-    stamp, then the lower row id.
+    evicted; 8 bytes per table row); evict the smallest count, then the smallest key.
 ``"profile"``
     like ``"lfu"`` with the counts starting from ``profile`` (per-row access counts),
     and the ``slots`` hottest rows with a positive count (ties: lower row id first)
-    loaded before the first batch, the hottest in slot 0 with the oldest stamp.
+    loaded before the first batch, the hottest in slot 0 with the oldest key.
+``"lookahead"``
+    LFU that also knows the ids coming next (:meth:`Lookahead.announce`, in order; the
+    cache announces what :meth:`~storage.cache.RowCache.prefetch` is given): rows not
+    among them go first, in LFU order; then the announced ones, the one whose first
+    announced use is latest first (then the smallest key). With a ``profile`` the
+    counts start from it and its hottest rows are preloaded, as for ``"profile"``.
 
 Victims are chosen before the batch's accesses are recorded, among the slots the
 batch does not use, so with one id per batch the choices are exactly those of
-:func:`storage.replay.replay` (tested). Recording a batch costs one scalar
-assignment per id for LRU (no per-access order within a batch is kept), plus one
-``np.add.at`` for the counts of LFU.
+:func:`storage.replay.replay` (tested; for ``"lookahead"`` with the next
+``lookahead`` ids announced before each lookup). The choice is a lexicographic
+smallest-k over up to three keys (:func:`smallest`: one ``topk`` per key).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from storage.cache_types import CacheArgumentError
 
-POLICIES: tuple[str, ...] = ("lru", "lfu", "profile")
+POLICIES: tuple[str, ...] = ("lru", "lfu", "profile", "lookahead")
 """Policy names :class:`~storage.cache.RowCache` accepts."""
+
+_KEY_LIMIT = 1 << 62
+"""Recency keys stay below this (renormalised to ranks before they would not)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotView:
+    """What a policy may look at when it chooses victims (tensors on the device).
+
+    ``filled``: slots ``0 .. filled - 1`` hold rows (a host int). ``protected``: bool
+    per slot (``num_slots + 1``; the last entry is a dump for slot -1), True for the
+    slots the current batch uses. ``slot_row``: row per slot (same length; -1 empty).
+    ``find``: the cache's row -> slot lookup.
+    """
+
+    filled: int
+    protected: torch.Tensor
+    slot_row: torch.Tensor
+    find: Callable[[torch.Tensor], torch.Tensor]
 
 
 class SlotPolicy(Protocol):
     """Orders the filled slots for eviction; the cache owns residency."""
 
     def preload(self) -> np.ndarray:
-        """Rows (int64) to load into slots 0, 1, ... before the first batch."""
+        """Rows (int64, host) to load into slots 0, 1, ... before the first batch."""
         ...
 
-    def on_access(self, slots: np.ndarray, rows: np.ndarray, batch: int) -> None:
+    def on_access(self, slots: torch.Tensor, rows: torch.Tensor, batch: int) -> None:
         """The accesses of batch number ``batch``: ``rows[i]``, held in ``slots[i]``
         (-1 for a row served without a slot)."""
         ...
 
-    def victims(self, count: int, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Indices into ``slots`` (filled slots holding ``rows``) of the ``count`` to evict."""
+    def victims(self, count: int, view: SlotView) -> torch.Tensor:
+        """Slots (int64, on the device) of the ``count`` filled, unprotected slots to evict."""
         ...
 
 
 class LRU:
-    """Least recently used: the oldest stamps go first."""
+    """Least recently used: the smallest recency keys go first."""
 
-    def __init__(self, num_slots: int) -> None:
-        self._stamp = np.full(num_slots, np.iinfo(np.int64).min, dtype=np.int64)
+    def __init__(self, num_rows: int, num_slots: int, device: torch.device) -> None:
+        self._num_rows = num_rows
+        self._key = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)
+        self._base = 0
 
     def preload(self) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
 
-    def on_access(self, slots: np.ndarray, rows: np.ndarray, batch: int) -> None:
-        _stamp(self._stamp, slots, batch)
+    def on_access(self, slots: torch.Tensor, rows: torch.Tensor, batch: int) -> None:
+        if (batch - self._base + 1) * self._num_rows >= _KEY_LIMIT:
+            self._renormalise(batch)
+        dump = self._key.numel() - 1
+        where = torch.where(slots < 0, dump, slots)
+        self._key.index_copy_(0, where, rows + (batch - self._base) * self._num_rows)
 
-    def victims(self, count: int, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return smallest((self._stamp[slots], rows), count)
+    def _renormalise(self, batch: int) -> None:
+        """Replace the keys by their ranks (all below the keys of later batches)."""
+        ranks = torch.empty_like(self._key)
+        ranks[torch.argsort(self._key)] = torch.arange(self._key.numel(), device=self._key.device)
+        self._key = ranks - self._key.numel()
+        self._base = batch
+
+    def _order_keys(self, view: SlotView) -> list[torch.Tensor]:
+        """The keys to compare, most significant first (excluded slots largest)."""
+        key = self._key[:view.filled]
+        return [torch.where(view.protected[:view.filled], torch.iinfo(torch.int64).max, key)]
+
+    def victims(self, count: int, view: SlotView) -> torch.Tensor:
+        return smallest(self._order_keys(view), count)
 
 
-class LFU:
-    """Smallest per-row count first, then oldest stamp; optionally profile-warmed."""
+class LFU(LRU):
+    """Smallest per-row count first, then the smallest recency key; optionally
+    profile-warmed."""
 
-    def __init__(self, num_slots: int, counts: np.ndarray, warm: np.ndarray) -> None:
-        self._counts = counts
+    def __init__(self, num_rows: int, num_slots: int, device: torch.device,
+                 counts: np.ndarray, warm: np.ndarray) -> None:
+        super().__init__(num_rows, num_slots, device)
+        self._counts = torch.from_numpy(counts).to(device)
         self._warm = warm
-        self._stamp = np.full(num_slots, np.iinfo(np.int64).min, dtype=np.int64)
-        # preloaded rows: stamps before the first access, the hottest the oldest (as replay)
-        self._stamp[:warm.size] = np.arange(warm.size, dtype=np.int64) - warm.size
+        # preloaded rows: older than any access, the hottest the oldest (as replay)
+        self._key[:warm.size] = torch.arange(warm.size, device=device) - warm.size
+        self._one = torch.ones(1, dtype=torch.float64, device=device)
 
     def preload(self) -> np.ndarray:
         return self._warm
 
-    def on_access(self, slots: np.ndarray, rows: np.ndarray, batch: int) -> None:
-        np.add.at(self._counts, rows, 1.0)
-        _stamp(self._stamp, slots, batch)
+    def on_access(self, slots: torch.Tensor, rows: torch.Tensor, batch: int) -> None:
+        self._counts.index_add_(0, rows, self._one.expand(rows.numel()))
+        super().on_access(slots, rows, batch)
 
-    def victims(self, count: int, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return smallest((self._counts[rows], self._stamp[slots], rows), count)
+    def _row_counts(self, view: SlotView) -> torch.Tensor:
+        rows = view.slot_row[:view.filled].clamp_min(0)
+        return self._counts.index_select(0, rows)
+
+    def _order_keys(self, view: SlotView) -> list[torch.Tensor]:
+        protected = view.protected[:view.filled]
+        counts = torch.where(protected, torch.inf, self._row_counts(view))
+        return [counts, self._key[:view.filled]]
 
 
-def _stamp(stamp: np.ndarray, slots: np.ndarray, batch: int) -> None:
-    """Stamp every slot the batch used with its number (-1 entries: no slot)."""
-    if slots.size and slots.min() < 0:
-        slots = slots[slots >= 0]
-    stamp[slots] = batch
+class Lookahead(LFU):
+    """LFU that keeps the announced next ids; see the module docstring."""
+
+    def __init__(self, num_rows: int, num_slots: int, device: torch.device,
+                 counts: np.ndarray, warm: np.ndarray) -> None:
+        super().__init__(num_rows, num_slots, device, counts, warm)
+        self._next: torch.Tensor | None = None
+
+    def announce(self, rows: torch.Tensor) -> None:
+        """The ids coming next, in order (replaces the previous announcement)."""
+        self._next = rows
+
+    def _order_keys(self, view: SlotView) -> list[torch.Tensor]:
+        filled = view.filled
+        protected = view.protected[:filled]
+        counts = self._row_counts(view)
+        key = self._key[:filled]
+        if self._next is None or self._next.numel() == 0:
+            return [torch.where(protected, torch.inf, counts), key]
+        upcoming = self._next
+        window = upcoming.numel()
+        slots = view.find(upcoming)
+        dump = view.protected.numel() - 1
+        first = torch.full((dump + 1,), window, dtype=torch.int64, device=key.device)
+        first.scatter_reduce_(0, torch.where(slots < 0, dump, slots),
+                              torch.arange(window, device=key.device), reduce="amin")
+        first = first[:filled]
+        near = first < window
+        big = torch.finfo(torch.float64).max
+        primary = torch.where(protected, torch.inf, torch.where(near, big, counts))
+        secondary = torch.where(near, -first.double(), -torch.inf)
+        return [primary, secondary, key]
 
 
-def smallest(keys: Sequence[np.ndarray], count: int) -> np.ndarray:
-    """Indices of the ``count`` lexicographically smallest tuples of ``keys`` (arrays of
-    one length, most significant first), in no order.
+def smallest(keys: Sequence[torch.Tensor], count: int) -> torch.Tensor:
+    """Indices of the ``count`` lexicographically smallest tuples of ``keys`` (tensors
+    of one length, most significant first; the last one distinct), in no order.
 
-    Linear time per key (``partition``), not a sort; later keys only order the ties
-    of earlier ones at the boundary.
+    One ``topk`` per key and no host synchronisation: each key but the last fixes a
+    threshold (the ``count``-th smallest among the tuples still tied); tuples below it
+    are taken, those above it dropped, and the next key orders the ties.
     """
-    primary = keys[0]
-    size = primary.size
+    size = keys[0].numel()
+    device = keys[0].device
     if count >= size:
-        return np.arange(size)
+        return torch.arange(size, device=device)
     if count <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if len(keys) == 1:
-        return np.argpartition(primary, count - 1)[:count]
-    threshold = np.partition(primary, count - 1)[count - 1]
-    below = np.flatnonzero(primary < threshold)
-    ties = np.flatnonzero(primary == threshold)
-    need = count - below.size
-    if need < ties.size:
-        ties = ties[smallest([key[ties] for key in keys[1:]], need)]
-    return np.concatenate([below, ties])
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    taken: torch.Tensor | None = None
+    tied: torch.Tensor | None = None
+    for depth, key in enumerate(keys):
+        low, high = _extremes(key.dtype)
+        if taken is not None and tied is not None:
+            key = torch.where(taken, low, torch.where(tied, key, high))
+        if depth == len(keys) - 1:
+            return torch.topk(key, count, largest=False, sorted=False).indices
+        threshold = torch.topk(key, count, largest=False, sorted=False).values.max()
+        taken, tied = key < threshold, key == threshold
+    raise CacheArgumentError("smallest needs at least one key")  # pragma: no cover
 
 
-def make_policy(name: str, num_rows: int, num_slots: int,
-                profile: np.ndarray | None) -> LRU | LFU:
-    """The policy ``name`` (see :data:`POLICIES`); ``profile`` only for ``"profile"``."""
+def _extremes(dtype: torch.dtype) -> tuple[float | int, float | int]:
+    if dtype.is_floating_point:
+        return -torch.inf, torch.inf
+    info = torch.iinfo(dtype)
+    return info.min, info.max
+
+
+def make_policy(name: str, num_rows: int, num_slots: int, profile: np.ndarray | None,
+                device: torch.device | str = "cpu") -> LRU:
+    """The policy ``name`` (see :data:`POLICIES`) on ``device``; ``profile`` for
+    ``"profile"`` (required) and ``"lookahead"`` (optional) only."""
     if not isinstance(name, str) or name not in POLICIES:
         raise CacheArgumentError(f"policy must be one of {', '.join(map(repr, POLICIES))}, "
                                  f"got {name!r}")
-    if name != "profile":
-        if profile is not None:
-            raise CacheArgumentError(f"profile is only used by policy 'profile', not {name!r}")
-        if name == "lru":
-            return LRU(num_slots)
-        return LFU(num_slots, np.zeros(num_rows, dtype=np.float64), np.zeros(0, np.int64))
+    device = torch.device(device)
+    if name in ("lru", "lfu") and profile is not None:
+        raise CacheArgumentError(f"profile is only used by policies 'profile' and "
+                                 f"'lookahead', not {name!r}")
+    if name == "lru":
+        return LRU(num_rows, num_slots, device)
+    no_rows = np.zeros(0, np.int64)
+    if profile is None and name != "profile":
+        cls = LFU if name == "lfu" else Lookahead
+        return cls(num_rows, num_slots, device, np.zeros(num_rows, dtype=np.float64), no_rows)
     counts = check_profile(profile, num_rows)
     hottest = np.argsort(-counts, kind="stable")[:num_slots]
     warm = hottest[counts[hottest] > 0].astype(np.int64)
-    return LFU(num_slots, counts, warm)
+    return (LFU if name == "profile" else Lookahead)(num_rows, num_slots, device, counts, warm)
 
 
 def check_profile(profile: object, num_rows: int) -> np.ndarray:

@@ -50,7 +50,8 @@ class CacheStats:
     evictions: int
     """Rows removed from a slot to make room for a missing one."""
     write_backs: int
-    """Rows written to the store: dirty victims, ``flush``, and direct (uncached) updates."""
+    """Rows written to the store: dirty victims, ``flush``, and direct (uncached) updates
+    (with write-behind, counted once the background write is done)."""
     uncached: int
     """Missing rows served straight from the store without a slot, because their batch
     had more distinct rows than the cache can hold (counted in ``misses`` too)."""

@@ -15,9 +15,11 @@ Two kinds of work:
   makes to the store later invalidates them (:meth:`StoreWorker.invalidate`), so it
   never holds data older than the store's; writes queued before it run before it.
 * a *write* (write-behind of evicted dirty rows): the rows' data is copied out of
-  the slots when queued, so the slots can take new rows at once. A failed write
-  loses rows the cache no longer holds, so it is sticky: :class:`CacheWriteError`
-  from then on, on every call that settles.
+  the slots when queued, so the slots can take new rows at once (from a device, the
+  copy may still be in flight: the write waits for it). It returns the rows it
+  wrote; :meth:`StoreWorker.settle` counts them and invalidates them in a finished
+  read. A failed write loses rows the cache no longer holds, so it is sticky:
+  :class:`CacheWriteError` from then on, on every call that settles.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from storage.errors import StoreError
 
 ReadFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 """``read(rows) -> (weights, state or None)``, run on the worker thread."""
+WriteFn = Callable[[], np.ndarray]
+"""``write() -> rows written``, run on the worker thread."""
 
 
 class CacheWriteError(StoreError, OSError):
@@ -63,16 +67,19 @@ class WorkerCounters:
     hidden_s: float = 0.0
     discarded: int = 0
     bytes_read: int = 0
+    written_rows: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class _Done:
-    """What one queued task did: its seconds, whether it wrote, what it read, its error."""
+    """What one queued task did: its seconds, whether it wrote, what it read or wrote,
+    its error."""
 
     seconds: float
     wrote: bool
     read: Prefetched | None = None
     error: Exception | None = None
+    written: np.ndarray | None = None
 
 
 class StoreWorker:
@@ -93,7 +100,7 @@ class StoreWorker:
         if rows.size:
             self._submit(_timed_read, read, rows)
 
-    def write(self, write: Callable[[], None]) -> None:
+    def write(self, write: WriteFn) -> None:
         """Queue ``write()`` (it must hold copies of the data it writes)."""
         self._check_failure()
         self._submit(_timed_write, write)
@@ -125,6 +132,9 @@ class StoreWorker:
                         f"mode='r+' (it rolls back to the last checkpoint) and build a new "
                         f"cache")
                     self._failure.__cause__ = task.error
+                if task.written is not None:
+                    self.counters.written_rows += task.written.size
+                    self.invalidate(task.written)
                 continue
             self.counters.read_s += task.seconds
             if task.error is not None:
@@ -188,10 +198,10 @@ def _timed_read(read: ReadFn, rows: np.ndarray) -> _Done:
                  read=Prefetched(rows, weights, state))
 
 
-def _timed_write(write: Callable[[], None]) -> _Done:
+def _timed_write(write: WriteFn) -> _Done:
     start = time.perf_counter()
     try:
-        write()
+        written = write()
     except Exception as exc:  # noqa: BLE001 - made sticky by settle()
         return _Done(time.perf_counter() - start, wrote=True, error=exc)
-    return _Done(time.perf_counter() - start, wrote=True)
+    return _Done(time.perf_counter() - start, wrote=True, written=written)

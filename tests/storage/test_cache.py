@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage.cache import RowCache
-from storage.cache_index import DenseIndex, HashIndex, make_index
+from storage.cache import RowCache, lookup_many
+from storage.cache_index import DenseIndex, SortedIndex, make_index
 from storage.cache_types import CacheArgumentError, CacheStats
 from storage.cache_worker import CacheWriteError
 from storage.errors import (
@@ -100,21 +100,69 @@ def counting(store: TableStore, monkeypatch: pytest.MonkeyPatch) -> dict[str, in
 
 
 # ---- policies and counters ---------------------------------------------------------------
-@pytest.mark.parametrize("policy", ["lru", "lfu", "profile"])
-def test_access_by_access_counters_match_replay(tmp_path: Path, policy: str) -> None:
-    rows, slots = 300, 40
-    rng = np.random.default_rng(5)
-    trace = zipf_ids(rng, rows, 2500)
-    profile = np.bincount(zipf_ids(rng, rows, 2500), minlength=rows) if policy == "profile" \
+CASES = [("lru", False, 0), ("lfu", False, 0), ("profile", True, 0),
+         ("lookahead", False, 1), ("lookahead", False, 4), ("lookahead", True, 3),
+         ("lookahead", False, 1500)]
+
+
+@pytest.mark.parametrize("policy, with_profile, lookahead", CASES)
+@pytest.mark.parametrize("seed, index", [(5, "dense"), (6, "dense"), (7, "sorted")])
+def test_access_by_access_counters_match_replay(tmp_path: Path, policy: str,
+                                                with_profile: bool, lookahead: int,
+                                                seed: int, index: str) -> None:
+    """Every policy through the cache's tensor index and policy state, one id per batch,
+    counts the hits, misses and evictions of ``storage.replay`` on random Zipf streams
+    (lookahead: the next ids announced before each lookup; 1500 = the whole trace,
+    Belady's MIN)."""
+    rng = np.random.default_rng(seed)
+    rows, slots = int(rng.integers(100, 400)), int(rng.integers(5, 60))
+    trace = zipf_ids(rng, rows, 1500, exponent=float(rng.uniform(0.6, 1.3)))
+    profile = np.bincount(zipf_ids(rng, rows, 2500), minlength=rows) if with_profile \
         else None
     with make_store(tmp_path / "s", rows=rows, state=False) as store:
-        cache = RowCache(store, "t", slots=slots, policy=policy, profile=profile)
-        for row in trace:
+        cache = RowCache(store, "t", slots=slots, policy=policy, profile=profile, index=index)
+        for t, row in enumerate(trace):
+            if lookahead:
+                cache.announce(trace[t + 1:t + 1 + lookahead])
             cache.lookup(np.array([row]))
         got = cache.stats()
-    want = replay(trace, num_rows=rows, cache_rows=slots, policy=policy, profile=profile)
+    want = replay(trace, num_rows=rows, cache_rows=slots, policy=policy, profile=profile,
+                  lookahead=lookahead)
+    assert want.evictions > 100
     assert (got.accesses, got.hits, got.misses, got.evictions, got.preloaded) == (
         want.accesses, want.hits, want.misses, want.evictions, want.preloaded)
+
+
+def test_lookup_many_equals_lookups_one_by_one(tmp_path: Path) -> None:
+    """One grouped lookup per step over tables of different sizes and policies (one
+    batch larger than its cache, one empty) leaves every cache as the single lookups do."""
+    rng = np.random.default_rng(9)
+    specs = [("a", 400, 30, "lru"), ("b", 900, 50, "lfu"), ("c", 300, 8, "lookahead")]
+    with TableStore.create(tmp_path / "s") as store:
+        for name, rows, _, _ in specs:
+            store.add_table(name, rows, DIM, seed=3)
+
+        def caches() -> list[RowCache]:
+            return [RowCache(store, name, slots=slots, policy=policy)
+                    for name, _, slots, policy in specs]
+
+        grouped, single = caches(), caches()
+        for step in range(25):
+            batches = [zipf_ids(rng, rows, int(rng.integers(0, 40))) for _, rows, _, _ in specs]
+            if step == 3:
+                batches[2] = np.arange(20)  # more distinct rows than its 8 slots
+            got = lookup_many(grouped, batches)
+            want = [cache.lookup(batch) for cache, batch in zip(single, batches)]
+            for g, w, a, b in zip(got, want, grouped, single):
+                assert torch.equal(g, w)
+                assert np.array_equal(a.resident_rows(), b.resident_rows())
+        assert [c.stats() for c in grouped] == [c.stats() for c in single]
+        assert grouped[2].stats().uncached > 0 and grouped[1].stats().evictions > 0
+        with pytest.raises(CacheArgumentError, match="one ids per cache"):
+            lookup_many(grouped, [np.array([1])])
+        with pytest.raises(RowIndexError):
+            lookup_many(grouped, [np.array([1]), np.array([900]), np.array([1])])
+        assert grouped[0].stats().accesses == single[0].stats().accesses
 
 
 def batch_lru_reference(batches: list[np.ndarray], slots: int) -> tuple[list[set[int]], dict]:
@@ -554,9 +602,10 @@ def test_argument_errors(tmp_path: Path) -> None:
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 10_000), max_size=40)),
                 max_size=30))
-def test_hash_index_matches_a_dict(ops: list[tuple[bool, list[int]]]) -> None:
+@pytest.mark.parametrize("kind", ["dense", "sorted"])
+def test_index_matches_a_dict(kind: str, ops: list[tuple[bool, list[int]]]) -> None:
     slots = 64
-    index, truth = HashIndex(slots), {}
+    index, truth = make_index(kind, 10_001, slots), {}
     next_slot = 0
     for insert, values in ops:
         rows = np.unique(np.asarray(values, dtype=np.int64))
@@ -565,31 +614,52 @@ def test_hash_index_matches_a_dict(ops: list[tuple[bool, list[int]]]) -> None:
                             dtype=np.int64)
             slot_ids = np.arange(next_slot, next_slot + rows.size) % slots
             next_slot += rows.size
-            index.insert(rows, slot_ids)
+            index.insert(torch.from_numpy(rows), torch.from_numpy(slot_ids))
             truth.update(zip(rows.tolist(), slot_ids.tolist()))
         else:
             rows = np.array([r for r in rows if r in truth], dtype=np.int64)
-            index.remove(rows)
+            index.remove(torch.from_numpy(rows))
             for r in rows.tolist():
                 del truth[r]
         probe = np.arange(0, 10_001, 7, dtype=np.int64)
         probe = np.concatenate([probe, np.array(list(truth), dtype=np.int64)])
         want = np.array([truth.get(r, -1) for r in probe.tolist()], dtype=np.int64)
-        assert np.array_equal(index.find(probe), want)
+        assert np.array_equal(index.find(torch.from_numpy(probe)).numpy(), want)
+
+
+def test_sorted_index_remove_then_insert_in_one_batch() -> None:
+    """The cache's pattern: evict some rows, then insert more rows than it evicted into
+    their places and fresh ones (the cleared places are refilled first)."""
+    index = SortedIndex(6, torch.device("cpu"))
+    index.insert(torch.tensor([50, 10, 30, 20]), torch.tensor([0, 1, 2, 3]))
+    index.remove(torch.tensor([10, 50]))
+    assert index.find(torch.tensor([10, 20, 30, 50])).tolist() == [-1, 3, 2, -1]
+    index.insert(torch.tensor([5, 60, 25]), torch.tensor([1, 0, 4]))
+    assert index.find(torch.tensor([5, 10, 20, 25, 30, 50, 60])).tolist() == \
+        [1, -1, 3, 4, 2, -1, 0]
+    index.remove(torch.tensor([5, 20, 60]))
+    index.insert(torch.tensor([7]), torch.tensor([3]))  # two cleared places stay unused
+    assert index.find(torch.tensor([5, 7, 20, 25, 30, 60])).tolist() == [-1, 3, -1, 4, 2, -1]
+    index.insert(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 5]))
+    assert index.find(torch.tensor([1, 2, 3, 7, 25, 30])).tolist() == [0, 1, 5, 3, 4, 2]
 
 
 def test_index_choice() -> None:
     assert isinstance(make_index("auto", 1000, 10), DenseIndex)
-    assert isinstance(make_index("hash", 1000, 10), HashIndex)
-    assert make_index("hash", 10**12, 1000).nbytes <= 48 * 1000
+    assert isinstance(make_index("sorted", 1000, 10), SortedIndex)
+    assert isinstance(make_index("hash", 1000, 10), SortedIndex)
+    assert make_index("auto", 10**12, 1000).nbytes <= 16 * 1001
+    with pytest.raises(CacheArgumentError, match="index must be"):
+        make_index("btree", 1000, 10)
 
 
-def test_hash_index_cache_behaves_like_dense(tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_sorted_index_cache_behaves_like_dense(tmp_path: Path, policy: str) -> None:
     rng = np.random.default_rng(8)
     batches = [torch.from_numpy(zipf_ids(rng, ROWS, 50)) for _ in range(40)]
     with make_store(tmp_path / "s") as store:
-        dense = RowCache(store, "t", slots=40, policy="lfu", index="dense")
-        hashed = RowCache(store, "t", slots=40, policy="lfu", index="hash")
+        dense = RowCache(store, "t", slots=40, policy=policy, index="dense")
+        hashed = RowCache(store, "t", slots=40, policy=policy, index="sorted")
         for ids in batches:
             assert torch.equal(dense.gather(ids), hashed.gather(ids))
             assert np.array_equal(dense.resident_rows(), hashed.resident_rows())
@@ -621,3 +691,23 @@ def test_closing_the_store_stops_the_cache_background_work(tmp_path) -> None:
     cache.prefetch(torch.arange(200, 400))
     store.close()  # must wait for the prefetch instead of unmapping under it
     assert cache._worker is not None
+
+
+def test_recency_keys_keep_their_order_when_renormalised() -> None:
+    """Recency keys are ``batch * num_rows + row``; for a huge table they are replaced
+    by their ranks before they would leave int64, and victims stay the least recent."""
+    from storage.cache_policy import LRU, SlotView
+
+    num_rows, slots = 1 << 60, 5
+    policy = LRU(num_rows, slots, torch.device("cpu"))
+    slot_row = torch.tensor([40, 10, 30, 20, 50, -1])
+    uses = [[0, 1], [2], [3], [4], [1]]  # batch b uses these slots; renormalised at batch 3
+    for batch, used in enumerate(uses):
+        policy.on_access(torch.tensor(used), slot_row[used], batch)
+    assert policy._base == 3
+    protected = torch.zeros(slots + 1, dtype=torch.bool)
+    view = SlotView(slots, protected, slot_row, lambda rows: rows)
+    order = [set(policy.victims(k, view).tolist()) for k in range(1, 6)]
+    assert order == [{0}, {0, 2}, {0, 2, 3}, {0, 2, 3, 4}, {0, 1, 2, 3, 4}]
+    protected[2] = True
+    assert set(policy.victims(2, view).tolist()) == {0, 3}

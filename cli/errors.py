@@ -27,6 +27,8 @@ class ExitCode(enum.IntEnum):
     """The MIP solver failed or found nothing in time."""
     DIVERGED = 5
     """Training produced a NaN or infinite loss."""
+    CAPACITY = 6
+    """A given plan overflows a device's HBM or a host's DRAM."""
     INTERRUPTED = 130
 
 
@@ -43,6 +45,7 @@ EXIT_CODES: tuple[tuple[str, str, ExitCode], ...] = (
     ("planner.errors", "InfeasibleError", ExitCode.INFEASIBLE),
     ("planner.capacity", "TargetUnreachableError", ExitCode.INFEASIBLE),
     ("planner.errors", "SolverError", ExitCode.SOLVER),
+    ("planner.errors", "CapacityError", ExitCode.CAPACITY),
     ("planner.errors", "PlannerError", ExitCode.BAD_INPUT),
     ("dlrm_runtime.errors", "TrainingDivergedError", ExitCode.DIVERGED),
     ("dlrm_runtime.errors", "RuntimeErrorBase", ExitCode.BAD_INPUT),

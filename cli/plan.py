@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from cli import plan_tools
 from cli.chart import draw_chart
@@ -31,10 +32,11 @@ from planner.api import DEFAULT_GAP, DEFAULT_STALL_S, cost_model_name
 from planner.baselines import BASELINES
 from planner.constraints import NO_CONSTRAINTS, load_constraints
 from planner.cost import load_cost_model
-from planner.evaluate import evaluate
+from planner.evaluate import check_capacity, evaluate
 from planner.options import OptionSettings
 from planner.plan import write_json_atomic
 from planner.specs import parse_topology
+from planner.torchrec import DEVICES, from_torchrec, recut_tables, to_torchrec
 
 PROG = "dlrm-plan"
 
@@ -60,8 +62,11 @@ subcommands:
   profile DATA --tables T -o OUT   measure access profiles from Criteo TSV data
   calibrate -o TOPOLOGY   measure this machine's bandwidths into a topology file
   show PLAN       per-device load and memory, each table's placement and why
-  evaluate PLAN   re-cost a plan (any plan file, hand-written too) under a cost
-                  model and topology, to compare plans from different tools
+  evaluate PLAN   re-cost a plan (any plan file, hand-written too, or a TorchRec
+                  plan with --format torchrec) under a cost model and topology, to
+                  compare plans from different tools; checks HBM and DRAM capacity
+  export PLAN --format torchrec -o FILE.json
+                  the plan as TorchRec ParameterSharding fields per table
   capacity        fewest hosts whose plan meets a step time (--global-batch, --target-ms)
   diff A B        tables moved, bytes to migrate per device, change of each device's load
 """
@@ -173,15 +178,64 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} evaluate",
         description="Re-cost a plan's shards, where they are, under a cost model and topology, "
-                    "so plans from different tools compare under one model.",
-        epilog=EXIT_CODES_HELP)
-    parser.add_argument("plan", metavar="PLAN", help="plan file (from dlrm-plan or by hand)")
+                    "so plans from different tools compare under one model. Fails with its own "
+                    "exit code, naming the device or host, when the shards overflow a device's "
+                    "HBM or a host's DRAM.",
+        epilog="example:\n  dlrm-plan evaluate torchrec_plan.json --format torchrec "
+               "--tables examples/criteo_kaggle.tables.json \\\n"
+               "      --topology examples/criteo_kaggle.topology.json\n\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("plan", metavar="PLAN",
+                        help="plan file (from dlrm-plan, by hand, or from TorchRec with "
+                             "--format torchrec)")
+    parser.add_argument("--format", choices=("plan", "torchrec"), default="plan",
+                        help="plan: a dlrm-plan file (inputs_sha256 optional: a present one "
+                             "must match); torchrec: TorchRec ParameterSharding fields per "
+                             "table, as `dlrm-plan export` writes (needs --tables and "
+                             "--topology) (default: %(default)s)")
+    parser.add_argument("--tables", metavar="TABLES",
+                        help="tables spec (required with --format torchrec; for a dlrm-plan "
+                             "file it replaces the embedded one, same tables and sizes)")
+    parser.add_argument("--module-path", metavar="PATH",
+                        help="with --format torchrec: the module whose tables to read "
+                             "(default: every module's)")
     parser.add_argument("--cost-model", metavar="MODULE:CLASS",
                         help="cost model (default: the analytic model)")
     parser.add_argument("--topology", metavar="TOPOLOGY",
-                        help="topology to cost on (default: the plan's)")
+                        help="topology to cost on (default: the plan's; required with "
+                             "--format torchrec)")
     parser.add_argument("-o", "--output", metavar="PLAN",
-                        help="also write the re-costed plan (creating missing directories)")
+                        help="also write the re-costed plan, only when it fits (creating "
+                             "missing directories)")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} export",
+        description="Write a plan as TorchRec 1.8 ShardingPlan fields (JSON): per table "
+                    "sharding_type, compute_kernel (hbm: fused, dram_cache/store_cache: "
+                    "fused_uvm_caching with cache_params.load_factor, host: fused_uvm, "
+                    "data-parallel: dense), ranks and sharding_spec shards (offsets, sizes, "
+                    "placement). Row-wise shards are cut into TorchRec's ceil(rows/N) blocks. "
+                    "From Python, planner.to_torchrec_sharding_plan builds the "
+                    "ShardingPlan object for DistributedModelParallel.",
+        epilog="example:\n  dlrm-plan export plan.json --format torchrec -o torchrec_plan.json"
+               "\n\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("plan", metavar="PLAN", help="plan file written by dlrm-plan")
+    parser.add_argument("--format", choices=("torchrec",), default="torchrec",
+                        help="output format (default: %(default)s)")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE.json",
+                        help="where to write the exported plan (creating missing directories)")
+    parser.add_argument("--module-path", default="", metavar="PATH",
+                        help="path of the sharded EmbeddingBagCollection in the model, e.g. "
+                             "sparse_arch.embedding_bag_collection (default: '', the model is "
+                             "the collection)")
+    parser.add_argument("--device", choices=DEVICES, default="cuda",
+                        help="compute device in the shard placements: cuda (rank:R/cuda:L) or "
+                             "cpu (rank:R/cpu, for CPU processes) (default: %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
 
@@ -275,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "calibrate": (build_calibrate_parser, _calibrate),
         "capacity": (plan_tools.build_capacity_parser, plan_tools.run_capacity),
         "diff": (plan_tools.build_diff_parser, plan_tools.run_diff),
+        "export": (build_export_parser, _export),
     }
     if argv and argv[0] in subcommands:
         build, run = subcommands[argv[0]]
@@ -474,20 +529,53 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     if args.output:
         check_output_file(args.output, "-o/--output")
-    original = read_plan(args.plan)
     model = _load_cost_model(args.cost_model) if args.cost_model else AnalyticCostModel()
     topology = load_topology(args.topology) if args.topology else None
-    if topology is not None and topology.world_size < original.topology.world_size:
-        raise UsageError(f"{args.plan} places shards on {original.topology.world_size} devices "
-                         f"but --topology {args.topology} has {topology.world_size}")
-    result = evaluate(original, model, cost_model_name(model), topology)
+    tables = load_tables(args.tables) if args.tables else None
+    if args.format == "torchrec":
+        if tables is None or topology is None:
+            raise UsageError(f"--format torchrec: {args.plan} holds no table sizes or topology; "
+                             f"pass --tables and --topology")
+        check_input_file(args.plan, "PLAN")
+        result = from_torchrec(_read_json(args.plan), tables, topology, cost_model=model,
+                               module_path=args.module_path, file=args.plan)
+        said = ""
+    else:
+        original = read_plan(args.plan, require_inputs_sha256=False)
+        if topology is not None and topology.world_size < original.topology.world_size:
+            raise UsageError(f"{args.plan} places shards on {original.topology.world_size} "
+                             f"devices but --topology {args.topology} has {topology.world_size}")
+        result = evaluate(original, model, cost_model_name(model), topology, tables)
+        said = (f" (the plan said {original.solve.objective_ms:.4f} ms under "
+                f"{original.cost_model})")
     print(device_table(result))
     print(f"re-costed under {result.cost_model}: slowest device {result.solve.objective_ms:.4f} "
-          f"ms/step (the plan said {original.solve.objective_ms:.4f} ms under "
-          f"{original.cost_model})")
+          f"ms/step{said}")
+    check_capacity(result, model)
     if args.output:
         write_output(args.output, "-o/--output", lambda path: write_plan(result, path))
         print(f"re-costed plan written to {args.output}")
+    return ExitCode.OK
+
+
+def _read_json(path: str) -> object:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanFileError(path, f"not a readable JSON file: {exc}") from None
+
+
+def _export(args: argparse.Namespace) -> int:
+    check_output_file(args.output, "-o/--output")
+    source = read_plan(args.plan)
+    doc = to_torchrec(source, args.module_path, args.device)
+    write_output(args.output, "-o/--output", lambda path: write_json_atomic(doc, path))
+    recut = recut_tables(source)
+    if recut:
+        print(f"note: {len(recut)} row-wise table(s) cut into TorchRec's ceil(rows/N) blocks, "
+              f"a row more or fewer per shard than planned: {', '.join(recut[:5])}"
+              f"{' ...' if len(recut) > 5 else ''}", file=sys.stderr)
+    print(f"TorchRec plan of {len(source.tables)} tables written to {args.output}")
     return ExitCode.OK
 
 

@@ -22,6 +22,7 @@ from planner.cost import (
 )
 from planner.diff import PlanDiff, diff_plans
 from planner.errors import (
+    CapacityError,
     InfeasibleError,
     PlanFileError,
     PlannerError,
@@ -52,14 +53,15 @@ from planner.specs import (
     parse_tables,
     parse_topology,
 )
+from planner.torchrec import from_torchrec, to_torchrec, to_torchrec_sharding_plan
 
 __all__ = [
-    "AccessProfile", "AnalyticCostModel", "CostModel", "CostModelError", "DType", "InfeasibleError", "Optimizer",
+    "AccessProfile", "AnalyticCostModel", "CapacityError", "CostModel", "CostModelError", "DType", "InfeasibleError", "Optimizer",
     "Plan", "PlanFileError", "PlanOptions", "PlannerError", "Resource", "Shard", "ShardCost",
     "ShardOption", "Sharding", "SolverError", "SpecError", "TablePlan", "TableSpec", "TablesSpec",
     "check_cost_model", "load_cost_model",
     "Tier", "Topology", "load_tables", "load_topology", "parse_tables", "parse_topology", "plan",
     "plan_from_json", "plan_sha256", "plan_to_json", "read_plan", "write_plan",
     "CapacityResult", "PlanDiff", "ReplanResult", "TargetUnreachableError", "capacity",
-    "diff_plans", "replan",
+    "diff_plans", "replan", "from_torchrec", "to_torchrec", "to_torchrec_sharding_plan",
 ]

@@ -81,3 +81,18 @@ class PlanFileError(PlannerError, ValueError):
         self.file = file
         self.problem = problem
         super().__init__(f"{file}: {problem}")
+
+
+class CapacityError(PlannerError, ValueError):
+    """A given plan does not fit: some device's HBM or some host's DRAM overflows.
+
+    ``overflows`` lists each one as ``(resource, where, used_bytes, capacity_bytes)``
+    with ``where`` like ``"device 3"`` or ``"host 0"``.
+    """
+
+    def __init__(self, overflows: tuple[tuple[Resource, str, int, int], ...]) -> None:
+        self.overflows = overflows
+        parts = [f"{where} {resource.value.upper()} needs {used / 1e9:.3f} GB, has "
+                 f"{capacity / 1e9:.3f} GB (over by {(used - capacity) / 1e9:.3f} GB)"
+                 for resource, where, used, capacity in overflows]
+        super().__init__("the plan does not fit: " + "; ".join(parts))

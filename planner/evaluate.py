@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from planner.cost import CostModel, ShardCost, ShardOption, Sharding, Tier
-from planner.errors import PlanFileError
+from planner.errors import CapacityError, PlanFileError, Resource
 from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
-from planner.specs import TableSpec, Topology
+from planner.specs import GB, TablesSpec, TableSpec, Topology
 
 
 def shard_option(table: TableSpec, sharding: Sharding, shards: tuple[Shard, ...], shard: Shard,
@@ -24,11 +24,16 @@ def shard_option(table: TableSpec, sharding: Sharding, shards: tuple[Shard, ...]
                        lookup_share, output_share, shard.tier, shard.cache_rows)
 
 
-def evaluate(plan: Plan, model: CostModel, model_name: str, topology: Topology | None = None) -> Plan:
+def evaluate(plan: Plan, model: CostModel, model_name: str, topology: Topology | None = None,
+             tables: TablesSpec | None = None) -> Plan:
     """The same shards on the same devices, costed by ``model`` on ``topology``
-    (default: the plan's). The result's objective is the re-costed slowest device;
-    its bound is unknown (0) since the plan was not made under this model."""
+    (default: the plan's) for ``tables`` (default: the plan's; same names and sizes,
+    e.g. with measured access profiles). The result's objective is the re-costed
+    slowest device; its bound is unknown (0) since the plan was not made under this
+    model. Capacity is not checked here: see :func:`check_capacity`."""
     topology = topology or plan.topology
+    if tables is not None:
+        plan = replace(plan, tables_spec=tables)
     if topology.world_size < plan.topology.world_size:
         raise PlanFileError("<plan>", f"the plan uses {plan.topology.world_size} devices, the "
                                       f"topology has {topology.world_size}")
@@ -36,7 +41,11 @@ def evaluate(plan: Plan, model: CostModel, model_name: str, topology: Topology |
     loads, hbm = [0.0] * world, [0] * world
     tables = []
     for planned in plan.tables:
-        spec = plan.tables_spec.by_name(planned.name)
+        try:
+            spec = plan.tables_spec.by_name(planned.name)
+        except KeyError:
+            raise PlanFileError("<plan>", f"table {planned.name!r} is not in the tables "
+                                          f"spec") from None
         total = ShardCost(0.0, 0.0, 0.0, 0.0, 0, 0)
         for shard in planned.shards:
             cost = model.cost(shard_option(spec, planned.sharding, planned.shards, shard, world),
@@ -51,6 +60,34 @@ def evaluate(plan: Plan, model: CostModel, model_name: str, topology: Topology |
     out = Plan(plan.tables_spec, topology, model_name, tuple(tables), devices, report)
     check_plan(out)
     return out
+
+
+def capacity_overflows(plan: Plan, model: CostModel) -> tuple[tuple[Resource, str, int, int], ...]:
+    """Every device whose HBM and every host whose DRAM the plan's shards, sized by
+    ``model``, overflow: ``(resource, "device D" | "host H", used_bytes, capacity_bytes)``."""
+    topology = plan.topology
+    world = topology.world_size
+    hbm, dram = [0] * world, [0] * topology.hosts
+    for planned in plan.tables:
+        spec = plan.tables_spec.by_name(planned.name)
+        for shard in planned.shards:
+            cost = model.cost(shard_option(spec, planned.sharding, planned.shards, shard, world),
+                              topology)
+            hbm[shard.device] += cost.hbm_bytes
+            dram[topology.host_of(shard.device)] += cost.dram_bytes
+    out = [(Resource.HBM, f"device {d}", used, topology.usable_hbm_bytes)
+           for d, used in enumerate(hbm) if used > topology.usable_hbm_bytes]
+    capacity = int(topology.host.dram_gb * GB)
+    out.extend((Resource.DRAM, f"host {h}", used, capacity)
+               for h, used in enumerate(dram) if used > capacity)
+    return tuple(out)
+
+
+def check_capacity(plan: Plan, model: CostModel) -> None:
+    """Raise :class:`CapacityError` naming each overflowing device or host."""
+    overflows = capacity_overflows(plan, model)
+    if overflows:
+        raise CapacityError(overflows)
 
 
 def explain(plan: Plan, table: TablePlan) -> str:

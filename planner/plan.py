@@ -239,8 +239,10 @@ def _umask() -> int:
     return mask
 
 
-def read_plan(path: str | Path) -> Plan:
-    """Read and check a plan file; every problem is a :class:`PlanFileError`."""
+def read_plan(path: str | Path, *, require_inputs_sha256: bool = True) -> Plan:
+    """Read and check a plan file; every problem is a :class:`PlanFileError`. With
+    ``require_inputs_sha256=False`` a plan without ``inputs_sha256`` (hand-written,
+    or from another tool) is accepted; a present one must still match."""
     name = str(path)
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -256,10 +258,10 @@ def read_plan(path: str | Path) -> Plan:
         raise PlanFileError(name, "is a directory, not a plan file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PlanFileError(name, f"not a readable JSON plan: {exc}") from None
-    return plan_from_json(doc, name)
+    return plan_from_json(doc, name, require_inputs_sha256=require_inputs_sha256)
 
 
-def plan_from_json(doc: Any, name: str = "<memory>") -> Plan:
+def plan_from_json(doc: Any, name: str = "<memory>", *, require_inputs_sha256: bool = True) -> Plan:
     if not isinstance(doc, dict):
         raise PlanFileError(name, "a plan must be a JSON object")
     version = doc.get("schema_version")
@@ -300,6 +302,8 @@ def plan_from_json(doc: Any, name: str = "<memory>") -> Plan:
         raise PlanFileError(name, f"malformed field: {exc}") from None
     plan = Plan(tables_spec, topology, cost_model, tables, devices, solve)
     check_plan(plan, name)
+    if "inputs_sha256" not in doc and not require_inputs_sha256:
+        return plan
     if doc.get("inputs_sha256") != plan.inputs_sha256:
         raise PlanFileError(name, "inputs_sha256 does not match the embedded specs "
                                   "(edited by hand?); re-run dlrm-plan")

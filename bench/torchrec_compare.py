@@ -26,8 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))
 
 from bench.workloads import workloads  # noqa: E402
 from planner import AnalyticCostModel, PlanOptions, TablesSpec, Tier, Topology, plan  # noqa: E402

@@ -127,3 +127,23 @@ def test_dmp_accepts_exported_plan(tmp_path: Path) -> None:
     # the row-wise table was cut into TorchRec's blocks: 11 and 10 rows
     assert expected[0]["rw"] == [([0, 0], [11, DIM])]
     assert expected[1]["cw"] == [([0, 4], [16, 4])]
+
+
+def test_sharding_plan_object_matches_json() -> None:
+    from torchrec.distributed.types import ParameterSharding, ShardingPlan
+
+    from planner import from_torchrec
+
+    hand = _plan()
+    doc = to_torchrec(hand, module_path="sparse")
+    sharding_plan = to_torchrec_sharding_plan(hand, module_path="sparse")
+    assert isinstance(sharding_plan, ShardingPlan)
+    rw = sharding_plan.plan["sparse"]["rw"]
+    assert isinstance(rw, ParameterSharding)
+    assert (rw.sharding_type, rw.compute_kernel, rw.ranks) == ("row_wise", "fused", [0, 1])
+    assert [(s.shard_offsets, s.shard_sizes, str(s.placement)) for s in rw.sharding_spec.shards] \
+        == [([0, 0], [11, DIM], "rank:0/cuda:0"), ([11, 0], [10, DIM], "rank:1/cuda:1")]
+    assert sharding_plan.plan["sparse"]["dp"].compute_kernel == "dense"
+    from_object = from_torchrec(sharding_plan, hand.tables_spec, hand.topology)
+    from_json = from_torchrec(doc, hand.tables_spec, hand.topology)
+    assert from_object.tables == from_json.tables

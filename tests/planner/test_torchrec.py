@@ -42,7 +42,7 @@ def _tables_doc() -> dict:
                 "pooling_factor": 2.0, "access": {"zipf": 1.1}}
     return {"tables": [table("tw", 300), table("rw", 400), table("rw_uneven", 10),
                        table("cw", 200), table("dp", 50), table("dram", 1000),
-                       table("store", 800), table("twrw", 600)]}
+                       table("store", 800), table("twrw", 600), table("hosted", 700)]}
 
 
 def _topology_doc(hbm_gb: float = 0.01, dram_gb: float = 1.0) -> dict:
@@ -72,6 +72,8 @@ def _hand_plan(topology_doc: dict | None = None) -> Plan:
                                                   Shard(1, 0, 800, 4, 8, store, 40)), ZERO_COST),
         TablePlan("twrw", Sharding.TABLE_ROW_WISE, (Shard(2, 0, 300, 0, DIM),
                                                     Shard(3, 300, 600, 0, DIM)), ZERO_COST),
+        TablePlan("hosted", Sharding.TABLE_WISE, (Shard(2, 0, 700, 0, DIM, Tier.HOST),),
+                  ZERO_COST),
     )
     devices = tuple(DeviceLoad(d, topology.host_of(d), 0.0, 0, topology.usable_hbm_bytes)
                     for d in range(4))
@@ -112,6 +114,8 @@ def test_export_fields() -> None:
     assert tables["store"]["compute_kernel"] == "fused_uvm_caching"
     assert tables["store"]["cache_params"] == {"load_factor": pytest.approx(0.05)}
     assert tables["twrw"]["ranks"] == [2, 3]
+    assert (tables["hosted"]["compute_kernel"], tables["hosted"]["cache_params"]) == (
+        "fused_uvm", None)
     cpu = to_torchrec(_hand_plan(), module_path="sparse.ebc", device="cpu")
     assert cpu["plan"]["sparse.ebc"]["tw"]["sharding_spec"]["shards"][0]["placement"] == "rank:3/cpu"
 
@@ -219,25 +223,23 @@ def test_fused_uvm_is_the_host_tier() -> None:
     hand = _hand_plan()
     doc = to_torchrec(hand)
     doc["plan"][""]["tw"].update(compute_kernel="fused_uvm", dlrm_tier=None)
-    if "host" in {t.value for t in Tier}:
-        back = from_torchrec(doc, hand.tables_spec, hand.topology)
-        assert back.table("tw").shards[0].tier.value == "host"
-    else:
-        with pytest.raises(PlanFileError, match="tier 'host' is not supported"):
-            from_torchrec(doc, hand.tables_spec, hand.topology)
+    back = from_torchrec(doc, hand.tables_spec, hand.topology)
+    assert back.table("tw").shards[0].tier is Tier.HOST
+    assert back.table("hosted").shards[0].tier is Tier.HOST
 
 
 def test_capacity_overflows_name_device_and_host() -> None:
     fits = _hand_plan()
     assert capacity_overflows(fits, AnalyticCostModel()) == ()
     check_capacity(fits, AnalyticCostModel())
-    # HBM per device ~15.7, 9.4, 17.7, 24 KB; DRAM only on host 0 (the "dram" table)
+    # HBM per device ~15.7, 9.4, 17.7, 24 KB; DRAM on host 0 (the "dram" table) and
+    # host 1 (the "hosted" table, 22 KB)
     small = parse_topology(_topology_doc(hbm_gb=0.000012, dram_gb=0.00001))
     tight = evaluate(fits, AnalyticCostModel(), "m", small)
     overflows = capacity_overflows(tight, AnalyticCostModel())
     where = {(r.value, w) for r, w, _, _ in overflows}
     assert where == {("hbm", "device 0"), ("hbm", "device 2"), ("hbm", "device 3"),
-                     ("dram", "host 0")}
+                     ("dram", "host 0"), ("dram", "host 1")}
     for _, _, used, capacity in overflows:
         assert used > capacity
     with pytest.raises(CapacityError, match=r"device 0 HBM needs .* GB \(over by"):

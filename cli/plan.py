@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -177,10 +178,10 @@ def build_show_parser() -> argparse.ArgumentParser:
 def build_evaluate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} evaluate",
-        description="Re-cost a plan's shards, where they are, under a cost model and topology, "
+        description=textwrap.fill("Re-cost a plan's shards, where they are, under a cost model and topology, "
                     "so plans from different tools compare under one model. Fails with its own "
                     "exit code, naming the device or host, when the shards overflow a device's "
-                    "HBM or a host's DRAM.",
+                    "HBM or a host's DRAM.", 88),
         epilog="example:\n  dlrm-plan evaluate torchrec_plan.json --format torchrec "
                "--tables examples/criteo_kaggle.tables.json \\\n"
                "      --topology examples/criteo_kaggle.topology.json\n\n" + EXIT_CODES_HELP,
@@ -214,13 +215,13 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
 def build_export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} export",
-        description="Write a plan as TorchRec 1.8 ShardingPlan fields (JSON): per table "
+        description=textwrap.fill("Write a plan as TorchRec 1.8 ShardingPlan fields (JSON): per table "
                     "sharding_type, compute_kernel (hbm: fused, dram_cache/store_cache: "
                     "fused_uvm_caching with cache_params.load_factor, host: fused_uvm, "
                     "data-parallel: dense), ranks and sharding_spec shards (offsets, sizes, "
                     "placement). Row-wise shards are cut into TorchRec's ceil(rows/N) blocks. "
                     "From Python, planner.to_torchrec_sharding_plan builds the "
-                    "ShardingPlan object for DistributedModelParallel.",
+                    "ShardingPlan object for DistributedModelParallel.", 88),
         epilog="example:\n  dlrm-plan export plan.json --format torchrec -o torchrec_plan.json"
                "\n\n" + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)

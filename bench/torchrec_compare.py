@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -202,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {name}: {why}")
     doc = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, {platform.python_version()}",
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python "
+                   f"{platform.python_version()}",
+        "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
         "command": "python bench/torchrec_compare.py " + " ".join(sys.argv[1:] if argv is None
                                                                    else argv),
         "torchrec_version": torchrec.__version__,

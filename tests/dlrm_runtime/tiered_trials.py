@@ -81,8 +81,10 @@ def _child(out: str, steps: int, every: int, rank: int, world: int, port: int,
     if fault:
         os.environ[FAULT_ENV] = fault
     result = tiered_worker.run(Path(out), steps, every=every, resume=True)
-    Path(out, f"result-{rank}.json").write_text(json.dumps(
-        {"resumed_from": result.resumed_from, "notice": result.notice}))
+    # written whole or not at all: a kill may land while the result is written
+    partial = Path(out, f"result-{rank}.json.tmp")
+    partial.write_text(json.dumps({"resumed_from": result.resumed_from, "notice": result.notice}))
+    os.replace(partial, Path(out, f"result-{rank}.json"))
 
 
 def launch(out: Path, steps: int, every: int, world: int, kill: Kill | None,
@@ -277,8 +279,10 @@ def chain(out: Path, kills: list[Kill], steps: int, every: int, world: int,
     launches = []
     for kill in [*kills, *[None] * max_extra]:
         committed = read_decision(out / "ck") if (out / "ck").is_dir() else None
-        if committed == steps:  # complete: the kills left have nothing to hit
-            return launches
+        if committed == steps:
+            if not launches or not launches[-1].killed:
+                return launches  # complete: the kills left have nothing to hit
+            kill = None  # killed after the last decision: the relaunch settles the stores
         if kill is not None:
             kill = _ahead(kill, committed, steps, every, rng)
         done = launch(out, steps, every, world, kill, rng)

@@ -66,9 +66,11 @@ from dlrm_runtime.sparse import SparseBatch
 from dlrm_runtime.timing import Stopwatch
 from planner import DType, Optimizer, TableSpec, TablesSpec, Tier
 from storage import RecoveryRequiredError, RowCache, StoreError, StoreLockedError, TableStore
+from storage import cache as row_cache
 
 __all__ = ["ADAGRAD_EPS", "CACHE_POLICY", "CachedTable", "CachedTables", "StoreTable",
-           "check_store_tables", "device_store_dir", "open_store", "store_tables"]
+           "check_store_tables", "device_store_dir", "lookup_shards", "open_store",
+           "store_tables"]
 
 ADAGRAD_EPS = 1e-8
 """Row-wise Adagrad's epsilon; equals :data:`dlrm_runtime.optim.ADAGRAD_EPS` (tested)."""
@@ -335,16 +337,23 @@ class _CacheShard:
         self.cache.close()
         self.cache = self._new_cache()
 
-    def pool(self, ids: torch.Tensor, offsets: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fits(self, ids: torch.Tensor) -> bool:
+        """Whether the distinct rows of local ``ids`` fit in the cache's slots."""
+        slots = self.cache.num_slots
+        return ids.numel() <= slots or torch.unique(ids).numel() <= slots
+
+    def pool(self, ids: torch.Tensor, offsets: torch.Tensor,
+             slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Local ``ids`` and ``offsets`` (``B + 1``) -> pooled ``[B, dim]`` float32 on the
         output device, and the slots of the ids. All rows go through the slots when the
         batch's distinct rows fit; otherwise the cache serves the overflow straight from
-        the store (slots None)."""
+        the store (slots None). ``slots``: the ids' slots already looked up
+        (:func:`lookup_shards`)."""
         cache = self.cache
         offsets = offsets.to(self.device)
-        if ids.numel() <= cache.num_slots or torch.unique(ids).numel() <= cache.num_slots:
-            slots = cache.lookup(ids)
+        if slots is not None or self.fits(ids):
+            if slots is None:
+                slots = cache.lookup(ids)
             out = F.embedding_bag(slots, cache.weights, offsets, mode="sum",
                                   include_last_offset=True)
             return out.to(self.output_device, torch.float32), slots
@@ -419,8 +428,9 @@ class _CachedBag(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor: torch.Tensor, shard: _CacheShard, ids: torch.Tensor,  # type: ignore[override]
-                offsets: torch.Tensor, lr: float, clock: Stopwatch | None) -> torch.Tensor:
-        pooled, slots = shard.pool(ids, offsets)
+                offsets: torch.Tensor, lr: float, clock: Stopwatch | None,
+                looked_up: torch.Tensor | None) -> torch.Tensor:
+        pooled, slots = shard.pool(ids, offsets, looked_up)
         ctx.shard, ctx.lr, ctx.slots, ctx.clock = shard, lr, slots, clock
         ctx.save_for_backward(ids, offsets)
         return pooled
@@ -431,7 +441,30 @@ class _CachedBag(torch.autograd.Function):
         ids, offsets = ctx.saved_tensors
         with ctx.clock.timing() if ctx.clock is not None else contextlib.nullcontext():
             ctx.shard.update(ids, offsets, grad, ctx.lr, ctx.slots)
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
+
+
+def lookup_shards(batches: Sequence[tuple[_CacheShard, torch.Tensor]]
+                  ) -> list[torch.Tensor | None]:
+    """The slots of each ``(shard, local ids)`` whose distinct rows fit in its cache,
+    looked up with one :func:`storage.lookup_many` per device (in the order given);
+    None for the others, which :meth:`_CacheShard.pool` serves by gathering."""
+    out: list[torch.Tensor | None] = [None] * len(batches)
+    by_device: dict[torch.device, list[int]] = {}
+    for k, (shard, ids) in enumerate(batches):
+        if shard.fits(ids):
+            by_device.setdefault(shard.cache.device, []).append(k)
+    for positions in by_device.values():
+        slots = row_cache.lookup_many([batches[k][0].cache for k in positions],
+                                      [batches[k][1] for k in positions])
+        for k, found in zip(positions, slots):
+            out[k] = found
+    return out
+
+
+Routed = list[tuple[_CacheShard | None, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+"""Per shard of a table: its cache (None: another process's), local ids, local bag
+offsets (``B + 1``), and the ids' slots when already looked up."""
 
 
 # ---------------------------------------------------------------- one cached table
@@ -462,6 +495,8 @@ class CachedTable(nn.Module):
         """The row optimizer's learning rate; needed to train (set by the owner)."""
         self.clock: Stopwatch | None = None
         """When set, the time of the fused updates (in the backward) is added to it."""
+        self._resolved: tuple[torch.Tensor, Routed] | None = None
+        """The ids of the batch :meth:`CachedTables.resolve` looked up, and their routes."""
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """``ids``, ``offsets`` (``B + 1``) -> pooled ``[B, dim]`` float32 on the
@@ -471,29 +506,36 @@ class CachedTable(nn.Module):
         if train and self.lr is None:
             raise ConfigError(f"table {self.spec.name!r} is cached and trains through its "
                               f"cache: set the embeddings' embedding_lr first")
+        resolved, self._resolved = self._resolved, None
+        if resolved is not None and resolved[0] is ids:
+            routes = resolved[1]
+        else:
+            routes = [(shard, local, local_offsets, None)
+                      for shard, local, local_offsets in self._routed(ids, offsets)]
         total = None
-        for s, (shard, local, local_offsets) in enumerate(self._routed(ids, offsets)):
+        for s, (shard, local, local_offsets, slots) in enumerate(routes):
             if shard is None:
                 raise ConfigError(f"table {self.spec.name!r}: the shard of plan device "
                                   f"{self.placement.shards[s].plan_device} is served by "
                                   f"another process")
-            out = self.shard_forward(shard, local, local_offsets)
+            out = self.shard_forward(shard, local, local_offsets, slots)
             total = out if total is None else total + out
         if total is None:  # pragma: no cover - a placement has at least one shard
             raise ValueError(f"table {self.spec.name!r} has no shards")
         return total
 
-    def shard_forward(self, shard: _CacheShard, ids: torch.Tensor,
-                      offsets: torch.Tensor) -> torch.Tensor:
+    def shard_forward(self, shard: _CacheShard, ids: torch.Tensor, offsets: torch.Tensor,
+                      slots: torch.Tensor | None = None) -> torch.Tensor:
         """One shard's pooled ``[B, dim]`` float32 for its local ``ids`` and ``offsets``
-        (``B + 1``); in training (grad enabled) its backward updates the rows."""
+        (``B + 1``); in training (grad enabled) its backward updates the rows.
+        ``slots``: the ids' slots already looked up (:func:`lookup_shards`)."""
         if not torch.is_grad_enabled():
-            return shard.pool(ids, offsets)[0]
+            return shard.pool(ids, offsets, slots)[0]
         if self.lr is None:
             raise ConfigError(f"table {self.spec.name!r} is cached and trains through its "
                               f"cache: set the embeddings' embedding_lr first")
         anchor = torch.empty(0, requires_grad=True)
-        return _CachedBag.apply(anchor, shard, ids, offsets, self.lr, self.clock)
+        return _CachedBag.apply(anchor, shard, ids, offsets, self.lr, self.clock, slots)
 
     def local_shards(self) -> list[_CacheShard]:
         """The caches this process serves."""
@@ -643,6 +685,28 @@ class CachedTables(nn.Module):
             if table.index == index:
                 return table
         raise KeyError(f"no cached table at position {index}")
+
+    def resolve(self, sparse: SparseBatch) -> None:
+        """Look up the rows of ``sparse`` in every local cache that they fit, with one
+        :func:`storage.lookup_many` per device; each table's next forward of these ids
+        uses the slots. Does nothing when training without a learning rate (the forward
+        refuses that before any lookup)."""
+        if torch.is_grad_enabled() and self._lr is None:
+            return
+        pending: list[tuple[CachedTable, Routed]] = []
+        batches: list[tuple[_CacheShard, torch.Tensor]] = []
+        for table in self.tables:
+            ids = sparse.ids[table.index]
+            check_range(table.spec, ids)
+            routes = table._routed(ids, sparse.offsets[table.index])
+            pending.append((table, [(shard, local, offsets, None)
+                                    for shard, local, offsets in routes]))
+            batches.extend((shard, local) for shard, local, _ in routes if shard is not None)
+        slots = iter(lookup_shards(batches))
+        for table, routes in pending:
+            table._resolved = (sparse.ids[table.index],
+                               [(shard, local, offsets, None if shard is None else next(slots))
+                                for shard, local, offsets, _ in routes])
 
     def prefetch(self, sparse: SparseBatch) -> None:
         """Start reading the uncached rows of ``sparse`` (a whole batch, every table;

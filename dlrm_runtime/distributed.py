@@ -410,23 +410,31 @@ class DistributedEmbeddings(nn.Module):
                 pooled[k] = out[m].float()
         for bag, k in zip(self.shards, self.shard_positions):
             pooled[k] = bag(*received[k])
-        for k, j in self.cached_positions:
-            pooled[k] = self._cached_lookup(self.jobs[j], *received[k])
+        if self.cached_positions:
+            self._cached_lookups(received, pooled)
         if self._next_batch is not None and self.cached is not None:
             # this step's rows are resident: read the next batch's misses meanwhile
             self.cached.prefetch(self._next_batch)
         self._next_batch = None
         return pooled
 
-    def _cached_lookup(self, job: LookupJob, ids: torch.Tensor,
-                       offsets: torch.Tensor) -> torch.Tensor:
-        """A cached job over the global batch: pooled ``[W b, cols]`` float32; in
+    def _cached_lookups(self, received: list[tuple[torch.Tensor, torch.Tensor]],
+                        pooled: list[Any]) -> None:
+        """The cached jobs over the global batch into ``pooled``: ``[W b, cols]``
+        float32 each, their rows looked up together (one read back per device); in
         training the backward (the reverse exchange brings the gradient here) applies
         the row optimizer to the cached rows."""
         if self.cached is None:  # pragma: no cover - built whenever a job is cached
             raise ConfigError("cached job without row caches")
-        table = self.cached.table(job.table)
-        return table.shard_forward(table.shard_at(job.row_start), ids, offsets)
+        from dlrm_runtime.cached import lookup_shards  # it builds on the embeddings
+        owners = []
+        for _, j in self.cached_positions:
+            table = self.cached.table(self.jobs[j].table)
+            owners.append((table, table.shard_at(self.jobs[j].row_start)))
+        slots = lookup_shards([(shard, received[k][0])
+                               for (k, _), (_, shard) in zip(self.cached_positions, owners)])
+        for (k, _), (table, shard), found in zip(self.cached_positions, owners, slots):
+            pooled[k] = table.shard_forward(shard, *received[k], found)
 
     def _pooled_per_job(self, sparse: SparseBatch, b: int) -> list[torch.Tensor]:
         """Every job's pooled ``[b, cols]`` for this rank's samples, in job order."""

@@ -849,6 +849,8 @@ class InMemoryEmbeddings(nn.Module):
             parts.append(out.to(self.output_device, torch.float32))
         for table in self.sharded:
             parts.append(table(sparse.ids[table.index], sparse.offsets[table.index]).unsqueeze(0))
+        if self.cached is not None:
+            self.cached.resolve(sparse)
         for table in self._cached_tables():
             parts.append(table(sparse.ids[table.index], sparse.offsets[table.index]).unsqueeze(0))
         if self._next_batch is not None and self.cached is not None:

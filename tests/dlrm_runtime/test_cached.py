@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import storage.cache
+
 from dlrm_runtime import (
     CheckpointError,
     ConfigError,
@@ -18,7 +20,7 @@ from dlrm_runtime import (
     Trainer,
     embeddings_from_plan,
 )
-from dlrm_runtime.cached import ADAGRAD_EPS, store_tables
+from dlrm_runtime.cached import ADAGRAD_EPS, CachedTables, store_tables
 from dlrm_runtime.checkpoint import (
     checkpoint_of_step,
     committed_step,
@@ -111,6 +113,53 @@ def test_cached_training_equals_in_memory_training(optimizer: str, tmp_path: Pat
             torch.testing.assert_close(b.weight, a.weight, atol=1e-6, rtol=1e-5)
     finally:
         model.embeddings.close()
+
+
+def test_a_step_looks_up_every_cached_table_of_a_device_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = tables(optimizers=("sgd", "rowwise_adagrad", "sgd"))
+    plain_plan = table_wise(spec, topology())
+    cached_plan = table_wise(spec, topology(), {
+        "t0": _cached(spec, "t0", Tier.STORE_CACHE, 2 * BATCH),
+        "t1": _cached(spec, "t1", Tier.DRAM_CACHE, 2 * BATCH),
+        "t2": _cached(spec, "t2", Tier.STORE_CACHE, 2 * BATCH, cut=700)})
+    calls: list[list[torch.device]] = []
+    many = storage.cache.lookup_many
+
+    def counted(caches, ids):
+        calls.append([cache.device for cache in caches])
+        return many(caches, ids)
+
+    monkeypatch.setattr(storage.cache, "lookup_many", counted)
+    config = TrainConfig(batch_size=BATCH, lr=0.1, embedding_lr=0.2, dense_optimizer="sgd")
+    steps = range(4)
+    base = _model(plain_plan)
+    in_memory = _train(base, plain_plan, steps, config)
+    one_by_one = _model(cached_plan, tmp_path / "a")
+    together = _model(cached_plan, tmp_path / "b")
+    try:
+        with monkeypatch.context() as patch:  # each table routes and looks up by itself
+            patch.setattr(CachedTables, "resolve", lambda self, sparse: None)
+            expected = _train(one_by_one, cached_plan, steps, config)
+        assert calls == []
+        got = _train(together, cached_plan, steps, config)
+        # four caches (t0, t1, both shards of t2), all on the CPU: one call a step
+        assert calls == [[CPU] * 4] * len(steps)
+        assert got == expected
+        assert got == pytest.approx(in_memory, abs=1e-6)
+        stats, reference = together.embeddings.cache_stats(), one_by_one.embeddings.cache_stats()
+        assert stats is not None and reference is not None
+        assert {k: v for k, v in stats.items() if not k.endswith("_s")} \
+            == {k: v for k, v in reference.items() if not k.endswith("_s")}
+        assert stats["evictions"] > 0 and stats["uncached"] == 0 and stats["misses"] > 0
+        for t in plain_plan.tables_spec.tables:
+            weight = together.embeddings.weight(t.name)
+            assert torch.equal(weight, one_by_one.embeddings.weight(t.name))
+            torch.testing.assert_close(weight, base.embeddings.weight(t.name),
+                                       atol=1e-6, rtol=1e-5)
+    finally:
+        one_by_one.embeddings.close()
+        together.embeddings.close()
 
 
 def test_cached_tables_are_not_row_blocks_nor_in_runtime_checkpoints(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ if str(ROOT) not in sys.path:  # run as a script from any directory
     sys.path.insert(0, str(ROOT))
 
 from bench.storage_hitrate import zipf_probabilities  # noqa: E402
-from dlrm_runtime.memory import tune_malloc  # noqa: E402
+from dlrm_runtime.embeddings import tune_malloc  # noqa: E402
 from storage.cache import RowCache  # noqa: E402
 from storage.store import TableStore  # noqa: E402
 

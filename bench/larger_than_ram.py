@@ -38,10 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.store_training import manual_plan  # noqa: E402
 from dlrm_runtime import DLRM, ModelConfig, SyntheticClicks, TrainConfig, Trainer  # noqa: E402
-from dlrm_runtime.cached import device_store_dir, open_store, store_tables  # noqa: E402
+from dlrm_runtime.embeddings import device_store_dir, open_store, store_tables  # noqa: E402
 from dlrm_runtime.embeddings import embeddings_from_plan  # noqa: E402
-from dlrm_runtime.memory import tune_malloc  # noqa: E402
-from dlrm_runtime.sharding import placements_from_plan  # noqa: E402
+from dlrm_runtime.embeddings import tune_malloc  # noqa: E402
+from dlrm_runtime.embeddings import placements_from_plan  # noqa: E402
 from planner import Plan, Tier  # noqa: E402
 from planner.plan import Shard, TablePlan  # noqa: E402
 

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from dlrm_runtime.timing import cpu_ticks, steal_share  # noqa: E402
+from dlrm_runtime.measure import cpu_ticks, steal_share  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TIE = 0.05

@@ -3,7 +3,7 @@
 1. Writes a synthetic Criteo-format TSV (label, 13 integers, 26 hex values; Zipf
    categorical values over the Kaggle data set's cardinalities, a few percent missing
    values, some negative integers) of ``--lines`` lines.
-2. Parses it into the binary cache (``dlrm_runtime.criteo.build_cache``) and reports
+2. Parses it into the binary cache (``dlrm_runtime.data.criteo.build_cache``) and reports
    lines/s and MB/s, with one thread and with ``--workers`` threads; then reads every
    batch of the cache back (``CriteoClicks``, the second epoch's path): samples/s.
 3. Counts row accesses of the 26 tables from the cache (``count_accesses``) and runs
@@ -44,7 +44,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dlrm_runtime.criteo import (
+from dlrm_runtime.data.criteo import (
     NUM_DENSE,
     NUM_SPARSE,
     CriteoCache,
@@ -53,7 +53,7 @@ from dlrm_runtime.criteo import (
     splitmix64,
 )
 from dlrm_runtime.data import ZipfSampler
-from dlrm_runtime.profile import count_accesses, profile_tables
+from dlrm_runtime.data import count_accesses, profile_tables
 from planner import TablesSpec, parse_tables
 
 RESULTS = ROOT / "bench" / "results" / "profiling.json"

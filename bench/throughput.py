@@ -54,7 +54,7 @@ from dlrm_runtime import (  # noqa: E402
     Trainer,
     embeddings_in_memory,
 )
-from dlrm_runtime.memory import tune_malloc  # noqa: E402
+from dlrm_runtime.embeddings import tune_malloc  # noqa: E402
 from planner import parse_tables  # noqa: E402
 
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc malloc as it is (by default the process gets "
-                             "dlrm_runtime.memory.tune_malloc, as dlrm-run does; it speeds up "
+                             "dlrm_runtime.embeddings.tune_malloc, as dlrm-run does; it speeds up "
                              "both sides)")
     args = parser.parse_args(argv)
     malloc_tuned = False if args.no_malloc_tuning else tune_malloc()

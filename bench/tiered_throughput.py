@@ -42,7 +42,7 @@ from dlrm_runtime import (  # noqa: E402
     train,
     train_distributed,
 )
-from dlrm_runtime.collectives import shutdown  # noqa: E402
+from dlrm_runtime.distributed import shutdown  # noqa: E402
 from planner import Plan, Sharding, Tier, parse_tables, parse_topology  # noqa: E402
 from planner.cost import ShardCost  # noqa: E402
 from planner.plan import DeviceLoad, Shard, SolveReport, TablePlan  # noqa: E402

@@ -1,13 +1,38 @@
-"""DLRM trained from a plan: the model, embeddings built from a plan, data and the loop."""
+"""DLRM trained from a plan, in one process or over torch.distributed.
 
-from dlrm_runtime.collectives import init_from_env
-from dlrm_runtime.config import Interaction, ModelConfig, TrainConfig
-from dlrm_runtime.data import SyntheticClicks
-from dlrm_runtime.distributed import DistributedTrainer, train_distributed
+The room: :mod:`.data` (what training reads), :mod:`.embeddings` (tables built from a
+plan), :mod:`.distributed` (the multi-process trainer), :mod:`.measure` (timing,
+prediction, calibration, metrics), and at the top :mod:`.config`, :mod:`.model`,
+:mod:`.prepare` (one call checks a run before any work), :mod:`.train` (the step and
+the loop), :mod:`.checkpoint` and :mod:`.errors`.
+
+Typical use::
+
+    from dlrm_runtime import ModelConfig, TrainConfig, train
+    result = train(read_plan("plan.json"), ModelConfig(), TrainConfig(steps=100))
+"""
+
+from dlrm_runtime.config import Interaction, ModelConfig, TrainConfig, as_flag
+from dlrm_runtime.data import (
+    CriteoCache,
+    CriteoClicks,
+    SyntheticClicks,
+    open_or_build_cache,
+    profile_tables,
+)
+from dlrm_runtime.distributed import (
+    DistributedTrainer,
+    init_from_env,
+    shutdown,
+    train_distributed,
+)
 from dlrm_runtime.embeddings import (
     InMemoryEmbeddings,
     ShardedTable,
+    SparseBatch,
     TableBatchedBags,
+    check_store_dir,
+    device_for,
     embeddings_from_plan,
     embeddings_in_memory,
 )
@@ -19,24 +44,28 @@ from dlrm_runtime.errors import (
     TrainingDivergedError,
 )
 from dlrm_runtime.model import DLRM
-from dlrm_runtime.sharding import device_for
-from dlrm_runtime.sparse import SparseBatch
+from dlrm_runtime.prepare import RunSetup, prepare_run
 from dlrm_runtime.train import (
     EvalResult,
+    Progress,
     Trainer,
+    TrainingInterrupted,
     TrainResult,
     build_model,
     check_plan_matches,
     evaluate,
+    open_metrics_log,
     train,
 )
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DLRM", "DistributedTrainer", "EvalResult",
-    "InMemoryEmbeddings", "Interaction",
-    "ModelConfig", "PlanMismatchError", "RuntimeErrorBase", "ShardedTable", "SparseBatch",
-    "SyntheticClicks", "TableBatchedBags", "TrainConfig", "TrainResult", "Trainer",
-    "TrainingDivergedError", "build_model", "check_plan_matches", "device_for",
-    "embeddings_from_plan", "embeddings_in_memory", "evaluate", "init_from_env", "train",
-    "train_distributed",
+    "CheckpointError", "ConfigError", "CriteoCache", "CriteoClicks", "DLRM",
+    "DistributedTrainer", "EvalResult", "InMemoryEmbeddings", "Interaction",
+    "ModelConfig", "PlanMismatchError", "Progress", "RunSetup", "RuntimeErrorBase",
+    "ShardedTable", "SparseBatch", "SyntheticClicks", "TableBatchedBags", "TrainConfig",
+    "TrainResult", "Trainer", "TrainingDivergedError", "TrainingInterrupted", "as_flag",
+    "build_model", "check_plan_matches", "check_store_dir", "device_for",
+    "embeddings_from_plan", "embeddings_in_memory", "evaluate", "init_from_env",
+    "open_metrics_log", "open_or_build_cache", "prepare_run", "profile_tables", "shutdown",
+    "train", "train_distributed",
 ]

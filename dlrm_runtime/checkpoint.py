@@ -52,16 +52,16 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dlrm_runtime.config import ModelConfig, TrainConfig
-from dlrm_runtime.embeddings import TORCH_DTYPE, Segment
+from dlrm_runtime.embeddings import TORCH_DTYPE, CachedTables, RowOptimizer, Segment
 from dlrm_runtime.errors import CheckpointError
-from dlrm_runtime.optim import RowOptimizer
+from dlrm_runtime.files import fsync_dir, write_atomic
 from planner import Plan, TablesSpec
 
 FORMAT_VERSION = 1
@@ -132,14 +132,6 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _discard(path: Path) -> None:
     """Rename out of sight first (atomic), then delete: a kill mid-delete leaves only
     a ``.trash-*`` leftover, never a partial ``ckpt-*``."""
@@ -185,12 +177,12 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any],
         out.write(json.dumps(meta, indent=1) + "\n")
         out.flush()
         os.fsync(out.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     final = directory / f"{PREFIX}{step:010d}"
     if final.exists():  # the same step written again (a rerun); replace it
         _discard(final)
     os.replace(tmp, final)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     others = [path for _, path in list_checkpoints(directory) if path != final]
     for older in [] if keep is None else others[:max(0, len(others) - (keep - 1))]:
         _discard(older)
@@ -228,15 +220,9 @@ def read_decision(directory: str | Path) -> int | None:
 
 def write_decision(directory: str | Path, step: int) -> None:
     """Commit the checkpoint of ``step``: atomically replace the decision record."""
-    directory = Path(directory)
-    tmp = directory / f".tmp-{DECISION_FILE}-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write(json.dumps({"format": FORMAT_VERSION, "step": step,
-                              "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, directory / DECISION_FILE)
-    _fsync_dir(directory)
+    record = {"format": FORMAT_VERSION, "step": step,
+              "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_atomic(Path(directory) / DECISION_FILE, (json.dumps(record) + "\n").encode())
 
 
 def committed_step(directory: str | Path, *, two_phase: bool) -> int | None:
@@ -347,3 +333,94 @@ def import_tables(saved: dict[str, dict[str, torch.Tensor]], row_opt: RowOptimiz
                         tensor[rows_b] = entry[key][rows_t]
                     else:
                         tensor[rows_b] = entry[key][rows_t, cols_t]
+
+
+# ---------------------------------------------------------------- the run's protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """The processes that train together (just this one by default). Rank 0 decides
+    which checkpoint to resume, writes the metrics log, the progress bar and the
+    checkpoints; the others follow."""
+
+    rank: int = 0
+    world: int = 1
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's ``value``, on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (a collective: also a barrier)."""
+        if self.world == 1:
+            return ok
+        flags = [None] * self.world
+        torch.distributed.all_gather_object(flags, bool(ok))
+        return all(flags)
+
+    def gather(self, value: object) -> list[object] | None:
+        """Every rank's ``value`` in rank order on rank 0; None on the others."""
+        if self.world == 1:
+            return [value]
+        out: list[object] | None = [None] * self.world if self.rank == 0 else None
+        torch.distributed.gather_object(value, out, dst=0)
+        return out
+
+
+def write_run_checkpoint(directory: str, step: int, state: dict | None,
+                         stores: CachedTables | None, peers: Peers) -> Path | None:
+    """The run's checkpoint of ``step``: without table stores one part, committed by the
+    checkpoint's atomic rename on rank 0; with them one transaction over rank 0's
+    runtime checkpoint and every rank's stores. Returns the path on rank 0."""
+    if stores is None:
+        return save_checkpoint(directory, step, state) if peers.rank == 0 else None
+    return _commit_two_phase(directory, step, state, stores, peers)
+
+
+def _commit_two_phase(directory: str, step: int, state: dict | None, stores: CachedTables,
+                      peers: Peers) -> Path | None:
+    """The checkpoint of ``step`` as one transaction over rank 0's runtime checkpoint
+    and every rank's table stores (see :mod:`dlrm_runtime.checkpoint`); returns the
+    runtime checkpoint's path on rank 0."""
+    lead = peers.rank == 0
+    path, failure = None, None
+    try:
+        if lead:
+            path = save_checkpoint(directory, step, state, keep=None)  # not yet decided
+            fault_point("saved", step, peers.rank)
+        stores.prepare(step)
+        fault_point("prepared", step, peers.rank)
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the vote below
+        failure = exc
+    if not peers.all_ok(failure is None):  # every part prepared, or the step is abandoned
+        raise CheckpointError(f"checkpoint of step {step} abandoned: "
+                              f"{failure or 'another rank failed to prepare it'}; the run's "
+                              f"last committed checkpoint stays") from failure
+    if lead:
+        write_decision(directory, step)  # the commit point
+        fault_point("decided", step, peers.rank)
+    peers.all_ok(True)  # the decision is durable before any store commits
+    stores.commit(step)
+    fault_point("committed", step, peers.rank)
+    if lead:
+        prune_checkpoints(directory, step)
+    return path
+
+
+def settle_stores(stores: CachedTables, committed: int | None, peers: Peers) -> None:
+    """Every rank settles its table stores on ``committed``, the run's newest committed
+    step (see :meth:`~dlrm_runtime.embeddings.CachedTables.recover`); all ranks stop
+    alike when one cannot."""
+    failure = None
+    try:
+        stores.recover(committed)
+    except CheckpointError as exc:
+        failure = exc
+    if not peers.all_ok(failure is None):  # every rank stops alike
+        raise failure or CheckpointError("another rank's table store does not match the "
+                                         "run's committed checkpoint (see its message)")

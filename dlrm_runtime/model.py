@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dlrm_runtime.config import Interaction, ModelConfig
-from dlrm_runtime.sparse import SparseBatch
+from dlrm_runtime.embeddings.sparse import SparseBatch
 
 
 def _init_linear(layer: nn.Linear, generator: torch.Generator) -> None:

@@ -6,9 +6,9 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, Protocol
 
 import numpy as np
 import torch
@@ -20,13 +20,13 @@ from dlrm_runtime.checkpoint import (
     check_fingerprint,
     committed_step,
     export_tables,
-    fault_point,
     fingerprint,
     import_tables,
     load_checkpoint,
     prune_checkpoints,
-    save_checkpoint,
-    write_decision,
+    Peers,
+    settle_stores,
+    write_run_checkpoint,
 )
 from dlrm_runtime.config import ModelConfig, TrainConfig
 from dlrm_runtime.data import (
@@ -36,23 +36,35 @@ from dlrm_runtime.data import (
     Prefetcher,
     SyntheticClicks,
 )
-from dlrm_runtime.embeddings import device_for, embeddings_from_plan
+from dlrm_runtime.embeddings import (
+    CachedTables,
+    CachedTablesOwner,
+    RowOptimizer,
+    TablePlacement,
+    device_for,
+    embeddings_from_plan,
+    tune_malloc,
+)
 from dlrm_runtime.errors import (
     CheckpointError,
     ConfigError,
     PlanMismatchError,
     TrainingDivergedError,
 )
-from dlrm_runtime.memory import tune_malloc
-from dlrm_runtime.metrics import accuracy, roc_auc
+from dlrm_runtime.measure import (
+    PhaseTimer,
+    StepPrediction,
+    StepTimes,
+    Stopwatch,
+    accuracy,
+    cpu_ticks,
+    predict_step,
+    roc_auc,
+    steal_share,
+)
 from dlrm_runtime.model import DLRM
-from dlrm_runtime.optim import RowOptimizer
-from dlrm_runtime.prediction import StepPrediction, predict_step
-from dlrm_runtime.timing import PhaseTimer, StepTimes, Stopwatch, cpu_ticks, steal_share
+from dlrm_runtime.prepare import RunSetup, prepare_run
 from planner import Plan, TablesSpec, plan_sha256
-
-if TYPE_CHECKING:
-    from dlrm_runtime.cached import CachedTables
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,24 +152,52 @@ def check_plan_matches(plan: Plan, tables: TablesSpec, plan_file: str = "the pla
 
 
 def build_model(plan: Plan, config: ModelConfig, seed: int = 0, *, store_dir: str | None = None,
-                embedding_lr: float | None = None) -> DLRM:
+                embedding_lr: float | None = None,
+                placements: dict[str, TablePlacement] | None = None) -> DLRM:
     """DLRM with its embeddings placed as ``plan`` says and its MLPs on device 0; tables
     in a cached tier go through row caches over the table store in ``store_dir`` (see
     :func:`~dlrm_runtime.embeddings.embeddings_from_plan`)."""
     dense_device = device_for(0)
     embeddings = embeddings_from_plan(plan, dense_device, seed, store_dir=store_dir,
-                                      embedding_lr=embedding_lr)
+                                      embedding_lr=embedding_lr, placements=placements)
     dims = [t.embedding_dim for t in plan.tables_spec.tables]
     return DLRM(config, embeddings, dims, seed).dense_to(dense_device)
 
 
-def _dense_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def dense_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """torch's fused (one kernel for all parameters) implementation."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, fused=True)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, fused=True)
     return torch.optim.Adagrad(params, lr=lr, fused=True)
+
+
+def timed_step(timer: PhaseTimer, embeddings: CachedTablesOwner, *,
+               lookup: Callable[[], list[torch.Tensor]],
+               dense: Callable[[list[torch.Tensor]], float], update: Callable[[], None],
+               exchanges: Stopwatch | None = None) -> float:
+    """One training step split into phases on ``timer``: ``lookup`` (the pooled
+    embeddings), ``dense`` (MLPs, loss, backward, dense optimizer; returns the loss) and
+    ``update`` (the row optimizer). The cached tables' fused updates run inside the
+    backward: their time moves from dense to update. With ``exchanges`` (the time of the
+    collectives, added to it as they run), that time moves to communication."""
+    updates = Stopwatch()
+    with embeddings.timing_updates(updates):
+        with timer.phase("lookup"):
+            pooled = lookup()
+        before = exchanges.seconds if exchanges is not None else 0.0
+        if exchanges is not None:
+            timer.move("lookup", "communication", before)
+        with timer.phase("dense"):
+            value = dense(pooled)
+        if exchanges is not None:
+            timer.move("dense", "communication", exchanges.seconds - before)
+        timer.move("dense", "update", updates.seconds)
+        with timer.phase("update"):
+            update()
+    timer.step_done()
+    return value
 
 
 class Trainer:
@@ -169,7 +209,7 @@ class Trainer:
         self.config = config
         self.device = model.mlp_layers()[0].weight.device
         self.dense_params = model.dense_parameters()
-        self.dense_opt = _dense_optimizer(config.dense_optimizer, self.dense_params, config.lr)
+        self.dense_opt = dense_optimizer(config.dense_optimizer, self.dense_params, config.lr)
         self.row_opt = RowOptimizer.for_blocks(model.embeddings.row_blocks(), config.embedding_lr)
         _set_cached_lr(model, config.embedding_lr)
 
@@ -182,26 +222,17 @@ class Trainer:
             self.dense_opt.step()
             self.row_opt.step()
             return float(loss.detach())
-        cached = getattr(self.model.embeddings, "cached", None)
-        clock = Stopwatch()
-        if cached is not None:  # cached tables update inside the backward
-            cached.time_updates(clock)
-        try:
-            with timer.phase("lookup"):
-                pooled = self.model.lookup(batch.sparse)
-            with timer.phase("dense"):
-                logits = self.model.dense_forward(batch.dense.to(self.device), pooled)
-                loss = self._backward(logits, batch)
-                self.dense_opt.step()
-                value = float(loss.detach())
-            timer.move("dense", "update", clock.seconds)
-            with timer.phase("update"):
-                self.row_opt.step()
-        finally:
-            if cached is not None:
-                cached.time_updates(None)
-        timer.step_done()
-        return value
+        return timed_step(
+            timer, self.model.embeddings,
+            lookup=lambda: self.model.lookup(batch.sparse),
+            dense=lambda pooled: self._dense_step(batch, pooled),
+            update=self.row_opt.step)
+
+    def _dense_step(self, batch: Batch, pooled: list[torch.Tensor]) -> float:
+        logits = self.model.dense_forward(batch.dense.to(self.device), pooled)
+        loss = self._backward(logits, batch)
+        self.dense_opt.step()
+        return float(loss.detach())
 
     def _backward(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels.to(self.device))
@@ -263,8 +294,7 @@ def restore_state(trainer: Trainer | Stepper, state: dict, path: Path) -> None:
 
 def _set_cached_lr(model: DLRM, lr: float) -> None:
     """Cached tables update inside the backward with their own learning rate."""
-    if getattr(model.embeddings, "cached", None) is not None:
-        model.embeddings.embedding_lr = lr
+    model.embeddings.embedding_lr = lr
 
 
 @torch.no_grad()
@@ -296,6 +326,7 @@ def train(
     progress: ProgressFactory | None = None,
     metrics_log: IO[str] | None = None,
     timing_every: int | None = None,
+    setup: RunSetup | None = None,
 ) -> TrainResult:
     """Train for ``config.steps`` steps on ``data`` (default: synthetic clicks for the
     plan's tables and this seed), then evaluate on its validation split (skipped when
@@ -314,13 +345,14 @@ def train(
     this runtime cannot execute, :class:`CheckpointError` for a checkpoint that is
     missing, foreign or unreadable (or a directory holding another run's), and
     :class:`TrainingDivergedError` on a NaN/inf loss, naming the step and the last
-    checkpoint. Tunes glibc's malloc for the process (see
+    checkpoint. ``setup``: the run as :func:`~dlrm_runtime.prepare.prepare_run` checked
+    it (prepared here when not given). Tunes glibc's malloc for the process (see
     :func:`dlrm_runtime.memory.tune_malloc`); restores torch's thread count and
     deterministic flag on return.
     """
-    config.check()
+    setup = prepare_run(plan, config) if setup is None else setup
     with torch_settings(config):
-        return _train(plan, model_config, config, data, progress, metrics_log, timing_every)
+        return _train(setup, model_config, config, data, progress, metrics_log, timing_every)
 
 
 @contextlib.contextmanager
@@ -341,21 +373,23 @@ def torch_settings(config: TrainConfig) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _train(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: ClickSource | None,
-           progress: ProgressFactory | None, metrics_log: IO[str] | None,
-           timing_every: int | None) -> TrainResult:
+def _train(setup: RunSetup, model_config: ModelConfig, config: TrainConfig,
+           data: ClickSource | None, progress: ProgressFactory | None,
+           metrics_log: IO[str] | None, timing_every: int | None) -> TrainResult:
+    plan = setup.plan
     torch.manual_seed(config.seed)
     data = data_for(plan, model_config, config, data)
     model = build_model(plan, model_config, config.seed, store_dir=config.store_dir,
-                        embedding_lr=config.embedding_lr)
+                        embedding_lr=config.embedding_lr, placements=setup.placements)
     try:
         trainer = Trainer(model, config)
-        return run_loop(
-            plan, model_config, config, data, trainer, Peers(),
+        loop = LoopSetup(
+            plan, model_config, config, data, Peers(),
             save_state=lambda step, fp, recent: trainer.state(plan, step, fp, recent),
             validate=lambda: evaluate(model, data, config.eval_batches, config.batch_size),
             devices=tuple(range(plan.topology.world_size)), communication=_spans_devices(plan),
             progress=progress, metrics_log=metrics_log, timing_every=timing_every)
+        return run_loop(loop, trainer)
     finally:
         model.embeddings.close()  # cached tables: the store rolls back to its checkpoint
 
@@ -369,40 +403,6 @@ def data_for(plan: Plan, model_config: ModelConfig, config: TrainConfig,
         raise ConfigError(f"the data has {data.dense_features} dense features, the model "
                           f"config {model_config.dense_features}")
     return data
-
-
-@dataclass(frozen=True, slots=True)
-class Peers:
-    """The processes that train together (just this one by default). Rank 0 decides
-    which checkpoint to resume, writes the metrics log, the progress bar and the
-    checkpoints; the others follow."""
-
-    rank: int = 0
-    world: int = 1
-
-    def broadcast(self, value: object) -> object:
-        """Rank 0's ``value``, on every rank."""
-        if self.world == 1:
-            return value
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_ok(self, ok: bool) -> bool:
-        """Whether ``ok`` holds on every rank (a collective: also a barrier)."""
-        if self.world == 1:
-            return ok
-        flags = [None] * self.world
-        torch.distributed.all_gather_object(flags, bool(ok))
-        return all(flags)
-
-    def gather(self, value: object) -> list[object] | None:
-        """Every rank's ``value`` in rank order on rank 0; None on the others."""
-        if self.world == 1:
-            return [value]
-        out: list[object] | None = [None] * self.world if self.rank == 0 else None
-        torch.distributed.gather_object(value, out, dst=0)
-        return out
 
 
 class Stepper(Protocol):
@@ -420,84 +420,75 @@ class Stepper(Protocol):
     def restore(self, state: dict, path: Path) -> None: ...
 
 
-def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: ClickSource,
-             trainer: Stepper, peers: Peers, *,
-             save_state: Callable[[int, dict, list[float]], dict | None],
-             validate: Callable[[], EvalResult], devices: tuple[int, ...], communication: bool,
-             progress: ProgressFactory | None, metrics_log: IO[str] | None,
-             timing_every: int | None) -> TrainResult:
+@dataclass(frozen=True, slots=True)
+class LoopSetup:
+    """What :func:`run_loop` needs besides the trainer."""
+
+    plan: Plan
+    model_config: ModelConfig
+    config: TrainConfig
+    data: ClickSource
+    peers: Peers
+    save_state: Callable[[int, dict, list[float]], dict | None]
+    """``save_state(step, fingerprint, recent_losses)``: what to checkpoint (None on
+    ranks that do not write)."""
+    validate: Callable[[], EvalResult]
+    devices: tuple[int, ...]
+    """The plan devices this process executes (their prediction is reported)."""
+    communication: bool
+    """Whether pooled outputs travel between devices (predicted when true)."""
+    progress: ProgressFactory | None = None
+    metrics_log: IO[str] | None = None
+    timing_every: int | None = None
+    """Time every n-th step by phase (default: every step on the CPU, every 10th on
+    CUDA, where timing synchronises the device)."""
+
+
+@dataclass(slots=True)
+class _Resumed:
+    """Where a run starts: step, recent losses, the checkpoint it resumed from."""
+
+    first_step: int = 0
+    recent: list[float] = field(default_factory=list)
+    resumed_from: int | None = None
+    checkpoint: str | None = None
+    notice: str | None = None
+
+
+def run_loop(loop: LoopSetup, trainer: Stepper) -> TrainResult:
     """The training loop of :func:`train` and of every rank of
     :func:`~dlrm_runtime.distributed.train_distributed`: resume, steps on prefetched
     batches, progress and metrics, checkpoints, timing against the prediction for the
-    plan ``devices`` this process executes, validation. ``save_state(step,
-    fingerprint, recent_losses)`` returns what to checkpoint (None on ranks that do
-    not write)."""
+    plan devices this process executes, validation."""
+    config, peers = loop.config, loop.peers
     lead = peers.rank == 0
-    log = metrics_log if lead else None
+    log = loop.metrics_log if lead else None
     embeddings = trainer.model.embeddings
-    cached = getattr(embeddings, "cached", None) is not None  # tables in the table store
+    store = embeddings.cached  # tables in the table store: two-phase checkpoints
     timer = PhaseTimer.for_device(trainer.device)
-    if timing_every is None:
-        timing_every = 10 if trainer.device.type == "cuda" else 1
-    run_fingerprint = fingerprint(plan, model_config, config)
-
-    first_step, recent, resumed_from, checkpoint = 0, [], None, None
-    store = embeddings.cached if cached else None
-    notice = None
-    committed = None
-    if config.checkpoint_dir is not None:
-        # rank 0 reads what the run committed; every rank settles its stores on it
-        found = committed_step(config.checkpoint_dir, two_phase=cached) if lead else None
-        committed = peers.broadcast(found)
-    if store is not None:
-        failure = None
-        try:
-            store.recover(committed)
-        except CheckpointError as exc:
-            failure = exc
-        if not peers.all_ok(failure is None):  # every rank stops alike
-            raise failure or CheckpointError("another rank's table store does not match the "
-                                             "run's committed checkpoint (see its message)")
-    if committed is not None and not config.resume:
-        raise CheckpointError(f"{config.checkpoint_dir} already holds checkpoints (newest "
-                              f"committed: step {committed}); pass --resume to continue that "
-                              f"run or choose an empty --checkpoint-dir")
-    if config.checkpoint_dir is not None and lead and cached:
-        prune_checkpoints(config.checkpoint_dir, committed)  # undecided ones, older ones
-    if committed is not None:
-        latest = Path(config.checkpoint_dir) / f"{PREFIX}{committed:010d}"
-        state = load_checkpoint(latest)  # every rank reads it: a shared directory
-        check_fingerprint(state.get("fingerprint", {}), run_fingerprint, latest)
-        first_step = int(state["step"])
-        if first_step > config.steps:
-            raise CheckpointError(f"checkpoint {latest} is at step {first_step}, past the "
-                                  f"{config.steps} steps asked for; ask for more steps")
-        trainer.restore(state, latest)
-        recent = [float(v) for v in state["recent_losses"]]
-        resumed_from, checkpoint = first_step, str(latest)
-        del state
-    elif config.resume:
-        notice = (f"nothing committed in {config.checkpoint_dir}: starting from step 0"
-                  if config.checkpoint_dir is not None
-                  else "no --checkpoint-dir to resume from: starting from step 0")
-        _log(log, {"event": "resume", "step": 0, "note": notice})
-    bar = progress(config.steps) if progress and lead else Progress()
+    timing_every = loop.timing_every or (10 if trainer.device.type == "cuda" else 1)
+    run_fingerprint = fingerprint(loop.plan, loop.model_config, config)
+    start_at = _resume(loop, trainer, store, run_fingerprint)
+    if start_at.notice is not None and start_at.resumed_from is None:
+        _log(log, {"event": "resume", "step": 0, "note": start_at.notice})
+    first_step, recent, checkpoint = start_at.first_step, start_at.recent, start_at.checkpoint
+    bar = loop.progress(config.steps) if loop.progress and lead else Progress()
     if first_step:
         bar.update(first_step, {"resumed": str(first_step)})
 
     start = time.perf_counter()
     ticks = cpu_ticks()
     step = first_step
-    saved = [resumed_from]  # the step of the newest checkpoint
+    saved = start_at.resumed_from  # the step of the newest checkpoint
     try:
-        with Prefetcher(data, config.batch_size, first_step, config.steps) as batches:
+        with Prefetcher(loop.data, config.batch_size, first_step, config.steps) as batches:
             upcoming: Batch | None = None
             for step in range(first_step, config.steps):
                 timed = timer if step % timing_every == 0 else None
                 with timed.phase("data") if timed else contextlib.nullcontext():
                     batch = upcoming if upcoming is not None else batches.next()
                     upcoming = None
-                    if cached and step + 1 < config.steps:
+                    if store is not None and step + 1 < config.steps:
                         # the caches read the next batch's missing rows during this step
                         upcoming = batches.next()
                         embeddings.prefetch(upcoming.sparse)
@@ -507,55 +498,105 @@ def run_loop(plan: Plan, model_config: ModelConfig, config: TrainConfig, data: C
                 recent = (recent + [value])[-config.log_every:]
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps:
-                    rate = (done - first_step) * config.batch_size / (time.perf_counter() - start)
-                    postfix = {"loss": f"{np.mean(recent):.4f}", "samples/s": f"{rate:,.0f}"}
-                    record = {"event": "train", "step": done, "loss": float(np.mean(recent)),
-                              "samples_per_s": rate, "world_size": peers.world}
-                    if cached:
-                        stats = embeddings.cache_stats()
-                        postfix["hit"] = f"{stats['hit_rate']:.1%}"
-                        record["cache"] = stats
-                    bar.update(done, postfix)
-                    _log(log, record)
+                    _report_progress(bar, log, embeddings, done, first_step, recent, start,
+                                     config.batch_size, peers.world)
                 if config.checkpoint_dir is not None and (
                         done == config.steps
                         or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-                    state = save_state(done, run_fingerprint, recent)  # may gather to rank 0
-                    if store is None:  # one part: the checkpoint's atomic rename commits
-                        path = save_checkpoint(config.checkpoint_dir, done, state) if lead else None
-                    else:
-                        path = _commit_checkpoint(config.checkpoint_dir, done, state, store,
-                                                  peers)
+                    state = loop.save_state(done, run_fingerprint, recent)  # may gather to rank 0
+                    path = write_run_checkpoint(config.checkpoint_dir, done, state, store, peers)
                     checkpoint = str(peers.broadcast(None if path is None else str(path)))
-                    saved[0] = done
+                    saved = done
                     _log(log, {"event": "checkpoint", "step": done, "path": checkpoint})
     except KeyboardInterrupt as exc:
         if isinstance(exc, TrainingInterrupted):
             raise
-        raise TrainingInterrupted(step, saved[0], checkpoint) from exc
+        raise TrainingInterrupted(step, saved, checkpoint) from exc
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     times = replace(timer.result(), steal_share=steal_share(ticks, cpu_ticks()))
-    prediction = predict_step(plan, model_config, config.batch_size, devices,
-                              communication=communication)
-    held = embedding_bytes(trainer)
-    record = {"measured": {**times.to_json(), "embedding_bytes": held},
-              "predicted": prediction.to_json()}
-    identity = plan_sha256(plan) if lead else ""
-    for rank, mine in enumerate(peers.gather(record) or []):
-        where = {"rank": rank} if peers.world > 1 else {}
-        _log(log, {"event": "timing", "step": config.steps, "plan_sha256": identity,
-                   "batch_size": config.batch_size, **where, **mine})
+    prediction, held = _report_timing(loop, trainer, times, log)
     validation = None
-    if data.has_validation:
-        validation = validate()
+    if loop.data.has_validation:
+        validation = loop.validate()
         _log(log, {"event": "eval", "step": config.steps, **asdict(validation)})
     trained = config.steps - first_step
     return TrainResult(config.steps, config.batch_size,
                        float(np.mean(recent)) if recent else float("nan"),
                        trained * config.batch_size / seconds if trained else 0.0, seconds,
-                       validation, resumed_from, checkpoint, times, prediction, held, notice)
+                       validation, start_at.resumed_from, checkpoint, times, prediction, held,
+                       start_at.notice)
+
+
+def _resume(loop: LoopSetup, trainer: Stepper, store: CachedTables | None,
+            run_fingerprint: dict) -> _Resumed:
+    """Settle the table stores on what the run committed and load the newest committed
+    checkpoint into ``trainer`` when resuming (every rank alike)."""
+    config, peers = loop.config, loop.peers
+    committed = None
+    if config.checkpoint_dir is not None:
+        # rank 0 reads what the run committed; every rank settles its stores on it
+        found = (committed_step(config.checkpoint_dir, two_phase=store is not None)
+                 if peers.rank == 0 else None)
+        committed = peers.broadcast(found)
+    if store is not None:
+        settle_stores(store, committed, peers)
+    if committed is not None and not config.resume:
+        raise CheckpointError(f"{config.checkpoint_dir} already holds checkpoints (newest "
+                              f"committed: step {committed}); pass --resume to continue that "
+                              f"run or choose an empty --checkpoint-dir")
+    if config.checkpoint_dir is not None and peers.rank == 0 and store is not None:
+        prune_checkpoints(config.checkpoint_dir, committed)  # undecided ones, older ones
+    if committed is None:
+        if not config.resume:
+            return _Resumed()
+        return _Resumed(notice=f"nothing committed in {config.checkpoint_dir}: starting from "
+                               f"step 0" if config.checkpoint_dir is not None
+                        else "no --checkpoint-dir to resume from: starting from step 0")
+    latest = Path(config.checkpoint_dir) / f"{PREFIX}{committed:010d}"
+    state = load_checkpoint(latest)  # every rank reads it: a shared directory
+    check_fingerprint(state.get("fingerprint", {}), run_fingerprint, latest)
+    first_step = int(state["step"])
+    if first_step > config.steps:
+        raise CheckpointError(f"checkpoint {latest} is at step {first_step}, past the "
+                              f"{config.steps} steps asked for; ask for more steps")
+    trainer.restore(state, latest)
+    return _Resumed(first_step, [float(v) for v in state["recent_losses"]], first_step,
+                    str(latest))
+
+
+def _report_progress(bar: Progress, log: IO[str] | None, embeddings: CachedTablesOwner,
+                     done: int, first_step: int, recent: list[float], start: float,
+                     batch_size: int, world: int) -> None:
+    rate = (done - first_step) * batch_size / (time.perf_counter() - start)
+    postfix = {"loss": f"{np.mean(recent):.4f}", "samples/s": f"{rate:,.0f}"}
+    record = {"event": "train", "step": done, "loss": float(np.mean(recent)),
+              "samples_per_s": rate, "world_size": world}
+    stats = embeddings.cache_stats()
+    if stats is not None:
+        postfix["hit"] = f"{stats['hit_rate']:.1%}"
+        record["cache"] = stats
+    bar.update(done, postfix)
+    _log(log, record)
+
+
+def _report_timing(loop: LoopSetup, trainer: Stepper, times: StepTimes,
+                   log: IO[str] | None) -> tuple[StepPrediction, int]:
+    """The plan's prediction for this process's devices, and the measured times of every
+    rank in the metrics log (gathered to rank 0)."""
+    config = loop.config
+    prediction = predict_step(loop.plan, loop.model_config, config.batch_size, loop.devices,
+                              communication=loop.communication)
+    held = embedding_bytes(trainer)
+    record = {"measured": {**times.to_json(), "embedding_bytes": held},
+              "predicted": prediction.to_json()}
+    identity = plan_sha256(loop.plan) if loop.peers.rank == 0 else ""
+    for rank, mine in enumerate(loop.peers.gather(record) or []):
+        where = {"rank": rank} if loop.peers.world > 1 else {}
+        _log(log, {"event": "timing", "step": config.steps, "plan_sha256": identity,
+                   "batch_size": config.batch_size, **where, **mine})
+    return prediction, held
 
 
 def _spans_devices(plan: Plan) -> bool:
@@ -571,38 +612,8 @@ def embedding_bytes(trainer: Stepper) -> int:
     weights = sum(p.numel() * p.element_size() for p in embeddings.parameters())
     state = sum(t.numel() * t.element_size() for entry in trainer.row_opt.state
                 for t in entry.values())
-    cached = getattr(embeddings, "cached", None)
+    cached = embeddings.cached
     return weights + state + (cached.resident_bytes() if cached is not None else 0)
-
-
-def _commit_checkpoint(directory: str, step: int, state: dict | None, stores: CachedTables,
-                       peers: Peers) -> Path | None:
-    """The checkpoint of ``step`` as one transaction over rank 0's runtime checkpoint
-    and every rank's table stores (see :mod:`dlrm_runtime.checkpoint`); returns the
-    runtime checkpoint's path on rank 0."""
-    lead = peers.rank == 0
-    path, failure = None, None
-    try:
-        if lead:
-            path = save_checkpoint(directory, step, state, keep=None)  # not yet decided
-            fault_point("saved", step, peers.rank)
-        stores.prepare(step)
-        fault_point("prepared", step, peers.rank)
-    except Exception as exc:  # noqa: BLE001 - every rank must reach the vote below
-        failure = exc
-    if not peers.all_ok(failure is None):  # every part prepared, or the step is abandoned
-        raise CheckpointError(f"checkpoint of step {step} abandoned: "
-                              f"{failure or 'another rank failed to prepare it'}; the run's "
-                              f"last committed checkpoint stays") from failure
-    if lead:
-        write_decision(directory, step)  # the commit point
-        fault_point("decided", step, peers.rank)
-    peers.all_ok(True)  # the decision is durable before any store commits
-    stores.commit(step)
-    fault_point("committed", step, peers.rank)
-    if lead:
-        prune_checkpoints(directory, step)
-    return path
 
 
 def _log(out: IO[str] | None, record: dict) -> None:

@@ -11,8 +11,8 @@ import pytest
 
 from cli import run as run_cli
 from cli.errors import ExitCode
-from dlrm_runtime import criteo as criteo_module
-from dlrm_runtime.criteo import CACHE_DATA_OFFSET, build_cache, record_dtype, table_sizes
+from dlrm_runtime.data.criteo import cache as criteo_module
+from dlrm_runtime.data.criteo import CACHE_DATA_OFFSET, build_cache, record_dtype, table_sizes
 from planner import read_plan
 from tests.cli.test_truth import criteo  # noqa: F401 - the fixture
 
@@ -107,7 +107,7 @@ def test_failed_profile_leaves_no_cache(tmp_path: Path, criteo, capsys,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from cli import plan as plan_cli
     from dlrm_runtime import profile
-    from dlrm_runtime.profile import ProfileError
+    from dlrm_runtime.data import ProfileError
 
     def fail(*args: object, **kwargs: object) -> None:
         raise ProfileError("profiling failed")

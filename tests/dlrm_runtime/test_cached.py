@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import storage.cache
 
 from dlrm_runtime import (
     CheckpointError,
@@ -20,7 +19,8 @@ from dlrm_runtime import (
     Trainer,
     embeddings_from_plan,
 )
-from dlrm_runtime.cached import ADAGRAD_EPS, CachedTables, store_tables
+from dlrm_runtime.embeddings import CachedTables, store_tables
+from dlrm_runtime.embeddings import cached as cached_module
 from dlrm_runtime.checkpoint import (
     checkpoint_of_step,
     committed_step,
@@ -33,8 +33,7 @@ from dlrm_runtime.checkpoint import (
 )
 from dlrm_runtime.embeddings import InMemoryEmbeddings, init_table
 from dlrm_runtime.model import DLRM
-from dlrm_runtime.optim import ADAGRAD_EPS as OPTIM_ADAGRAD_EPS
-from dlrm_runtime.sharding import placements_from_plan
+from dlrm_runtime.embeddings import placements_from_plan
 from planner import Plan, Sharding, Tier
 from planner.plan import Shard, TablePlan
 from tests.dlrm_runtime.helpers import NO_COST, table_wise, tables, topology
@@ -86,10 +85,6 @@ def _train(model: DLRM, plan: Plan, steps: range, config: TrainConfig) -> list[f
     return losses
 
 
-def test_adagrad_eps_matches_the_row_optimizer() -> None:
-    assert ADAGRAD_EPS == OPTIM_ADAGRAD_EPS
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
 def test_cached_training_equals_in_memory_training(optimizer: str, tmp_path: Path) -> None:
     plain_plan, cached_plan = _plans(optimizer)
@@ -124,13 +119,13 @@ def test_a_step_looks_up_every_cached_table_of_a_device_at_once(
         "t1": _cached(spec, "t1", Tier.DRAM_CACHE, 2 * BATCH),
         "t2": _cached(spec, "t2", Tier.STORE_CACHE, 2 * BATCH, cut=700)})
     calls: list[list[torch.device]] = []
-    many = storage.cache.lookup_many
+    many = cached_module.lookup_many
 
     def counted(caches, ids):
         calls.append([cache.device for cache in caches])
         return many(caches, ids)
 
-    monkeypatch.setattr(storage.cache, "lookup_many", counted)
+    monkeypatch.setattr(cached_module, "lookup_many", counted)
     config = TrainConfig(batch_size=BATCH, lr=0.1, embedding_lr=0.2, dense_optimizer="sgd")
     steps = range(4)
     base = _model(plain_plan)

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from dlrm_runtime import criteo
-from dlrm_runtime.criteo import (
+from dlrm_runtime.data import criteo
+from dlrm_runtime.data.criteo import cache as criteo_cache
+from dlrm_runtime.data.criteo import reader as criteo_reader
+from dlrm_runtime.data.criteo import (
     MISSING_ROW,
     CriteoCache,
     CriteoCacheError,
@@ -235,7 +237,7 @@ def test_plain_lines_take_the_vectorised_path(tmp_path: Path,
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the reference parser was called")
 
-    monkeypatch.setattr(criteo, "_parse_line", refuse)
+    monkeypatch.setattr(criteo_reader, "parse_line_bytes", refuse)
     labels, dense, rows = _read_all(CriteoReader(path, SIZES))
     assert labels.tolist() == [0.0, 1.0]
     assert rows.tolist() == [e.rows.tolist() for e in expected]
@@ -262,16 +264,16 @@ def test_values_arrow_would_accept_are_malformed(tmp_path: Path, workers: int,
     path = tmp_path / "day.tsv"
     path.write_bytes(b"\xef\xbb\xbf" + "".join(line + "\n" for line in lines).encode())
     calls: list[int] = []
-    slow = criteo._parse_line
+    slow = criteo_reader.parse_line_bytes
 
     def counted(line: bytes, sizes: tuple[int, ...], where: str, number: int) -> object:
         calls.append(number)
         return slow(line, sizes, where, number)
 
-    monkeypatch.setattr(criteo, "_parse_line", counted)
+    monkeypatch.setattr(criteo_reader, "parse_line_bytes", counted)
     reader = CriteoReader(path, SIZES, chunk_bytes=1 << 20, workers=workers)
     labels, _, rows = _read_all(reader)
-    assert len(calls) < 6 * 2 * criteo._BISECT_LINES
+    assert len(calls) < 6 * 2 * criteo_reader._BISECT_LINES
     monkeypatch.undo()
     report = reader.report()
     assert report.malformed == 6 and report.samples == 1999
@@ -357,7 +359,7 @@ def test_integers_beyond_64_bits_are_malformed(tmp_path: Path) -> None:
 
 def test_overlong_line_is_skipped_without_reading_it_whole(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(criteo, "MAX_LINE_BYTES", 500)
+    monkeypatch.setattr(criteo_reader, "MAX_LINE_BYTES", 500)
     good = _random_lines(3, seed=4)
     path = _write(tmp_path / "day.tsv", [good[0], "9" * 5000, good[1], good[2], "7" * 3000])
     reader = CriteoReader(path, SIZES, chunk_bytes=256)
@@ -561,7 +563,7 @@ def test_damaged_records_are_reported_with_the_file_and_what_to_do(
     assert len(open_or_build_cache(source, cache_path, SIZES)) == 60  # rebuilt
     CriteoCache.open(cache_path)
 
-    monkeypatch.setattr(criteo, "CHECKED_RECORDS", 2)  # damage beyond the opening check
+    monkeypatch.setattr(criteo_cache, "CHECKED_RECORDS", 2)  # damage beyond the opening check
     _corrupt_rows(cache_path, 30, 0, SIZES[0])
     data = CriteoClicks(open_or_build_cache(source, cache_path, SIZES, rebuild=False))
     data.batch(0, 16)  # samples 0..15 are fine

@@ -30,16 +30,16 @@ from dlrm_runtime import (
     train,
 )
 from dlrm_runtime.checkpoint import export_tables, latest_checkpoint, load_checkpoint
-from dlrm_runtime.collectives import init_from_env, process_group_info
+from dlrm_runtime.distributed import init_from_env, process_group_info
 from dlrm_runtime.config import Interaction
 from dlrm_runtime.distributed import (
     DistributedTrainer,
-    check_batch_size,
-    check_world_size,
     local_batch,
     lookup_jobs,
     train_distributed,
 )
+from dlrm_runtime.embeddings import placements_from_plan
+from dlrm_runtime.prepare import check_batch_size, check_world_size
 from planner import Sharding, Tier
 from tests.dlrm_runtime.helpers import sharded, table_wise, tables, topology
 
@@ -314,8 +314,12 @@ def test_local_batches_tile_the_global_batch() -> None:
             assert p.sparse.offsets[t][-1] == p.sparse.ids[t].numel()
 
 
+def _jobs(plan, world: int):
+    return lookup_jobs(plan.tables_spec.tables, placements_from_plan(plan), world)
+
+
 def test_lookup_jobs_follow_the_plan() -> None:
-    jobs, replicated = lookup_jobs(mixed_plan(), 2)
+    jobs, replicated = _jobs(mixed_plan(), 2)
     assert replicated == (4, 7)
     by_table = {}
     for job in jobs:
@@ -326,10 +330,10 @@ def test_lookup_jobs_follow_the_plan() -> None:
 
 
 def test_lookup_jobs_carry_the_host_tier() -> None:
-    jobs, replicated = lookup_jobs(host_plan(), 2)
+    jobs, replicated = _jobs(host_plan(), 2)
     assert replicated == (4, 7)
     assert jobs and all(job.host for job in jobs)
-    assert not any(job.host for job in lookup_jobs(mixed_plan(), 2)[0])
+    assert not any(job.host for job in _jobs(mixed_plan(), 2)[0])
 
 
 def test_data_parallel_needs_a_replica_on_every_rank() -> None:
@@ -338,7 +342,7 @@ def test_data_parallel_needs_a_replica_on_every_rank() -> None:
     plan = table_wise(spec, topology(hosts=1, devices_per_host=2),
                       {name: sharded(name, Sharding.DATA_PARALLEL, (0, 0, 40, 0, 8))})
     with pytest.raises(PlanMismatchError, match="replica on every device 0..1, got \\[0\\]"):
-        lookup_jobs(plan, 2)
+        _jobs(plan, 2)
 
 
 def test_init_from_env_without_torchrun(monkeypatch) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dlrm_runtime.config import Interaction, ModelConfig
-from dlrm_runtime.prediction import (
+from dlrm_runtime.measure import (
     dense_bytes,
     dense_flops,
     dense_ms,
@@ -147,8 +147,8 @@ def test_run_fit_recovers_the_rates_of_a_synthetic_machine(monkeypatch) -> None:
     them."""
     from planner import Optimizer
 
-    from dlrm_runtime import calibrate
-    from dlrm_runtime.timing import StepTimes
+    from dlrm_runtime.measure import calibrate
+    from dlrm_runtime.measure import StepTimes
 
     gflops, gbps, fixed_ms, step_gbps, shard_ms, ns_per_id = 30.0, 0.8, 2.0, 1.5, 0.1, 200.0
     sizes = calibrate.CalibrationSizes(mlp_batch=256, repeats=1)
@@ -181,7 +181,7 @@ def test_a_training_run_probe_times_the_runtime_and_prices_its_bytes() -> None:
     embedding bytes the cost model charges (3 x the looked-up row bytes for SGD)."""
     from planner import Optimizer
 
-    from dlrm_runtime import calibrate
+    from dlrm_runtime.measure import calibrate
 
     sizes = calibrate.CalibrationSizes(overhead_rows=4000, run_steps=3)
     config = ModelConfig(13, (8, 4), (8, 1))
@@ -245,7 +245,7 @@ def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp
     """The calibration's row-cache fit, fed step times made from known costs of the
     lookups, misses and overflow rows that the cost model counts for the probe tables,
     returns them (the per-miss cost less the traffic the cost model charges)."""
-    from dlrm_runtime import calibrate
+    from dlrm_runtime.measure import calibrate
 
     fixed_s, per_id_s, per_miss_s, per_overflow_s = 2e-3, 50e-9, 1.5e-6, 3e-6
     sizes = calibrate.CalibrationSizes(overhead_rows=20_000, mlp_batch=128, overhead_batches=4)
@@ -317,7 +317,7 @@ def test_a_cache_smaller_than_a_steps_distinct_rows_pays_for_the_overflow() -> N
 
 
 def test_phase_timer_reports_the_mean_split_and_the_median_step(monkeypatch) -> None:
-    from dlrm_runtime import timing
+    from dlrm_runtime.measure import timing
 
     clock = iter(range(10_000))
     monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)) / 1000)
@@ -351,7 +351,7 @@ def test_phase_timer_reports_the_mean_split_and_the_median_step(monkeypatch) -> 
 
 
 def test_combined_calibration_takes_the_median_of_each_figure() -> None:
-    from dlrm_runtime.calibrate import Calibration, combine, to_topology
+    from dlrm_runtime.measure import Calibration, combine, to_topology
 
     def one(gbps: float, a2a: float | None, date: str) -> Calibration:
         return Calibration("cpu", gbps, 2 * gbps, 5.0, 1.0, 0.1, a2a, "gloo", date,
@@ -374,7 +374,7 @@ def test_combined_calibration_takes_the_median_of_each_figure() -> None:
 
 
 def test_steal_is_read_from_proc_stat(tmp_path) -> None:
-    from dlrm_runtime.timing import cpu_ticks, steal_share
+    from dlrm_runtime.measure import cpu_ticks, steal_share
 
     stat = tmp_path / "stat"
     stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from dlrm_runtime import profile
-from dlrm_runtime.criteo import CriteoClicks, build_cache, parse_line
+from dlrm_runtime.data import profile
+from dlrm_runtime.data.criteo import CriteoClicks, build_cache, parse_line
 from dlrm_runtime.data import Batch, SyntheticClicks
-from dlrm_runtime.profile import (
+from dlrm_runtime.data import (
     ProfileError,
     access_profile,
     count_accesses,
     profile_points,
     profile_tables,
 )
-from dlrm_runtime.sparse import SparseBatch
+from dlrm_runtime.embeddings import SparseBatch
 from planner import TablesSpec, parse_tables
 from planner.specs import AccessProfile
 

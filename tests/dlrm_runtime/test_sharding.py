@@ -268,7 +268,7 @@ def test_batched_gradients_accumulate_like_autograd_sparse_ones(pooling: float |
     """Two lookups before one step: the batched tables' pending gradients update every
     optimizer exactly like per-table weights with autograd's sparse gradients (ragged
     groups of one table per optimizer; or one SGD group with 2 ids in every bag)."""
-    from dlrm_runtime.optim import RowOptimizer
+    from dlrm_runtime.embeddings import RowOptimizer
 
     spec = tables(optimizers=OPTIMIZERS)
     if pooling is not None:
@@ -302,7 +302,7 @@ def test_tables_of_several_bag_lengths_update_by_uniform_runs(optimizer: str) ->
     length, its gradient is kept as one uniform run per length, and the update equals
     per-table weights with autograd's sparse gradients (also after a ragged batch,
     which keeps one entry)."""
-    from dlrm_runtime.optim import RowOptimizer
+    from dlrm_runtime.embeddings import RowOptimizer
 
     spec = type(tables())(tuple(TableSpec(f"t{k}", 300 + 50 * k, 8, float(per),
                                           optimizer=Optimizer(optimizer))
@@ -413,8 +413,8 @@ def test_row_wise_tables_pool_once_or_route_per_device(sharding: Sharding, merge
     """Row shards on one device share one weight pooled by one lookup (``merge``); one
     weight per plan device (as with a GPU each) routes the ids. Both look up, take
     gradients and train like the whole table, including devices that see no ids."""
-    from dlrm_runtime.optim import RowOptimizer
-    from dlrm_runtime.sharding import placements_from_plan
+    from dlrm_runtime.embeddings import RowOptimizer
+    from dlrm_runtime.embeddings import placements_from_plan
 
     spec, _, plan = _plans(sharding)
     placements = placements_from_plan(plan)

@@ -20,8 +20,8 @@ from dlrm_runtime import (
     train,
 )
 from dlrm_runtime.data import zipf_ranks
-from dlrm_runtime.metrics import accuracy, roc_auc
-from dlrm_runtime.optim import ADAGRAD_EPS, RowOptimizer
+from dlrm_runtime.measure import accuracy, roc_auc
+from dlrm_runtime.embeddings import ADAGRAD_EPS, RowOptimizer
 from planner import AccessProfile, Sharding, Tier, parse_tables, parse_topology, plan
 from planner.plan import Shard, TablePlan
 from tests.conftest import small_tables_doc, small_topology_doc

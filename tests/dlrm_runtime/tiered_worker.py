@@ -24,7 +24,7 @@ from dlrm_runtime import (  # noqa: E402
     train,
     train_distributed,
 )
-from dlrm_runtime.collectives import shutdown  # noqa: E402
+from dlrm_runtime.distributed import shutdown  # noqa: E402
 from planner import Sharding, Tier  # noqa: E402
 from tests.dlrm_runtime.helpers import sharded, table_wise, tables, topology  # noqa: E402
 

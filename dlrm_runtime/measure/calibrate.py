@@ -51,21 +51,36 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dlrm_runtime.collectives import shutdown
+from dlrm_runtime.distributed.collectives import shutdown
 from dlrm_runtime.config import ModelConfig, TrainConfig
 from dlrm_runtime.data import Prefetcher, SyntheticClicks, ZipfSampler
-from dlrm_runtime.embeddings import InMemoryEmbeddings
-from dlrm_runtime.memory import tune_malloc
+from dlrm_runtime.embeddings import (
+    InMemoryEmbeddings,
+    RowOptimizer,
+    ShardPlacement,
+    SparseBatch,
+    TablePlacement,
+    tune_malloc,
+)
+from dlrm_runtime.measure.prediction import dense_bytes, dense_flops, predict_step
+from dlrm_runtime.measure.timing import StepTimes
 from dlrm_runtime.model import DLRM
-from dlrm_runtime.optim import RowOptimizer
-from dlrm_runtime.prediction import dense_bytes, dense_flops, predict_step
-from dlrm_runtime.sharding import ShardPlacement, TablePlacement
-from dlrm_runtime.sparse import SparseBatch
-from dlrm_runtime.timing import StepTimes
 from dlrm_runtime.train import train
-from planner import PlanOptions, Sharding, TableSpec, TablesSpec, Tier, plan
-from planner.specs import (AccessProfile, DeviceSpec, HostSpec, NetworkSpec, Optimizer, StoreSpec,
-                           Topology)
+from planner import (
+    AccessProfile,
+    DeviceSpec,
+    HostSpec,
+    NetworkSpec,
+    Optimizer,
+    PlanOptions,
+    Sharding,
+    StoreSpec,
+    TableSpec,
+    TablesSpec,
+    Tier,
+    Topology,
+    plan,
+)
 from storage import TableStore
 
 GB = 1e9

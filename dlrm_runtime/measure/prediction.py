@@ -20,10 +20,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from dlrm_runtime.config import Interaction, ModelConfig
-from planner import AnalyticCostModel, CostModel, Plan
-from planner.cost import CostModelError, ShardOption, Sharding, Tier, load_cost_model
-from planner.evaluate import shard_option
-from planner.plan import TablePlan
+from planner import (
+    AnalyticCostModel,
+    CostModel,
+    CostModelError,
+    Plan,
+    ShardOption,
+    Sharding,
+    TablePlan,
+    Tier,
+    load_cost_model,
+    shard_option,
+)
 
 
 @dataclass(frozen=True, slots=True)

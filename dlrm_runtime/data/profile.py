@@ -27,11 +27,10 @@ from typing import Protocol
 
 import numpy as np
 
-from dlrm_runtime.criteo import CriteoCache, CriteoClicks
-from dlrm_runtime.data import Batch
+from dlrm_runtime.data.criteo import CriteoCache, CriteoClicks
+from dlrm_runtime.data.batches import Batch
 from dlrm_runtime.errors import RuntimeErrorBase
-from planner import TablesSpec
-from planner.specs import AccessProfile
+from planner import AccessProfile, TablesSpec
 
 DEFAULT_POINTS = 28
 """Log-spaced ``k`` per profile (plus the number of distinct rows seen)."""

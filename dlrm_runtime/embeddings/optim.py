@@ -1,6 +1,6 @@
 """Fused row-wise updates of embedding weights from their sparse gradients.
 
-The optimizer works on :class:`~dlrm_runtime.embeddings.RowBlock` objects: a whole
+The optimizer works on :class:`~dlrm_runtime.embeddings.base.RowBlock` objects: a whole
 table, a batch of whole tables sharing one weight, or one shard of a sharded table.
 Its state lives next to each block's rows (on the block's device), so a sharded table
 carries the optimizer state of exactly the rows each shard owns.
@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dlrm_runtime.embeddings import RowBlock, Segment, expand_pooled, uniform_bag_length
+from dlrm_runtime.embeddings.base import RowBlock, Segment, expand_pooled, uniform_bag_length
 from planner import Optimizer, TableSpec
+from storage import ADAGRAD_EPS
 
-ADAGRAD_EPS = 1e-8
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 

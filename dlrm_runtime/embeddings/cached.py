@@ -3,312 +3,71 @@
 A plan puts a table in a cached tier (``dram_cache`` or ``store_cache``) when its rows
 do not all fit in device memory: each of its shards becomes a
 :class:`~storage.RowCache` of the shard's ``cache_rows`` slots on the shard's device,
-over the shard's rows in a :class:`~storage.TableStore` (one store table per shard).
-For ``dram_cache`` the store's chunk files are read into the host page cache when the
-embeddings are built (:meth:`~storage.TableStore.warm`), so the cache's misses are
-served from host DRAM; for ``store_cache`` they come from disk on demand.
+over the shard's rows in a :class:`~storage.TableStore` (one store table per shard, in
+the layout of :mod:`dlrm_runtime.embeddings.stores`). For ``dram_cache`` the store's
+chunk files are read into the host page cache when the embeddings are built
+(:meth:`~storage.TableStore.warm`), so the cache's misses are served from host DRAM;
+for ``store_cache`` they come from disk on demand.
 
 Training is exact: the forward pools the cached rows (sum-pooled bags), and the
 backward applies the table's fused row optimizer (SGD or row-wise Adagrad, from the
 tables spec) to the rows it used: on their slots, with the arithmetic of
-:class:`~dlrm_runtime.optim.RowOptimizer` (so the weights equal the in-memory ones bit
-for bit), or, for a batch with more distinct rows than slots, through the cache's
-``apply_*`` (rows without a slot updated in the store; equal up to fp32 rounding
-order, as duplicate ids are summed before the step). The update happens inside
-``loss.backward()``, as in FBGEMM's fused backward-optimizer, so cached tables give
-the row optimizer no :class:`~dlrm_runtime.embeddings.RowBlock`: they are invisible
-to it and to the runtime checkpoint; their weights and optimizer state are made
-durable by the store checkpoint (:meth:`CachedTables.checkpoint`).
+:class:`~dlrm_runtime.embeddings.optim.RowOptimizer` (so the weights equal the
+in-memory ones bit for bit), or, for a batch with more distinct rows than slots,
+through the cache's ``apply_*`` (rows without a slot updated in the store; equal up to
+fp32 rounding order, as duplicate ids are summed before the step). The update happens
+inside ``loss.backward()``, as in FBGEMM's fused backward-optimizer, so cached tables
+give the row optimizer no :class:`~dlrm_runtime.embeddings.base.RowBlock`: they are
+invisible to it and to the runtime checkpoint; their weights and optimizer state are
+made durable by the store checkpoint. Checkpoints are transactions across the stores
+(and the runtime checkpoint): :meth:`CachedTables.prepare` makes every store durable at
+a step without committing it, :meth:`CachedTables.commit` commits, and
+:meth:`CachedTables.recover` settles a store left in doubt by a crash from the step
+the run committed (see :mod:`dlrm_runtime.checkpoint`).
 
-Store layout: one table store per plan device that holds cached shards,
-``<store_dir>/device-<d>/`` (:func:`device_store_dir`), holding that device's shards
-(a whole table under its name, a row shard as ``<table>.rows-<start>-<end>``). The
-layout is the same in one process and under torchrun, where rank ``d`` opens only
-``device-<d>``: a run resumes with either. Checkpoints are transactions across the
-stores (and the runtime checkpoint): :meth:`CachedTables.prepare` makes every
-store durable at a step without committing it, :meth:`CachedTables.commit` commits,
-and :meth:`CachedTables.recover` settles a store left in doubt by a crash from the
-step the run committed (see :mod:`dlrm_runtime.checkpoint`).
-
-The store is created with the tables initialised exactly like
-:func:`~dlrm_runtime.embeddings.init_table` (same generator, consumed block by block:
-CPU ``uniform_`` draws serially), so a cached model starts from the same weights as
-the in-memory one; a store that already holds the tables is opened as it is (rolled
-back to its last checkpoint).
+:class:`CachedTablesOwner` is what a model's embeddings (one process, or one rank)
+offer the training loop for their cached tables.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlrm_runtime.embeddings import (
+from dlrm_runtime.embeddings.base import (
     TORCH_DTYPE,
     check_range,
     expand_pooled,
-    init_generator,
     sum_rows,
     uniform_bag_length,
 )
+from dlrm_runtime.embeddings.placement import TablePlacement
+from dlrm_runtime.embeddings.sparse import SparseBatch
+from dlrm_runtime.embeddings.stores import StoreTable, open_device_stores, store_tables
 from dlrm_runtime.errors import CheckpointError, ConfigError
-from dlrm_runtime.sharding import TablePlacement
-from dlrm_runtime.sparse import SparseBatch
-from dlrm_runtime.timing import Stopwatch
-from planner import DType, Optimizer, TableSpec, TablesSpec, Tier
-from storage import RecoveryRequiredError, RowCache, StoreError, StoreLockedError, TableStore
-from storage import cache as row_cache
+from planner import DType, Optimizer, TableSpec, TablesSpec
+from storage import ADAGRAD_EPS, RowCache, TableStore, lookup_many
 
-__all__ = ["ADAGRAD_EPS", "CACHE_POLICY", "CachedTable", "CachedTables", "StoreTable",
-           "check_store_tables", "device_store_dir", "lookup_shards", "open_store",
-           "store_tables"]
 
-ADAGRAD_EPS = 1e-8
-"""Row-wise Adagrad's epsilon; equals :data:`dlrm_runtime.optim.ADAGRAD_EPS` (tested)."""
+
+class UpdateClock(Protocol):
+    """Where the time of the fused row updates (inside ``loss.backward()``) goes, e.g.
+    :class:`~dlrm_runtime.measure.timing.Stopwatch`."""
+
+    def timing(self) -> contextlib.AbstractContextManager[object]: ...
+
+
 CACHE_POLICY = "lru"
 WRITE_BEHIND = True
 """Replacement policy of the row caches (see :mod:`storage.cache_policy`)."""
-INIT_BLOCK_ROWS_BYTES = 64 * 1024 * 1024
-"""Bytes of fp32 rows drawn at once when skipping to a row shard's first row."""
-STORE_DTYPE = {DType.FP32: "fp32", DType.FP16: "fp16", DType.BF16: "bf16"}
-
-DEVICE_DIR = "device-{device}"
-"""Name of plan device ``device``'s store under ``store_dir``."""
-
-StoreProgress = Callable[[str, int, int], None]
-"""``progress(store_table, rows_done, rows_total)`` while the store's tables are written."""
-
-
-# ---------------------------------------------------------------- what the store holds
-
-
-@dataclass(frozen=True, slots=True)
-class StoreTable:
-    """One table of the store: rows ``[row_start, row_end)`` of table ``index`` of the
-    tables spec (the whole table, or one row shard of it)."""
-
-    name: str
-    """The table's name in the store: the table's own name, or
-    ``<table>.rows-<row_start>-<row_end>`` for a row shard."""
-    spec: TableSpec
-    index: int
-    row_start: int
-    row_end: int
-    tier: Tier
-    device: int = 0
-    """The plan device whose store holds it (:func:`device_store_dir`)."""
-
-    @property
-    def rows(self) -> int:
-        return self.row_end - self.row_start
-
-    @property
-    def optimizer_state(self) -> str | None:
-        return "rowwise_adagrad" if self.spec.optimizer is Optimizer.ROWWISE_ADAGRAD else None
-
-
-def store_tables(tables: TablesSpec, placements: dict[str, TablePlacement]) -> list[StoreTable]:
-    """The store tables that the cached tables of ``placements`` need, in spec order."""
-    out = []
-    for index, spec in enumerate(tables.tables):
-        placement = placements[spec.name]
-        if not placement.cached:
-            continue
-        whole = len(placement.shards) == 1
-        for shard in placement.shards:
-            name = spec.name if whole else f"{spec.name}.rows-{shard.row_start}-{shard.row_end}"
-            out.append(StoreTable(name, spec, index, shard.row_start, shard.row_end, shard.tier,
-                                  shard.plan_device))
-    return out
-
-
-def device_store_dir(store_dir: str | Path, device: int) -> Path:
-    """The store of plan device ``device`` under ``store_dir``."""
-    return Path(store_dir) / DEVICE_DIR.format(device=device)
-
-
-def _check_store_root(store_dir: str | Path) -> Path:
-    """``store_dir`` as a directory of per-device stores: missing, empty, or holding
-    only ``device-<d>`` entries; :class:`ConfigError` otherwise."""
-    root = Path(store_dir)
-    if not root.exists():
-        return root
-    if not root.is_dir():
-        raise ConfigError(f"store_dir {str(root)!r} cannot be used as the table store: it is "
-                          f"a file; pass a directory (--store-dir)")
-    if (root / "zarr.json").exists():
-        raise ConfigError(f"store_dir {str(root)!r} cannot be used as the table store: it is "
-                          f"one store, and runs keep one store per plan device under "
-                          f"store_dir ({DEVICE_DIR.format(device='D')}); use another "
-                          f"--store-dir")
-    others = sorted(e.name for e in root.iterdir()
-                    if not e.name.startswith(("device-", ".device-")))
-    if others:
-        raise ConfigError(f"store_dir {str(root)!r} cannot be used as the table store: it "
-                          f"holds {others[:3]} besides the per-device stores "
-                          f"({DEVICE_DIR.format(device='D')}); use an empty directory")
-    return root
-
-
-class _InitBlocks:
-    """:data:`storage.tables.BlockInit` for a store table: the rows of
-    :func:`~dlrm_runtime.embeddings.init_table`, drawn from the same generator block
-    by block (skipping the rows before a row shard's first row)."""
-
-    def __init__(self, table: StoreTable, seed: int) -> None:
-        self._generator = init_generator(table.index, seed)
-        self._bound = math.sqrt(1.0 / table.spec.num_embeddings)
-        self._dim = table.spec.embedding_dim
-        self._skip = table.row_start
-        self._next = 0
-
-    def __call__(self, start: int, stop: int) -> torch.Tensor:
-        if start != self._next:  # pragma: no cover - the store asks in row order
-            raise ValueError(f"init blocks must come in row order: {start} after {self._next}")
-        skip_block = max(1, INIT_BLOCK_ROWS_BYTES // (4 * self._dim))
-        while self._skip:
-            rows = min(self._skip, skip_block)
-            torch.empty(rows, self._dim).uniform_(-self._bound, self._bound,
-                                                  generator=self._generator)
-            self._skip -= rows
-        self._next = stop
-        return torch.empty(stop - start, self._dim).uniform_(-self._bound, self._bound,
-                                                             generator=self._generator)
-
-
-def open_store(store_dir: str | Path | None, needed: Sequence[StoreTable], seed: int = 0,
-               progress: StoreProgress | None = None) -> TableStore:
-    """The store at ``store_dir`` opened for writing, holding every table of ``needed``:
-    created when missing or an empty directory (built beside it and renamed into place
-    once every table is written, so a crash while creating leaves no half store);
-    tables it lacks are added with :func:`~dlrm_runtime.embeddings.init_table`'s
-    values; tables it has must match (rows, dim, dtype, optimizer state) and keep their
-    values as of the store's last checkpoint (or stay in doubt, see
-    :meth:`~storage.TableStore.prepare`). Raises :class:`ConfigError` for a missing
-    ``store_dir``, a path that is not a store, a store held by another writer, or a
-    table that does not match."""
-    if store_dir is None:
-        names = sorted({t.spec.name for t in needed})
-        raise ConfigError(f"tables {names} are planned in a cached tier and need a table "
-                          f"store: pass store_dir (dlrm-run --store-dir DIR)")
-    path = Path(store_dir)
-    try:
-        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-            _build_store(path, needed, seed, progress)
-        else:
-            _check_store_tables(path, needed)  # before r+, which rewrites the journal
-        store = TableStore.open(path, mode="r+")
-    except StoreError as exc:
-        raise ConfigError(f"store_dir {str(path)!r} cannot be used as the table store: "
-                          f"{exc}") from exc
-    try:
-        _check_tables(store.path, set(store.tables()), store.checkpoint_step, needed)
-        _add_tables(store, needed, seed, progress)
-    except BaseException:
-        store.close()
-        raise
-    return store
-
-
-def _build_store(path: Path, needed: Sequence[StoreTable], seed: int,
-                 progress: StoreProgress | None) -> None:
-    """Create the store of ``needed`` at ``path`` atomically: built in a hidden sibling
-    (leftovers of a killed builder are removed first), then renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with TableStore.create(tmp) as store:
-        _add_tables(store, needed, seed, progress)
-    if path.exists():
-        path.rmdir()  # the empty directory it replaces
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _add_tables(store: TableStore, needed: Sequence[StoreTable], seed: int,
-                progress: StoreProgress | None) -> None:
-    present = set(store.tables())
-    for table in needed:
-        if table.name in present:
-            _check_matches(store, table)
-            continue
-        store.add_table(table.name, table.rows, table.spec.embedding_dim,
-                        dtype=STORE_DTYPE[table.spec.dtype], init=_InitBlocks(table, seed),
-                        optimizer_state=table.optimizer_state,
-                        progress=None if progress is None
-                        else (lambda done, total, name=table.name: progress(name, done, total)))
-def check_store_tables(store_dir: str | Path, needed: Sequence[StoreTable]) -> None:
-    """Read-only look at the stores under ``store_dir`` (:func:`device_store_dir`):
-    :class:`ConfigError` for a ``store_dir`` that cannot hold them, or a device's store
-    that cannot hold its tables of ``needed`` without being made for other tables (see
-    :func:`_check_tables`). A store that needs recovery or is open elsewhere is checked
-    once opened; a missing one is created by :func:`open_store`."""
-    root = _check_store_root(store_dir)
-    for device in sorted({t.device for t in needed}):
-        _check_store_tables(device_store_dir(root, device),
-                            [t for t in needed if t.device == device])
-
-
-def _check_store_tables(path: Path, needed: Sequence[StoreTable]) -> None:
-    """:func:`check_store_tables` for one store."""
-    if not (path / "zarr.json").is_file():
-        return
-    try:
-        with TableStore.open(path, mode="r") as peek:
-            present, step = set(peek.tables()), peek.checkpoint_step
-    except (RecoveryRequiredError, StoreLockedError):
-        return  # checked once open_store has it open
-    except StoreError as exc:
-        raise ConfigError(f"store_dir {str(path)!r} cannot be used as the table store: "
-                          f"{exc}") from exc
-    _check_tables(path, present, step, needed)
-
-
-def _check_tables(path: Path, present: set[str], step: int | None,
-                  needed: Sequence[StoreTable]) -> None:
-    """Tables are added to an existing store only to complete an interrupted creation
-    (no checkpoint yet, no table of another plan): a store made for other tables is
-    never modified. (Holding more tables than ``needed`` is fine: one process of a
-    multi-process run needs only its own.)"""
-    wanted = {t.name for t in needed}
-    foreign = sorted(present - wanted)
-    missing = sorted(wanted - present)
-    if missing and (foreign or step is not None):
-        detail = ", ".join(part for part in (
-            f"tables {foreign} not in the plan" if foreign else "",
-            f"tables {missing} of the plan missing" if missing else "") if part)
-        raise ConfigError(f"store {str(path)!r} holds other tables than the plan caches "
-                          f"({detail}); it is left as it is: use another store_dir "
-                          f"(--store-dir)")
-
-
-def _check_matches(store: TableStore, table: StoreTable) -> None:
-    info = store.describe(table.name)
-    have = (info.num_rows, info.dim, info.dtype.value,
-            None if info.optimizer_state is None else info.optimizer_state.value)
-    want = (table.rows, table.spec.embedding_dim, STORE_DTYPE[table.spec.dtype],
-            table.optimizer_state)
-    if have != want:
-        labels = ("rows", "dim", "dtype", "optimizer state")
-        detail = ", ".join(f"{label} {h} there, {w} here"
-                           for label, h, w in zip(labels, have, want) if h != w)
-        raise ConfigError(f"store {str(store.path)!r}: table {table.name!r} does not match the "
-                          f"plan ({detail}); use another store_dir (--store-dir)")
-
 
 # ---------------------------------------------------------------- one cached shard
 
@@ -428,7 +187,7 @@ class _CachedBag(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor: torch.Tensor, shard: _CacheShard, ids: torch.Tensor,  # type: ignore[override]
-                offsets: torch.Tensor, lr: float, clock: Stopwatch | None,
+                offsets: torch.Tensor, lr: float, clock: UpdateClock | None,
                 looked_up: torch.Tensor | None) -> torch.Tensor:
         pooled, slots = shard.pool(ids, offsets, looked_up)
         ctx.shard, ctx.lr, ctx.slots, ctx.clock = shard, lr, slots, clock
@@ -455,7 +214,7 @@ def lookup_shards(batches: Sequence[tuple[_CacheShard, torch.Tensor]]
         if shard.fits(ids):
             by_device.setdefault(shard.cache.device, []).append(k)
     for positions in by_device.values():
-        slots = row_cache.lookup_many([batches[k][0].cache for k in positions],
+        slots = lookup_many([batches[k][0].cache for k in positions],
                                       [batches[k][1] for k in positions])
         for k, found in zip(positions, slots):
             out[k] = found
@@ -493,7 +252,7 @@ class CachedTable(nn.Module):
                                        dtype=torch.int64)
         self.lr: float | None = None
         """The row optimizer's learning rate; needed to train (set by the owner)."""
-        self.clock: Stopwatch | None = None
+        self.clock: UpdateClock | None = None
         """When set, the time of the fused updates (in the backward) is added to it."""
         self._resolved: tuple[torch.Tensor, Routed] | None = None
         """The ids of the batch :meth:`CachedTables.resolve` looked up, and their routes."""
@@ -604,48 +363,44 @@ class CachedTable(nn.Module):
 
 
 class CachedTables(nn.Module):
-    """The cached tables of a model and their stores (one per plan device, see the
-    module docstring); the training-loop API (:meth:`prefetch`, :meth:`stats`, the
-    checkpoint transaction :meth:`prepare` / :meth:`commit` / :meth:`recover`, and
-    :meth:`close`) that :class:`~dlrm_runtime.embeddings.InMemoryEmbeddings` and
-    :class:`~dlrm_runtime.distributed.DistributedEmbeddings` forward.
-
-    ``devices``: the plan devices this process serves (default: every device holding
-    cached shards); only their stores are opened and their shards cached."""
+    """The cached tables of a model over their open ``stores`` (by plan device, see
+    :mod:`dlrm_runtime.embeddings.stores`; they are closed with these tables), and what
+    the training loop calls on them: :meth:`prefetch`, :meth:`stats`, the checkpoint
+    transaction :meth:`prepare` / :meth:`commit` / :meth:`recover`, and :meth:`close`.
+    Shards of plan devices without a store here are other processes'."""
 
     def __init__(self, tables: TablesSpec, placements: dict[str, TablePlacement],
-                 output_device: torch.device, seed: int, store_dir: str | Path | None,
-                 embedding_lr: float | None = None,
-                 devices: Collection[int] | None = None) -> None:
+                 output_device: torch.device, stores: dict[int, TableStore],
+                 embedding_lr: float | None = None) -> None:
         super().__init__()
-        every = store_tables(tables, placements)
-        if store_dir is None:
-            names = sorted({t.spec.name for t in every})
-            raise ConfigError(f"tables {names} are planned in a cached tier and need a table "
-                              f"store: pass store_dir (dlrm-run --store-dir DIR)")
-        root = _check_store_root(store_dir)
-        wanted = sorted({t.device for t in every} if devices is None
-                        else set(devices) & {t.device for t in every})
-        self.stores: dict[int, TableStore] = {}
+        self.stores = stores
+        by_table: dict[int, list[StoreTable]] = {}
+        for table in store_tables(tables, placements):
+            by_table.setdefault(table.index, []).append(table)
+        self.tables = nn.ModuleList(
+            CachedTable(tables.tables[index], index, placements[tables.tables[index].name],
+                        parts, stores, output_device)
+            for index, parts in by_table.items()
+            if any(part.device in stores for part in parts))
+        self.embedding_lr = embedding_lr
+
+    @classmethod
+    def open(cls, tables: TablesSpec, placements: dict[str, TablePlacement],
+             output_device: torch.device, seed: int, store_dir: str | Path | None,
+             embedding_lr: float | None = None,
+             devices: Collection[int] | None = None) -> CachedTables:
+        """The cached tables of ``placements`` over the stores under ``store_dir``
+        (:func:`~dlrm_runtime.embeddings.stores.open_device_stores`), created with the
+        tables' initial values when new. ``devices``: the plan devices this process
+        serves (default: every device holding cached shards); only their stores are
+        opened and their shards cached."""
+        stores = open_device_stores(store_dir, store_tables(tables, placements), seed, devices)
         try:
-            for device in wanted:
-                self.stores[device] = open_store(device_store_dir(root, device),
-                                                 [t for t in every if t.device == device], seed)
-            by_table: dict[int, list[StoreTable]] = {}
-            for table in every:
-                by_table.setdefault(table.index, []).append(table)
-                if table.tier is Tier.DRAM_CACHE and table.device in self.stores:
-                    self.stores[table.device].warm(table.name)
-            self.tables = nn.ModuleList(
-                CachedTable(tables.tables[index], index, placements[tables.tables[index].name],
-                            parts, self.stores, output_device)
-                for index, parts in by_table.items()
-                if any(part.device in self.stores for part in parts))
+            return cls(tables, placements, output_device, stores, embedding_lr)
         except BaseException:
-            for store in self.stores.values():
+            for store in stores.values():
                 store.close()
             raise
-        self.embedding_lr = embedding_lr
 
     @property
     def store(self) -> TableStore:
@@ -667,7 +422,7 @@ class CachedTables(nn.Module):
         for table in self.tables:
             table.lr = self._lr
 
-    def time_updates(self, clock: Stopwatch | None) -> None:
+    def time_updates(self, clock: UpdateClock | None) -> None:
         """Add the time of the fused row updates, which run inside ``loss.backward()``,
         to ``clock`` (None: stop)."""
         for table in self.tables:
@@ -835,3 +590,91 @@ class CachedTables(nn.Module):
             cache.close()
         for store in self.stores.values():
             store.close()
+
+
+
+class CachedTablesOwner:
+    """What a model's embeddings (all tables in one process, or one rank's part) offer
+    the training loop for their cached tables, ``cached`` (None without any): the
+    learning rate of the fused update, prefetching, counters, store checkpoints and
+    closing; each does nothing (or returns None) without cached tables. The owner
+    calls :meth:`_resolved` once a forward has looked up its cached rows."""
+
+    cached: CachedTables | None
+    specs: tuple[TableSpec, ...]
+    _next_batch: SparseBatch | None
+
+    @property
+    def embedding_lr(self) -> float | None:
+        """Learning rate of the cached tables' fused row optimizer (None: not set)."""
+        return self.cached.embedding_lr if self.cached is not None else None
+
+    @embedding_lr.setter
+    def embedding_lr(self, lr: float | None) -> None:
+        if self.cached is not None:
+            self.cached.embedding_lr = lr
+
+    def prefetch(self, next_sparse: SparseBatch) -> None:
+        """Announce the batch AFTER the one of the next forward (the global batch under
+        torchrun: every rank has it): right after that forward's cache lookups, the rows
+        of ``next_sparse`` missing from this process's caches are read from the store on
+        background threads, overlapping the rest of the step. Call it before
+        ``Trainer.step(batch)`` with the following batch."""
+        if self.cached is not None:
+            if len(next_sparse.ids) != len(self.specs):
+                raise ValueError(f"the batch has ids for {len(next_sparse.ids)} tables, the "
+                                 f"model has {len(self.specs)}")
+            self._next_batch = next_sparse
+
+    def _resolved(self) -> None:
+        """This forward's cached rows are resident: read the announced batch's misses
+        while the rest of the step (MLPs, backward, optimizers) computes."""
+        if self._next_batch is not None and self.cached is not None:
+            self.cached.prefetch(self._next_batch)
+        self._next_batch = None
+
+    def cache_stats(self) -> dict[str, float] | None:
+        """None without cached tables; else counters summed over this process's caches
+        since they were built: ``hit_rate`` (hits / accesses), ``accesses``, ``hits``,
+        ``misses``, ``evictions``, ``write_backs``, ``uncached``, ``prefetched_rows``,
+        ``store_read_bytes``, ``store_written_bytes``, ``background_read_s``,
+        ``background_wait_s``, ``background_hidden_s``, and ``hit_rate/<table>`` per
+        cached table."""
+        return self.cached.stats() if self.cached is not None else None
+
+    @property
+    def store_checkpoint_step(self) -> int | None:
+        """The step of the table stores' last checkpoint (None: none, or no store)."""
+        return self.cached.checkpoint_step if self.cached is not None else None
+
+    def checkpoint(self, step: int) -> None:
+        """Make the cached tables durable at ``step``: dirty cached rows are written
+        back and the stores checkpoint (fsynced; a crash later reopens them at ``step``)."""
+        if self.cached is not None:
+            self.cached.checkpoint(step)
+
+    def restore(self, step: int) -> None:
+        """Return the cached tables to the stores' checkpoint of ``step``
+        (:class:`~dlrm_runtime.errors.CheckpointError` if their last checkpoint is of
+        another step); the caches start empty."""
+        if self.cached is not None:
+            self.cached.restore(step)
+
+    @contextlib.contextmanager
+    def timing_updates(self, clock: UpdateClock) -> Iterator[None]:
+        """Within it, the time of the cached tables' fused row updates, which run inside
+        ``loss.backward()``, is added to ``clock``."""
+        if self.cached is None:
+            yield
+            return
+        self.cached.time_updates(clock)
+        try:
+            yield
+        finally:
+            self.cached.time_updates(None)
+
+    def close(self) -> None:
+        """Stop the caches' background threads and close the stores (writes after their
+        last checkpoint are rolled back). Cached tables cannot be looked up after."""
+        if self.cached is not None:
+            self.cached.close()

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dlrm_runtime.errors import ConfigError
-from dlrm_runtime.timing import Stopwatch
+from dlrm_runtime.measure.timing import Stopwatch
 
 __all__ = [
     "AllToAll", "ProcessGroupInfo", "all_to_all", "all_to_all_values", "init_from_env",

@@ -1,0 +1,82 @@
+"""One call prepares a run from a plan (:func:`prepare_run`): the preconditions of the
+process count and the batch, every table's placement read and checked once, and the
+table stores its cached tables need looked at, read-only, before any work. The one- and
+multi-process trainers, the CLI and the Python API all start from its
+:class:`RunSetup`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dlrm_runtime.config import TrainConfig
+from dlrm_runtime.embeddings import (
+    StoreTable,
+    TablePlacement,
+    check_store_tables,
+    placements_from_plan,
+    store_tables,
+)
+from dlrm_runtime.errors import ConfigError, PlanMismatchError
+from planner import Plan
+
+
+@dataclass(frozen=True, slots=True)
+class RunSetup:
+    """What a run of ``plan`` executes, checked (see :func:`prepare_run`)."""
+
+    plan: Plan
+    placements: dict[str, TablePlacement]
+    """Every table's shards as the plan places them, on this process's torch devices."""
+    store_tables: tuple[StoreTable, ...]
+    """The store tables of the cached shards (every plan device), in spec order."""
+    world_size: int
+    """Processes that train together (1 in one process)."""
+    rank: int
+    local_batch_size: int
+    """Samples each process trains a step (the batch size over the world size)."""
+
+
+def check_world_size(plan: Plan, world_size: int) -> None:
+    """Plan device ``d`` runs on rank ``d``: the counts must agree."""
+    devices = plan.topology.world_size
+    if devices != world_size:
+        raise PlanMismatchError(
+            f"the plan has {devices} devices but the world size is {world_size} (plan device d "
+            f"runs on rank d): re-plan with a --topology of {world_size} devices "
+            f"(hosts x devices_per_host = {world_size}), or launch {devices} processes "
+            f"(torchrun --nproc_per_node {devices})")
+
+
+def check_batch_size(batch_size: int, world_size: int) -> int:
+    """The per-rank batch size; :class:`ConfigError` unless ``world_size`` divides
+    ``batch_size``."""
+    if batch_size < world_size or batch_size % world_size:
+        raise ConfigError(f"batch_size {batch_size} is not divisible by the world size "
+                          f"{world_size} (each rank takes batch_size / world_size samples); "
+                          f"use a multiple of {world_size} (dlrm-run --batch-size)")
+    return batch_size // world_size
+
+
+def prepare_run(plan: Plan, config: TrainConfig, *, world_size: int = 1,
+                rank: int = 0) -> RunSetup:
+    """Check a run of ``plan`` with ``config`` on ``world_size`` processes before any
+    work: the config itself, the plan's device count against the world size (when more
+    than one process), the batch against the world size, every table's shards against
+    its sharding's conventions and tiers (:class:`PlanMismatchError` naming the table),
+    and, for tables in a cached tier, ``config.store_dir``: it must be given, and on
+    rank 0 its stores are looked at read-only (a store made for other tables is
+    refused; a missing one is created when the model is built)."""
+    config.check()
+    if world_size > 1:
+        check_world_size(plan, world_size)
+    local = check_batch_size(config.batch_size, world_size)
+    placements = placements_from_plan(plan)
+    needed = tuple(store_tables(plan.tables_spec, placements))
+    if needed:
+        if config.store_dir is None:
+            names = sorted({t.spec.name for t in needed})
+            raise ConfigError(f"the plan caches tables {names} over the table store: pass "
+                              f"--store-dir DIR (created when new or empty)")
+        if rank == 0:
+            check_store_tables(config.store_dir, needed)
+    return RunSetup(plan, placements, needed, world_size, rank, local)

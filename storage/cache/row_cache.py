@@ -16,9 +16,9 @@ Where things live:
   ``with_state=True``, ``state`` (slots,) fp32 (row-wise Adagrad's sum of squared
   gradients), both on ``device``;
 * also on ``device``, as tensors updated by batched tensor ops: the row -> slot index
-  (:mod:`storage.cache_index`: a dense int32 tensor of one entry per table row up to
+  (:mod:`storage.cache.index`: a dense int32 tensor of one entry per table row up to
   64 M rows, sorted keys above), the slot -> row tensor, the dirty bits and the
-  policy's state (:mod:`storage.cache_policy`: per-slot recency keys, per-row counts);
+  policy's state (:mod:`storage.cache.policy`: per-slot recency keys, per-row counts);
   victims are chosen with ``topk``.
 
 Host synchronisation. The ids stay on the device. Everything the cache reads back
@@ -62,7 +62,7 @@ Updates are refused (:class:`~storage.errors.ReadOnlyStoreError`) at the first
 ``apply_*`` call, before any work, when the store is open read-only; a read-only
 cache over a ``mode="r"`` store is fine.
 
-Threads (:mod:`storage.cache_worker`): prefetch reads and write-behind run in order
+Threads (:mod:`storage.cache.worker`): prefetch reads and write-behind run in order
 on one background thread, and the cache itself touches the store only after that
 thread's queue is empty, so the store is never used by two threads at once *through
 the cache*. The caller must keep that too: call :meth:`RowCache.flush` (before
@@ -81,12 +81,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.cache_index import IndexKind, make_index
-from storage.cache_policy import Lookahead, SlotView, make_policy
-from storage.cache_types import CacheArgumentError, CacheStats, TierBytes
-from storage.cache_worker import StoreWorker
+from storage.cache.index import IndexKind, make_index
+from storage.cache.policy import Lookahead, SlotView, make_policy
+from storage.cache.stats import CacheStats, TierBytes
+from storage.cache.worker import StoreWorker
 from storage.dtypes import StoreDType, torch_to_numpy
-from storage.errors import MissingArrayError, ReadOnlyStoreError, RowIndexError, RowShapeError
+from storage.errors import (
+    CacheArgumentError,
+    MissingArrayError,
+    ReadOnlyStoreError,
+    RowIndexError,
+    RowShapeError,
+)
+from storage.row_update import ADAGRAD_EPS, rowwise_adagrad, sgd
 from storage.store import TableStore
 
 Step = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor],
@@ -183,14 +190,14 @@ class RowCache:
 
     ``slots``: rows the cache holds (clamped to the table's rows).
     ``policy``: ``"lru"``, ``"lfu"``, ``"profile"`` or ``"lookahead"``
-    (:mod:`storage.cache_policy`; the lookahead policy keeps the rows that
+    (:mod:`storage.cache.policy`; the lookahead policy keeps the rows that
     :meth:`prefetch` or :meth:`announce` said come next); ``profile``: per-row access
     counts, required by ``"profile"``, optional for ``"lookahead"``: its hottest rows
     are loaded here, in one gather. ``with_state``: also cache the row-wise
     Adagrad state (the table must have ``optimizer_state="rowwise_adagrad"``).
-    ``index``: ``"auto"``, ``"dense"`` or ``"sorted"`` (:mod:`storage.cache_index`).
+    ``index``: ``"auto"``, ``"dense"`` or ``"sorted"`` (:mod:`storage.cache.index`).
     ``write_behind``: write evicted dirty rows back on the background thread
-    (:mod:`storage.cache_worker`) instead of inside the lookup that evicts them; their
+    (:mod:`storage.cache.worker`) instead of inside the lookup that evicts them; their
     data is copied out of the slots without waiting for the device.
     """
 
@@ -336,7 +343,7 @@ class RowCache:
     def prefetch(self, next_ids: Any) -> None:
         """Start reading, on a background thread, the rows of ``next_ids`` that are not
         resident now; the next lookup that misses uses them (see
-        :mod:`storage.cache_worker`). Drops an older prefetch not yet used. With the
+        :mod:`storage.cache.worker`). Drops an older prefetch not yet used. With the
         ``"lookahead"`` policy, also :meth:`announce` them."""
         rows = self._device_rows(next_ids)
         if rows.numel() == 0:
@@ -378,12 +385,13 @@ class RowCache:
             self._counts.device_read += moved
             self._counts.device_written += moved
             return
-        self._update(batch, lambda w, s, g: (w - lr * g, s), needs_state=False)
+        self._update(batch, lambda w, s, g: (sgd(w, g, lr), s), needs_state=False)
 
     def apply_rowwise_adagrad(self, ids: Any, grads: torch.Tensor, lr: float,
-                              eps: float = 1e-8) -> None:
+                              eps: float = ADAGRAD_EPS) -> None:
         """Row-wise Adagrad on the rows of ``ids``, with ``g`` the summed gradient of each
-        distinct id: ``s += mean(g**2)``; ``w -= lr * g / (sqrt(s) + eps)``."""
+        distinct id: ``s += mean(g**2)``; ``w -= lr * g / (sqrt(s) + eps)``
+        (:func:`storage.row_update.rowwise_adagrad`)."""
         self._check_update("apply_rowwise_adagrad", lr, eps)
         if self._state is None:
             raise CacheArgumentError(f"table {self._table!r}: apply_rowwise_adagrad needs the "
@@ -394,8 +402,7 @@ class RowCache:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
             if s is None:  # pragma: no cover - _update passes the state when asked
                 raise CacheArgumentError("row-wise Adagrad needs the optimizer state")
-            s = s + g.pow(2).mean(dim=1)
-            return w - lr * g / (torch.sqrt(s).unsqueeze(1) + eps), s
+            return rowwise_adagrad(w, s, g, lr, eps)
 
         self._update(batch, step, needs_state=True)
 

@@ -1,8 +1,9 @@
-"""Data and errors of the row cache (:mod:`storage.cache`): statistics snapshots and
-the cache's own typed errors.
+"""Statistics snapshots of the row cache (:mod:`storage.cache`).
 
-:class:`~storage.cache_worker.CacheWriteError` (a failed background write-back) is
-defined beside the worker. The cache also raises the store's errors unchanged where they fit:
+The cache's own typed errors, :class:`~storage.errors.CacheArgumentError` and
+:class:`~storage.errors.CacheWriteError` (a failed background write-back), live with
+the store's in :mod:`storage.errors`. The cache also raises the store's errors
+unchanged where they fit:
 :class:`~storage.errors.RowIndexError` for ids outside the table,
 :class:`~storage.errors.RowShapeError` for ids or gradients of the wrong shape or
 dtype, :class:`~storage.errors.ReadOnlyStoreError` for updates over a read-only store
@@ -12,13 +13,6 @@ and :class:`~storage.errors.MissingArrayError` for a missing table or optimizer 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from storage.errors import StoreError
-
-
-class CacheArgumentError(StoreError, ValueError):
-    """An argument of :class:`~storage.cache.RowCache` is invalid (slots, policy,
-    profile, index, learning rate, or an optimizer the cache was not built for)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Row cache (``storage.cache.RowCache``) over a table store: hit path and a training loop.
+"""Row cache (``storage.RowCache``) over a table store: hit path and a training loop.
 
 (a) All-hit gather: a cache of ``--slots`` rows holds every row the batches use (a
     random set of ``--slots`` rows, loaded beforehand); batches of ``--batch`` ids
@@ -54,8 +54,7 @@ if str(ROOT) not in sys.path:  # run as a script from any directory
 
 from bench.storage_hitrate import zipf_probabilities  # noqa: E402
 from dlrm_runtime.embeddings import tune_malloc  # noqa: E402
-from storage.cache import RowCache  # noqa: E402
-from storage.store import TableStore  # noqa: E402
+from storage import RowCache, TableStore  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "cache.json"
 TARGET_HIT_SHARE = 0.5

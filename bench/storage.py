@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from any directory
     sys.path.insert(0, str(ROOT))
 
+from storage import TableStore  # noqa: E402
 from storage.layout import default_chunk_rows  # noqa: E402
-from storage.store import TableStore  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "storage.json"
 TARGET_WARM_ROWS_PER_S = 1_000_000

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from any directory
     sys.path.insert(0, str(ROOT))
 
-from storage.replay import belady_hit_rate, replay, static_topk_hit_rate  # noqa: E402
+from storage import belady_hit_rate, replay, static_topk_hit_rate  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "storage_hitrate.json"
 POLICY_COLUMNS = ("lru", "lfu", "profile", "lookahead", "lookahead+profile", "belady")

@@ -31,14 +31,14 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from storage.errors import CorruptStoreError, StoreError
-from storage.layout import ArrayLayout, fsync_dir
+from storage.files import fdatasync_file, fsync_dir, replace_atomic, write_all
+from storage.layout import ArrayLayout
 
 PAGE_BYTES = mmap.PAGESIZE
 RESIDENCY_SAMPLE_ROWS = 16
@@ -229,22 +229,19 @@ class ChunkFiles:
         Semantically a no-op, so it needs no journal record: written to a temporary
         name, fsynced, renamed into place, directories fsynced.
         """
-        path = self.layout.chunk_path(chunk)
+        layout = self.layout
+        path = layout.chunk_path(chunk)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            if self.layout.fill_value != 0:
-                fill = np.full((self.layout.chunk_rows, self.layout.width),
-                               self.layout.fill_value, dtype=self.layout.dtype_str)
-                _write_all(fd, fill.tobytes())
+
+        def fill(fd: int) -> None:
+            if layout.fill_value != 0:
+                write_all(fd, np.full((layout.chunk_rows, layout.width), layout.fill_value,
+                                      dtype=layout.dtype_str).tobytes())
             else:
-                os.posix_fallocate(fd, 0, self.layout.chunk_bytes)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        for directory in (path.parent, path.parent.parent, self.layout.path):
+                os.posix_fallocate(fd, 0, layout.chunk_bytes)
+
+        replace_atomic(path, fill, suffix=".partial")  # fsyncs path.parent
+        for directory in (path.parent.parent, layout.path):
             fsync_dir(directory)
 
     def _unmap(self) -> None:
@@ -382,23 +379,8 @@ def sync_files(paths: list[Path], pool: ThreadPoolExecutor | None) -> None:
     """
     if pool is None or len(paths) < 2:
         for path in paths:
-            _fdatasync_path(path)
+            fdatasync_file(path)
     else:
-        for _ in pool.map(_fdatasync_path, paths):
+        for _ in pool.map(fdatasync_file, paths):
             pass
-
-
-def _fdatasync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 

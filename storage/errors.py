@@ -1,4 +1,4 @@
-"""Typed errors of the table store.
+"""Typed errors of the table store and its row cache (:mod:`storage.cache`).
 
 Every error subclasses :class:`StoreError` and a builtin, so callers can catch
 either (``except FileNotFoundError`` still catches a missing store). Messages are
@@ -174,3 +174,17 @@ class CorruptStoreError(StoreError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class CacheArgumentError(StoreError, ValueError):
+    """An argument of :class:`~storage.cache.RowCache` is invalid (slots, policy,
+    profile, index, learning rate, or an optimizer the cache was not built for)."""
+
+
+class CacheWriteError(StoreError, OSError):
+    """A background write-back of the row cache failed: rows evicted from the cache
+    were not written.
+
+    The store's undo journal still guarantees that reopening it with ``mode="r+"``
+    rolls back to the last checkpoint; build a new cache after that.
+    """

@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,7 +50,8 @@ from typing import BinaryIO
 import numpy as np
 
 from storage.errors import CorruptStoreError
-from storage.layout import FORMAT_VERSION, fsync_dir
+from storage.files import fsync_dir, temporaries, write_json_atomic
+from storage.layout import FORMAT_VERSION
 
 FILE_MAGIC = b"DLJ1"
 RECORD_MAGIC = b"DLR1"
@@ -280,15 +280,7 @@ def write_checkpoint(txn_dir: Path, marker_name: str, checkpoint: Checkpoint) ->
     """Atomically replace the marker (temporary file, fsync, rename, fsync directory)."""
     doc = {"format_version": FORMAT_VERSION, "step": checkpoint.step,
            "generation": checkpoint.generation}
-    tmp = txn_dir / f".{marker_name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        _pwrite_all(fd, json.dumps(doc).encode("utf-8"), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, txn_dir / marker_name)
-    fsync_dir(txn_dir)
+    write_json_atomic(txn_dir / marker_name, doc)
 
 
 def read_prepared(txn_dir: Path, name: str) -> Checkpoint | None:
@@ -309,5 +301,5 @@ def remove_marker(txn_dir: Path, name: str) -> None:
 
 def remove_stale_temporaries(txn_dir: Path, marker_name: str) -> None:
     """Delete marker temporaries left by a writer that died before renaming them."""
-    for stale in txn_dir.glob(f".{marker_name}.*.tmp"):
+    for stale in temporaries(txn_dir / marker_name):
         stale.unlink(missing_ok=True)

@@ -21,8 +21,6 @@ them). The transaction files live inside an *array* node so that zarr's own
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 
 from storage.dtypes import OptimizerState, StoreDType
 from storage.errors import CorruptStoreError, TableSpecError
+from storage.files import read_json
 
 FORMAT_VERSION = 1
 STORE_ATTR = "dlrm_toolkit_store"
@@ -74,7 +73,7 @@ def default_chunk_rows(num_rows: int, row_bytes: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class TableSpec:
+class StoredTableSpec:
     """What the store records about a table (in the attributes of its group and arrays).
 
     ``init`` is ``"uniform"``, ``"zeros"`` or ``"array"`` (imported); ``seed`` is the
@@ -109,10 +108,10 @@ class TableSpec:
         }
 
     @staticmethod
-    def from_attrs(doc: Any, where: str) -> TableSpec:
+    def from_attrs(doc: Any, where: str) -> StoredTableSpec:
         try:
             opt = doc["optimizer_state"]
-            return TableSpec(
+            return StoredTableSpec(
                 name=str(doc["name"]), num_rows=int(doc["num_rows"]), dim=int(doc["dim"]),
                 dtype=StoreDType(doc["dtype"]), chunk_rows=int(doc["chunk_rows"]),
                 optimizer_state=None if opt is None else OptimizerState(opt),
@@ -151,7 +150,7 @@ class TableInfo:
         return self.weight_bytes + self.state_bytes
 
     @staticmethod
-    def of(spec: TableSpec) -> TableInfo:
+    def of(spec: StoredTableSpec) -> TableInfo:
         padded_rows = spec.num_chunks * spec.chunk_rows
         return TableInfo(
             name=spec.name, num_rows=spec.num_rows, dim=spec.dim, dtype=spec.dtype,
@@ -195,11 +194,6 @@ class ArrayLayout:
 
 
 _ZARR_DTYPES = {"float32": "<f4", "float16": "<f2", "uint16": "<u2"}
-
-
-def read_json(path: Path) -> Any:
-    with open(path, "rb") as f:
-        return json.loads(f.read())
 
 
 def read_array_layout(path: Path) -> ArrayLayout:
@@ -246,12 +240,3 @@ def _layout_problem(meta: Any) -> str:
     if meta.get("storage_transformers"):
         return "storage transformers are set"
     return ""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (created, renamed, removed files) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

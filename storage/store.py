@@ -80,12 +80,11 @@ from storage.layout import (
     TXN_ATTR,
     TXN_DIR,
     WEIGHT,
+    StoredTableSpec,
     TableInfo,
-    TableSpec,
-    fsync_dir,
     read_array_layout,
-    read_json,
 )
+from storage.files import fsync_dir, read_json
 from storage.tables import ProgressFn, build_table, check_init_array, make_spec
 
 Mode = Literal["r", "r+"]
@@ -105,7 +104,7 @@ class TableStore:
         self._map_budget = map_budget_bytes
         self._lock_fd = lock_fd
         self._txn = path / TXN_DIR
-        self._specs: dict[str, TableSpec] = {}
+        self._specs: dict[str, StoredTableSpec] = {}
         self._files: dict[tuple[str, str], ChunkFiles] = {}
         self._checkpoint = jr.read_checkpoint(self._txn, MARKER_FILE)
         self._prepared: int | None = None
@@ -203,7 +202,7 @@ class TableStore:
             doc = read_json(meta)
             attrs = doc.get("attributes", {}).get(TABLE_ATTR)
             if doc.get("node_type") == "group" and attrs is not None:
-                self._specs[entry.name] = TableSpec.from_attrs(attrs, str(meta))
+                self._specs[entry.name] = StoredTableSpec.from_attrs(attrs, str(meta))
 
     def _recover(self) -> None:
         """Undo the writes of an unfinished generation, then start a fresh journal; an
@@ -554,7 +553,7 @@ class TableStore:
                              f"back to the last checkpoint")
         return journal
 
-    def _spec(self, name: str) -> TableSpec:
+    def _spec(self, name: str) -> StoredTableSpec:
         spec = self._specs.get(name)
         if spec is None:
             known = ", ".join(sorted(self._specs)) or "none"

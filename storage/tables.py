@@ -21,16 +21,16 @@ import numpy as np
 from storage.chunks import chunk_layout_problem
 from storage.dtypes import OptimizerState, StoreDType, float32_to_bf16_bits, to_stored
 from storage.errors import TableExistsError, TableSpecError
+from storage.files import fsync_dir, fsync_file
 from storage.layout import (
     STAGING_DIR,
     STATE,
     TABLE_ATTR,
     TXN_DIR,
     WEIGHT,
-    TableSpec,
+    StoredTableSpec,
     check_table_name,
     default_chunk_rows,
-    fsync_dir,
 )
 
 BULK_BLOCK_BYTES = 64 * 1024 * 1024
@@ -50,7 +50,7 @@ def uniform_bound(num_rows: int) -> float:
     return math.sqrt(1.0 / num_rows)
 
 
-def check_init_array(spec: TableSpec, values: Any) -> np.ndarray:
+def check_init_array(spec: StoredTableSpec, values: Any) -> np.ndarray:
     """Convert an imported array/tensor to the stored dtype, checking its shape."""
     converted = to_stored(values, spec.dtype)
     if isinstance(converted, str):
@@ -61,7 +61,7 @@ def check_init_array(spec: TableSpec, values: Any) -> np.ndarray:
     return converted
 
 
-def build_table(root: Path, spec: TableSpec, init_values: np.ndarray | BlockInit | None,
+def build_table(root: Path, spec: StoredTableSpec, init_values: np.ndarray | BlockInit | None,
                 progress: ProgressFn | None) -> None:
     """Create ``spec``'s arrays, write the initial rows, and move the table into ``root``.
 
@@ -99,7 +99,7 @@ def build_table(root: Path, spec: TableSpec, init_values: np.ndarray | BlockInit
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _create_array(group: Any, role: str, spec: TableSpec, width: int, dtype: np.dtype[Any],
+def _create_array(group: Any, role: str, spec: StoredTableSpec, width: int, dtype: np.dtype[Any],
                   attrs: dict[str, Any]) -> Any:
     return group.create_array(
         role, shape=(spec.num_rows, width), chunks=(spec.chunk_rows, width), dtype=dtype,
@@ -109,7 +109,7 @@ def _create_array(group: Any, role: str, spec: TableSpec, width: int, dtype: np.
     )
 
 
-def _write_rows(array: Any, spec: TableSpec, values: np.ndarray | BlockInit | None,
+def _write_rows(array: Any, spec: StoredTableSpec, values: np.ndarray | BlockInit | None,
                 progress: ProgressFn | None) -> None:
     """Write all rows in chunk-aligned blocks: imported values (an array, or blocks from
     a :data:`BlockInit` callable) or the uniform init.
@@ -143,7 +143,7 @@ def _write_rows(array: Any, spec: TableSpec, values: np.ndarray | BlockInit | No
                 progress(stop, spec.num_rows)
 
 
-def _checked_block(spec: TableSpec, values: Any, rows: int) -> np.ndarray:
+def _checked_block(spec: StoredTableSpec, values: Any, rows: int) -> np.ndarray:
     """A block from a :data:`BlockInit` callable, converted to the stored dtype."""
     converted = to_stored(values, spec.dtype)
     if isinstance(converted, str):
@@ -165,7 +165,7 @@ def _uniform_block(rng: np.random.Generator, rows: int, dim: int, bound: np.floa
     return values.astype(dtype.numpy, copy=False)
 
 
-def _allocate_zero_chunks(array_dir: Path, spec: TableSpec, row_bytes: int) -> None:
+def _allocate_zero_chunks(array_dir: Path, spec: StoredTableSpec, row_bytes: int) -> None:
     """Create every chunk file as allocated zeros (valid zarr: the raw bytes of zeros)."""
     chunk_bytes = spec.chunk_rows * row_bytes
     for chunk in range(spec.num_chunks):
@@ -184,18 +184,14 @@ def _fsync_tree(top: Path) -> None:
     for here, _, files in os.walk(top):
         dirs.append(here)
         for name in files:
-            fd = os.open(os.path.join(here, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(here, name))
     for here in reversed(dirs):
         fsync_dir(Path(here))
 
 
 def make_spec(name: str, num_rows: int, dim: int, dtype: str | StoreDType, init: Any,
               seed: int, optimizer_state: str | OptimizerState | None,
-              chunk_rows: int | None) -> TableSpec:
+              chunk_rows: int | None) -> StoredTableSpec:
     """Validate ``add_table``'s arguments (TableSpecError naming the field) into a spec."""
     check_table_name(name)
     for field, value in (("num_rows", num_rows), ("dim", dim)):
@@ -234,6 +230,6 @@ def make_spec(name: str, num_rows: int, dim: int, dtype: str | StoreDType, init:
         problem = state_problem and f"optimizer state: {state_problem}"
     if problem:
         raise TableSpecError(name, "chunk_rows", problem)
-    return TableSpec(name=name, num_rows=int(num_rows), dim=int(dim), dtype=store_dtype,
+    return StoredTableSpec(name=name, num_rows=int(num_rows), dim=int(dim), dtype=store_dtype,
                      chunk_rows=int(chunk_rows), optimizer_state=state, init=init_kind,
                      seed=int(seed))

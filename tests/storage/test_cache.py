@@ -14,19 +14,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage.cache import RowCache, lookup_many
-from storage.cache_index import DenseIndex, SortedIndex, make_index
-from storage.cache_types import CacheArgumentError, CacheStats
-from storage.cache_worker import CacheWriteError
-from storage.errors import (
+from storage import (
+    CacheArgumentError,
+    CacheStats,
+    CacheWriteError,
     MissingArrayError,
     ReadOnlyStoreError,
+    RowCache,
     RowIndexError,
     RowShapeError,
     StoreError,
+    TableStore,
+    lookup_many,
+    replay,
 )
-from storage.replay import replay
-from storage.store import TableStore
+from storage.cache.index import DenseIndex, SortedIndex, make_index
 
 ROWS, DIM = 3000, 8
 LR, EPS = 0.05, 1e-8
@@ -696,7 +698,7 @@ def test_closing_the_store_stops_the_cache_background_work(tmp_path) -> None:
 def test_recency_keys_keep_their_order_when_renormalised() -> None:
     """Recency keys are ``batch * num_rows + row``; for a huge table they are replaced
     by their ranks before they would leave int64, and victims stay the least recent."""
-    from storage.cache_policy import LRU, SlotView
+    from storage.cache.policy import LRU, SlotView
 
     num_rows, slots = 1 << 60, 5
     policy = LRU(num_rows, slots, torch.device("cpu"))

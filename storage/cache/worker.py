@@ -31,20 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from storage.errors import StoreError
+from storage.errors import CacheWriteError
 
 ReadFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 """``read(rows) -> (weights, state or None)``, run on the worker thread."""
 WriteFn = Callable[[], np.ndarray]
 """``write() -> rows written``, run on the worker thread."""
-
-
-class CacheWriteError(StoreError, OSError):
-    """A background write-back failed: rows evicted from the cache were not written.
-
-    The store's undo journal still guarantees that reopening it with ``mode="r+"``
-    rolls back to the last checkpoint; build a new cache after that.
-    """
 
 
 @dataclass(frozen=True, slots=True)

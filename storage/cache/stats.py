@@ -1,8 +1,10 @@
-"""Data and errors of the row cache (:mod:`storage.cache`): statistics snapshots and
-the cache's own typed errors.
+"""Statistics of the row cache (:mod:`storage.cache`): its running totals and their
+snapshots.
 
-:class:`~storage.cache_worker.CacheWriteError` (a failed background write-back) is
-defined beside the worker. The cache also raises the store's errors unchanged where they fit:
+The cache's own typed errors, :class:`~storage.errors.CacheArgumentError` and
+:class:`~storage.errors.CacheWriteError` (a failed background write-back), live with
+the store's in :mod:`storage.errors`. The cache also raises the store's errors
+unchanged where they fit:
 :class:`~storage.errors.RowIndexError` for ids outside the table,
 :class:`~storage.errors.RowShapeError` for ids or gradients of the wrong shape or
 dtype, :class:`~storage.errors.ReadOnlyStoreError` for updates over a read-only store
@@ -12,13 +14,6 @@ and :class:`~storage.errors.MissingArrayError` for a missing table or optimizer 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from storage.errors import StoreError
-
-
-class CacheArgumentError(StoreError, ValueError):
-    """An argument of :class:`~storage.cache.RowCache` is invalid (slots, policy,
-    profile, index, learning rate, or an optimizer the cache was not built for)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +78,37 @@ class CacheStats:
     def hit_rate(self) -> float:
         """``hits / accesses``; 0.0 before the first access."""
         return self.hits / self.accesses if self.accesses else 0.0
+
+
+@dataclass(slots=True)
+class Counters:
+    """Running totals behind :meth:`~storage.cache.RowCache.stats`, kept by the cache's
+    own thread (the background thread keeps its own, in
+    :class:`~storage.cache.worker.WorkerCounters`); see :class:`CacheStats` for each."""
+
+    accesses: int = 0
+    """Ids looked up."""
+    hits: int = 0
+    """Accesses served by a resident row."""
+    misses: int = 0
+    """Accesses whose row was not resident when its batch arrived."""
+    evictions: int = 0
+    """Rows removed from a slot."""
+    write_backs: int = 0
+    """Rows written to the store on this thread."""
+    uncached: int = 0
+    """Missing rows served without a slot."""
+    direct_updates: int = 0
+    """Rows updated in the store because they were not resident."""
+    preloaded: int = 0
+    """Rows loaded at construction."""
+    prefetched_rows: int = 0
+    """Missing rows taken from a prefetch."""
+    store_read: int = 0
+    """Bytes read from the store on this thread."""
+    store_written: int = 0
+    """Bytes written to the store on this thread."""
+    device_read: int = 0
+    """Bytes read from the slots."""
+    device_written: int = 0
+    """Bytes written to the slots."""

@@ -16,15 +16,15 @@ Where things live:
   ``with_state=True``, ``state`` (slots,) fp32 (row-wise Adagrad's sum of squared
   gradients), both on ``device``;
 * also on ``device``, as tensors updated by batched tensor ops: the row -> slot index
-  (:mod:`storage.cache_index`: a dense int32 tensor of one entry per table row up to
+  (:mod:`storage.cache.index`: a dense int32 tensor of one entry per table row up to
   64 M rows, sorted keys above), the slot -> row tensor, the dirty bits and the
-  policy's state (:mod:`storage.cache_policy`: per-slot recency keys, per-row counts);
+  policy's state (:mod:`storage.cache.policy`: per-slot recency keys, per-row counts);
   victims are chosen with ``topk``.
 
 Host synchronisation. The ids stay on the device. Everything the cache reads back
-to the host goes through one function, :func:`_sync_to_host` (ops whose output size
-depends on the data, boolean masks and ``unique``, run only inside it), and in the
-per-batch path that is only: the distinct missing rows of a lookup (with three
+to the host goes through one function, :func:`~storage.cache.host.sync_to_host` (ops
+whose output size depends on the data, boolean masks and ``unique``, run only inside
+it), and in the per-batch path that is only: the distinct missing rows of a lookup (with three
 scalars read in the same transfer: the ids' bounds, checked there, and the number of
 slots the batch hits), the rows a prefetch must read, the distinct-row count of an
 ``apply_*`` call (with the rows it must update in the store, if any), and the evicted
@@ -62,7 +62,7 @@ Updates are refused (:class:`~storage.errors.ReadOnlyStoreError`) at the first
 ``apply_*`` call, before any work, when the store is open read-only; a read-only
 cache over a ``mode="r"`` store is fine.
 
-Threads (:mod:`storage.cache_worker`): prefetch reads and write-behind run in order
+Threads (:mod:`storage.cache.worker`): prefetch reads and write-behind run in order
 on one background thread, and the cache itself touches the store only after that
 thread's queue is empty, so the store is never used by two threads at once *through
 the cache*. The caller must keep that too: call :meth:`RowCache.flush` (before
@@ -73,7 +73,7 @@ thread-safe.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -81,40 +81,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.cache_index import IndexKind, make_index
-from storage.cache_policy import Lookahead, SlotView, make_policy
-from storage.cache_types import CacheArgumentError, CacheStats, TierBytes
-from storage.cache_worker import StoreWorker
+from storage.cache.index import IndexKind, make_index
+from storage.cache.policy import Lookahead, SlotView, make_policy
+from storage.cache.gradients import Coalesced, Step, coalesce
+from storage.cache.host import sync_to_host
+from storage.cache.stats import CacheStats, Counters, TierBytes
+from storage.cache.store_rows import StoreRows
+from storage.cache.worker import StoreWorker
 from storage.dtypes import StoreDType, torch_to_numpy
-from storage.errors import MissingArrayError, ReadOnlyStoreError, RowIndexError, RowShapeError
+from storage.errors import (
+    CacheArgumentError,
+    MissingArrayError,
+    ReadOnlyStoreError,
+    RowIndexError,
+    RowShapeError,
+)
+from storage.row_update import ADAGRAD_EPS, rowwise_adagrad, sgd
 from storage.store import TableStore
-
-Step = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor],
-                tuple[torch.Tensor, torch.Tensor | None]]
-"""An optimizer step on rows: ``(weights fp32, state or None, summed grads) -> (weights,
-state)``."""
 
 _TORCH_DTYPES = {StoreDType.FP32: torch.float32, StoreDType.FP16: torch.float16,
                  StoreDType.BF16: torch.bfloat16}
-
-
-@dataclass(slots=True)
-class _Counters:
-    """Running totals behind :meth:`RowCache.stats` (rows; bytes)."""
-
-    accesses: int = 0
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    write_backs: int = 0
-    uncached: int = 0
-    direct_updates: int = 0
-    preloaded: int = 0
-    prefetched_rows: int = 0
-    store_read: int = 0
-    store_written: int = 0
-    device_read: int = 0
-    device_written: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,67 +116,20 @@ class _Probe:
     protected: torch.Tensor
 
 
-@dataclass(frozen=True, slots=True)
-class _Coalesced:
-    """An ``apply_*`` batch on the device: sorted distinct ``rows``, their summed ``grads``
-    (fp32), their ``slots`` (-1: not resident) and how many are not resident (host)."""
-
-    rows: torch.Tensor
-    grads: torch.Tensor
-    slots: torch.Tensor
-    absent: int
-
-
-class _HostCopy:
-    """Tensors on their way to host memory; :meth:`arrays` waits for them."""
-
-    def __init__(self, tensors: list[torch.Tensor], event: Any) -> None:
-        self._tensors = tensors
-        self._event = event
-
-    def arrays(self) -> list[np.ndarray]:
-        if self._event is not None:
-            self._event.synchronize()
-            self._event = None
-        return [torch_to_numpy(t) for t in self._tensors]
-
-
-def _sync_to_host(select: Callable[[], list[torch.Tensor]], *, wait: bool = True) -> _HostCopy:
-    """The cache's one host synchronisation point: ``select()`` computes, on the device,
-    the tensors the host needs (it may use ops whose output size depends on the data,
-    such as boolean masks and ``unique``, which synchronise on CUDA), and they are
-    copied to host memory. With ``wait=False`` the copy is only queued (pinned memory,
-    an event): :meth:`_HostCopy.arrays` waits for it, on whichever thread calls it.
-    On the CPU nothing is copied and nothing waits."""
-    tensors = select()
-    if all(t.device.type == "cpu" for t in tensors):
-        return _HostCopy(tensors, None)
-    cuda = tensors[0].device.type == "cuda"
-    copies = [t.to("cpu", non_blocking=cuda) for t in tensors]
-    event = None
-    if cuda:
-        event = torch.cuda.Event()
-        event.record()
-    copy = _HostCopy(copies, event)
-    if wait:
-        copy.arrays()
-    return copy
-
-
 class RowCache:
     """Rows of one table of ``store`` in ``slots`` slots on ``device``; see the module
     docstring.
 
     ``slots``: rows the cache holds (clamped to the table's rows).
     ``policy``: ``"lru"``, ``"lfu"``, ``"profile"`` or ``"lookahead"``
-    (:mod:`storage.cache_policy`; the lookahead policy keeps the rows that
+    (:mod:`storage.cache.policy`; the lookahead policy keeps the rows that
     :meth:`prefetch` or :meth:`announce` said come next); ``profile``: per-row access
     counts, required by ``"profile"``, optional for ``"lookahead"``: its hottest rows
     are loaded here, in one gather. ``with_state``: also cache the row-wise
     Adagrad state (the table must have ``optimizer_state="rowwise_adagrad"``).
-    ``index``: ``"auto"``, ``"dense"`` or ``"sorted"`` (:mod:`storage.cache_index`).
+    ``index``: ``"auto"``, ``"dense"`` or ``"sorted"`` (:mod:`storage.cache.index`).
     ``write_behind``: write evicted dirty rows back on the background thread
-    (:mod:`storage.cache_worker`) instead of inside the lookup that evicts them; their
+    (:mod:`storage.cache.worker`) instead of inside the lookup that evicts them; their
     data is copied out of the slots without waiting for the device.
     """
 
@@ -229,20 +168,22 @@ class RowCache:
         if self._device.type == "cpu":
             self._host_rows = (self._weights.view(torch.int16) if self._dtype == torch.bfloat16
                                else self._weights).numpy()
-        self._state_width = info.state_width if with_state else 0
-        self._row_bytes = info.dim * self._np_dtype.itemsize + 4 * self._state_width
-        """Bytes one row moves: weights plus cached optimizer state."""
         self._slot_row = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self._device)
         self._dirty = torch.zeros(num_slots + 1, dtype=torch.bool, device=self._device)
         self._filled = 0
         self._batches = 0
-        self._counts = _Counters()
+        self._counts = Counters()
         self._worker = StoreWorker()
         store.on_close(self._worker.close)  # no background I/O on unmapped files
+        self._store_rows = StoreRows(store, table, self._worker, self._counts, dim=info.dim,
+                                     np_dtype=self._np_dtype,
+                                     state_width=info.state_width if with_state else 0)
+        self._row_bytes = self._store_rows.row_bytes
+        """Bytes one row moves: weights plus cached optimizer state."""
         self._write_behind = bool(write_behind)
         warm = self._policy.preload()
         if warm.size:
-            weights, state = self._read_store(warm)
+            weights, state = self._store_rows.read(warm)
             self._counts.store_read += warm.size * self._row_bytes
             self._install(torch.arange(warm.size, device=self._device), warm, weights, state)
             self._filled = warm.size
@@ -274,14 +215,14 @@ class RowCache:
     def resident_rows(self) -> np.ndarray:
         """Row ids held in the slots, sorted (reads them back from the device)."""
         filled = self._filled
-        (rows,) = _sync_to_host(lambda: [self._slot_row[:filled]]).arrays()
+        (rows,) = sync_to_host(lambda: [self._slot_row[:filled]]).arrays()
         return np.sort(rows)
 
     def dirty_rows(self) -> np.ndarray:
         """Row ids updated in the slots and not yet written back, sorted (reads them back
         from the device)."""
         filled = self._filled
-        (rows,) = _sync_to_host(
+        (rows,) = sync_to_host(
             lambda: [self._slot_row[:filled][self._dirty[:filled]]]).arrays()
         return np.sort(rows)
 
@@ -326,7 +267,7 @@ class RowCache:
             return self._take(slots)
         cached = slots >= 0
         out = self._weights_all.index_select(0, torch.where(cached, slots, self._num_slots))
-        positions, which = _sync_to_host(
+        positions, which = sync_to_host(
             lambda: [torch.nonzero(~cached).squeeze(1), rows[~cached]]).arrays()
         served = uncached_weights[np.searchsorted(uncached, which)]
         out[torch.from_numpy(positions).to(self._device)] = self._to_torch(served)
@@ -336,21 +277,21 @@ class RowCache:
     def prefetch(self, next_ids: Any) -> None:
         """Start reading, on a background thread, the rows of ``next_ids`` that are not
         resident now; the next lookup that misses uses them (see
-        :mod:`storage.cache_worker`). Drops an older prefetch not yet used. With the
+        :mod:`storage.cache.worker`). Drops an older prefetch not yet used. With the
         ``"lookahead"`` policy, also :meth:`announce` them."""
         rows = self._device_rows(next_ids)
         if rows.numel() == 0:
-            self._worker.read(self._read_store, _NO_ROWS)
+            self._worker.read(self._store_rows.read, _NO_ROWS)
             return
         clamped = rows.clamp(0, self._num_rows - 1)
         absent = self._index.find(clamped) < 0
-        head, missing = _sync_to_host(
+        head, missing = sync_to_host(
             lambda: [torch.stack(list(torch.aminmax(rows))),
                      torch.unique(rows[absent], sorted=True)]).arrays()
         self._check_bounds(head)
         if isinstance(self._policy, Lookahead):
             self._policy.announce(rows)
-        self._worker.read(self._read_store, missing.astype(np.int64, copy=False))
+        self._worker.read(self._store_rows.read, missing.astype(np.int64, copy=False))
 
     def announce(self, next_ids: Any) -> None:
         """Tell the ``"lookahead"`` policy the ids coming next, in order (the ids of the
@@ -359,7 +300,7 @@ class RowCache:
         :meth:`prefetch`); a no-op for the other policies."""
         rows = self._device_rows(next_ids)
         if rows.numel():
-            (head,) = _sync_to_host(lambda: [torch.stack(list(torch.aminmax(rows)))]).arrays()
+            (head,) = sync_to_host(lambda: [torch.stack(list(torch.aminmax(rows)))]).arrays()
             self._check_bounds(head)
         if isinstance(self._policy, Lookahead):
             self._policy.announce(rows)
@@ -378,12 +319,13 @@ class RowCache:
             self._counts.device_read += moved
             self._counts.device_written += moved
             return
-        self._update(batch, lambda w, s, g: (w - lr * g, s), needs_state=False)
+        self._update(batch, lambda w, s, g: (sgd(w, g, lr), s), needs_state=False)
 
     def apply_rowwise_adagrad(self, ids: Any, grads: torch.Tensor, lr: float,
-                              eps: float = 1e-8) -> None:
+                              eps: float = ADAGRAD_EPS) -> None:
         """Row-wise Adagrad on the rows of ``ids``, with ``g`` the summed gradient of each
-        distinct id: ``s += mean(g**2)``; ``w -= lr * g / (sqrt(s) + eps)``."""
+        distinct id: ``s += mean(g**2)``; ``w -= lr * g / (sqrt(s) + eps)``
+        (:func:`storage.row_update.rowwise_adagrad`)."""
         self._check_update("apply_rowwise_adagrad", lr, eps)
         if self._state is None:
             raise CacheArgumentError(f"table {self._table!r}: apply_rowwise_adagrad needs the "
@@ -394,8 +336,7 @@ class RowCache:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
             if s is None:  # pragma: no cover - _update passes the state when asked
                 raise CacheArgumentError("row-wise Adagrad needs the optimizer state")
-            s = s + g.pow(2).mean(dim=1)
-            return w - lr * g / (torch.sqrt(s).unsqueeze(1) + eps), s
+            return rowwise_adagrad(w, s, g, lr, eps)
 
         self._update(batch, step, needs_state=True)
 
@@ -434,7 +375,7 @@ class RowCache:
         too). Then ``store.checkpoint(step)`` makes them durable."""
         self._worker.settle()
         filled = self._filled
-        (dirty,) = _sync_to_host(
+        (dirty,) = sync_to_host(
             lambda: [torch.nonzero(self._dirty[:filled]).squeeze(1)]).arrays()
         if dirty.size:
             self._write_back(torch.from_numpy(dirty).to(self._device))
@@ -466,7 +407,7 @@ class RowCache:
             self._batches += 1
             return rows.new_zeros(0), _NO_ROWS, None
         probe = self._probe(rows)
-        head, missing, uses = _sync_to_host(
+        head, missing, uses = sync_to_host(
             lambda: _misses(rows, probe.miss, probe.protected)).arrays()
         self._check_bounds(head)
         return self._settle_batch(probe, int(head[2]), missing, uses, read_uncached)
@@ -523,7 +464,7 @@ class RowCache:
         wanted = cached
         if read_uncached and uncached.size:  # one gather for both (disjoint, so just sort)
             wanted = np.sort(np.concatenate([cached, uncached]))
-        weights, state = self._fetch(wanted)
+        weights, state = self._store_rows.fetch(wanted)
         uncached_weights = None
         if wanted is not cached:
             in_cache = np.isin(wanted, cached, assume_unique=True)
@@ -570,50 +511,6 @@ class RowCache:
         self._counts.device_written += rows.size * self._row_bytes
 
     # ---- store traffic --------------------------------------------------------------------
-    def _read_store(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Weights (and cached state) of ``rows`` from the store; may run on the prefetch
-        thread."""
-        weights = self._store.gather(self._table, rows)
-        state = self._store.gather_state(self._table, rows) if self._state is not None else None
-        return weights, state
-
-    def _fetch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Weights and state of ``rows`` (sorted, distinct): from the prefetch where it
-        holds them, the rest in one gather. Consumes the prefetch (unless ``rows`` is empty)."""
-        if rows.size == 0:
-            state = np.zeros((0, self._state_width), np.float32) if self._state is not None \
-                else None
-            return np.zeros((0, self._dim), dtype=self._np_dtype), state
-        taken = self._worker.take()
-        if taken is None:
-            weights, state = self._read_store(rows)
-            self._counts.store_read += rows.size * self._row_bytes
-            return weights, state
-        ready, valid = taken
-        if ready.rows.size == rows.size and np.array_equal(ready.rows, rows) and valid.all():
-            # the usual case: this lookup misses exactly the rows announced for it
-            self._counts.prefetched_rows += rows.size
-            return ready.weights, ready.state
-        at = np.minimum(np.searchsorted(ready.rows, rows), max(ready.rows.size - 1, 0))
-        hit = (ready.rows[at] == rows) & valid[at]
-        used = int(hit.sum())
-        self._counts.prefetched_rows += used
-        self._worker.count_discarded(ready.rows.size - used)
-        weights = np.empty((rows.size, self._dim), dtype=self._np_dtype)
-        weights[hit] = ready.weights[at[hit]]
-        state = None
-        if self._state is not None and ready.state is not None:
-            state = np.empty((rows.size, self._state_width), dtype=np.float32)
-            state[hit] = ready.state[at[hit]]
-        rest = ~hit
-        if rest.any():
-            more_weights, more_state = self._read_store(rows[rest])
-            weights[rest] = more_weights
-            if state is not None and more_state is not None:
-                state[rest] = more_state
-            self._counts.store_read += int(rest.sum()) * self._row_bytes
-        return weights, state
-
     def _write_back(self, slots: torch.Tensor) -> None:
         """Write the dirty rows among ``slots`` (and their state) to the store, sorted by
         row: on the background thread with write-behind (the rows' data copied out of the
@@ -622,9 +519,9 @@ class RowCache:
         dirty = self._dirty.index_select(0, slots)
         weights = self._take(slots)  # a copy
         state = None if self._state is None else self._state.index_select(0, slots)
-        copy = _sync_to_host(lambda: [rows, dirty, weights] + ([] if state is None else [state]),
+        copy = sync_to_host(lambda: [rows, dirty, weights] + ([] if state is None else [state]),
                              wait=not self._write_behind)
-        store, table, with_state = self._store, self._table, state is not None
+        store_rows, with_state = self._store_rows, state is not None
 
         def write() -> np.ndarray:
             arrays = copy.arrays()
@@ -633,9 +530,8 @@ class RowCache:
             order = np.argsort(written)
             written, keep = written[order], keep[order]
             if written.size:
-                store.scatter(table, written, arrays[2][keep])
-                if with_state:
-                    store.scatter_state(table, written, arrays[3][keep].reshape(-1, 1))
+                store_rows.write(written, arrays[2][keep],
+                                 arrays[3][keep].reshape(-1, 1) if with_state else None)
             return written
 
         if self._write_behind:
@@ -662,7 +558,7 @@ class RowCache:
                 raise CacheArgumentError(f"{operation}: {name} must be a finite number, "
                                          f"got {value!r}")
 
-    def _coalesce(self, ids: Any, grads: torch.Tensor) -> _Coalesced:
+    def _coalesce(self, ids: Any, grads: torch.Tensor) -> Coalesced:
         """The sorted distinct rows of ``ids``, their summed gradients (fp32, on the
         device; summed in the order of the ids) and their slots. One read back: the ids'
         bounds, the number of distinct rows and how many of them are not resident."""
@@ -674,34 +570,17 @@ class RowCache:
             raise RowShapeError(self._table, f"grads must be a floating-point tensor of shape "
                                              f"({n}, {self._dim}), got {shape}")
         if n == 0:
-            return _Coalesced(rows, torch.zeros((0, self._dim), device=self._device), rows, 0)
-        ranked, order = torch.sort(rows, stable=True)
-        starts = torch.ones(n, dtype=torch.bool, device=self._device)
-        torch.ne(ranked[1:], ranked[:-1], out=starts[1:])
-        group = torch.cumsum(starts, 0) - 1
-        # distinct rows first, zeros after them (a valid row: it only pads)
-        padded = torch.zeros(n, dtype=torch.int64, device=self._device)
-        padded.index_copy_(0, group, ranked.clamp(0, self._num_rows - 1))  # repeats: same row
-        slots = self._index.find(padded)
-        distinct = group[-1] + 1
-        absent = ((slots < 0) & (torch.arange(n, device=self._device) < distinct)).sum()
-        (head,) = _sync_to_host(
-            lambda: [torch.stack([ranked[0], ranked[-1], distinct, absent])]).arrays()
-        self._check_bounds(head)
-        count = int(head[2])
-        inverse = torch.empty_like(group).index_copy_(0, order, group)
-        summed = torch.zeros((count, self._dim), dtype=torch.float32, device=self._device)
-        summed.index_add_(0, inverse, grads.to(device=self._device, dtype=torch.float32))
-        return _Coalesced(padded[:count], summed, slots[:count], int(head[3]))
+            return Coalesced(rows, torch.zeros((0, self._dim), device=self._device), rows, 0)
+        return coalesce(rows, grads, self._index, self._num_rows, self._check_bounds)
 
-    def _update(self, batch: _Coalesced, step: Step, needs_state: bool) -> None:
+    def _update(self, batch: Coalesced, step: Step, needs_state: bool) -> None:
         """Apply ``step(w_fp32, state, g) -> (w, state)`` to the rows of ``batch``: in
         their slots, or in the store for rows not resident."""
         slots, grads = batch.slots, batch.grads
         if slots.numel() == 0:
             return
         if batch.absent:
-            slots_h, rows_h = _sync_to_host(lambda: [batch.slots, batch.rows]).arrays()
+            slots_h, rows_h = sync_to_host(lambda: [batch.slots, batch.rows]).arrays()
             present = np.flatnonzero(slots_h >= 0)
             away = np.flatnonzero(slots_h < 0)
             self._update_in_store(rows_h[away], grads[torch.from_numpy(away).to(self._device)],
@@ -726,16 +605,15 @@ class RowCache:
                          needs_state: bool) -> None:
         """Read, step and write back rows that are not resident (sorted, distinct)."""
         self._worker.settle()
-        store, table = self._store, self._table
-        w = self._to_torch(store.gather(table, rows)).float()
+        weights, state = self._store_rows.read(rows, with_state=needs_state)
+        w = self._to_torch(weights).float()
         s = None
-        if needs_state:
-            s = torch.from_numpy(store.gather_state(table, rows)[:, 0]).to(self._device)
+        if state is not None:
+            s = torch.from_numpy(state[:, 0]).to(self._device)
         w, s = step(w, s, grads)
         self._worker.invalidate(rows)  # first: even a failed write may have changed them
-        store.scatter(table, rows, torch_to_numpy(w.to(self._dtype)))
-        if s is not None:
-            store.scatter_state(table, rows, torch_to_numpy(s).reshape(-1, 1))
+        self._store_rows.write(rows, torch_to_numpy(w.to(self._dtype)),
+                               None if s is None else torch_to_numpy(s).reshape(-1, 1))
         row_bytes = self._dim * self._np_dtype.itemsize + (4 if needs_state else 0)
         c = self._counts
         c.direct_updates += rows.size
@@ -793,7 +671,7 @@ _NO_ROWS.flags.writeable = False
 
 def _misses(rows: torch.Tensor, miss: torch.Tensor, protected: torch.Tensor
             ) -> list[torch.Tensor]:
-    """What a lookup reads back (inside :func:`_sync_to_host`): ``[min id, max id, slots
+    """What a lookup reads back (inside :func:`sync_to_host`): ``[min id, max id, slots
     the batch hits]``, the distinct missing rows (sorted) and how often the batch uses
     each."""
     low, high = torch.aminmax(rows)
@@ -841,7 +719,7 @@ def lookup_many(caches: Sequence[RowCache], ids: Sequence[Any]) -> list[torch.Te
                                      sorted=True, return_counts=True)
         return [torch.stack(heads), missing, uses]
 
-    heads, keys, uses = _sync_to_host(select).arrays()
+    heads, keys, uses = sync_to_host(select).arrays()
     for cache, probe, head in zip(caches, probes, heads):
         if probe is not None:
             cache._check_bounds(head)

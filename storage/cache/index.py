@@ -24,7 +24,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from storage.cache_types import CacheArgumentError
+from storage.errors import CacheArgumentError
 
 IndexKind = Literal["auto", "dense", "sorted", "hash"]
 DENSE_INDEX_MAX_ROWS = 1 << 26

@@ -41,7 +41,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from storage.cache_types import CacheArgumentError
+from storage.errors import CacheArgumentError
 
 POLICIES: tuple[str, ...] = ("lru", "lfu", "profile", "lookahead")
 """Policy names :class:`~storage.cache.RowCache` accepts."""

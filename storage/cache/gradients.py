@@ -1,0 +1,61 @@
+"""A batch of row gradients as the row cache's optimizer steps take it: duplicate ids
+summed (a coalesced sparse gradient, in fp32, in the order of the ids), each distinct
+row with its slot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from storage.cache.host import sync_to_host
+from storage.cache.index import SlotIndex
+
+Step = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor],
+                tuple[torch.Tensor, torch.Tensor | None]]
+"""An optimizer step on rows: ``(weights fp32, state or None, summed grads) -> (weights,
+state)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Coalesced:
+    """An ``apply_*`` batch on the device, its rows distinct."""
+
+    rows: torch.Tensor
+    """Sorted distinct row ids (int64)."""
+    grads: torch.Tensor
+    """Their summed gradients, ``(len(rows), dim)`` fp32."""
+    slots: torch.Tensor
+    """Their slots (-1: not resident)."""
+    absent: int
+    """How many of the rows are not resident (read back to the host)."""
+
+
+def coalesce(rows: torch.Tensor, grads: torch.Tensor, index: SlotIndex, num_rows: int,
+             check_bounds: Callable[[np.ndarray], None]) -> Coalesced:
+    """The sorted distinct ``rows`` (int64, at least one, on the device), their summed
+    ``grads`` (checked ``(len(rows), dim)``) and their slots in ``index``. One read back:
+    the ids' bounds (given to ``check_bounds``: min, max, ...), the number of distinct
+    rows and how many of them are not resident."""
+    n = rows.numel()
+    device = rows.device
+    ranked, order = torch.sort(rows, stable=True)
+    starts = torch.ones(n, dtype=torch.bool, device=device)
+    torch.ne(ranked[1:], ranked[:-1], out=starts[1:])
+    group = torch.cumsum(starts, 0) - 1
+    # distinct rows first, zeros after them (a valid row: it only pads)
+    padded = torch.zeros(n, dtype=torch.int64, device=device)
+    padded.index_copy_(0, group, ranked.clamp(0, num_rows - 1))  # repeats: same row
+    slots = index.find(padded)
+    distinct = group[-1] + 1
+    absent = ((slots < 0) & (torch.arange(n, device=device) < distinct)).sum()
+    (head,) = sync_to_host(
+        lambda: [torch.stack([ranked[0], ranked[-1], distinct, absent])]).arrays()
+    check_bounds(head)
+    count = int(head[2])
+    inverse = torch.empty_like(group).index_copy_(0, order, group)
+    summed = torch.zeros((count, grads.shape[1]), dtype=torch.float32, device=device)
+    summed.index_add_(0, inverse, grads.to(device=device, dtype=torch.float32))
+    return Coalesced(padded[:count], summed, slots[:count], int(head[3]))

@@ -431,8 +431,7 @@ def timing_records(log: str, plan_sha: str) -> list[dict]:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from dlrm_runtime.criteo import open_or_build_cache
-    from dlrm_runtime.profile import profile_tables
+    from dlrm_runtime import open_or_build_cache, profile_tables
 
     check_input_file(args.data, "DATA")
     check_output_file(args.output, "-o/--output")
@@ -486,7 +485,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     _check_calibrate(args)
     import torch
 
-    from dlrm_runtime.calibrate import CalibrationSizes, combine, measure, spreads, to_topology
+    from dlrm_runtime.measure import CalibrationSizes, combine, measure, spreads, to_topology
 
     sizes = (CalibrationSizes(rows=200_000, batch_rows=16_384, store_rows=65_536, repeats=3,
                               all_to_all_bytes=8 * 1024 * 1024, overhead_rows=50_000,

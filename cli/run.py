@@ -17,18 +17,25 @@ from cli.progress import bytes_progress
 from cli.report import measured_vs_predicted
 from dlrm_runtime import (
     ConfigError,
+    CriteoCache,
+    CriteoClicks,
     Interaction,
     ModelConfig,
-    PlanMismatchError,
+    Progress,
     TrainConfig,
+    TrainingInterrupted,
+    TrainResult,
+    as_flag,
     check_plan_matches,
+    check_store_dir,
+    init_from_env,
+    open_metrics_log,
+    open_or_build_cache,
+    prepare_run,
+    shutdown,
     train,
+    train_distributed,
 )
-from dlrm_runtime.collectives import init_from_env, shutdown
-from dlrm_runtime.config import as_flag
-from dlrm_runtime.criteo import CriteoCache, CriteoClicks, open_or_build_cache
-from dlrm_runtime.distributed import train_distributed
-from dlrm_runtime.train import Progress, TrainingInterrupted, TrainResult, open_metrics_log
 from planner import Plan, load_tables, read_plan
 
 PROG = "dlrm-run"
@@ -221,18 +228,8 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.store_dir is not None and Path(args.store_dir).absolute() == ckpt.absolute():
             raise UsageError(f"--checkpoint-dir and --store-dir are both {ckpt}: give each its "
                              f"own directory")
-    if args.store_dir is not None:  # holds one table store per plan device: device-D
-        store = Path(args.store_dir)
-        others = ([p.name for p in store.iterdir()
-                   if not p.name.startswith(("device-", ".device-"))] if store.is_dir() else [])
-        if others:
-            kind = ("a directory of checkpoints (pass it as --checkpoint-dir)"
-                    if any(name.startswith("ckpt-") for name in others)
-                    else "one table store (runs keep one per plan device under --store-dir, "
-                         "as DIR/device-D)" if "zarr.json" in others
-                    else "a non-empty directory that holds no table stores (DIR/device-D)")
-            raise UsageError(f"--store-dir {store}: is {kind}; give an empty or new directory, "
-                             f"or the --store-dir of an earlier run")
+    if args.store_dir is not None:
+        check_store_dir(args.store_dir)
 
 
 def _cache_path(data: str, lines: tuple[int, int | None]) -> str:
@@ -291,16 +288,9 @@ def _train(args: argparse.Namespace, world: int, rank: int) -> int:
     data = None
     batch_size = plan.topology.global_batch_size if args.batch_size is None else args.batch_size
     eval_batches = args.eval_batches
-    if world > 1 and plan.topology.world_size != world:
-        raise PlanMismatchError(
-            f"{args.plan} has {plan.topology.world_size} devices but torchrun started {world} "
-            f"processes (plan device d runs on rank d): launch torchrun --nproc_per_node "
-            f"{plan.topology.world_size}, or re-plan with a --topology of {world} devices")
     _train_config(args, batch_size, eval_batches).check(as_flag)
-    if world > 1 and batch_size % world:
-        raise UsageError(f"--batch-size {batch_size} must be a multiple of the {world} "
-                         f"processes (each trains batch-size / processes samples a step)")
-    _check_store(args, plan, rank)
+    setup = prepare_run(plan, _train_config(args, batch_size, eval_batches), world_size=world,
+                        rank=rank)
     model = model_config(args, plan)
     model.check(tuple(t.embedding_dim for t in plan.tables_spec.tables), as_flag)
     if args.data:
@@ -340,30 +330,13 @@ def _train(args: argparse.Namespace, world: int, rank: int) -> int:
     try:
         result = run(plan, model, config, data=data,
                      progress=None if args.no_progress or not lead else _TqdmProgress,
-                     metrics_log=log)
+                     metrics_log=log, setup=setup)
     finally:
         if log is not None:
             log.close()
     if lead:
         print(format_result(result))
     return ExitCode.OK
-
-
-def _check_store(args: argparse.Namespace, plan: Plan, rank: int) -> None:
-    """The tables the plan caches need a --store-dir holding those tables (or none);
-    rank 0 looks into the store."""
-    from dlrm_runtime.cached import check_store_tables, store_tables
-    from dlrm_runtime.sharding import placements_from_plan
-
-    needed = store_tables(plan.tables_spec, placements_from_plan(plan))
-    if not needed:
-        return
-    if args.store_dir is None:
-        names = sorted({t.spec.name for t in needed})
-        raise UsageError(f"{args.plan} caches tables {names} over the table store: pass "
-                         f"--store-dir DIR (created when new or empty)")
-    if rank == 0:
-        check_store_tables(args.store_dir, needed)
 
 
 def _train_config(args: argparse.Namespace, batch_size: int, eval_batches: int) -> TrainConfig:

@@ -41,10 +41,10 @@ def check_world_size(plan: Plan, world_size: int) -> None:
     devices = plan.topology.world_size
     if devices != world_size:
         raise PlanMismatchError(
-            f"the plan has {devices} devices but the world size is {world_size} (plan device d "
-            f"runs on rank d): re-plan with a --topology of {world_size} devices "
-            f"(hosts x devices_per_host = {world_size}), or launch {devices} processes "
-            f"(torchrun --nproc_per_node {devices})")
+            f"the plan has {devices} devices but torchrun started {world_size} processes (the "
+            f"world size; plan device d runs on rank d): launch torchrun --nproc_per_node "
+            f"{devices}, or re-plan with a --topology of {world_size} devices "
+            f"(hosts x devices_per_host = {world_size})")
 
 
 def check_batch_size(batch_size: int, world_size: int) -> int:

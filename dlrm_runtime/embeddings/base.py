@@ -161,6 +161,17 @@ def expand_pooled(pooled: torch.Tensor, offsets: torch.Tensor, num_ids: int,
 
 
 @dataclass(frozen=True, slots=True)
+class UniformRun:
+    """Bags ``[bag_start, bag_end)`` of a batched lookup hold exactly ``length`` ids
+    each: ids ``[id_start, id_end)``."""
+
+    id_start: int
+    id_end: int
+    bag_start: int
+    bag_end: int
+    length: int
+
+
 
 def _range_error(spec: TableSpec, ids: torch.Tensor) -> IndexError:
     low, high = (int(v) for v in torch.aminmax(ids))

@@ -22,6 +22,12 @@ from dlrm_runtime.embeddings.memory import empty_weight, host_weight
 from torch import nn
 
 
+def batch_order(members: Sequence[tuple[int, TableSpec]]) -> list[tuple[int, TableSpec]]:
+    """Whole tables of one batched group ordered by ids per sample (then spec order):
+    tables of one bag length side by side make one :class:`UniformRun` each."""
+    return sorted(members, key=lambda member: (round(member[1].pooling_factor), member[0]))
+
+
 class TableBatchedBags(nn.Module):
     """Whole tables of one device, dim, dtype and optimizer in one ``[sum rows, dim]``
     weight; one ``embedding_bag`` call pools every table of the group.

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from dlrm_runtime.embeddings.base import TableSpec, UniformRun
+from dlrm_runtime.embeddings.base import UniformRun
 
 
 class PooledLookup(torch.autograd.Function):
@@ -140,10 +140,3 @@ def uniform_runs(offsets: torch.Tensor, counts: Sequence[int]) -> tuple[UniformR
             runs.append(UniformRun(id_at, id_at + counts[k], k * batch, (k + 1) * batch, length))
         id_at += counts[k]
     return tuple(runs)
-
-
-def batch_order(members: Sequence[tuple[int, TableSpec]]) -> list[tuple[int, TableSpec]]:
-    """Whole tables of one batched group ordered by ids per sample (then spec order):
-    tables of one bag length side by side make one :class:`UniformRun` each."""
-    return sorted(members, key=lambda member: (round(member[1].pooling_factor), member[0]))
-

@@ -273,8 +273,8 @@ def test_only_rank_0_logs(launched) -> None:
 
 def test_errors_in_the_workers_name_the_fix(launched) -> None:
     _, results = launched
-    assert results["mismatch"].startswith("PlanMismatchError: the plan has 3 devices but the "
-                                          "world size is 2")
+    assert results["mismatch"].startswith("PlanMismatchError: the plan has 3 devices but "
+                                          "torchrun started 2 processes")
     assert "--topology of 2 devices" in results["mismatch"]
     assert results["indivisible"].startswith("ConfigError: batch_size 33 is not divisible by "
                                              "the world size 2")
@@ -286,7 +286,7 @@ def test_errors_in_the_workers_name_the_fix(launched) -> None:
 def test_world_size_must_match_the_plan() -> None:
     plan = mixed_plan()
     check_world_size(plan, 2)
-    with pytest.raises(PlanMismatchError, match=r"plan has 2 devices but the world size is 4.*"
+    with pytest.raises(PlanMismatchError, match=r"plan has 2 devices but torchrun started 4 processes.*"
                                                 r"--topology of 4 devices"):
         check_world_size(plan, 4)
 

@@ -68,6 +68,7 @@ from storage.errors import (
     StoreNotFoundError,
     TableExistsError,
 )
+from storage.files import fsync_dir, read_json
 from storage.layout import (
     FORMAT_VERSION,
     JOURNAL_FILE,
@@ -84,7 +85,6 @@ from storage.layout import (
     TableInfo,
     read_array_layout,
 )
-from storage.files import fsync_dir, read_json
 from storage.tables import ProgressFn, build_table, check_init_array, make_spec
 
 Mode = Literal["r", "r+"]

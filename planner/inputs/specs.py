@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner._fields import Fields
+from planner.inputs._fields import Fields
 from planner.errors import SpecError
 
 GB = 1_000_000_000

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.inputs.cost import ShardCost, Sharding, Tier
 from planner.errors import PlanFileError, PlannerError
+from planner.inputs.cost import ShardCost, Sharding, Tier
 from planner.inputs.specs import TablesSpec, Topology, _sha256, parse_tables, parse_topology
 
 SCHEMA_VERSION = 1

@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from planner.errors import SpecError
 from planner.inputs._fields import Fields
 from planner.inputs.cost import Sharding, Tier
-from planner.errors import SpecError
 from planner.inputs.specs import TablesSpec, Topology, read_document
 
 

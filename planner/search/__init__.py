@@ -10,6 +10,7 @@ This stage uses ``planner.inputs`` and the plan file (``planner.plan_file``), ne
 ``planner.tools``.
 """
 
+from planner.search.anytime import SearchProgress
 from planner.search.api import (
     DEFAULT_GAP,
     DEFAULT_STALL_S,
@@ -18,7 +19,6 @@ from planner.search.api import (
     cost_model_name,
     plan,
 )
-from planner.search.anytime import SearchProgress
 from planner.search.baselines import BASELINES
 from planner.search.options import OptionSettings
 

@@ -23,9 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from planner.search.aggregate import AggregateCut, solve_aggregate
-from planner.search.anytime import SearchProgress
-from planner.search.baselines import BASELINES, BaselineResult, run_baseline
+from planner.errors import InfeasibleError, PlannerError, Resource
 from planner.inputs.constraints import NO_CONSTRAINTS, Constraints
 from planner.inputs.cost import (
     AnalyticCostModel,
@@ -35,13 +33,15 @@ from planner.inputs.cost import (
     Tier,
     check_cost_model,
 )
-from planner.errors import InfeasibleError, PlannerError, Resource
+from planner.inputs.specs import GB, TablesSpec, Topology, check_limits
+from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, StopReason, TablePlan
+from planner.search.aggregate import AggregateCut, solve_aggregate
+from planner.search.anytime import SearchProgress
+from planner.search.baselines import BASELINES, BaselineResult, run_baseline
+from planner.search.exact import EXACT_MAX_TERMS, exact_size, solve_exact
 from planner.search.options import OptionSettings, TableOption, table_options
 from planner.search.packing import makespan_lower_bound
-from planner.search.exact import EXACT_MAX_TERMS, exact_size, solve_exact
 from planner.search.placement import PlacedShard, PlacementRules, place
-from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, StopReason, TablePlan
-from planner.inputs.specs import GB, TablesSpec, Topology, check_limits
 
 PACKING_CUTS = ((1.0, 1 / 2), (1.0, 1 / 4), (0.97, 1 / 4), (0.92, 1 / 4), (0.85, 1 / 4),
                 (0.85, None))
@@ -90,7 +90,8 @@ def cost_model_name(model: CostModel) -> str:
     so that plan files do not record where inside the package it lives."""
     cls = type(model)
     module = cls.__module__
-    if module.startswith("planner.") and getattr(sys.modules["planner"], cls.__qualname__, None) is cls:
+    door = sys.modules["planner"]
+    if module.startswith("planner.") and getattr(door, cls.__qualname__, None) is cls:
         module = "planner"
     return f"{module}:{cls.__qualname__}"
 

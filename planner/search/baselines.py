@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.inputs.cost import CostModel, ShardOption, Sharding, Tier
-from planner.search.options import Placement, TableOption
 from planner.inputs.specs import GB, TablesSpec, TableSpec, Topology
+from planner.search.options import Placement, TableOption
 
 BASELINES = ("random", "size", "lookup", "size-lookup", "greedy")
 CACHE_FRACTION = 0.2

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import pulp
 
-from planner.search.solvers import Watch, solve
+from planner.inputs.specs import GB, Topology
 from planner.search.options import Placement, TableOption
 from planner.search.placement import PlacedShard
-from planner.inputs.specs import GB, Topology
+from planner.search.solvers import Watch, solve
 
 EXACT_MAX_TERMS = 12_000
 """Largest number of (option, device) pairs for which the exact ILP is attempted."""

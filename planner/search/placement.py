@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from planner.inputs.specs import GB, Topology
 from planner.search.balance import BalanceProblem, balance_pairs
 from planner.search.options import Placement, ShardSlot, TableOption
 from planner.search.packing import PackingProblem, solve_packing_ilp
 from planner.search.solvers import Watch
-from planner.inputs.specs import GB, Topology
 
 EXACT_PACKING_MAX_BINARIES = 4000
 """Free shards x devices up to which the exact packing ILP refines the heuristic."""

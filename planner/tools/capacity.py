@@ -32,14 +32,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from planner.search.aggregate import PACKING_DFF_ORDERS, dff_u, solve_aggregate
-from planner.search.api import PlanOptions, plan
+from planner.errors import InfeasibleError, PlannerError
 from planner.inputs.constraints import NO_CONSTRAINTS
 from planner.inputs.cost import AnalyticCostModel, CostModel, Tier, check_cost_model
-from planner.errors import InfeasibleError, PlannerError
-from planner.search.options import OptionSettings, TableOption, table_options
-from planner.plan_file import Plan
 from planner.inputs.specs import GB, TablesSpec, Topology
+from planner.plan_file import Plan
+from planner.search.aggregate import PACKING_DFF_ORDERS, dff_u, solve_aggregate
+from planner.search.api import PlanOptions, plan
+from planner.search.options import OptionSettings, TableOption, table_options
 
 UNBOUNDED_BYTES = 2**62
 """Device capacity for the memory-free relaxation: every HBM twin is generated."""

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from planner.inputs.cost import Sharding, Tier
-from planner.plan_file import Plan, Shard, TablePlan
 from planner.inputs.specs import TableSpec
+from planner.plan_file import Plan, Shard, TablePlan
 
 
 class ChangeKind(enum.Enum):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from planner.inputs.cost import CostModel, ShardCost, ShardOption, Sharding, Tier
 from planner.errors import CapacityError, PlanFileError, Resource
-from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
+from planner.inputs.cost import CostModel, ShardCost, ShardOption, Sharding, Tier
 from planner.inputs.specs import GB, TablesSpec, TableSpec, Topology
+from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
 
 
 def shard_option(table: TableSpec, sharding: Sharding, shards: tuple[Shard, ...], shard: Shard,

@@ -27,14 +27,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pulp
 
-from planner.search.api import PlanOptions, cost_model_name, plan
-from planner.inputs.cost import AnalyticCostModel, CostModel, ShardCost, Sharding, check_cost_model
-from planner.tools.diff import diff_plans, same_shape, shard_bytes, table_migration
 from planner.errors import InfeasibleError, PlannerError, Resource
-from planner.tools.evaluate import shard_option
-from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
-from planner.search.solvers import solve
+from planner.inputs.cost import AnalyticCostModel, CostModel, ShardCost, Sharding, check_cost_model
 from planner.inputs.specs import GB, TablesSpec, Topology
+from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
+from planner.search.api import PlanOptions, cost_model_name, plan
+from planner.search.solvers import solve
+from planner.tools.diff import diff_plans, same_shape, shard_bytes, table_migration
+from planner.tools.evaluate import shard_option
 
 FRESH_SHARE = 0.6
 """Share of ``PlanOptions.time_limit_s`` for the fresh plan."""

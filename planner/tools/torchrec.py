@@ -35,10 +35,10 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
-from planner.inputs.cost import AnalyticCostModel, CostModel, ZERO_COST, Sharding, Tier
 from planner.errors import PlanFileError
-from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan
+from planner.inputs.cost import AnalyticCostModel, CostModel, ZERO_COST, Sharding, Tier
 from planner.inputs.specs import TablesSpec, Topology
+from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan
 
 FORMAT = "torchrec_sharding_plan"
 TORCHREC_VERSION = "1.8.0"

@@ -12,10 +12,10 @@ import pulp
 import pytest
 
 from planner import PlanOptions, load_tables, load_topology, plan
-from planner.search.anytime import SearchProgress, work_seconds
-from planner.plan_file import StopReason
-from planner.search.solvers import solve
 from planner.inputs.specs import DeviceSpec
+from planner.plan_file import StopReason
+from planner.search.anytime import SearchProgress, work_seconds
+from planner.search.solvers import solve
 
 ROOT = Path(__file__).resolve().parents[2]
 

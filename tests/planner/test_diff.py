@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 
 from planner import AnalyticCostModel, Plan, Shard, Sharding, Tier, parse_tables, parse_topology
+from planner.inputs.cost import ShardCost
+from planner.plan_file import SolveReport, TablePlan
 from planner.tools.diff import ChangeKind, diff_plans, shard_bytes, table_migration
 from planner.tools.evaluate import evaluate_plan
-from planner.plan_file import SolveReport, TablePlan
-from planner.inputs.cost import ShardCost
 from tests.conftest import small_tables_doc, small_topology_doc
 
 DOC = small_tables_doc(num_tables=6, rows=500, dim=8)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from planner import AccessProfile, TableSpec, TablesSpec, parse_topology
-from planner.search.aggregate import solve_aggregate
 from planner.inputs.cost import AnalyticCostModel, Sharding, Tier
+from planner.search.aggregate import solve_aggregate
 from planner.search.options import OptionSettings, table_options
 from planner.search.placement import place
 from tests.conftest import small_topology_doc

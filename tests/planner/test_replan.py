@@ -17,9 +17,9 @@ from planner import (
     plan,
     replan,
 )
+from planner.inputs.cost import AnalyticCostModel
 from planner.tools.evaluate import evaluate_plan
 from planner.tools.replan import align_devices
-from planner.inputs.cost import AnalyticCostModel
 from tests.conftest import small_tables_doc, small_topology_doc
 
 OPTIONS = PlanOptions(time_limit_s=5)

@@ -24,10 +24,10 @@ from planner import (
     read_plan,
     write_plan,
 )
-from planner.search.baselines import BASELINES
-from planner.tools.evaluate import evaluate_plan
-from planner.search.options import OptionSettings, table_options
 from planner.plan_file import check_plan, plan_from_json
+from planner.search.baselines import BASELINES
+from planner.search.options import OptionSettings, table_options
+from planner.tools.evaluate import evaluate_plan
 from tests.conftest import small_tables_doc, small_topology_doc
 
 MODEL = AnalyticCostModel()

@@ -27,8 +27,8 @@ from planner import (
     write_plan,
 )
 from planner.inputs.cost import ZERO_COST
-from planner.tools.evaluate import capacity_overflows, check_plan_fits, evaluate_plan
 from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan
+from planner.tools.evaluate import capacity_overflows, check_plan_fits, evaluate_plan
 from planner.tools.torchrec import recut_tables, torchrec_row_blocks
 from tests.conftest import small_topology_doc, write_json
 

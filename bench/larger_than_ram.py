@@ -42,8 +42,7 @@ from dlrm_runtime.embeddings import device_store_dir, open_store, store_tables  
 from dlrm_runtime.embeddings import embeddings_from_plan  # noqa: E402
 from dlrm_runtime.embeddings import tune_malloc  # noqa: E402
 from dlrm_runtime.embeddings import placements_from_plan  # noqa: E402
-from planner import Plan, Tier  # noqa: E402
-from planner.plan import Shard, TablePlan  # noqa: E402
+from planner import Plan, Shard, TablePlan, Tier  # noqa: E402
 
 
 def status_kib(field: str) -> int:

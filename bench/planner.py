@@ -38,8 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workloads import workloads  # noqa: E402
-from planner import InfeasibleError, PlanOptions, plan  # noqa: E402
-from planner.baselines import BASELINES  # noqa: E402
+from planner import BASELINES, InfeasibleError, PlanOptions, plan  # noqa: E402
 
 TARGET_WALL_S = 5.0
 """Issue 16: every workload planned with default options in at most 5 s."""

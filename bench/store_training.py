@@ -48,9 +48,18 @@ sys.path.insert(0, str(ROOT))
 from dlrm_runtime import DLRM, ModelConfig, SyntheticClicks, TrainConfig, Trainer  # noqa: E402
 from dlrm_runtime.embeddings import embeddings_from_plan  # noqa: E402
 from dlrm_runtime.embeddings import tune_malloc  # noqa: E402
-from planner import Plan, Sharding, Tier, parse_tables, parse_topology  # noqa: E402
-from planner.cost import ShardCost  # noqa: E402
-from planner.plan import DeviceLoad, Shard, SolveReport, TablePlan  # noqa: E402
+from planner import (  # noqa: E402
+    DeviceLoad,
+    Plan,
+    Shard,
+    ShardCost,
+    Sharding,
+    SolveReport,
+    TablePlan,
+    Tier,
+    parse_tables,
+    parse_topology,
+)
 
 TARGET_RATIO = {"b": 0.9, "small_mlp": 0.8}
 """Cached samples/s over in-memory samples/s to reach, per model."""

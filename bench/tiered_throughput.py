@@ -43,9 +43,18 @@ from dlrm_runtime import (  # noqa: E402
     train_distributed,
 )
 from dlrm_runtime.distributed import shutdown  # noqa: E402
-from planner import Plan, Sharding, Tier, parse_tables, parse_topology  # noqa: E402
-from planner.cost import ShardCost  # noqa: E402
-from planner.plan import DeviceLoad, Shard, SolveReport, TablePlan  # noqa: E402
+from planner import (  # noqa: E402
+    DeviceLoad,
+    Plan,
+    Shard,
+    ShardCost,
+    Sharding,
+    SolveReport,
+    TablePlan,
+    Tier,
+    parse_tables,
+    parse_topology,
+)
 
 
 def make_plan(args: argparse.Namespace, tier: Tier) -> Plan:

@@ -30,10 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.workloads import workloads  # noqa: E402
-from planner import AnalyticCostModel, PlanOptions, TablesSpec, Tier, Topology, plan  # noqa: E402
-from planner.evaluate import capacity_overflows  # noqa: E402
-from planner.specs import GB, DType  # noqa: E402
-from planner.torchrec import from_torchrec, import_torchrec  # noqa: E402
+from planner import (  # noqa: E402
+    GB,
+    AnalyticCostModel,
+    DType,
+    PlanOptions,
+    TablesSpec,
+    Tier,
+    Topology,
+    capacity_overflows,
+    from_torchrec,
+    plan,
+)
+from planner.tools import import_torchrec  # noqa: E402
 
 DEFAULT_WORKLOADS = ("criteo_kaggle_8x80", "criteo_terabyte_8x80", "criteo_terabyte_4x4")
 SLOW = {"gen800_8x80": "TorchRec's planner took 634 s on it (issue 16); pass it by name to run"}

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from planner import AccessProfile, TableSpec, TablesSpec, Topology, load_tables, load_topology
-from planner.specs import DeviceSpec
+from planner import (
+    AccessProfile,
+    DeviceSpec,
+    TableSpec,
+    TablesSpec,
+    Topology,
+    load_tables,
+    load_topology,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "workloads"

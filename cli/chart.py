@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner import Plan, PlannerError
-from planner.cost import Tier
+from planner import Plan, PlannerError, Tier
 
 BYTE_UNITS = (("B", 1.0), ("KB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12))
 """Units the HBM axis may use, smallest first (decimal, as ``hbm_gb``)."""

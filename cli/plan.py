@@ -17,27 +17,33 @@ from cli.paths import check_input_file, check_output_dir, check_output_file, wri
 from cli.progress import bytes_progress
 from cli.report import device_table, measured_vs_predicted, solve_summary, table_choices
 from planner import (
+    BASELINES,
+    DEFAULT_GAP,
+    DEFAULT_STALL_S,
+    NO_CONSTRAINTS,
     AnalyticCostModel,
+    OptionSettings,
     PlanFileError,
     PlanOptions,
     Sharding,
     Tier,
+    check_plan_fits,
+    cost_model_name,
+    evaluate_plan,
+    from_torchrec,
+    load_constraints,
+    load_cost_model,
     load_tables,
     load_topology,
+    parse_topology,
     plan,
     plan_sha256,
     read_plan,
+    to_torchrec,
+    write_json_atomic,
     write_plan,
 )
-from planner.api import DEFAULT_GAP, DEFAULT_STALL_S, cost_model_name
-from planner.baselines import BASELINES
-from planner.constraints import NO_CONSTRAINTS, load_constraints
-from planner.cost import load_cost_model
-from planner.evaluate import check_capacity, evaluate
-from planner.options import OptionSettings
-from planner.plan import write_json_atomic
-from planner.specs import parse_topology
-from planner.torchrec import DEVICES, from_torchrec, recut_tables, to_torchrec
+from planner.tools import DEVICES, recut_tables
 
 PROG = "dlrm-plan"
 
@@ -545,13 +551,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         if topology is not None and topology.world_size < original.topology.world_size:
             raise UsageError(f"{args.plan} places shards on {original.topology.world_size} "
                              f"devices but --topology {args.topology} has {topology.world_size}")
-        result = evaluate(original, model, cost_model_name(model), topology, tables)
+        result = evaluate_plan(original, model, cost_model_name(model), topology, tables)
         said = (f" (the plan said {original.solve.objective_ms:.4f} ms under "
                 f"{original.cost_model})")
     print(device_table(result))
     print(f"re-costed under {result.cost_model}: slowest device {result.solve.objective_ms:.4f} "
           f"ms/step{said}")
-    check_capacity(result, model)
+    check_plan_fits(result, model)
     if args.output:
         write_output(args.output, "-o/--output", lambda path: write_plan(result, path))
         print(f"re-costed plan written to {args.output}")

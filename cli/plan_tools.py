@@ -1,5 +1,5 @@
 """``dlrm-plan capacity``, ``dlrm-plan diff`` and re-planning (``dlrm-plan --from``):
-parsers and handlers, thin shells over planner.capacity, planner.diff and planner.replan."""
+parsers and handlers, thin shells over planner.capacity, planner.diff_plans and planner.replan."""
 
 from __future__ import annotations
 
@@ -9,19 +9,29 @@ import sys
 from pathlib import Path
 
 from cli.errors import EXIT_CODES_HELP, ExitCode
-from planner import PlanOptions, PlannerError, load_tables, load_topology, read_plan, write_plan
-from planner.capacity import (
+from planner import (
+    GB,
     CapacityResult,
+    ChangeKind,
     HostTrial,
+    PlanDiff,
+    PlanOptions,
+    PlannerError,
+    ReplanResult,
+    TablesSpec,
     TargetUnreachableError,
+    Topology,
     capacity,
-    sweep,
+    diff_plans,
+    load_cost_model,
+    load_tables,
+    load_topology,
+    read_plan,
+    replan,
+    write_json_atomic,
+    write_plan,
 )
-from planner.cost import load_cost_model
-from planner.diff import ChangeKind, PlanDiff, diff_plans
-from planner.plan import write_json_atomic
-from planner.replan import ReplanResult, replan
-from planner.specs import GB, TablesSpec, Topology
+from planner.tools import sweep
 
 PROG = "dlrm-plan"
 MB = 1_000_000

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from planner import Plan
-from planner.evaluate import explain
+from planner import Plan, explain
 
 MB = 1_000_000
 

@@ -5,22 +5,14 @@ Typical use::
     from planner import load_tables, load_topology, plan, write_plan
     p = plan(load_tables("tables.json"), load_topology("topology.json"))
     write_plan(p, "plan.json")
+
+The room, in the order a plan is made: ``planner.inputs`` (specs, constraints, the
+cost model), ``planner.search`` (options, the ILPs, placement, :func:`plan`), the
+plan file (``planner.plan_file``) and ``planner.tools`` (evaluate, diff, replan,
+capacity, TorchRec). ``planner.errors`` holds the errors every stage raises. Callers
+import from this door; ``planner.plan`` is the function :func:`plan`.
 """
 
-from planner.api import PlanOptions, plan
-from planner.capacity import CapacityResult, TargetUnreachableError, capacity
-from planner.cost import (
-    AnalyticCostModel,
-    CostModel,
-    CostModelError,
-    ShardCost,
-    ShardOption,
-    Sharding,
-    Tier,
-    check_cost_model,
-    load_cost_model,
-)
-from planner.diff import PlanDiff, diff_plans
 from planner.errors import (
     CapacityError,
     InfeasibleError,
@@ -30,30 +22,79 @@ from planner.errors import (
     SolverError,
     SpecError,
 )
-from planner.plan import (
+from planner.inputs import (
+    GB,
+    NO_CONSTRAINTS,
+    ZERO_COST,
+    AccessProfile,
+    AnalyticCostModel,
+    Constraints,
+    CostModel,
+    CostModelError,
+    DeviceSpec,
+    DType,
+    HostSpec,
+    NetworkSpec,
+    Optimizer,
+    ShardCost,
+    ShardOption,
+    Sharding,
+    StoreSpec,
+    TablesSpec,
+    TableSpec,
+    Tier,
+    Topology,
+    check_cost_model,
+    load_constraints,
+    load_cost_model,
+    load_tables,
+    load_topology,
+    parse_constraints,
+    parse_tables,
+    parse_topology,
+)
+from planner.plan_file import (
+    DeviceLoad,
     Plan,
     Shard,
+    SolveReport,
+    StopReason,
     TablePlan,
     plan_from_json,
     plan_sha256,
     plan_to_json,
     read_plan,
+    write_json_atomic,
     write_plan,
 )
-from planner.replan import ReplanResult, replan
-from planner.specs import (
-    AccessProfile,
-    DType,
-    Optimizer,
-    TablesSpec,
-    TableSpec,
-    Topology,
-    load_tables,
-    load_topology,
-    parse_tables,
-    parse_topology,
+from planner.search import (
+    BASELINES,
+    DEFAULT_GAP,
+    DEFAULT_STALL_S,
+    OptionSettings,
+    PlanOptions,
+    cost_model_name,
+    plan,
 )
-from planner.torchrec import from_torchrec, to_torchrec, to_torchrec_sharding_plan
+from planner.tools import (
+    CapacityResult,
+    ChangeKind,
+    HostTrial,
+    PlanDiff,
+    ReplanResult,
+    TargetUnreachableError,
+    capacity_overflows,
+    check_plan_fits,
+    diff_plans,
+    evaluate_plan,
+    explain,
+    from_torchrec,
+    shard_option,
+    to_torchrec,
+    to_torchrec_sharding_plan,
+)
+from planner.tools.capacity import capacity
+from planner.tools.replan import replan
 
 __all__ = [
     "AccessProfile", "AnalyticCostModel", "CapacityError", "CostModel", "CostModelError", "DType", "InfeasibleError", "Optimizer",
@@ -64,4 +105,14 @@ __all__ = [
     "plan_from_json", "plan_sha256", "plan_to_json", "read_plan", "write_plan",
     "CapacityResult", "PlanDiff", "ReplanResult", "TargetUnreachableError", "capacity",
     "diff_plans", "replan", "from_torchrec", "to_torchrec", "to_torchrec_sharding_plan",
+    # inputs
+    "GB", "DeviceSpec", "HostSpec", "NetworkSpec", "StoreSpec", "ZERO_COST",
+    "Constraints", "NO_CONSTRAINTS", "load_constraints", "parse_constraints",
+    # the plan file
+    "DeviceLoad", "SolveReport", "StopReason", "write_json_atomic",
+    # search
+    "BASELINES", "DEFAULT_GAP", "DEFAULT_STALL_S", "OptionSettings", "cost_model_name",
+    # tools
+    "ChangeKind", "HostTrial", "capacity_overflows", "check_plan_fits", "evaluate_plan",
+    "explain", "shard_option",
 ]

@@ -54,7 +54,7 @@ from dlrm_runtime.embeddings.sparse import SparseBatch
 from dlrm_runtime.embeddings.stores import StoreTable, open_device_stores, store_tables
 from dlrm_runtime.errors import CheckpointError, ConfigError
 from planner import DType, Optimizer, TableSpec, TablesSpec
-from storage import ADAGRAD_EPS, RowCache, TableStore, lookup_many
+from storage import ADAGRAD_EPS, RowCache, TableStore, lookup_many, rowwise_adagrad_
 
 
 
@@ -173,10 +173,7 @@ class _CacheShard:
         # the slot of each distinct row: every occurrence of a row has the same slot
         slot_of = torch.empty_like(rows)
         slot_of[torch.searchsorted(rows, ids)] = slots.to(rows.device)
-        values = values.float()
-        state.index_add_(0, slot_of, values.pow(2).mean(dim=1))
-        scale = (state[slot_of].sqrt() + ADAGRAD_EPS).reciprocal().unsqueeze(1)
-        weights.index_add_(0, slot_of, (values * (scale * -lr)).to(weights.dtype))
+        rowwise_adagrad_(weights, state, slot_of, values.float(), lr)
         return slot_of
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from dlrm_runtime.embeddings.base import RowBlock, Segment, expand_pooled, uniform_bag_length
 from planner import Optimizer, TableSpec
-from storage import ADAGRAD_EPS
+from storage import rowwise_adagrad_
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -141,10 +141,8 @@ class RowOptimizer:
     def _adagrad(self, i: int, rows: torch.Tensor, values: torch.Tensor,
                  mean_sq: torch.Tensor) -> None:
         """``rows`` unique (coalesced); ``mean_sq`` the rows' mean squared gradient."""
-        weight, state = self.blocks[i].weight, self.state[i]["sum_sq"]
-        state.index_add_(0, rows, mean_sq)
-        scale = (state[rows].sqrt() + ADAGRAD_EPS).reciprocal().unsqueeze(1)
-        weight.index_add_(0, rows, (values * (scale * -self.lr)).to(weight.dtype))
+        rowwise_adagrad_(self.blocks[i].weight, self.state[i]["sum_sq"], rows, values, self.lr,
+                         mean_sq=mean_sq)
 
     def _adam(self, i: int, rows: torch.Tensor, values: torch.Tensor) -> None:
         """SparseAdam's update on the touched (unique) rows."""

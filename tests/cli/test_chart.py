@@ -10,8 +10,7 @@ import pytest
 from cli import plan as plan_cli
 from cli.chart import OTHER, TIER_HATCH, TIER_LABEL, breakdown, byte_unit, device_ticks, draw_chart
 from cli.errors import ExitCode
-from planner import read_plan
-from planner.cost import Tier
+from planner import Tier, read_plan
 from tests.cli.test_cli import _plan_file
 from tests.conftest import small_tables_doc, small_topology_doc, write_json
 

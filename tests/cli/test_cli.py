@@ -148,7 +148,7 @@ def test_evaluate_command(tmp_path: Path, tables_file: Path, topology_file: Path
     code = plan_cli.main(["evaluate", str(path), "--cost-model", "planner.cost:AnalyticCostModel",
                           "-o", str(out)])
     assert code == ExitCode.OK
-    assert "re-costed under planner.cost:AnalyticCostModel" in capsys.readouterr().out
+    assert "re-costed under planner:AnalyticCostModel" in capsys.readouterr().out
     assert json.loads(out.read_text())["method"] == "evaluate"
     small = write_json(tmp_path / "one.json", small_topology_doc(devices=1))
     assert plan_cli.main(["evaluate", str(path), "--topology", str(small)]) == ExitCode.BAD_INPUT

@@ -148,7 +148,7 @@ def test_cost_model_from_the_current_directory(tmp_path: Path, tables_file: Path
 def test_table_names_follow_the_store_rule(name: str) -> None:
     """The planner accepts exactly the names the table store accepts (short enough
     for a row shard's store table, ``<name>.rows-<start>-<end>``, too)."""
-    from planner.specs import MAX_TABLE_NAME_CHARS, table_name_problem
+    from planner.inputs import MAX_TABLE_NAME_CHARS, table_name_problem
     from storage.errors import TableSpecError
     from storage.layout import check_table_name
 

@@ -14,17 +14,21 @@ from cli.errors import ExitCode
 from cli.report import solve_summary, table_choices
 from planner import (
     PlanOptions,
+    Shard,
+    Sharding,
     SpecError,
+    StopReason,
+    Tier,
+    explain,
     parse_tables,
     parse_topology,
     plan,
+    plan_to_json,
     read_plan,
+    write_json_atomic,
     write_plan,
 )
-from planner.cost import Sharding, Tier
-from planner.evaluate import explain
-from planner.plan import Shard, StopReason, plan_to_json, write_json_atomic
-from planner.specs import MAX_DEVICES, MAX_TABLE_BYTES, check_limits
+from planner.inputs import MAX_DEVICES, MAX_TABLE_BYTES, check_limits
 from tests.conftest import small_tables_doc, small_topology_doc, write_json
 
 

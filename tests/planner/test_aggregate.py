@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner import AnalyticCostModel, Sharding, Tier, parse_tables, parse_topology
-from planner.aggregate import PACKING_DFF_ORDERS, AggregateCut, dff_u, solve_aggregate
-from planner.options import OptionSettings, TableOption, table_options
+from planner.search.aggregate import PACKING_DFF_ORDERS, AggregateCut, dff_u, solve_aggregate
+from planner.search.options import OptionSettings, TableOption, table_options
 from tests.conftest import small_tables_doc, small_topology_doc
 
 MODEL = AnalyticCostModel()

@@ -12,10 +12,10 @@ import pulp
 import pytest
 
 from planner import PlanOptions, load_tables, load_topology, plan
-from planner.anytime import Progress, work_seconds
-from planner.plan import StopReason
-from planner.solvers import solve
-from planner.specs import DeviceSpec
+from planner.inputs.specs import DeviceSpec
+from planner.plan_file import StopReason
+from planner.search.anytime import SearchProgress, work_seconds
+from planner.search.solvers import solve
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +41,7 @@ class Clock:
 
 def _progress(gap: float = 0.01, stall_s: float = 3.0, limit: float = 60.0):
     wall, work = Clock(), Clock()
-    return Progress(limit, gap, stall_s, clock=wall, work=work), wall, work
+    return SearchProgress(limit, gap, stall_s, clock=wall, work=work), wall, work
 
 
 def test_stops_when_the_gap_is_reached() -> None:

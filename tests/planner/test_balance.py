@@ -17,8 +17,8 @@ from planner import (
     parse_topology,
     plan,
 )
-from planner.balance import BalanceProblem, balance_pairs
-from planner.packing import PackingProblem, greedy_pack
+from planner.search.balance import BalanceProblem, balance_pairs
+from planner.search.packing import PackingProblem, greedy_pack
 from tests.conftest import small_topology_doc
 
 

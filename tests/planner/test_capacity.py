@@ -19,10 +19,10 @@ from planner import (
     parse_topology,
     plan,
 )
-from planner.capacity import lower_bound, sweep, topology_for
-from planner.constraints import Constraints, TableRules
-from planner.cost import Tier
-from planner.options import OptionSettings
+from planner.inputs.constraints import Constraints, TableRules
+from planner.inputs.cost import Tier
+from planner.search.options import OptionSettings
+from planner.tools.capacity import lower_bound, sweep, topology_for
 from tests.conftest import small_tables_doc, small_topology_doc
 
 BATCH = 512

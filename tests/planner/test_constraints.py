@@ -6,8 +6,8 @@ import pytest
 
 from planner import InfeasibleError, PlanOptions, PlannerError, Sharding, SpecError, Tier
 from planner import parse_tables, parse_topology, plan
-from planner.constraints import parse_constraints
-from planner.plan import check_plan
+from planner.inputs.constraints import parse_constraints
+from planner.plan_file import check_plan
 from tests.conftest import small_tables_doc, small_topology_doc
 
 TABLES = parse_tables(small_tables_doc(num_tables=6, rows=2000, dim=32))

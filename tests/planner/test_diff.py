@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 
 from planner import AnalyticCostModel, Plan, Shard, Sharding, Tier, parse_tables, parse_topology
-from planner.diff import ChangeKind, diff_plans, shard_bytes, table_migration
-from planner.evaluate import evaluate
-from planner.plan import SolveReport, TablePlan
-from planner.cost import ShardCost
+from planner.inputs.cost import ShardCost
+from planner.plan_file import SolveReport, TablePlan
+from planner.tools.diff import ChangeKind, diff_plans, shard_bytes, table_migration
+from planner.tools.evaluate import evaluate_plan
 from tests.conftest import small_tables_doc, small_topology_doc
 
 DOC = small_tables_doc(num_tables=6, rows=500, dim=8)
@@ -28,7 +28,7 @@ def _plan(layout: dict[str, tuple[Sharding, list[Shard]]]) -> Plan:
                    for name, (sharding, shards) in layout.items())
     report = SolveReport("hand", "none", "Hand", "Not Solved", 0.0, 0.0, 0.0, 0.0, 1)
     blank = Plan(TABLES, TOPOLOGY, "hand", tables, (), report)
-    return evaluate(blank, AnalyticCostModel(), "planner.cost:AnalyticCostModel")
+    return evaluate_plan(blank, AnalyticCostModel(), "planner:AnalyticCostModel")
 
 
 def _whole(device: int, rows: int, tier: Tier = Tier.HBM, cache: int = 0) -> list[Shard]:

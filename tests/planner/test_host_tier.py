@@ -30,8 +30,8 @@ from planner import (
     read_plan,
     write_plan,
 )
-from planner.options import OptionSettings, table_options
-from planner.specs import GB, DeviceSpec, HostSpec, NetworkSpec, StoreSpec
+from planner.inputs.specs import GB, DeviceSpec, HostSpec, NetworkSpec, StoreSpec
+from planner.search.options import OptionSettings, table_options
 
 BIG_ROWS = 200_000
 """Rows of the table that fits no device whole: 200k x (128 B row + 256 B Adam state)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.packing import (
+from planner.search.packing import (
     PackingProblem,
     best_greedy,
     greedy_pack,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from planner import AccessProfile, TableSpec, TablesSpec, parse_topology
-from planner.aggregate import solve_aggregate
-from planner.cost import AnalyticCostModel, Sharding, Tier
-from planner.options import OptionSettings, table_options
-from planner.placement import place
+from planner.inputs.cost import AnalyticCostModel, Sharding, Tier
+from planner.search.aggregate import solve_aggregate
+from planner.search.options import OptionSettings, table_options
+from planner.search.placement import place
 from tests.conftest import small_topology_doc
 
 
@@ -45,8 +45,8 @@ def test_terabyte_on_eight_devices_needs_no_exact_ilp() -> None:
     from pathlib import Path
 
     from planner import PlanOptions, load_tables, load_topology, plan
-    from planner.plan import StopReason
-    from planner.specs import DeviceSpec
+    from planner.plan_file import StopReason
+    from planner.inputs.specs import DeviceSpec
 
     root = Path(__file__).resolve().parents[2]
     base = load_topology(root / "examples" / "criteo_kaggle.topology.json")

@@ -17,9 +17,9 @@ from planner import (
     plan,
     replan,
 )
-from planner.evaluate import evaluate
-from planner.replan import align_devices
-from planner.cost import AnalyticCostModel
+from planner.inputs.cost import AnalyticCostModel
+from planner.tools.evaluate import evaluate_plan
+from planner.tools.replan import align_devices
 from tests.conftest import small_tables_doc, small_topology_doc
 
 OPTIONS = PlanOptions(time_limit_s=5)
@@ -51,7 +51,7 @@ def _layout(p):
 
 def test_staying_is_the_old_placement_recosted(old, unlimited) -> None:
     moved = replace(old, tables_spec=DRIFTED)
-    expected = evaluate(moved, AnalyticCostModel(), "planner.cost:AnalyticCostModel")
+    expected = evaluate_plan(moved, AnalyticCostModel(), "planner:AnalyticCostModel")
     assert unlimited.stay.solve.objective_ms == pytest.approx(expected.solve.objective_ms)
     assert _layout(unlimited.stay) == _layout(old)
     assert unlimited.stay_fits

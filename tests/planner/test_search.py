@@ -24,10 +24,10 @@ from planner import (
     read_plan,
     write_plan,
 )
-from planner.baselines import BASELINES
-from planner.evaluate import evaluate
-from planner.options import OptionSettings, table_options
-from planner.plan import check_plan, plan_from_json
+from planner.plan_file import check_plan, plan_from_json
+from planner.search.baselines import BASELINES
+from planner.search.options import OptionSettings, table_options
+from planner.tools.evaluate import evaluate_plan
 from tests.conftest import small_tables_doc, small_topology_doc
 
 MODEL = AnalyticCostModel()
@@ -194,9 +194,9 @@ class HalfModel:
 def test_evaluate_recosts_any_plan(tmp_path: Path) -> None:
     tables, topology = _specs()
     original = plan(tables, topology, options=PlanOptions(time_limit_s=5))
-    same = evaluate(original, MODEL, "analytic")
+    same = evaluate_plan(original, MODEL, "analytic")
     assert same.solve.objective_ms == pytest.approx(original.solve.objective_ms)
-    half = evaluate(original, HalfModel(), "half")
+    half = evaluate_plan(original, HalfModel(), "half")
     assert half.solve.objective_ms == pytest.approx(original.solve.objective_ms / 2)
     # a hand-written plan: everything on device 0
     doc = plan_to_json(original)
@@ -206,7 +206,7 @@ def test_evaluate_recosts_any_plan(tmp_path: Path) -> None:
         table["shards"] = [{"device": 0, "rows": [0, spec["num_embeddings"]],
                             "cols": [0, spec["embedding_dim"]], "tier": "hbm", "cache_rows": 0}]
     hand = plan_from_json(json.loads(json.dumps(doc)))
-    recosted = evaluate(hand, MODEL, "analytic")
+    recosted = evaluate_plan(hand, MODEL, "analytic")
     assert recosted.devices[1].load_ms == 0.0
     assert recosted.solve.objective_ms >= original.solve.objective_ms
 
@@ -230,7 +230,7 @@ def test_planning_with_highs_matches_cbc() -> None:
 
 
 def test_explain_tells_a_forced_cache_from_a_binding_memory() -> None:
-    from planner.evaluate import explain
+    from planner.tools.evaluate import explain
 
     roomy_tables, roomy = _specs(devices=2, hbm_gb=0.01)
     forced = plan(roomy_tables, roomy, options=PlanOptions(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from planner import AccessProfile, DType, Optimizer, SpecError, load_tables, load_topology
-from planner.specs import parse_tables, parse_topology
+from planner.inputs.specs import parse_tables, parse_topology
 from tests.conftest import small_tables_doc, small_topology_doc, write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "examples"

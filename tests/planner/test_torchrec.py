@@ -26,10 +26,10 @@ from planner import (
     to_torchrec,
     write_plan,
 )
-from planner.cost import ZERO_COST
-from planner.evaluate import capacity_overflows, check_capacity, evaluate
-from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan
-from planner.torchrec import recut_tables, torchrec_row_blocks
+from planner.inputs.cost import ZERO_COST
+from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan
+from planner.tools.evaluate import capacity_overflows, check_plan_fits, evaluate_plan
+from planner.tools.torchrec import recut_tables, torchrec_row_blocks
 from tests.conftest import small_topology_doc, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ def _hand_plan(topology_doc: dict | None = None) -> Plan:
                     for d in range(4))
     report = SolveReport("hand", "none", "", "", 0.0, 0.0, 0.0, 0.0, 1)
     hand = Plan(tables, topology, "x", planned, devices, report)
-    return evaluate(hand, AnalyticCostModel(), "planner.cost:AnalyticCostModel")
+    return evaluate_plan(hand, AnalyticCostModel(), "planner:AnalyticCostModel")
 
 
 def _shards(plan: Plan) -> dict[str, tuple]:
@@ -140,7 +140,7 @@ def test_round_trip_through_json() -> None:
     assert theirs == ours
     assert [s[:3] for s in rw[1]] == [(0, 0, 3), (1, 3, 6), (2, 6, 9), (3, 9, 10)]
     assert back.solve.method == "import:torchrec"
-    assert back.cost_model == "planner.cost:AnalyticCostModel"
+    assert back.cost_model == "planner:AnalyticCostModel"
     assert back.solve.objective_ms == pytest.approx(max(d.load_ms for d in back.devices))
     # costs under our model match the original's, table by table, where shards match
     for table in back.tables:
@@ -231,11 +231,11 @@ def test_fused_uvm_is_the_host_tier() -> None:
 def test_capacity_overflows_name_device_and_host() -> None:
     fits = _hand_plan()
     assert capacity_overflows(fits, AnalyticCostModel()) == ()
-    check_capacity(fits, AnalyticCostModel())
+    check_plan_fits(fits, AnalyticCostModel())
     # HBM per device ~15.7, 9.4, 17.7, 24 KB; DRAM on host 0 (the "dram" table) and
     # host 1 (the "hosted" table, 22 KB)
     small = parse_topology(_topology_doc(hbm_gb=0.000012, dram_gb=0.00001))
-    tight = evaluate(fits, AnalyticCostModel(), "m", small)
+    tight = evaluate_plan(fits, AnalyticCostModel(), "m", small)
     overflows = capacity_overflows(tight, AnalyticCostModel())
     where = {(r.value, w) for r, w, _, _ in overflows}
     assert where == {("hbm", "device 0"), ("hbm", "device 2"), ("hbm", "device 3"),
@@ -243,7 +243,7 @@ def test_capacity_overflows_name_device_and_host() -> None:
     for _, _, used, capacity in overflows:
         assert used > capacity
     with pytest.raises(CapacityError, match=r"device 0 HBM needs .* GB \(over by"):
-        check_capacity(tight, AnalyticCostModel())
+        check_plan_fits(tight, AnalyticCostModel())
 
 
 def test_json_path_imports_neither_torch_nor_torchrec(tmp_path: Path) -> None:
@@ -282,7 +282,7 @@ def test_cli_export_then_evaluate(tmp_path: Path, capsys) -> None:
     out = tmp_path / "recosted.json"
     assert plan_cli.main(["evaluate", str(exported), "--format", "torchrec", "--tables",
                           str(tables), "--topology", str(topology), "-o", str(out)]) == ExitCode.OK
-    assert "re-costed under planner.cost:AnalyticCostModel" in capsys.readouterr().out
+    assert "re-costed under planner:AnalyticCostModel" in capsys.readouterr().out
     assert json.loads(out.read_text())["method"] == "import:torchrec"
     assert plan_cli.main(["evaluate", str(exported), "--format", "torchrec"]) == ExitCode.BAD_INPUT
     assert "pass --tables and --topology" in capsys.readouterr().err

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner._fields import Fields
 from planner.errors import SpecError
+from planner.inputs._fields import Fields
 
 GB = 1_000_000_000
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from planner.cost import CostModel, ShardCost, ShardOption, Sharding, Tier
 from planner.errors import CapacityError, PlanFileError, Resource
-from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
-from planner.specs import GB, TablesSpec, TableSpec, Topology
+from planner.inputs.cost import CostModel, ShardCost, ShardOption, Sharding, Tier
+from planner.inputs.specs import GB, TablesSpec, TableSpec, Topology
+from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
 
 
 def shard_option(table: TableSpec, sharding: Sharding, shards: tuple[Shard, ...], shard: Shard,
@@ -24,13 +24,13 @@ def shard_option(table: TableSpec, sharding: Sharding, shards: tuple[Shard, ...]
                        lookup_share, output_share, shard.tier, shard.cache_rows)
 
 
-def evaluate(plan: Plan, model: CostModel, model_name: str, topology: Topology | None = None,
-             tables: TablesSpec | None = None) -> Plan:
+def evaluate_plan(plan: Plan, model: CostModel, model_name: str, topology: Topology | None = None,
+                  tables: TablesSpec | None = None) -> Plan:
     """The same shards on the same devices, costed by ``model`` on ``topology``
     (default: the plan's) for ``tables`` (default: the plan's; same names and sizes,
     e.g. with measured access profiles). The result's objective is the re-costed
     slowest device; its bound is unknown (0) since the plan was not made under this
-    model. Capacity is not checked here: see :func:`check_capacity`."""
+    model. Capacity is not checked here: see :func:`check_plan_fits`."""
     topology = topology or plan.topology
     if tables is not None:
         plan = replace(plan, tables_spec=tables)
@@ -83,7 +83,7 @@ def capacity_overflows(plan: Plan, model: CostModel) -> tuple[tuple[Resource, st
     return tuple(out)
 
 
-def check_capacity(plan: Plan, model: CostModel) -> None:
+def check_plan_fits(plan: Plan, model: CostModel) -> None:
     """Raise :class:`CapacityError` naming each overflowing device or host."""
     overflows = capacity_overflows(plan, model)
     if overflows:

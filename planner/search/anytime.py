@@ -3,7 +3,7 @@ either last improved, and why to stop.
 
 The search stops when the best plan is within the target gap of the bound (or
 proven optimal), when neither improved for the stall window, or at the time limit.
-Stages ask :meth:`Progress.stop` between steps; MIP solves get :meth:`Progress.watch`,
+Stages ask :meth:`SearchProgress.stop` between steps; MIP solves get :meth:`SearchProgress.watch`,
 which sees their incumbents and bounds while they run.
 
 The time limit is wall-clock time. The stall window counts search work instead: CPU
@@ -20,8 +20,8 @@ from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from planner.plan import StopReason
-from planner.solvers import Watch
+from planner.plan_file import StopReason
+from planner.search.solvers import Watch
 
 IMPROVEMENT = 1e-7
 """Relative change below which a plan or bound does not count as an improvement
@@ -61,7 +61,7 @@ def _running_children_cpu() -> float:
 
 
 @dataclass(slots=True)
-class Progress:
+class SearchProgress:
     """Best plan and bound so far, and the stopping rule."""
 
     time_limit_s: float

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.cost import ShardCost, Sharding, Tier
 from planner.errors import PlanFileError, PlannerError
-from planner.specs import TablesSpec, Topology, _sha256, parse_tables, parse_topology
+from planner.inputs.cost import ShardCost, Sharding, Tier
+from planner.inputs.specs import TablesSpec, Topology, _sha256, parse_tables, parse_topology
 
 SCHEMA_VERSION = 1
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import pulp
 
-from planner.solvers import Watch, solve
-from planner.options import Placement, TableOption
-from planner.placement import PlacedShard
-from planner.specs import GB, Topology
+from planner.inputs.specs import GB, Topology
+from planner.search.options import Placement, TableOption
+from planner.search.placement import PlacedShard
+from planner.search.solvers import Watch, solve
 
 EXACT_MAX_TERMS = 12_000
 """Largest number of (option, device) pairs for which the exact ILP is attempted."""
@@ -55,7 +55,7 @@ def solve_exact(
     drops the memory constraints: a relaxation whose bound holds for every plan over
     these options and any slower variants of them (cached tiers). ``watch`` sees the
     incumbent (the slowest device's time) and the solver's bound while it runs and
-    may stop it early (see :func:`planner.solvers.solve`)."""
+    may stop it early (see :func:`planner.search.solvers.solve`)."""
     world, per_host = topology.world_size, topology.devices_per_host
     prob = pulp.LpProblem("exact_placement", pulp.LpMinimize)
     pairs = [(t, o) for t, opts in enumerate(options) for o in range(len(opts))]

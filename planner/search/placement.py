@@ -3,7 +3,7 @@
 Shards bound to devices (row-wise over all devices, data-parallel) go first; each
 table-row-wise option takes the host that keeps the largest load smallest; free
 shards follow longest-first onto the least-loaded device with room (HBM per device,
-DRAM per host). Pairs of devices then re-split their shards (``planner.balance``:
+DRAM per host). Pairs of devices then re-split their shards (``planner.search.balance``:
 strong when each device holds few shards), a local search moves or swaps shards off
 the slowest device while that lowers it, and tables on the slowest device may switch
 to options with more shards. Small instances are finished by the exact packing ILP.
@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from planner.balance import BalanceProblem, balance_pairs
-from planner.options import Placement, ShardSlot, TableOption
-from planner.packing import PackingProblem, solve_packing_ilp
-from planner.solvers import Watch
-from planner.specs import GB, Topology
+from planner.inputs.specs import GB, Topology
+from planner.search.balance import BalanceProblem, balance_pairs
+from planner.search.options import Placement, ShardSlot, TableOption
+from planner.search.packing import PackingProblem, solve_packing_ilp
+from planner.search.solvers import Watch
 
 EXACT_PACKING_MAX_BINARIES = 4000
 """Free shards x devices up to which the exact packing ILP refines the heuristic."""
@@ -58,7 +58,7 @@ class PlacementResult:
 
 @dataclass(frozen=True, slots=True)
 class PlacementRules:
-    """User constraints resolved to table indices (see ``planner.constraints``)."""
+    """User constraints resolved to table indices (see ``planner.inputs.constraints``)."""
 
     device: tuple[int | None, ...]
     host: tuple[int | None, ...]
@@ -151,7 +151,7 @@ def place(
     slowest device may switch to an option with more shards when that lowers it, and
     under tight memory a table whose shard fits nowhere may switch to one whose shards
     fit. ``watch`` may stop the exact packing ILP early (see
-    :func:`planner.solvers.solve`); its incumbents are complete placements."""
+    :func:`planner.search.solvers.solve`); its incumbents are complete placements."""
     start = time.perf_counter()
     state = _State(topology, options, rules)
     per_host = topology.devices_per_host
@@ -298,7 +298,7 @@ def _longest_first(state: _State, free: Sequence[tuple[int, ShardSlot]]) -> bool
 
 
 def _balance(state: _State, fixed: int, deadline: float) -> None:
-    """Pairwise re-splitting (``planner.balance``) of the free shards of tables that
+    """Pairwise re-splitting (``planner.search.balance``) of the free shards of tables that
     no user rule ties to a device, host, group or away from other tables."""
     rules = state.rules
     movable = [i for i in range(fixed, len(state.placed))

@@ -6,7 +6,7 @@ For ``h`` hosts of the topology's kind the per-device batch is ``ceil(N / device
 global batch ``N`` is the input). Host counts are scanned upwards from one:
 
 1. A lower bound on every plan at ``h`` hosts (:func:`lower_bound`), from the aggregate
-   option-choice ILP (``planner.aggregate``): first without memory constraints over the
+   option-choice ILP (``planner.search.aggregate``): first without memory constraints over the
    HBM twin of every option (a cached shard is never faster than the same shard in HBM,
    which :func:`planner.check_cost_model` checks, so this is a relaxation); when that is
    not above the target and its choice does not fit memory, over every option with the
@@ -32,14 +32,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from planner.aggregate import PACKING_DFF_ORDERS, dff_u, solve_aggregate
-from planner.api import PlanOptions, plan
-from planner.constraints import NO_CONSTRAINTS
-from planner.cost import AnalyticCostModel, CostModel, Tier, check_cost_model
 from planner.errors import InfeasibleError, PlannerError
-from planner.options import OptionSettings, TableOption, table_options
-from planner.plan import Plan
-from planner.specs import GB, TablesSpec, Topology
+from planner.inputs.constraints import NO_CONSTRAINTS
+from planner.inputs.cost import AnalyticCostModel, CostModel, Tier, check_cost_model
+from planner.inputs.specs import GB, TablesSpec, Topology
+from planner.plan_file import Plan
+from planner.search.aggregate import PACKING_DFF_ORDERS, dff_u, solve_aggregate
+from planner.search.api import PlanOptions, plan
+from planner.search.options import OptionSettings, TableOption, table_options
 
 UNBOUNDED_BYTES = 2**62
 """Device capacity for the memory-free relaxation: every HBM twin is generated."""

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.cost import CostModel, ShardOption, Sharding, Tier
-from planner.options import Placement, TableOption
-from planner.specs import GB, TablesSpec, TableSpec, Topology
+from planner.inputs.cost import CostModel, ShardOption, Sharding, Tier
+from planner.inputs.specs import GB, TablesSpec, TableSpec, Topology
+from planner.search.options import Placement, TableOption
 
 BASELINES = ("random", "size", "lookup", "size-lookup", "greedy")
 CACHE_FRACTION = 0.2

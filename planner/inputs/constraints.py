@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from planner._fields import Fields
-from planner.cost import Sharding, Tier
 from planner.errors import SpecError
-from planner.specs import TablesSpec, Topology, read_document
+from planner.inputs._fields import Fields
+from planner.inputs.cost import Sharding, Tier
+from planner.inputs.specs import TablesSpec, Topology, read_document
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 A cost model is any object with a ``cost(shard, topology) -> ShardCost`` method
 (:class:`CostModel`). The planner asks it about every candidate shard and never looks
 inside. :class:`AnalyticCostModel` is the default: bytes moved over each tier's
-bandwidth. All devices of a :class:`~planner.specs.Topology` are identical, so a
+bandwidth. All devices of a :class:`~planner.inputs.specs.Topology` are identical, so a
 shard's cost does not depend on which device holds it.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from planner.errors import PlannerError
-from planner.specs import (
+from planner.inputs.specs import (
     GB,
     DeviceSpec,
     HostSpec,
@@ -315,11 +315,17 @@ def check_cost_model(model: object) -> CostModel:
     return model  # type: ignore[return-value]
 
 
+FORMER_MODULES = {"planner.cost": "planner"}
+"""Where the planner's own cost models were named before the planner's sub-packages:
+plan files and scripts written then say ``planner.cost:AnalyticCostModel``."""
+
+
 def load_cost_model(spec: str) -> CostModel:
     """Import ``module:Class``, instantiate it without arguments and check it."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise CostModelError(f"cost model {spec!r} must look like module:Class")
+    module_name = FORMER_MODULES.get(module_name, module_name)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

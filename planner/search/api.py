@@ -10,7 +10,7 @@
 5. The best of these plans and the greedy baselines is returned, with the bound and
    the gap between them, and why the search stopped.
 
-The search is anytime (``planner.anytime``): it stops as soon as the best plan is
+The search is anytime (``planner.search.anytime``): it stops as soon as the best plan is
 within ``PlanOptions.gap`` of the bound, when neither improved for
 ``PlanOptions.stall_s`` seconds, or at the time limit.
 """
@@ -18,15 +18,14 @@ within ``PlanOptions.gap`` of the bound, when neither improved for
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from planner.aggregate import AggregateCut, solve_aggregate
-from planner.anytime import Progress
-from planner.baselines import BASELINES, BaselineResult, run_baseline
-from planner.constraints import NO_CONSTRAINTS, Constraints
-from planner.cost import (
+from planner.errors import InfeasibleError, PlannerError, Resource
+from planner.inputs.constraints import NO_CONSTRAINTS, Constraints
+from planner.inputs.cost import (
     AnalyticCostModel,
     CostModel,
     ShardCost,
@@ -34,13 +33,15 @@ from planner.cost import (
     Tier,
     check_cost_model,
 )
-from planner.errors import InfeasibleError, PlannerError, Resource
-from planner.options import OptionSettings, TableOption, table_options
-from planner.packing import makespan_lower_bound
-from planner.exact import EXACT_MAX_TERMS, exact_size, solve_exact
-from planner.placement import PlacedShard, PlacementRules, place
-from planner.plan import DeviceLoad, Plan, Shard, SolveReport, StopReason, TablePlan
-from planner.specs import GB, TablesSpec, Topology, check_limits
+from planner.inputs.specs import GB, TablesSpec, Topology, check_limits
+from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, StopReason, TablePlan
+from planner.search.aggregate import AggregateCut, solve_aggregate
+from planner.search.anytime import SearchProgress
+from planner.search.baselines import BASELINES, BaselineResult, run_baseline
+from planner.search.exact import EXACT_MAX_TERMS, exact_size, solve_exact
+from planner.search.options import OptionSettings, TableOption, table_options
+from planner.search.packing import makespan_lower_bound
+from planner.search.placement import PlacedShard, PlacementRules, place
 
 PACKING_CUTS = ((1.0, 1 / 2), (1.0, 1 / 4), (0.97, 1 / 4), (0.92, 1 / 4), (0.85, 1 / 4),
                 (0.85, None))
@@ -84,8 +85,15 @@ class PlanOptions:
 
 
 def cost_model_name(model: CostModel) -> str:
+    """``module:Class`` of the model, as :func:`load_cost_model` reads it back. A
+    planner's own model is named at the ``planner`` door (``planner:AnalyticCostModel``),
+    so that plan files do not record where inside the package it lives."""
     cls = type(model)
-    return f"{cls.__module__}:{cls.__qualname__}"
+    module = cls.__module__
+    door = sys.modules["planner"]
+    if module.startswith("planner.") and getattr(door, cls.__qualname__, None) is cls:
+        module = "planner"
+    return f"{module}:{cls.__qualname__}"
 
 
 def plan(
@@ -118,7 +126,7 @@ def plan(
             raise _baseline_infeasible(options.baseline, tables, topology)
         return _baseline_plan(result, tables, topology, name, options, start)
 
-    progress = Progress(options.time_limit_s, options.gap, options.stall_s, started=start)
+    progress = SearchProgress(options.time_limit_s, options.gap, options.stall_s, started=start)
     settings = options.candidates
     per_table = [_settings_for(t.name, settings, options.constraints, topology)
                  for t in tables.tables]
@@ -138,7 +146,7 @@ def plan(
             search = _search(candidates, topology, options, rules, relaxed=True, progress=progress)
     if search is None:
         candidates = [table_options(t, topology, model, s) for t, s in zip(tables.tables, per_table)]
-        check_capacity(tables, topology, candidates, model, per_table)
+        check_tables_fit(tables, topology, candidates, model, per_table)
         search = _search(candidates, topology, options, rules, relaxed=False, progress=progress)
         if search is None:
             raise _choice_infeasible(tables, topology, candidates)
@@ -187,7 +195,7 @@ class _Search:
 
 
 def _search(candidates: list[list[TableOption]], topology: Topology, options: PlanOptions,
-            rules: PlacementRules, relaxed: bool, progress: Progress) -> _Search | None:
+            rules: PlacementRules, relaxed: bool, progress: SearchProgress) -> _Search | None:
     """Choice, placement and (small instances) the exact ILP over ``candidates``;
     plans and bounds go to ``progress``, whose rule ends the search early.
 
@@ -255,7 +263,7 @@ class _Found:
 
 def _choose_and_place(candidates: Sequence[Sequence[TableOption]], topology: Topology,
                       choice: tuple[int, ...], options: PlanOptions,
-                      rules: PlacementRules, progress: Progress) -> _Found | None:
+                      rules: PlacementRules, progress: SearchProgress) -> _Found | None:
     """Pack the chosen options; when packing fails for memory, re-solve the choice
     with less HBM (a cut) and try again. The cut loop stops at the first packing, after
     the last cut, after half the budget, or when ``progress`` says stop (a plan found
@@ -376,7 +384,7 @@ def assemble_plan(
     return Plan(tables, topology, cost_model, planned, devices, report)
 
 
-def check_capacity(tables: TablesSpec, topology: Topology,
+def check_tables_fit(tables: TablesSpec, topology: Topology,
                    candidates: Sequence[Sequence[TableOption]], model: CostModel,
                    settings: Sequence[OptionSettings]) -> None:
     """Fail fast, with numbers and fixes, when no option of a table fits a device or
@@ -455,4 +463,4 @@ def _baseline_infeasible(name: str, tables: TablesSpec, topology: Topology) -> I
     )
 
 
-__all__ = ["PlanOptions", "assemble_plan", "check_capacity", "cost_model_name", "plan"]
+__all__ = ["PlanOptions", "assemble_plan", "check_tables_fit", "cost_model_name", "plan"]

@@ -1,7 +1,7 @@
 """Re-plan for new specs (a drifted access profile, new pooling factors, another
 network) moving at most a budget of bytes away from an old plan.
 
-Migration is measured as in :mod:`planner.diff`: the bytes of table shards (weights and
+Migration is measured as in :mod:`planner.tools.diff`: the bytes of table shards (weights and
 optimizer state) that land on another device or tier than in the old plan. The search:
 
 1. *Stay*: the old placement re-costed under the new specs.
@@ -12,7 +12,7 @@ optimizer state) that land on another device or tier than in the old plan. The s
 4. *Moves*: a local search moves single table-wise and column-wise shards off the
    slowest device while that lowers it, memory fits and the budget holds.
 
-The result is checked (:func:`planner.diff.diff_plans` recounts its migration; memory
+The result is checked (:func:`planner.tools.diff.diff_plans` recounts its migration; memory
 per device and host); when it breaks the budget or memory, or is no faster than
 staying, the old placement re-costed is returned.
 """
@@ -27,14 +27,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pulp
 
-from planner.api import PlanOptions, cost_model_name, plan
-from planner.cost import AnalyticCostModel, CostModel, ShardCost, Sharding, check_cost_model
-from planner.diff import diff_plans, same_shape, shard_bytes, table_migration
 from planner.errors import InfeasibleError, PlannerError, Resource
-from planner.evaluate import shard_option
-from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
-from planner.solvers import solve
-from planner.specs import GB, TablesSpec, Topology
+from planner.inputs.cost import AnalyticCostModel, CostModel, ShardCost, Sharding, check_cost_model
+from planner.inputs.specs import GB, TablesSpec, Topology
+from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
+from planner.search.api import PlanOptions, cost_model_name, plan
+from planner.search.solvers import solve
+from planner.tools.diff import diff_plans, same_shape, shard_bytes, table_migration
+from planner.tools.evaluate import shard_option
 
 FRESH_SHARE = 0.6
 """Share of ``PlanOptions.time_limit_s`` for the fresh plan."""
@@ -57,7 +57,7 @@ class ReplanResult:
     budget_bytes: int | None
     """None: no limit."""
     migrated_bytes: int
-    """Bytes ``plan`` moves, counted by :func:`planner.diff.diff_plans`."""
+    """Bytes ``plan`` moves, counted by :func:`planner.tools.diff.diff_plans`."""
     fresh_migrated_bytes: int | None
     kept_old: bool
     """True when the result is the old placement (nothing better fits the budget)."""

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from planner.cost import CostModel, ShardCost, Sharding, ShardOption, Tier
-from planner.specs import TableSpec, Topology
+from planner.inputs.cost import CostModel, ShardCost, Sharding, ShardOption, Tier
+from planner.inputs.specs import TableSpec, Topology
 
 
 class Placement(enum.Enum):

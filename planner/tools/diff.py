@@ -17,9 +17,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from planner.cost import Sharding, Tier
-from planner.plan import Plan, Shard, TablePlan
-from planner.specs import TableSpec
+from planner.inputs.cost import Sharding, Tier
+from planner.inputs.specs import TableSpec
+from planner.plan_file import Plan, Shard, TablePlan
 
 
 class ChangeKind(enum.Enum):

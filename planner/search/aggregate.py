@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 import pulp
 
 from planner.errors import SolverError
-from planner.options import TableOption
-from planner.solvers import solve
-from planner.specs import GB, Topology
+from planner.inputs.specs import GB, Topology
+from planner.search.options import TableOption
+from planner.search.solvers import solve
 
 PACKING_DFF_ORDERS = (1, 2, 3)
 """The ``k`` of the packing constraints ``sum u_k(shard HBM / capacity) <= devices``."""

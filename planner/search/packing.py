@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pulp
 
 from planner.errors import SolverError
-from planner.solvers import Watch, solve
+from planner.search.solvers import Watch, solve
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +126,7 @@ def solve_packing_ilp(
     item ``i`` may only use devices ``0..i``. The cut ``z >= lower bound`` lets the
     solver stop as soon as a placement reaches the bound. Under the time limit the
     best placement found is returned with ``proven_optimal=False``; so it is when
-    ``watch`` stops the solver early (see :func:`planner.solvers.solve`).
+    ``watch`` stops the solver early (see :func:`planner.search.solvers.solve`).
     """
     n, devices = len(problem.load_ms), problem.devices
     order = sorted(range(n), key=lambda i: (-problem.load_ms[i], -problem.hbm_bytes[i], i))

@@ -35,10 +35,10 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
-from planner.cost import AnalyticCostModel, CostModel, ZERO_COST, Sharding, Tier
 from planner.errors import PlanFileError
-from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan
-from planner.specs import TablesSpec, Topology
+from planner.inputs.cost import AnalyticCostModel, CostModel, ZERO_COST, Sharding, Tier
+from planner.inputs.specs import TablesSpec, Topology
+from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan
 
 FORMAT = "torchrec_sharding_plan"
 TORCHREC_VERSION = "1.8.0"
@@ -344,8 +344,8 @@ def from_torchrec(source: Any, tables: TablesSpec, topology: Topology, *,
     tables are read (their names must be unique). Raises :class:`PlanFileError`
     for tables missing from ``tables`` or not planned, unknown kernels and shards
     outside a table or the topology."""
-    from planner.api import cost_model_name
-    from planner.evaluate import evaluate
+    from planner.search.api import cost_model_name
+    from planner.tools.evaluate import evaluate_plan
 
     doc = source if isinstance(source, dict) else _doc_from_sharding_plan(source)
     modules = _modules(doc, file)
@@ -375,7 +375,7 @@ def from_torchrec(source: Any, tables: TablesSpec, topology: Topology, *,
     report = SolveReport("import:torchrec", "none", "Imported", "Not Solved", 0.0, 0.0, 0.0, 0.0, 1)
     imported = Plan(tables, topology, cost_model_name(model), planned, devices, report)
     try:
-        result = evaluate(imported, model, cost_model_name(model), topology)
+        result = evaluate_plan(imported, model, cost_model_name(model), topology)
     except PlanFileError as exc:
         raise PlanFileError(file, exc.problem) from None
     return replace(result, solve=replace(result.solve, method="import:torchrec"))

@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.profiling import KAGGLE_CARDINALITIES, write_synthetic_tsv  # noqa: E402
-from dlrm_runtime import criteo  # noqa: E402
+from dlrm_runtime.data import criteo  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "criteo_parse.json"
 TARGET_LINES_PER_S = 1_000_000

@@ -491,25 +491,26 @@ def _calibrate(args: argparse.Namespace) -> int:
     _check_calibrate(args)
     import torch
 
-    from dlrm_runtime.measure import CalibrationSizes, combine, measure, spreads, to_topology
+    from dlrm_runtime import calibrate
 
-    sizes = (CalibrationSizes(rows=200_000, batch_rows=16_384, store_rows=65_536, repeats=3,
-                              all_to_all_bytes=8 * 1024 * 1024, overhead_rows=50_000,
-                              mlp_batch=512, run_steps=10)
-             if args.quick else CalibrationSizes())
+    sizes = (calibrate.CalibrationSizes(rows=200_000, batch_rows=16_384, store_rows=65_536,
+                                        repeats=3, all_to_all_bytes=8 * 1024 * 1024,
+                                        overhead_rows=50_000, mlp_batch=512, run_steps=10)
+             if args.quick else calibrate.CalibrationSizes())
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = []
     for done in range(args.rounds):
         if args.rounds > 1:
             print(f"round {done + 1} of {args.rounds}", file=sys.stderr)
-        results.append(measure(sizes, store_dir=args.store_dir, network=not args.no_network,
-                               log=lambda line: print(line, file=sys.stderr)))
-    result = combine(results)
+        results.append(calibrate.measure(sizes, store_dir=args.store_dir,
+                                         network=not args.no_network,
+                                         log=lambda line: print(line, file=sys.stderr)))
+    result = calibrate.combine(results)
     if args.rounds > 1:
         print(f"medians of {args.rounds} rounds: embedding step {result.device_gbps:.2f} GB/s, "
               f"dense {result.dense_gflops:.1f} GFLOP/s", file=sys.stderr)
-        spread = spreads(results)
+        spread = calibrate.spreads(results)
         print("spread over the rounds (low / median / high):", file=sys.stderr)
         for s in spread:
             print(f"  {s.figure}: {s.low:.4g} / {s.median:.4g} / {s.high:.4g} "
@@ -520,10 +521,11 @@ def _calibrate(args: argparse.Namespace) -> int:
                   f"the machine's speed changed while measuring; the medians are written, "
                   f"but re-run on a quiet machine (or with more --rounds) for steadier "
                   f"figures", file=sys.stderr)
-    topology = to_topology(result, hbm_gb=args.hbm_gb, dram_gb=args.dram_gb, devices=args.devices,
-                           batch_size_per_device=args.batch_size_per_device,
-                           reserved_hbm_gb=args.reserved_hbm_gb,
-                           inter_host_gbps=args.inter_host_gbps)
+    topology = calibrate.to_topology(result, hbm_gb=args.hbm_gb, dram_gb=args.dram_gb,
+                                     devices=args.devices,
+                                     batch_size_per_device=args.batch_size_per_device,
+                                     reserved_hbm_gb=args.reserved_hbm_gb,
+                                     inter_host_gbps=args.inter_host_gbps)
     # Validate what we write with the same reader users will use.
     parse_topology(topology.to_json(), args.output)
     write_output(args.output, "-o/--output",

@@ -17,7 +17,6 @@ from cli.progress import bytes_progress
 from cli.report import measured_vs_predicted
 from dlrm_runtime import (
     ConfigError,
-    CriteoCache,
     CriteoClicks,
     Interaction,
     ModelConfig,
@@ -30,7 +29,7 @@ from dlrm_runtime import (
     check_store_dir,
     init_from_env,
     open_metrics_log,
-    open_or_build_cache,
+    open_clicks,
     prepare_run,
     shutdown,
     train,
@@ -232,32 +231,11 @@ def _check_args(args: argparse.Namespace) -> None:
         check_store_dir(args.store_dir)
 
 
-def _cache_path(data: str, lines: tuple[int, int | None]) -> str:
-    start, stop = lines
-    if (start, stop) == (0, None):
-        return f"{data}.cache"  # the one `dlrm-plan profile` writes
-    return f"{data}.{start}-{'end' if stop is None else stop}.cache"
-
-
 def _criteo(args: argparse.Namespace, plan: Plan, verbose: bool) -> CriteoClicks:
-    """Open (parsing once) the caches of the train and validation line ranges; on an
-    error the caches built here are removed."""
-    caches: list[CriteoCache | None] = []
-    try:
-        for what, lines in (("train", args.train_lines), ("validation", args.validation_lines)):
-            if lines is None:
-                caches.append(None)
-                continue
-            with bytes_progress(f"parse {what} lines") as progress:
-                caches.append(open_or_build_cache(args.data, _cache_path(args.data, lines),
-                                                  plan.tables_spec, start=lines[0], stop=lines[1],
-                                                  strict=args.strict, progress=progress))
-        data = CriteoClicks(caches[0], caches[1], plan.tables_spec)
-    except BaseException:
-        for cache in caches:
-            if cache is not None and cache.built:
-                cache.path.unlink(missing_ok=True)
-        raise
+    """Open (parsing once) the caches of the train and validation line ranges."""
+    data = open_clicks(args.data, plan.tables_spec, args.train_lines, args.validation_lines,
+                       strict=args.strict,
+                       progress=lambda what: bytes_progress(f"parse {what} lines"))
     for what, cache in (("train", data.train), ("validation", data.validation)):
         if cache is None or not verbose:
             continue

@@ -2,9 +2,10 @@
 
 The room: :mod:`.data` (what training reads), :mod:`.embeddings` (tables built from a
 plan), :mod:`.distributed` (the multi-process trainer), :mod:`.measure` (timing,
-prediction, calibration, metrics), and at the top :mod:`.config`, :mod:`.model`,
-:mod:`.prepare` (one call checks a run before any work), :mod:`.train` (the step and
-the loop), :mod:`.checkpoint` and :mod:`.errors`.
+prediction, metrics), and at the top :mod:`.config`, :mod:`.model`, :mod:`.prepare` (one
+call checks a run before any work), :mod:`.train` (the step and the loop),
+:mod:`.checkpoint`, :mod:`.calibrate` (a topology from short measured runs) and
+:mod:`.errors`.
 
 Typical use::
 
@@ -12,11 +13,13 @@ Typical use::
     result = train(read_plan("plan.json"), ModelConfig(), TrainConfig(steps=100))
 """
 
+from dlrm_runtime import calibrate
 from dlrm_runtime.config import Interaction, ModelConfig, TrainConfig, as_flag
 from dlrm_runtime.data import (
     CriteoCache,
     CriteoClicks,
     SyntheticClicks,
+    open_clicks,
     open_or_build_cache,
     profile_tables,
 )
@@ -64,8 +67,8 @@ __all__ = [
     "ModelConfig", "PlanMismatchError", "Progress", "RunSetup", "RuntimeErrorBase",
     "ShardedTable", "SparseBatch", "SyntheticClicks", "TableBatchedBags", "TrainConfig",
     "TrainResult", "Trainer", "TrainingDivergedError", "TrainingInterrupted", "as_flag",
-    "build_model", "check_plan_matches", "check_store_dir", "device_for",
+    "build_model", "calibrate", "check_plan_matches", "check_store_dir", "device_for",
     "embeddings_from_plan", "embeddings_in_memory", "evaluate", "init_from_env",
-    "open_metrics_log", "open_or_build_cache", "prepare_run", "profile_tables", "shutdown",
+    "open_clicks", "open_metrics_log", "open_or_build_cache", "prepare_run", "profile_tables", "shutdown",
     "train", "train_distributed",
 ]

@@ -8,6 +8,7 @@ from dlrm_runtime.data.criteo import (
     CriteoCacheError,
     CriteoClicks,
     CriteoFormatError,
+    open_clicks,
     open_or_build_cache,
 )
 from dlrm_runtime.data.profile import (
@@ -23,6 +24,6 @@ from dlrm_runtime.data.synthetic import SyntheticClicks, ZipfSampler, zipf_ranks
 __all__ = [
     "VALIDATION_OFFSET", "AccessCounts", "Batch", "ClickSource", "CriteoCache",
     "CriteoCacheError", "CriteoClicks", "CriteoFormatError", "Prefetcher", "ProfileError",
-    "SyntheticClicks", "ZipfSampler", "access_profile", "count_accesses", "open_or_build_cache",
+    "SyntheticClicks", "ZipfSampler", "access_profile", "count_accesses", "open_clicks", "open_or_build_cache",
     "profile_from_counts", "profile_tables", "zipf_ranks",
 ]

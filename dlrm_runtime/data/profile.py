@@ -27,8 +27,8 @@ from typing import Protocol
 
 import numpy as np
 
-from dlrm_runtime.data.criteo import CriteoCache, CriteoClicks
 from dlrm_runtime.data.batches import Batch
+from dlrm_runtime.data.criteo import CriteoCache, CriteoClicks
 from dlrm_runtime.errors import RuntimeErrorBase
 from planner import AccessProfile, TablesSpec
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from dlrm_runtime.data.batches import Batch
-from dlrm_runtime.embeddings import ShardPlacement, SparseBatch, TablePlacement
+from dlrm_runtime.embeddings import CACHED_TIERS, ShardPlacement, SparseBatch, TablePlacement
 from dlrm_runtime.errors import PlanMismatchError
 from dlrm_runtime.prepare import check_batch_size
-from dlrm_runtime.embeddings import CACHED_TIERS
 from planner import Sharding, TableSpec, Tier
+
 
 def local_batch(batch: Batch, rank: int, world_size: int) -> Batch:
     """Samples ``[rank b, (rank + 1) b)`` of the global ``batch`` (``b = B / W``)."""
@@ -67,6 +67,10 @@ class LookupJob:
     @property
     def col_start(self) -> int:
         return self.shard.col_start
+
+    @property
+    def col_end(self) -> int:
+        return self.shard.col_end
 
     @property
     def cols(self) -> int:

@@ -36,6 +36,7 @@ from dlrm_runtime.train import (
 )
 from planner import Plan
 
+
 class DistributedTrainer:
     """The training step of one rank, with :class:`~dlrm_runtime.train.Trainer`'s
     interface: ``step(batch)`` takes the GLOBAL batch (the same on every rank), trains

@@ -19,7 +19,12 @@ from dlrm_runtime.embeddings.base import (
     uniform_bag_length,
 )
 from dlrm_runtime.embeddings.batched import TableBatchedBags, batch_order
-from dlrm_runtime.embeddings.cached import CachedTable, CachedTables, CachedTablesOwner, lookup_shards
+from dlrm_runtime.embeddings.cached import (
+    CachedTable,
+    CachedTables,
+    CachedTablesOwner,
+    lookup_shards,
+)
 from dlrm_runtime.embeddings.collection import (
     InMemoryEmbeddings,
     embeddings_from_plan,

@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from planner import DType, Optimizer, TableSpec
 from torch import nn
+
+from planner import DType, Optimizer, TableSpec
 
 TORCH_DTYPE = {DType.FP32: torch.float32, DType.FP16: torch.float16, DType.BF16: torch.bfloat16}
 

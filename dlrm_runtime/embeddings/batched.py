@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+
 from dlrm_runtime.embeddings.base import (
     TORCH_DTYPE,
     RowBlock,
@@ -19,7 +21,6 @@ from dlrm_runtime.embeddings.base import (
 )
 from dlrm_runtime.embeddings.lookup import pooled_lookup, uniform_runs
 from dlrm_runtime.embeddings.memory import empty_weight, host_weight
-from torch import nn
 
 
 def batch_order(members: Sequence[tuple[int, TableSpec]]) -> list[tuple[int, TableSpec]]:

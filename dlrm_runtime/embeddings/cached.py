@@ -57,7 +57,6 @@ from planner import DType, Optimizer, TableSpec, TablesSpec
 from storage import ADAGRAD_EPS, RowCache, TableStore, lookup_many, rowwise_adagrad_
 
 
-
 class UpdateClock(Protocol):
     """Where the time of the fused row updates (inside ``loss.backward()``) goes, e.g.
     :class:`~dlrm_runtime.measure.timing.Stopwatch`."""

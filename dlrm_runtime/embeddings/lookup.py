@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
 from dlrm_runtime.embeddings.base import UniformRun
 
 

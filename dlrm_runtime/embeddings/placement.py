@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from dlrm_runtime.errors import PlanMismatchError
 from planner import Plan, Sharding, TablePlan, TableSpec, Tier, Topology
 

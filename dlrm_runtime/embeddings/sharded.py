@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from dlrm_runtime.embeddings.base import (
     TORCH_DTYPE,
     RowBlock,
@@ -19,7 +21,6 @@ from dlrm_runtime.embeddings.lookup import pooled_lookup
 from dlrm_runtime.embeddings.memory import empty_weight, host_weight
 from dlrm_runtime.embeddings.placement import TablePlacement
 from planner import Sharding
-from torch import nn
 
 
 class ShardedTable(nn.Module):

@@ -30,7 +30,7 @@ from dlrm_runtime.embeddings.base import init_generator
 from dlrm_runtime.embeddings.placement import ShardPlacement, TablePlacement
 from dlrm_runtime.errors import ConfigError
 from dlrm_runtime.files import fsync_dir
-from planner import DType, Optimizer, TablesSpec, TableSpec, Tier
+from planner import DType, Optimizer, TableSpec, TablesSpec, Tier
 from storage import RecoveryRequiredError, StoreError, StoreLockedError, TableStore
 
 INIT_BLOCK_ROWS_BYTES = 64 * 1024 * 1024
@@ -59,6 +59,10 @@ class StoreTable:
     @property
     def row_start(self) -> int:
         return self.shard.row_start
+
+    @property
+    def row_end(self) -> int:
+        return self.shard.row_end
 
     @property
     def rows(self) -> int:

@@ -25,8 +25,8 @@ from planner import (
     CostModel,
     CostModelError,
     Plan,
-    ShardOption,
     Sharding,
+    ShardOption,
     TablePlan,
     Tier,
     load_cost_model,
@@ -74,7 +74,7 @@ def plan_cost_model(plan: Plan) -> tuple[CostModel, str]:
     try:
         return load_cost_model(plan.cost_model), plan.cost_model
     except CostModelError:
-        return AnalyticCostModel(), "planner.cost:AnalyticCostModel (the plan's "\
+        return AnalyticCostModel(), "planner:AnalyticCostModel (the plan's "\
                                     f"{plan.cost_model} cannot be loaded here)"
 
 

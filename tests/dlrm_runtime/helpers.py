@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from planner import Plan, Sharding, TablesSpec, Topology, parse_tables, parse_topology
-from planner.cost import ShardCost
-from planner.plan import DeviceLoad, Shard, SolveReport, TablePlan
+from planner import ShardCost
+from planner import DeviceLoad, Shard, SolveReport, TablePlan
 from tests.conftest import small_tables_doc, small_topology_doc
 
 NO_COST = ShardCost(0.0, 0.0, 0.0, 0.0, 0, 0)

@@ -35,7 +35,7 @@ from dlrm_runtime.embeddings import InMemoryEmbeddings, init_table
 from dlrm_runtime.model import DLRM
 from dlrm_runtime.embeddings import placements_from_plan
 from planner import Plan, Sharding, Tier
-from planner.plan import Shard, TablePlan
+from planner import Shard, TablePlan
 from tests.dlrm_runtime.helpers import NO_COST, table_wise, tables, topology
 
 CPU = torch.device("cpu")
@@ -182,7 +182,7 @@ def test_a_plan_with_cached_tables_needs_a_store_dir() -> None:
 def test_a_directory_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
     _, plan = _plans("sgd")
     (tmp_path / "other.txt").write_text("not a store")
-    with pytest.raises(ConfigError, match="cannot be used as the table store"):
+    with pytest.raises(ConfigError, match="holds no table stores"):
         embeddings_from_plan(plan, CPU, store_dir=str(tmp_path))
 
 
@@ -348,7 +348,7 @@ def test_the_store_dir_holds_one_store_per_plan_device(tmp_path: Path) -> None:
     single = tmp_path / "old"
     from storage import TableStore
     TableStore.create(single).close()  # one store at the root: an older layout
-    with pytest.raises(ConfigError, match="it is one store, and runs keep one store per plan "
+    with pytest.raises(ConfigError, match="is one table store \\(runs keep one per plan "
                                           "device"):
         embeddings_from_plan(plan, CPU, store_dir=str(single))
 

@@ -21,7 +21,7 @@ from dlrm_runtime.checkpoint import latest_checkpoint, load_checkpoint
 from dlrm_runtime.embeddings import TableBatchedBags, host_pooled
 from dlrm_runtime.measure import predict_step
 from planner import AnalyticCostModel, Plan, Sharding, Tier
-from planner.cost import ShardOption
+from planner import ShardOption
 from tests.dlrm_runtime.helpers import sharded, table_wise, tables, topology
 from tests.dlrm_runtime.test_sharding import _lopsided_batch, _shard
 

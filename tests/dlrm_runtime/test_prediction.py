@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dlrm_runtime.config import Interaction, ModelConfig
-from dlrm_runtime.measure import (
+from dlrm_runtime.measure.prediction import (
     dense_bytes,
     dense_flops,
     dense_ms,
@@ -18,7 +18,7 @@ from dlrm_runtime.measure import (
     predict_step,
 )
 from planner import AnalyticCostModel, PlanOptions, parse_tables, parse_topology, plan
-from planner.evaluate import evaluate
+from planner import evaluate_plan
 from tests.conftest import small_tables_doc, small_topology_doc
 
 
@@ -49,7 +49,7 @@ def test_prediction_sums_the_devices_the_process_executes(planned) -> None:
         assert getattr(whole, name) == pytest.approx(sum(getattr(p, name) for p in parts))
     assert whole.hbm_bytes == sum(p.hbm_bytes for p in parts)
     # the same numbers the plan was costed with: each device's total is its load
-    recosted = evaluate(planned, AnalyticCostModel(), "analytic")
+    recosted = evaluate_plan(planned, AnalyticCostModel(), "analytic")
     for device, part in zip(recosted.devices, parts):
         assert part.lookup_ms + part.communication_ms + part.update_ms == pytest.approx(
             device.load_ms)
@@ -147,7 +147,7 @@ def test_run_fit_recovers_the_rates_of_a_synthetic_machine(monkeypatch) -> None:
     them."""
     from planner import Optimizer
 
-    from dlrm_runtime.measure import calibrate
+    from dlrm_runtime import calibrate
     from dlrm_runtime.measure import StepTimes
 
     gflops, gbps, fixed_ms, step_gbps, shard_ms, ns_per_id = 30.0, 0.8, 2.0, 1.5, 0.1, 200.0
@@ -181,7 +181,7 @@ def test_a_training_run_probe_times_the_runtime_and_prices_its_bytes() -> None:
     embedding bytes the cost model charges (3 x the looked-up row bytes for SGD)."""
     from planner import Optimizer
 
-    from dlrm_runtime.measure import calibrate
+    from dlrm_runtime import calibrate
 
     sizes = calibrate.CalibrationSizes(overhead_rows=4000, run_steps=3)
     config = ModelConfig(13, (8, 4), (8, 1))
@@ -245,7 +245,7 @@ def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp
     """The calibration's row-cache fit, fed step times made from known costs of the
     lookups, misses and overflow rows that the cost model counts for the probe tables,
     returns them (the per-miss cost less the traffic the cost model charges)."""
-    from dlrm_runtime.measure import calibrate
+    from dlrm_runtime import calibrate
 
     fixed_s, per_id_s, per_miss_s, per_overflow_s = 2e-3, 50e-9, 1.5e-6, 3e-6
     sizes = calibrate.CalibrationSizes(overhead_rows=20_000, mlp_batch=128, overhead_batches=4)
@@ -285,7 +285,7 @@ def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp
 
 
 def test_expected_distinct_rows_match_the_exact_sum() -> None:
-    from planner.specs import AccessProfile
+    from planner import AccessProfile
 
     for profile, rows, draws in [(AccessProfile(zipf=1.05), 1000, 4096),
                                  (AccessProfile(zipf=0.8), 50_000, 16_384), (AccessProfile(), 500, 300),

@@ -12,7 +12,7 @@ import torch
 from dlrm_runtime.data import profile
 from dlrm_runtime.data.criteo import CriteoClicks, build_cache, parse_line
 from dlrm_runtime.data import Batch, SyntheticClicks
-from dlrm_runtime.data import (
+from dlrm_runtime.data.profile import (
     ProfileError,
     access_profile,
     count_accesses,
@@ -21,7 +21,7 @@ from dlrm_runtime.data import (
 )
 from dlrm_runtime.embeddings import SparseBatch
 from planner import TablesSpec, parse_tables
-from planner.specs import AccessProfile
+from planner import AccessProfile
 
 SIZES = tuple(20 + 10 * i for i in range(26))
 

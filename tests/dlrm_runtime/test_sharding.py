@@ -21,7 +21,7 @@ from dlrm_runtime.data import Batch
 from dlrm_runtime.embeddings import ShardedTable, TableBatchedBags
 from dlrm_runtime.model import DLRM
 from planner import Optimizer, Sharding, TableSpec, Tier
-from planner.plan import TablePlan
+from planner import TablePlan
 from tests.dlrm_runtime.helpers import sharded, table_wise, tables, topology
 
 CPU = torch.device("cpu")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from planner import AnalyticCostModel, Sharding, parse_tables, parse_topology, to_torchrec
-from planner.cost import ZERO_COST
-from planner.evaluate import evaluate
-from planner.plan import DeviceLoad, Plan, Shard, SolveReport, TablePlan
-from planner.torchrec import to_torchrec_sharding_plan
+from planner import ZERO_COST
+from planner import evaluate_plan
+from planner import DeviceLoad, Plan, Shard, SolveReport, TablePlan
+from planner import to_torchrec_sharding_plan
 from tests.conftest import small_topology_doc
 
 with warnings.catch_warnings():
@@ -53,7 +53,7 @@ def _plan() -> Plan:
     devices = tuple(DeviceLoad(d, 0, 0.0, 0, topology.usable_hbm_bytes) for d in range(WORLD))
     hand = Plan(tables, topology, "x", planned, devices,
                 SolveReport("hand", "none", "", "", 0.0, 0.0, 0.0, 0.0, 1))
-    return evaluate(hand, AnalyticCostModel(), "planner.cost:AnalyticCostModel")
+    return evaluate_plan(hand, AnalyticCostModel(), "planner:AnalyticCostModel")
 
 
 def _worker(rank: int, port: int, doc: dict, results: multiprocessing.Queue) -> None:

@@ -21,9 +21,10 @@ from dlrm_runtime import (
 )
 from dlrm_runtime.data import zipf_ranks
 from dlrm_runtime.measure import accuracy, roc_auc
-from dlrm_runtime.embeddings import ADAGRAD_EPS, RowOptimizer
+from dlrm_runtime.embeddings import RowOptimizer
+from storage import ADAGRAD_EPS
 from planner import AccessProfile, Sharding, Tier, parse_tables, parse_topology, plan
-from planner.plan import Shard, TablePlan
+from planner import Shard, TablePlan
 from tests.conftest import small_tables_doc, small_topology_doc
 
 

@@ -66,7 +66,7 @@ from dlrm_runtime.data.criteo.cache import (
     open_or_build_cache,
     record_dtype,
 )
-from dlrm_runtime.data.criteo.clicks import CriteoClicks, records_to_batch
+from dlrm_runtime.data.criteo.clicks import CriteoClicks, cache_path, open_clicks, records_to_batch
 from dlrm_runtime.data.criteo.format import (
     CACHE_DATA_OFFSET,
     CACHE_MAGIC,
@@ -95,7 +95,7 @@ __all__ = [
     "CriteoCache", "CriteoCacheError", "CriteoClicks", "CriteoFormatError", "CriteoReader",
     "DEFAULT_CHUNK_BYTES", "FIELD_NAMES", "MAX_LINE_BYTES", "MISSING_ROW", "NUM_DENSE",
     "NUM_FIELDS", "NUM_SPARSE", "ParseReport", "ParsedChunk", "ParsedLine", "SourceStamp",
-    "build_cache", "default_workers", "dense_transform", "hash_categorical",
-    "open_or_build_cache", "parse_line", "record_dtype", "records_to_batch", "splitmix64",
+    "build_cache", "cache_path", "default_workers", "dense_transform", "hash_categorical",
+    "open_clicks", "open_or_build_cache", "parse_line", "record_dtype", "records_to_batch", "splitmix64",
     "table_sizes",
 ]

@@ -14,13 +14,22 @@ from typing import Any
 
 import numpy as np
 
-from dlrm_runtime.data.criteo.format import (CACHE_DATA_OFFSET, CACHE_MAGIC, CACHE_VERSION,
-                                             DEFAULT_CHUNK_BYTES, MISSING_ROW, NUM_DENSE,
-                                             NUM_SPARSE, CriteoCacheError, CriteoFormatError,
-                                             table_sizes)
+from dlrm_runtime.data.criteo.format import (
+    CACHE_DATA_OFFSET,
+    CACHE_MAGIC,
+    CACHE_VERSION,
+    DEFAULT_CHUNK_BYTES,
+    MISSING_ROW,
+    NUM_DENSE,
+    NUM_SPARSE,
+    CriteoCacheError,
+    CriteoFormatError,
+    table_sizes,
+)
 from dlrm_runtime.data.criteo.reader import CriteoReader, ParseReport
 from dlrm_runtime.files import fsync_dir
 from planner import TablesSpec
+
 
 def record_dtype(sizes: Sequence[int]) -> np.dtype:
     """The cache's record: label float32, dense float32[13], rows int32[26] (int64 when

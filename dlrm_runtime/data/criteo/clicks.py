@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dlrm_runtime.data.batches import VALIDATION_OFFSET, Batch
-from dlrm_runtime.data.criteo.cache import CriteoCache, bad_record
+from dlrm_runtime.data.criteo.cache import CriteoCache, bad_record, open_or_build_cache
 from dlrm_runtime.data.criteo.format import NUM_DENSE, NUM_SPARSE, table_sizes
 from dlrm_runtime.embeddings.sparse import SparseBatch
 from dlrm_runtime.errors import ConfigError
 from planner import TablesSpec
+
 
 class CriteoClicks:
     """Batches of Criteo samples from caches, by index, like
@@ -95,3 +99,43 @@ def records_to_batch(records: np.ndarray) -> Batch:
         teacher_prob=torch.full((b,), float("nan")),
     )
 
+
+LineRange = tuple[int, "int | None"]
+"""``(start, stop)`` 0-based line indices, half-open; ``stop`` None: to the end."""
+
+ParseProgress = Callable[[str], "contextlib.AbstractContextManager[Callable[[int, int], None]]"]
+"""``progress(what)`` gives a context holding ``callback(done_bytes, total_bytes)`` while
+the lines of ``what`` ("train", "validation") are parsed."""
+
+
+def cache_path(data: str | os.PathLike[str], lines: LineRange) -> Path:
+    """Where the parsed cache of ``lines`` of ``data`` lives: ``DATA.cache`` for the whole
+    file (the one ``dlrm-plan profile`` writes), else ``DATA.START-STOP.cache``."""
+    start, stop = lines
+    if (start, stop) == (0, None):
+        return Path(f"{data}.cache")
+    return Path(f"{data}.{start}-{'end' if stop is None else stop}.cache")
+
+
+def open_clicks(data: str | os.PathLike[str], tables: TablesSpec, train_lines: LineRange,
+                validation_lines: LineRange | None, *, strict: bool = False,
+                progress: ParseProgress | None = None) -> CriteoClicks:
+    """Training (and validation) batches from the line ranges of the Criteo file
+    ``data``, each parsed once into its cache beside the data (:func:`cache_path`) and
+    reused by later runs; on an error the caches built here are removed."""
+    caches: list[CriteoCache | None] = []
+    try:
+        for what, lines in (("train", train_lines), ("validation", validation_lines)):
+            if lines is None:
+                caches.append(None)
+                continue
+            with progress(what) if progress is not None else contextlib.nullcontext() as step:
+                caches.append(open_or_build_cache(data, cache_path(data, lines), tables,
+                                                  start=lines[0], stop=lines[1], strict=strict,
+                                                  progress=step))
+        return CriteoClicks(caches[0], caches[1], tables)
+    except BaseException:
+        for cache in caches:
+            if cache is not None and cache.built:
+                cache.path.unlink(missing_ok=True)
+        raise

@@ -16,13 +16,22 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from dlrm_runtime.data.criteo.format import (DEFAULT_CHUNK_BYTES, FIELD_NAMES, MAX_LINE_BYTES,
-                                             MAX_REPORTED_ERRORS, MISSING_ROW, NUM_DENSE,
-                                             NUM_SPARSE, CriteoFormatError, default_workers,
-                                             parse_line_bytes, splitmix64, table_sizes)
-from planner import TablesSpec
+from dlrm_runtime.data.criteo.format import (
+    DEFAULT_CHUNK_BYTES,
+    FIELD_NAMES,
+    MAX_LINE_BYTES,
+    MAX_REPORTED_ERRORS,
+    MISSING_ROW,
+    NUM_DENSE,
+    NUM_SPARSE,
+    CriteoFormatError,
+    default_workers,
+    parse_line_bytes,
+    splitmix64,
+    table_sizes,
+)
 from dlrm_runtime.errors import ConfigError
-
+from planner import TablesSpec
 
 _ONES = 0x0101010101010101
 _HIGH = np.uint64(0x80 * _ONES)

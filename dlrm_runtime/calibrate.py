@@ -51,9 +51,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dlrm_runtime.distributed.collectives import shutdown
 from dlrm_runtime.config import ModelConfig, TrainConfig
 from dlrm_runtime.data import Prefetcher, SyntheticClicks, ZipfSampler
+from dlrm_runtime.distributed.collectives import shutdown
 from dlrm_runtime.embeddings import (
     InMemoryEmbeddings,
     RowOptimizer,

@@ -57,22 +57,6 @@ class LookupJob:
         return self.shard.plan_device
 
     @property
-    def row_start(self) -> int:
-        return self.shard.row_start
-
-    @property
-    def row_end(self) -> int:
-        return self.shard.row_end
-
-    @property
-    def col_start(self) -> int:
-        return self.shard.col_start
-
-    @property
-    def col_end(self) -> int:
-        return self.shard.col_end
-
-    @property
     def cols(self) -> int:
         return self.shard.cols
 

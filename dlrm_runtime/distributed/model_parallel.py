@@ -49,11 +49,11 @@ class ShardBag(nn.Module):
         self.job = job
         self.row_group = row_group
         full = init_table(spec, job.table, seed)
-        rows, dtype = job.row_end - job.row_start, TORCH_DTYPE[spec.dtype]
-        weight = host_weight(rows, job.cols, dtype) if job.host else empty_weight(rows, job.cols,
-                                                                                   dtype, device)
+        shard, dtype = job.shard, TORCH_DTYPE[spec.dtype]
+        weight = (host_weight(shard.rows, shard.cols, dtype) if job.host
+                  else empty_weight(shard.rows, shard.cols, dtype, device))
         self.compute_device = device if job.host else None
-        weight.copy_(full[job.row_start:job.row_end, job.col_start:job.col_end])
+        weight.copy_(full[shard.row_start:shard.row_end, shard.col_start:shard.col_end])
         self.weight = nn.Parameter(weight)
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -65,9 +65,9 @@ class ShardBag(nn.Module):
                              self.compute_device).float()
 
     def row_block(self) -> RowBlock:
-        job = self.job
-        segment = Segment(self.spec.name, 0, job.row_start, job.row_end - job.row_start,
-                          job.col_start, job.cols)
+        shard = self.job.shard
+        segment = Segment(self.spec.name, 0, shard.row_start, shard.rows, shard.col_start,
+                          shard.cols)
         return RowBlock(self.weight, self.spec.optimizer, (segment,), self.spec.embedding_dim,
                         self.row_group, pending=self.pending)
 
@@ -120,7 +120,7 @@ class DistributedEmbeddings(CachedTablesOwner, nn.Module):
         self.table_jobs: dict[int, list[int]] = {}
         for j, job in enumerate(jobs):
             self.table_jobs.setdefault(job.table, []).append(j)
-        self.boundaries = {t: torch.tensor([jobs[j].row_start for j in js[1:]], dtype=torch.int64,
+        self.boundaries = {t: torch.tensor([jobs[j].shard.row_start for j in js[1:]], dtype=torch.int64,
                                            device=device)
                            for t, js in self.table_jobs.items()
                            if jobs[js[0]].sharding in ROW_SPLIT and len(js) > 1}
@@ -197,7 +197,7 @@ class DistributedEmbeddings(CachedTablesOwner, nn.Module):
             for s, j in enumerate(js):
                 mine = owner == s
                 out[j] = (torch.bincount(bags[mine], minlength=b),
-                          ids[mine] - self.jobs[j].row_start)
+                          ids[mine] - self.jobs[j].shard.row_start)
         return out
 
     def _exchange_ids(self, sparse: SparseBatch, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -250,7 +250,7 @@ class DistributedEmbeddings(CachedTablesOwner, nn.Module):
         owners = []
         for _, j in self.cached_positions:
             table = self.cached.table(self.jobs[j].table)
-            owners.append((table, table.shard_at(self.jobs[j].row_start)))
+            owners.append((table, table.shard_at(self.jobs[j].shard.row_start)))
         slots = lookup_shards([(shard, received[k][0])
                                for (k, _), (_, shard) in zip(self.cached_positions, owners)])
         for (k, _), (table, shard), found in zip(self.cached_positions, owners, slots):

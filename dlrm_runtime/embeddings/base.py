@@ -11,6 +11,7 @@ placement of the first two, pooled through :mod:`.lookup`) builds on this module
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +173,26 @@ class UniformRun:
     bag_end: int
     length: int
 
+
+
+def add_pooled_(weight: torch.Tensor, rows: torch.Tensor, bag_starts: torch.Tensor,
+                pooled: torch.Tensor,
+                scratch: Callable[[int], torch.Tensor] | None = None) -> None:
+    """Add each bag's ``pooled`` value (``[bags, dim]``, in the weight's dtype) to the
+    weight rows of its ids, ``rows`` (repeats add up): SGD's update from a pooled
+    gradient scaled by ``-lr``. When every bag holds ``L`` ids, the j-th ids of all bags
+    get the pooled values in one scatter each (L scatters reading the small pooled
+    tensor: measured 11 ms against 17 ms for expanding it to every id first, 163,840
+    ids of dim 64, 2 threads); ragged bags are expanded first (into ``scratch(ids)``,
+    a ``[ids, dim]`` buffer, when given)."""
+    length = uniform_bag_length(bag_starts, rows.numel())
+    if length is not None:
+        by_position = rows.view(-1, length).t().contiguous() if length > 1 else rows.view(1, -1)
+        for position in by_position:
+            weight.index_add_(0, position, pooled)
+        return
+    out = scratch(rows.numel()) if scratch is not None else None
+    weight.index_add_(0, rows, expand_pooled(pooled, bag_starts, rows.numel(), out=out))
 
 
 def _range_error(spec: TableSpec, ids: torch.Tensor) -> IndexError:

@@ -44,10 +44,10 @@ from torch import nn
 
 from dlrm_runtime.embeddings.base import (
     TORCH_DTYPE,
+    add_pooled_,
     check_range,
     expand_pooled,
     sum_rows,
-    uniform_bag_length,
 )
 from dlrm_runtime.embeddings.placement import TablePlacement
 from dlrm_runtime.embeddings.sparse import SparseBatch
@@ -148,14 +148,7 @@ class _CacheShard:
         """``RowOptimizer._sgd`` on the slots: the pooled gradient, scaled, added to each
         id's slot (one scatter per id position when all bags hold ``L`` ids)."""
         weights = self.cache.weights
-        scaled = (grad * -lr).to(weights.dtype)
-        length = uniform_bag_length(bag_starts, slots.numel())
-        if length is not None:
-            by_position = slots.view(-1, length).t().contiguous() if length > 1 else slots.view(1, -1)
-            for position in by_position:
-                weights.index_add_(0, position, scaled)
-        else:
-            weights.index_add_(0, slots, expand_pooled(scaled, bag_starts, slots.numel()))
+        add_pooled_(weights, slots, bag_starts, (grad * -lr).to(weights.dtype))
         return slots
 
     def _adagrad_on_slots(self, ids: torch.Tensor, slots: torch.Tensor,
@@ -299,7 +292,7 @@ class CachedTable(nn.Module):
     def shard_at(self, row_start: int) -> _CacheShard:
         """The local cache of the shard starting at row ``row_start``."""
         for shard in self.local_shards():
-            if shard.table.row_start == row_start:
+            if shard.table.shard.row_start == row_start:
                 return shard
         raise KeyError(f"table {self.spec.name!r}: no local shard at row {row_start}")
 
@@ -318,7 +311,7 @@ class CachedTable(nn.Module):
             counts = torch.bincount(bags[mine], minlength=batch)
             local_offsets = torch.zeros(batch + 1, dtype=torch.int64)
             torch.cumsum(counts, 0, out=local_offsets[1:])
-            out.append((shard, ids[mine] - shard.table.row_start, local_offsets))
+            out.append((shard, ids[mine] - shard.table.shard.row_start, local_offsets))
         return out
 
     def prefetch(self, ids: torch.Tensor) -> None:
@@ -334,7 +327,7 @@ class CachedTable(nn.Module):
         for s, shard in enumerate(self.shards):
             if shard is None:
                 continue
-            local = ids[owner == s] - shard.table.row_start
+            local = ids[owner == s] - shard.table.shard.row_start
             if local.numel():
                 shard.cache.prefetch(local)
 
@@ -351,7 +344,7 @@ class CachedTable(nn.Module):
             rows = shard.store.read_table(shard.table.name)
             values = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16) \
                 if self.spec.dtype is DType.BF16 else torch.from_numpy(rows)
-            full[shard.table.row_start:shard.table.row_end] = values
+            full[shard.table.shard.row_start:shard.table.shard.row_end] = values
         return full
 
 

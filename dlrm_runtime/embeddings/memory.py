@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 import torch
@@ -21,23 +22,24 @@ HUGEPAGE_MIN_BYTES = 64 << 20
 _HUGEPAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
-_libc: ctypes.CDLL | None = None
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once (OSError where there is none)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def _madvise_hugepages(tensor: torch.Tensor) -> bool:
     """Advise the 2 MiB-aligned interior of ``tensor``'s memory; True if accepted."""
-    global _libc
     if not sys.platform.startswith("linux"):
         return False
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         start = (tensor.data_ptr() + _HUGEPAGE - 1) & ~(_HUGEPAGE - 1)
         end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) & ~(_HUGEPAGE - 1)
         if end <= start:
             return False
-        return _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
-                             _MADV_HUGEPAGE) == 0
+        return _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                               _MADV_HUGEPAGE) == 0
     except (OSError, AttributeError):  # pragma: no cover - no libc / no madvise
         return False
 
@@ -82,13 +84,10 @@ def tune_malloc() -> bool:
     still get fresh pages: the runtime keeps its large scratch buffers instead.
     Returns False where there is no glibc.
     """
-    global _libc
     if not sys.platform.startswith("linux"):
         return False
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        mallopt = _libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)

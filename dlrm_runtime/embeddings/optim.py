@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dlrm_runtime.embeddings.base import RowBlock, Segment, expand_pooled, uniform_bag_length
+from dlrm_runtime.embeddings.base import RowBlock, Segment, add_pooled_
 from planner import Optimizer, TableSpec
 from storage import rowwise_adagrad_
 
@@ -108,11 +108,9 @@ class RowOptimizer:
 
     def _sgd(self, i: int, block: RowBlock) -> None:
         """Uncoalesced is fine: the scatter sums duplicate rows. Pending (batched)
-        gradients are scaled while still pooled (``bags x dim``, not ``ids x dim``).
-        With ``L`` ids in every bag, the j-th ids of all bags get the pooled gradient
-        in one scatter each (L scatters reading the small pooled gradient: measured
-        11 ms against 17 ms for expanding it to every id first, 163,840 ids of dim 64,
-        2 threads); ragged bags are expanded into a buffer reused across steps."""
+        gradients are scaled while still pooled (``bags x dim``, not ``ids x dim``) and
+        added by :func:`~dlrm_runtime.embeddings.base.add_pooled_`; ragged bags are
+        expanded into a buffer reused across steps."""
         weight = block.weight
         if block.pending is None:
             grad = weight.grad  # pre-scaled: index_add_ with alpha takes a slower path
@@ -120,15 +118,8 @@ class RowOptimizer:
             return
         for ids, offsets, pooled in block.pending:
             scaled = (pooled * -self.lr).to(weight.dtype)
-            length = uniform_bag_length(offsets, ids.numel())
-            if length is not None:
-                by_position = ids.view(-1, length).t().contiguous() if length > 1 else ids.view(1, -1)
-                for position in by_position:
-                    weight.index_add_(0, position, scaled)
-                continue
-            values = expand_pooled(scaled, offsets, ids.numel(),
-                                   out=self._buffer(i, ids.numel(), scaled))
-            weight.index_add_(0, ids, values)
+            add_pooled_(weight, ids, offsets, scaled,
+                        scratch=lambda n, like=scaled: self._buffer(i, n, like))
 
     def _buffer(self, i: int, rows: int, like: torch.Tensor) -> torch.Tensor:
         """A ``[rows, dim]`` scratch tensor for block ``i``, kept between steps."""

@@ -57,14 +57,6 @@ class StoreTable:
     shard: ShardPlacement
 
     @property
-    def row_start(self) -> int:
-        return self.shard.row_start
-
-    @property
-    def row_end(self) -> int:
-        return self.shard.row_end
-
-    @property
     def rows(self) -> int:
         return self.shard.rows
 

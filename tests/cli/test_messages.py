@@ -275,7 +275,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(
 
 
 def _calibration(scale: float):
-    from dlrm_runtime.measure import Calibration
+    from dlrm_runtime.calibrate import Calibration
 
     return Calibration("cpu", 1.0 * scale, 2.0, 3.0, 0.5, 0.25, None, "none",
                        "2026-01-01T00:00:00+00:00", dense_gflops=10.0 * scale,
@@ -303,7 +303,7 @@ def test_calibrate_shows_the_spread_and_warns(tmp_path: Path, capsys, monkeypatc
 
 
 def test_spread_of_figures() -> None:
-    from dlrm_runtime.measure import spreads
+    from dlrm_runtime.calibrate import spreads
 
     found = {s.figure: s for s in spreads([_calibration(1.0), _calibration(1.3),
                                            _calibration(1.0)])}

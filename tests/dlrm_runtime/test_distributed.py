@@ -323,7 +323,8 @@ def test_lookup_jobs_follow_the_plan() -> None:
     assert replicated == (4, 7)
     by_table = {}
     for job in jobs:
-        by_table.setdefault(job.table, []).append((job.owner, job.row_start, job.col_start))
+        by_table.setdefault(job.table, []).append((job.owner, job.shard.row_start,
+                                                  job.shard.col_start))
     assert by_table[1] == [(0, 0, 0), (1, 30, 0)]  # row order
     assert by_table[3] == [(0, 0, 0), (1, 0, 3)]  # column order
     assert by_table[6] == [(0, 0, 0), (1, 0, 2), (0, 0, 5)]

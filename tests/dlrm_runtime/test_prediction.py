@@ -351,7 +351,7 @@ def test_phase_timer_reports_the_mean_split_and_the_median_step(monkeypatch) -> 
 
 
 def test_combined_calibration_takes_the_median_of_each_figure() -> None:
-    from dlrm_runtime.measure import Calibration, combine, to_topology
+    from dlrm_runtime.calibrate import Calibration, combine, to_topology
 
     def one(gbps: float, a2a: float | None, date: str) -> Calibration:
         return Calibration("cpu", gbps, 2 * gbps, 5.0, 1.0, 0.1, a2a, "gloo", date,

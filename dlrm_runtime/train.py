@@ -211,7 +211,7 @@ class Trainer:
         self.dense_params = model.dense_parameters()
         self.dense_opt = dense_optimizer(config.dense_optimizer, self.dense_params, config.lr)
         self.row_opt = RowOptimizer.for_blocks(model.embeddings.row_blocks(), config.embedding_lr)
-        _set_cached_lr(model, config.embedding_lr)
+        model.embeddings.embedding_lr = config.embedding_lr  # cached tables: their fused update
 
     def step(self, batch: Batch, timer: PhaseTimer | None = None) -> float:
         """One step on ``batch``; returns its loss (read back: one sync per step).
@@ -289,12 +289,7 @@ def restore_state(trainer: Trainer | Stepper, state: dict, path: Path) -> None:
     for group in trainer.dense_opt.param_groups:
         group["lr"] = config.lr
     trainer.row_opt.lr = config.embedding_lr
-    _set_cached_lr(model, config.embedding_lr)
-
-
-def _set_cached_lr(model: DLRM, lr: float) -> None:
-    """Cached tables update inside the backward with their own learning rate."""
-    model.embeddings.embedding_lr = lr
+    model.embeddings.embedding_lr = config.embedding_lr  # cached tables: their fused update
 
 
 @torch.no_grad()

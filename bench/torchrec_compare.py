@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/torchrec_compare.py " + " ".join(sys.argv[1:] if argv is None
                                                                    else argv),
         "torchrec_version": torchrec.__version__,
-        "cost_model": "planner.cost:AnalyticCostModel",
+        "cost_model": "planner:AnalyticCostModel",
         "objective": "predicted ms per step of the slowest device",
         "torchrec_kernels_allowed": _kernels(),
         "results": previous + results,

@@ -212,7 +212,7 @@ def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], N
 def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Path | None = None,
             network: bool = True, log: Callable[[str], None] = lambda _: None) -> Calibration:
     """Run every probe; ``log`` receives one line per finished probe. glibc's malloc is
-    tuned as ``dlrm-run`` tunes it (:func:`~dlrm_runtime.memory.tune_malloc`), so that
+    tuned as ``dlrm-run`` tunes it (:func:`~dlrm_runtime.embeddings.memory.tune_malloc`), so that
     the probes allocate as the runtime does."""
     tune_malloc()
     total = 7 if network else 6
@@ -335,7 +335,7 @@ def _training_run(config: ModelConfig, dims: Sequence[int], batch: int, sizes: C
 
 @dataclass(frozen=True, slots=True)
 class RunRates:
-    """What :func:`_training_model` fits (see :class:`planner.specs.DeviceSpec`)."""
+    """What :func:`_training_model` fits (see :class:`planner.DeviceSpec`)."""
 
     dense_gflops: float
     dense_gbps: float
@@ -360,7 +360,7 @@ def _training_model(sizes: CalibrationSizes, shard_ms: float) -> RunRates:
     predicted every run too fast. So the probes are runs.
 
     - dense: time = FLOPs / rate + bytes / rate + fixed, FLOPs and bytes counted as
-      :mod:`dlrm_runtime.prediction` counts them, by non-negative least squares on the
+      :mod:`dlrm_runtime.measure.prediction` counts them, by non-negative least squares on the
       relative error. One constant rate fits narrow and wide MLPs badly (measured
       here: 25 % too slow for wide ones when narrow ones set the bytes rate). A GB/s of
       0 means the bytes term did not help the fit (then it is left out);
@@ -399,7 +399,7 @@ def _training_model(sizes: CalibrationSizes, shard_ms: float) -> RunRates:
 
 @dataclass(frozen=True, slots=True)
 class RuntimeCosts:
-    """What :func:`_runtime_overheads` measures (see :class:`planner.specs.DeviceSpec`)."""
+    """What :func:`_runtime_overheads` measures (see :class:`planner.DeviceSpec`)."""
 
     shard_ms: float
     cache_shard_ms: float

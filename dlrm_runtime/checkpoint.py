@@ -7,7 +7,7 @@ only by an atomic rename of a complete, fsynced temporary directory
 place, so a process killed at any instant leaves the previous complete checkpoint or
 the new one, never a torn one; leftovers of a killed writer are removed by the next.
 
-Tables in a cached tier (:mod:`dlrm_runtime.cached`) are not saved here: their
+Tables in a cached tier (:mod:`dlrm_runtime.embeddings.cached`) are not saved here: their
 weights and optimizer state live in the table stores (one per plan device), which
 the runtime checkpoint must commit together with. A checkpoint of a run with cached
 tables is therefore one transaction over every rank's stores and the runtime

@@ -95,9 +95,9 @@ class TrainResult:
     checkpoint: str | None = None
     """The newest checkpoint of the run (written or resumed from)."""
     times: StepTimes | None = None
-    """Measured time per step by phase (see :mod:`dlrm_runtime.timing`)."""
+    """Measured time per step by phase (see :mod:`dlrm_runtime.measure.timing`)."""
     prediction: StepPrediction | None = None
-    """What the plan predicts for the same step (see :mod:`dlrm_runtime.prediction`)."""
+    """What the plan predicts for the same step (see :mod:`dlrm_runtime.measure.prediction`)."""
     embedding_bytes: int = 0
     """Bytes of the embedding weights and their optimizer state held by this process."""
     notice: str | None = None
@@ -342,7 +342,7 @@ def train(
     :class:`TrainingDivergedError` on a NaN/inf loss, naming the step and the last
     checkpoint. ``setup``: the run as :func:`~dlrm_runtime.prepare.prepare_run` checked
     it (prepared here when not given). Tunes glibc's malloc for the process (see
-    :func:`dlrm_runtime.memory.tune_malloc`); restores torch's thread count and
+    :func:`dlrm_runtime.embeddings.memory.tune_malloc`); restores torch's thread count and
     deterministic flag on return.
     """
     setup = prepare_run(plan, config) if setup is None else setup
@@ -353,7 +353,7 @@ def train(
 @contextlib.contextmanager
 def torch_settings(config: TrainConfig) -> Iterator[None]:
     """Apply the config's thread count and deterministic mode (and tune glibc's malloc,
-    see :func:`dlrm_runtime.memory.tune_malloc`); restore torch's settings on exit."""
+    see :func:`dlrm_runtime.embeddings.memory.tune_malloc`); restore torch's settings on exit."""
     tune_malloc()
     threads = torch.get_num_threads()
     was_deterministic = torch.are_deterministic_algorithms_enabled()

@@ -7,8 +7,8 @@ at about :data:`DEFAULT_POINTS` log-spaced ``k``) and its ``pooling_factor`` by 
 measured mean ids per sample. The planner reads the hit rate of a cache of ``c`` rows
 from this profile (piecewise-linear between the points).
 
-Sources: a Criteo cache (:class:`dlrm_runtime.criteo.CriteoCache`, its path, or a
-:class:`dlrm_runtime.criteo.CriteoClicks`), read in file order, or any object with
+Sources: a Criteo cache (:class:`dlrm_runtime.data.criteo.CriteoCache`, its path, or a
+:class:`dlrm_runtime.data.criteo.CriteoClicks`), read in file order, or any object with
 ``batch(index, batch_size) -> Batch`` (e.g. :class:`dlrm_runtime.data.SyntheticClicks`),
 read from batch 0 on, which needs ``sample``.
 
@@ -262,6 +262,6 @@ def profile_tables(source: CriteoCache | CriteoClicks | BatchSource | str | os.P
 
     Raises :class:`ProfileError` for an empty source, a cache built for other table
     sizes, ids outside a table, or a non-positive ``sample``;
-    :class:`dlrm_runtime.criteo.CriteoCacheError` for an unreadable cache path.
+    :class:`dlrm_runtime.data.criteo.CriteoCacheError` for an unreadable cache path.
     """
     return profile_from_counts(count_accesses(source, tables, sample=sample), tables, points)

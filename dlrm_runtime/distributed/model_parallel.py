@@ -100,7 +100,7 @@ class DistributedEmbeddings(CachedTablesOwner, nn.Module):
         super().__init__()
         placements = placements_from_plan(plan) if placements is None else placements
         self.clock: Stopwatch | None = None
-        """When set, every exchange's time is added to it (see :mod:`dlrm_runtime.timing`)."""
+        """When set, every exchange's time is added to it (see :mod:`dlrm_runtime.measure.timing`)."""
         self.specs = plan.tables_spec.tables
         self.rank, self.world, self.device, self.group = rank, world_size, device, group
         self.jobs, self.replicated = lookup_jobs(self.specs, placements, world_size)

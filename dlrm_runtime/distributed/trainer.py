@@ -43,7 +43,7 @@ class DistributedTrainer:
     on this rank's slice and returns the global mean loss (the same on every rank).
 
     Built inside an initialised process group (see
-    :func:`~dlrm_runtime.collectives.init_from_env`); raises
+    :func:`~dlrm_runtime.distributed.init_from_env`); raises
     :class:`PlanMismatchError` when the plan's device count is not the world size and
     :class:`ConfigError` when the world size does not divide ``config.batch_size``.
     """

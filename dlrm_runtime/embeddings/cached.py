@@ -66,7 +66,7 @@ class UpdateClock(Protocol):
 
 CACHE_POLICY = "lru"
 WRITE_BEHIND = True
-"""Replacement policy of the row caches (see :mod:`storage.cache_policy`)."""
+"""Replacement policy of the row caches (see :mod:`storage.cache.policy`)."""
 
 # ---------------------------------------------------------------- one cached shard
 
@@ -124,7 +124,7 @@ class _CacheShard:
                lr: float, slots: torch.Tensor | None) -> None:
         """The fused optimizer step for the rows of ``ids`` from the pooled gradient:
         on their ``slots`` in place when every id has one (the same arithmetic as
-        :class:`~dlrm_runtime.optim.RowOptimizer` on an in-memory weight, so results are
+        :class:`~dlrm_runtime.embeddings.optim.RowOptimizer` on an in-memory weight, so results are
         bit-identical), else through the cache's ``apply_*`` (rows without a slot are
         updated in the store)."""
         grad = grad.to(self.device, torch.float32)

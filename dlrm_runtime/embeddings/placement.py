@@ -15,7 +15,7 @@ Conventions (one :class:`~planner.Shard` = a row range and a column range on one
 Tiers: ``hbm`` shards hold their rows in device memory; ``host`` shards hold them in
 host memory and are pooled on their device (:func:`~dlrm_runtime.embeddings.host_pooled`);
 ``dram_cache`` and ``store_cache`` shards are a row cache of ``cache_rows`` slots on the
-device over the table in the tiered store (:mod:`dlrm_runtime.cached`). A cached table
+device over the table in the tiered store (:mod:`dlrm_runtime.embeddings.cached`). A cached table
 must be ``table_wise``, ``row_wise`` or ``table_row_wise``, a host-tier table anything
 but ``data_parallel``, with every shard in the same tier; other combinations raise
 :class:`PlanMismatchError` naming the table.

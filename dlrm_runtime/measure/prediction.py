@@ -1,5 +1,5 @@
 """What a plan predicts for one training step of one process, phase by phase, to set
-beside what :mod:`dlrm_runtime.timing` measures.
+beside what :mod:`dlrm_runtime.measure.timing` measures.
 
 The plan's cost model prices every shard on its device (lookup, communication,
 backward, optimizer; HBM and DRAM bytes). A process executes some of the plan's
@@ -37,7 +37,7 @@ from planner import (
 @dataclass(frozen=True, slots=True)
 class StepPrediction:
     """Predicted milliseconds per step of one process, split like
-    :class:`dlrm_runtime.timing.StepTimes`, and the embedding bytes it holds."""
+    :class:`dlrm_runtime.measure.timing.StepTimes`, and the embedding bytes it holds."""
 
     lookup_ms: float
     communication_ms: float

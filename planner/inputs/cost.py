@@ -320,11 +320,21 @@ FORMER_MODULES = {"planner.cost": "planner"}
 plan files and scripts written then say ``planner.cost:AnalyticCostModel``."""
 
 
+NAMED_MODELS = {
+    "analytic": "planner:AnalyticCostModel",
+    "torchrec": "planner:TorchRecCostModel",
+}
+"""Short names of the planner's own models (``--cost-model torchrec``)."""
+
+
 def load_cost_model(spec: str) -> CostModel:
-    """Import ``module:Class``, instantiate it without arguments and check it."""
+    """Import ``module:Class`` (or a name of :data:`NAMED_MODELS`), instantiate it
+    without arguments and check it."""
+    spec = NAMED_MODELS.get(spec, spec)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise CostModelError(f"cost model {spec!r} must look like module:Class")
+        raise CostModelError(f"cost model {spec!r} must look like module:Class or be one of "
+                             f"{', '.join(NAMED_MODELS)}")
     module_name = FORMER_MODULES.get(module_name, module_name)
     try:
         module = importlib.import_module(module_name)

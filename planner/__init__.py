@@ -84,6 +84,7 @@ from planner.tools import (
     PlanDiff,
     ReplanResult,
     TargetUnreachableError,
+    TorchRecPlanner,
     capacity_overflows,
     check_plan_fits,
     diff_plans,
@@ -105,7 +106,7 @@ __all__ = [
     "Tier", "Topology", "load_tables", "load_topology", "parse_tables", "parse_topology", "plan",
     "plan_from_json", "plan_sha256", "plan_to_json", "read_plan", "write_plan",
     "CapacityResult", "PlanDiff", "ReplanResult", "TargetUnreachableError", "capacity",
-    "diff_plans", "replan", "from_torchrec", "to_torchrec", "to_torchrec_sharding_plan",
+    "diff_plans", "replan", "TorchRecPlanner", "from_torchrec", "to_torchrec", "to_torchrec_sharding_plan",
     # inputs
     "GB", "DeviceSpec", "HostSpec", "NetworkSpec", "StoreSpec", "ZERO_COST",
     "Constraints", "NO_CONSTRAINTS", "load_constraints", "parse_constraints",

@@ -47,7 +47,11 @@ from planner.inputs.specs import (
     parse_topology,
     table_name_problem,
 )
-from planner.inputs.torchrec_cost import TorchRecCostModel
+from planner.inputs.torchrec_cost import (
+    TorchRecCostModel,
+    torchrec_data_type,
+    torchrec_topology,
+)
 
 __all__ = [
     "GB", "MAX_DEVICES", "MAX_TABLE_BYTES", "MAX_TABLE_NAME_CHARS", "NO_CONSTRAINTS", "ZERO_COST",
@@ -56,4 +60,5 @@ __all__ = [
     "StoreSpec", "TableRules", "TorchRecCostModel", "TableSpec", "TablesSpec", "Tier", "Topology",
     "check_cost_model", "check_limits", "load_constraints", "load_cost_model", "load_tables",
     "load_topology", "parse_constraints", "parse_tables", "parse_topology", "table_name_problem",
+    "torchrec_data_type", "torchrec_topology",
 ]

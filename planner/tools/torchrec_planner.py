@@ -54,7 +54,8 @@ table's options allow ``store_cache``)."""
 
 def topology_from_torchrec(trec: Any, batch_size: int) -> Topology:
     """Our topology of a TorchRec ``Topology``: hosts of ``local_world_size`` devices
-    with rank 0's HBM and DDR caps (DDR summed over a host's ranks), TorchRec's
+    with rank 0's HBM and DDR caps (DDR summed over a host's ranks; a CPU rank's DDR
+    is its device memory), TorchRec's
     bandwidths (bytes per ms turned into GB/s) and ``batch_size`` per rank."""
     per_host = trec.local_world_size
     if trec.world_size % per_host:
@@ -62,11 +63,13 @@ def topology_from_torchrec(trec: Any, batch_size: int) -> Topology:
                            f"multiple of its local_world_size {per_host}; give a "
                            f"local_world_size that divides it")
     storage = trec.devices[0].storage
+    # a CPU rank computes in its DDR: TorchRec gives it no HBM
+    device_bytes = storage.ddr if trec.compute_device == "cpu" else storage.hbm
     gbps = 1000 / GB  # bytes/ms -> GB/s
     return Topology(
         hosts=trec.world_size // per_host,
         devices_per_host=per_host,
-        device=DeviceSpec(storage.hbm / GB, trec.hbm_mem_bw * gbps),
+        device=DeviceSpec(device_bytes / GB, trec.hbm_mem_bw * gbps),
         host=HostSpec(storage.ddr * per_host / GB, trec.ddr_mem_bw * gbps,
                       trec.hbm_to_ddr_mem_bw * gbps),
         store=StoreSpec(STORE_GBPS, STORE_GBPS),

@@ -1,14 +1,17 @@
-"""Our plans against TorchRec 1.8's planner, both costed under our analytic model.
+"""Our plans against TorchRec 1.8's planner, each plan costed under both models.
 
 For each workload, TorchRec's ``EmbeddingShardingPlanner`` plans an
 ``EmbeddingBagCollection`` on the meta device for a TorchRec ``Topology`` built from
-ours (same devices per host, usable HBM, DRAM per rank, bandwidths, per-rank batch,
-pooling factors as constraints). Its plan is imported with
-``planner.from_torchrec`` and re-costed under ``AnalyticCostModel``; our planner plans
-the same tables with its default options. TorchRec may use only the sharding types
-and kernels this toolkit can cost (table-, row-, column-, table-row-wise,
-data-parallel; fused, fused_uvm_caching, dense, and fused_uvm once the host tier
-exists).
+ours (``planner.inputs.torchrec_cost.torchrec_topology``: same devices per host,
+usable HBM, DRAM per rank, bandwidths, per-rank batch, pooling factors as
+constraints). Our planner plans the same tables twice: with the default
+``AnalyticCostModel`` and with ``TorchRecCostModel`` (TorchRec's own estimators).
+Every plan is exported as TorchRec runs it (``to_torchrec``: TorchRec's row blocks)
+and re-costed under both models (``from_torchrec``): the objective is the slowest
+rank's ms/step; the storage fit is each rank's HBM under TorchRec's storage
+estimate against the usable HBM. TorchRec may use only the sharding types and
+kernels this toolkit can cost (table-, row-, column-, table-row-wise, data-parallel;
+fused, fused_uvm_caching, fused_uvm, dense).
 
 Run: ``python bench/torchrec_compare.py`` (needs ``make install-torchrec``). Prints a
 table and writes bench/results/torchrec_compare.json.
@@ -33,15 +36,18 @@ from bench.workloads import workloads  # noqa: E402
 from planner import (  # noqa: E402
     GB,
     AnalyticCostModel,
-    DType,
+    Plan,
     PlanOptions,
     TablesSpec,
     Tier,
     Topology,
+    TorchRecCostModel,
     capacity_overflows,
     from_torchrec,
     plan,
+    to_torchrec,
 )
+from planner.inputs import torchrec_data_type, torchrec_topology  # noqa: E402
 from planner.tools import import_torchrec  # noqa: E402
 
 DEFAULT_WORKLOADS = ("criteo_kaggle_8x80", "criteo_terabyte_8x80", "criteo_terabyte_4x4")
@@ -67,32 +73,16 @@ def torchrec_planner(tables: TablesSpec, topology: Topology, load_factor: float 
         from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
         from torchrec.distributed.planner import EmbeddingShardingPlanner
-        from torchrec.distributed.planner import Topology as TorchRecTopology
         from torchrec.distributed.planner.storage_reservations import (
             HeuristicalStorageReservation,
         )
         from torchrec.distributed.planner.types import ParameterConstraints
         from torchrec.distributed.types import CacheParams
-        from torchrec.modules.embedding_configs import DataType
 
-        dtypes = {DType.FP32: DataType.FP32, DType.FP16: DataType.FP16,
-                  DType.BF16: DataType.BF16}
-        per_ms = GB / 1000  # GB/s -> bytes/ms, TorchRec's bandwidth unit
-        trec_topology = TorchRecTopology(
-            world_size=topology.world_size,
-            compute_device="cuda",
-            hbm_cap=topology.usable_hbm_bytes,
-            ddr_cap=int(topology.host.dram_gb * GB) // topology.devices_per_host,
-            local_world_size=topology.devices_per_host,
-            hbm_mem_bw=topology.device.hbm_gbps * per_ms,
-            ddr_mem_bw=topology.host.dram_gbps * per_ms,
-            hbm_to_ddr_mem_bw=topology.host.h2d_gbps * per_ms,
-            intra_host_bw=topology.network.intra_host_gbps * per_ms,
-            inter_host_bw=topology.network.inter_host_gbps * per_ms,
-        )
+        trec_topology = torchrec_topology(topology)
         configs = [EmbeddingBagConfig(name=t.name, embedding_dim=t.embedding_dim,
                                       num_embeddings=t.num_embeddings, feature_names=[t.name],
-                                      data_type=dtypes[t.dtype])
+                                      data_type=torchrec_data_type(t.dtype))
                    for t in tables.tables]
         constraints = {t.name: ParameterConstraints(sharding_types=SHARDING_TYPES,
                                                     compute_kernels=_kernels(),
@@ -109,15 +99,53 @@ def torchrec_planner(tables: TablesSpec, topology: Topology, load_factor: float 
         return planner, module, [EmbeddingBagCollectionSharder()]
 
 
+def both_models(p: Plan, tables: TablesSpec, topology: Topology,
+                torchrec_model: TorchRecCostModel) -> dict:
+    """``p`` as TorchRec runs it, costed under our model and under TorchRec's."""
+    exported = to_torchrec(p)
+    under_ours = from_torchrec(exported, tables, topology, cost_model=AnalyticCostModel())
+    under_torchrec = from_torchrec(exported, tables, topology, cost_model=torchrec_model)
+    hbm = [d.hbm_bytes for d in under_torchrec.devices]
+    cap = topology.usable_hbm_bytes
+    return {
+        "under_ours_ms": under_ours.solve.objective_ms,
+        "under_torchrec_ms": under_torchrec.solve.objective_ms,
+        "torchrec_storage_max_rank_gb": max(hbm) / GB,
+        "usable_hbm_gb": cap / GB,
+        "fits_torchrec_storage": max(hbm) <= cap,
+        "torchrec_storage_overflows": [f"rank {r}: {h / GB:.3f} of {cap / GB:.3f} GB"
+                                       for r, h in enumerate(hbm) if h > cap],
+        "overflows_under_our_model": [
+            f"{where} {resource.value}: {used / GB:.3f} of {c / GB:.3f} GB"
+            for resource, where, used, c in capacity_overflows(under_ours, AnalyticCostModel())],
+    }
+
+
 def compare(name: str, tables: TablesSpec, topology: Topology, time_limit_s: float,
-            retry_load_factors: tuple[float, ...]) -> dict:
-    """Both plans costed under our model. When TorchRec finds no plan at its default
-    cache load factor, it is asked again with each of ``retry_load_factors`` (what its
-    error message suggests to its users: smaller caches)."""
-    model = AnalyticCostModel()
+            retry_load_factors: tuple[float, ...], run_torchrec: bool = True) -> dict:
+    """Our two plans and TorchRec's, each under both models. When TorchRec finds no
+    plan at its default cache load factor, it is asked again with each of
+    ``retry_load_factors`` (what its error message suggests: smaller caches)."""
+    options = PlanOptions(time_limit_s=time_limit_s)
+    trec_model = TorchRecCostModel()
+    out: dict = {"workload": name, "tables": len(tables.tables), "devices": topology.world_size}
     start = time.perf_counter()
-    ours = plan(tables, topology, options=PlanOptions(time_limit_s=time_limit_s))
-    ours_s = time.perf_counter() - start
+    ours = plan(tables, topology, options=options)
+    out["ours_default_model"] = {"planning_s": time.perf_counter() - start,
+                                 "objective_ms": ours.solve.objective_ms,
+                                 "lower_bound_ms": ours.solve.lower_bound_ms,
+                                 "sol_status": ours.solve.sol_status,
+                                 **both_models(ours, tables, topology, trec_model)}
+    start = time.perf_counter()
+    ours_trec = plan(tables, topology, cost_model=TorchRecCostModel(), options=options)
+    out["ours_torchrec_model"] = {"planning_s": time.perf_counter() - start,
+                                  "objective_ms": ours_trec.solve.objective_ms,
+                                  "lower_bound_ms": ours_trec.solve.lower_bound_ms,
+                                  "sol_status": ours_trec.solve.sol_status,
+                                  **both_models(ours_trec, tables, topology, trec_model)}
+    if not run_torchrec:
+        out["torchrec"] = {"skipped": SLOW.get(name, "not run")}
+        return out
     attempts = []
     for load_factor in (None, *retry_load_factors):
         trec_planner, module, sharders = torchrec_planner(tables, topology, load_factor)
@@ -131,31 +159,28 @@ def compare(name: str, tables: TablesSpec, topology: Topology, time_limit_s: flo
             attempts.append({"load_factor": load_factor, "planning_s": time.perf_counter() - start,
                              "error": f"{type(exc).__name__}: {exc}"[:400]})
     else:
-        return {"workload": name, "tables": len(tables.tables), "devices": topology.world_size,
-                "ours": {"objective_ms": ours.solve.objective_ms, "planning_s": ours_s},
-                "torchrec": {"failed_attempts": attempts}}
+        out["torchrec"] = {"failed_attempts": attempts}
+        return out
     theirs_s = time.perf_counter() - start
-    theirs = from_torchrec(sharding_plan, tables, topology, cost_model=model)
+    from torchrec.distributed.planner.perf_models import NoopPerfModel
+
+    own_rating = NoopPerfModel(torchrec_topology(topology)).rate(trec_planner._best_plan)
+    theirs = from_torchrec(sharding_plan, tables, topology)
     kernels: dict[str, int] = {}
-    for module in sharding_plan.plan.values():
-        for ps in module.values():
+    for module_plan in sharding_plan.plan.values():
+        for ps in module_plan.values():
             key = f"{ps.sharding_type}/{ps.compute_kernel}"
             kernels[key] = kernels.get(key, 0) + 1
-    overflows = [f"{where} {resource.value}: {used / GB:.3f} of {cap / GB:.3f} GB"
-                 for resource, where, used, cap in capacity_overflows(theirs, model)]
-    return {
-        "workload": name,
-        "tables": len(tables.tables),
-        "devices": topology.world_size,
-        "ours": {"objective_ms": ours.solve.objective_ms, "planning_s": ours_s,
-                 "lower_bound_ms": ours.solve.lower_bound_ms, "method": ours.solve.method,
-                 "sol_status": ours.solve.sol_status},
-        "torchrec": {"objective_ms": theirs.solve.objective_ms, "planning_s": theirs_s,
-                     "load_factor": load_factor, "failed_attempts": attempts,
-                     "sharding_and_kernels": dict(sorted(kernels.items())),
-                     "overflows_under_our_model": overflows},
-        "ratio_torchrec_over_ours": theirs.solve.objective_ms / ours.solve.objective_ms,
-    }
+    out["torchrec"] = {"planning_s": theirs_s, "load_factor": load_factor,
+                       "failed_attempts": attempts, "own_rating_ms": own_rating,
+                       "sharding_and_kernels": dict(sorted(kernels.items())),
+                       **both_models(theirs, tables, topology, trec_model)}
+    t = out["torchrec"]
+    out["torchrec_over_ours_under_ours"] = (
+        t["under_ours_ms"] / out["ours_default_model"]["under_ours_ms"])
+    out["torchrec_over_ours_under_torchrec"] = (
+        t["under_torchrec_ms"] / out["ours_torchrec_model"]["under_torchrec_ms"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=(0.1, 0.05, 0.02, 0.01), metavar="F,..",
                         help="cache load factors to retry TorchRec with when it finds no plan "
                              "at its default 0.2 (default: 0.1,0.05,0.02,0.01)")
+    parser.add_argument("--skip-torchrec", nargs="*", default=[], metavar="WORKLOAD",
+                        help="workloads to plan with our planner only (TorchRec's planner "
+                             "takes ~1000 s on gen800_8x80)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the output file's results of workloads not run now")
     parser.add_argument("-o", "--output", default=str(ROOT / "bench" / "results" /
@@ -185,29 +213,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {len(tables.tables)} tables on {topology.world_size} devices ...",
               file=sys.stderr, flush=True)
         results.append(compare(name, tables, topology, args.time_limit,
-                               args.retry_load_factors))
+                               args.retry_load_factors,
+                               run_torchrec=name not in args.skip_torchrec))
     previous = []
     if args.merge and Path(args.output).exists():
         previous = [r for r in json.loads(Path(args.output).read_text())["results"]
                     if r["workload"] not in args.workloads]
     ran = {r["workload"] for r in previous} | set(args.workloads)
     skipped = {name: why for name, why in SLOW.items() if name not in ran}
-    print(f"{'workload':24} {'ours ms':>10} {'TorchRec ms':>12} {'ratio':>6} "
-          f"{'ours s':>7} {'TorchRec s':>10}")
+    print(f"{'workload':22} {'ours/ours':>10} {'TR/ours':>10} {'ours/TR':>10} "
+          f"{'oursTR/TR':>10} {'TR/TR':>10} {'fit':>5} {'ours s':>7} {'oursTR s':>8} {'TR s':>7}")
     for r in results:
-        theirs = r["torchrec"]
-        if "objective_ms" not in theirs:
-            print(f"{r['workload']:24} {r['ours']['objective_ms']:10.4f}  TorchRec found no plan: "
-                  f"{theirs['failed_attempts'][-1]['error'][:80]}")
-            continue
-        print(f"{r['workload']:24} {r['ours']['objective_ms']:10.4f} {theirs['objective_ms']:12.4f}"
-              f" {r['ratio_torchrec_over_ours']:6.2f} {r['ours']['planning_s']:7.1f}"
-              f" {theirs['planning_s']:10.1f}")
-        if theirs["load_factor"] is not None:
-            print(f"  TorchRec planned only with cache load factor {theirs['load_factor']}")
-        if theirs["overflows_under_our_model"]:
-            print(f"  TorchRec's plan overflows under our model: "
-                  f"{'; '.join(theirs['overflows_under_our_model'])}")
+        a, b, t = r["ours_default_model"], r["ours_torchrec_model"], r["torchrec"]
+        fits = all(x.get("fits_torchrec_storage", True) for x in (a, b, t))
+        theirs_ours = f"{t['under_ours_ms']:10.4f}" if "under_ours_ms" in t else f"{'-':>10}"
+        theirs_trec = f"{t['under_torchrec_ms']:10.4f}" if "under_ours_ms" in t else f"{'-':>10}"
+        theirs_s = f"{t['planning_s']:7.2f}" if "planning_s" in t else f"{'-':>7}"
+        print(f"{r['workload']:22} {a['under_ours_ms']:10.4f} {theirs_ours} "
+              f"{a['under_torchrec_ms']:10.4f} {b['under_torchrec_ms']:10.4f} {theirs_trec} "
+              f"{str(fits):>5} {a['planning_s']:7.2f} {b['planning_s']:8.2f} {theirs_s}")
+        for label, x in (("ours (default model)", a), ("ours (TorchRec model)", b),
+                         ("TorchRec", t)):
+            if x.get("torchrec_storage_overflows"):
+                print(f"  {label} overflows TorchRec's storage estimate: "
+                      f"{'; '.join(x['torchrec_storage_overflows'])}")
+        if "failed_attempts" in t and "under_ours_ms" not in t:
+            print(f"  TorchRec found no plan: {t['failed_attempts'][-1]['error'][:80]}")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     doc = {
@@ -218,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/torchrec_compare.py " + " ".join(sys.argv[1:] if argv is None
                                                                    else argv),
         "torchrec_version": torchrec.__version__,
-        "cost_model": "planner:AnalyticCostModel",
-        "objective": "predicted ms per step of the slowest device",
+        "cost_models": ["planner:AnalyticCostModel", "planner:TorchRecCostModel"],
+        "objective": "predicted ms per step of the slowest rank, each plan as TorchRec runs "
+                     "it (its row blocks) under each model",
         "torchrec_kernels_allowed": _kernels(),
         "results": previous + results,
         "skipped": skipped,

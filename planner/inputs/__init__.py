@@ -47,12 +47,18 @@ from planner.inputs.specs import (
     parse_topology,
     table_name_problem,
 )
+from planner.inputs.torchrec_cost import (
+    TorchRecCostModel,
+    torchrec_data_type,
+    torchrec_topology,
+)
 
 __all__ = [
     "GB", "MAX_DEVICES", "MAX_TABLE_BYTES", "MAX_TABLE_NAME_CHARS", "NO_CONSTRAINTS", "ZERO_COST",
     "AccessProfile", "AnalyticCostModel", "Constraints", "CostModel", "CostModelError", "DType",
     "DeviceSpec", "HostSpec", "NetworkSpec", "Optimizer", "ShardCost", "ShardOption", "Sharding",
-    "StoreSpec", "TableRules", "TableSpec", "TablesSpec", "Tier", "Topology",
+    "StoreSpec", "TableRules", "TorchRecCostModel", "TableSpec", "TablesSpec", "Tier", "Topology",
     "check_cost_model", "check_limits", "load_constraints", "load_cost_model", "load_tables",
     "load_topology", "parse_constraints", "parse_tables", "parse_topology", "table_name_problem",
+    "torchrec_data_type", "torchrec_topology",
 ]

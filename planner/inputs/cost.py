@@ -132,12 +132,61 @@ def _ms(num_bytes: float, gbps: float) -> float:
 
 
 CACHE_INDEX_BYTES_PER_SLOT = 16
-"""Device memory per cache slot besides the row: its row id and the row-to-slot index."""
+"""Device memory per cache slot besides the row: the slot's row id (``lxu_cache_state``,
+int64) and its LRU/LFU stamp (``lxu_state``, int64), as FBGEMM's cached
+split-table-batched embedding allocates them."""
+CACHE_MAP_BYTES_PER_ROW = 4
+"""Device memory per row of a cached shard, cached or not: FBGEMM's
+``cache_index_table_map`` (int32 per row of the table on the device; 160 MB for a
+40 M-row shard)."""
+CACHE_LOCATION_BYTES_PER_ID = 4
+"""Device memory per looked-up id of a cached shard: FBGEMM's ``lxu_cache_locations``
+(int32 per index of the step's batch, the slot each id was found in)."""
+ROW_SPLIT_SHARDINGS = (Sharding.ROW_WISE, Sharding.TABLE_ROW_WISE, Sharding.DATA_PARALLEL)
+"""Shardings whose shards each receive 1 / num_shards of the table's ids on average
+(row-wise buckets, data-parallel local batches); others receive every id."""
+
+
+def buffer_bytes(shard: ShardOption, topology: Topology) -> int:
+    """Device memory of a shard's per-step buffers at the plan's batch, as TorchRec
+    reserves them (``calculate_shard_storages``' input and output sizes): the ids it
+    receives (int64; a row-wise shard's buffer holds the mean share of the ids, not its
+    rows' share, since the ids of a batch are bucketed unevenly) and its pooled outputs
+    (fp32, at least TorchRec's size for any table dtype)."""
+    table = shard.table
+    ids = topology.global_batch_size * table.pooling_factor
+    if shard.sharding in ROW_SPLIT_SHARDINGS:
+        ids /= shard.num_shards
+    pooled = topology.global_batch_size * shard.output_share * shard.cols
+    return math.ceil(ids * ID_BYTES) + math.ceil(pooled * ACTIVATION_BYTES)
+
+
+def cache_state_bytes(shard: ShardOption, lookups: float) -> int:
+    """Device memory of a cached shard's bookkeeping besides the cached rows: slot
+    state per slot, the index map per row and a slot location per looked-up id."""
+    return (shard.cache_rows * CACHE_INDEX_BYTES_PER_SLOT + shard.rows * CACHE_MAP_BYTES_PER_ROW
+            + math.ceil(lookups * CACHE_LOCATION_BYTES_PER_ID))
 
 
 class AnalyticCostModel:
     """Bytes moved over each tier's bandwidth, from the topology's (datasheet or
     calibrated) numbers.
+
+    Memory per shard, per tier, as FBGEMM and TorchRec allocate it (never below
+    TorchRec 1.8's ``EmbeddingStorageEstimator`` for the same shard):
+
+    - every tier, HBM: the step's buffers (:func:`buffer_bytes`: the ids received,
+      int64, and the pooled outputs, fp32; TorchRec's ``_calculate_shard_io_sizes``);
+    - ``hbm``, HBM: the rows and their optimizer state (``weights_dev`` and the
+      momentum tensors of FBGEMM's fused kernel);
+    - ``dram_cache``/``store_cache``, HBM: the cached rows with their optimizer state
+      (``lxu_cache_weights``), 16 bytes of slot state per slot (``lxu_cache_state``,
+      ``lxu_state``), 4 bytes per row of the shard (``cache_index_table_map``) and 4
+      per looked-up id (``lxu_cache_locations``) (:func:`cache_state_bytes`); DRAM
+      (``dram_cache`` only): all rows and their state in host memory
+      (``weights_uvm``);
+    - ``host``, HBM: a staging row slice per looked-up id (at most the shard's rows);
+      DRAM: all rows and their state (``weights_uvm``, TorchRec's ``fused_uvm``).
 
     - lookup: the shard's looked-up row slices read from HBM (hits) or fetched from
       host DRAM over the host-to-device link or from the store (misses, at the
@@ -209,9 +258,9 @@ class AnalyticCostModel:
         communication_ms = self._communication_ms(shard, topology, lookups)
 
         resident_rows = shard.rows if shard.tier is Tier.HBM else shard.cache_rows
-        hbm_bytes = resident_rows * (row_bytes + state_per_row)
+        hbm_bytes = resident_rows * (row_bytes + state_per_row) + buffer_bytes(shard, topology)
         if shard.tier is not Tier.HBM:
-            hbm_bytes += shard.cache_rows * CACHE_INDEX_BYTES_PER_SLOT
+            hbm_bytes += cache_state_bytes(shard, lookups)
         dram_bytes = shard.rows * (row_bytes + state_per_row) if shard.tier is Tier.DRAM_CACHE else 0
         return ShardCost(lookup_ms, communication_ms, backward_ms, optimizer_ms,
                          int(hbm_bytes), int(dram_bytes))
@@ -228,7 +277,8 @@ class AnalyticCostModel:
         optimizer_ms = _ms(2 * lookups * state_per_row, min(host.dram_gbps, device.hbm_gbps))
         if shard.table.optimizer is not Optimizer.SGD:
             optimizer_ms += 1e-6 * lookups * device.optimizer_ns_per_id
-        hbm_bytes = min(float(shard.rows), lookups) * row_bytes
+        hbm_bytes = (math.ceil(min(float(shard.rows), lookups)) * row_bytes
+                     + buffer_bytes(shard, topology))
         dram_bytes = shard.rows * (row_bytes + state_per_row)
         return ShardCost(lookup_ms, self._communication_ms(shard, topology, lookups), backward_ms,
                          optimizer_ms, int(hbm_bytes), int(dram_bytes))
@@ -320,11 +370,21 @@ FORMER_MODULES = {"planner.cost": "planner"}
 plan files and scripts written then say ``planner.cost:AnalyticCostModel``."""
 
 
+NAMED_MODELS = {
+    "analytic": "planner:AnalyticCostModel",
+    "torchrec": "planner:TorchRecCostModel",
+}
+"""Short names of the planner's own models (``--cost-model torchrec``)."""
+
+
 def load_cost_model(spec: str) -> CostModel:
-    """Import ``module:Class``, instantiate it without arguments and check it."""
+    """Import ``module:Class`` (or a name of :data:`NAMED_MODELS`), instantiate it
+    without arguments and check it."""
+    spec = NAMED_MODELS.get(spec, spec)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise CostModelError(f"cost model {spec!r} must look like module:Class")
+        raise CostModelError(f"cost model {spec!r} must look like module:Class or be one of "
+                             f"{', '.join(NAMED_MODELS)}")
     module_name = FORMER_MODULES.get(module_name, module_name)
     try:
         module = importlib.import_module(module_name)

@@ -34,11 +34,12 @@ from planner.tools.torchrec import (
     to_torchrec,
     to_torchrec_sharding_plan,
 )
+from planner.tools.torchrec_planner import TorchRecPlanner, topology_from_torchrec
 
 __all__ = [
     "DEVICES", "CapacityResult", "ChangeKind", "HostBound", "HostTrial", "PlanDiff",
-    "ReplanResult", "TargetUnreachableError", "capacity_overflows", "check_plan_fits",
+    "ReplanResult", "TargetUnreachableError", "TorchRecPlanner", "capacity_overflows", "check_plan_fits",
     "diff_plans", "evaluate_plan", "explain", "from_torchrec", "import_torchrec",
     "recut_tables", "shard_option", "sweep", "to_torchrec", "to_torchrec_sharding_plan",
-    "topology_for",
+    "topology_for", "topology_from_torchrec",
 ]

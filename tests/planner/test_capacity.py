@@ -30,8 +30,9 @@ MAX_HOSTS = 4
 TABLES = parse_tables(small_tables_doc(num_tables=6, rows=2000, dim=16))
 ROOMY = parse_topology(small_topology_doc(devices=2, hbm_gb=0.01))
 """Hosts of 2 devices with room for every table in HBM."""
-TIGHT = parse_topology(small_topology_doc(devices=2, hbm_gb=0.0004))
-"""Hosts of 2 devices of 400 kB: with HBM alone the tables need 4 hosts."""
+TIGHT = parse_topology(small_topology_doc(devices=2, hbm_gb=0.00045))
+"""Hosts of 2 devices of 450 kB (the tables and their per-step id and output buffers):
+with HBM alone the tables need 4 hosts."""
 HBM_ONLY = PlanOptions(time_limit_s=10, candidates=OptionSettings(tiers=frozenset({Tier.HBM})),
                        gap=0.0)
 OPTIONS = PlanOptions(time_limit_s=10, gap=0.0)

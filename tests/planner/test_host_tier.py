@@ -87,7 +87,8 @@ def test_host_shard_cost() -> None:
     assert host.optimizer_ms == pytest.approx(2 * lookups * 4 / (20.0 * GB) * 1e3)
     assert host.communication_ms == hbm.communication_ms
     assert host.dram_bytes == 1000 * (64 + 4)
-    assert host.hbm_bytes == 128 * 64  # the staging rows only
+    # the staging rows, the ids received and the pooled outputs of the step
+    assert host.hbm_bytes == 128 * 64 + 128 * 8 + topology.global_batch_size * 16 * 4
     assert replace(hbm_shard, tier=Tier.HOST).hit_rate == 0.0
     # the link is the slower of DRAM and the host-to-device link
     slow_dram = replace(topology, host=HostSpec(1.0, 5.0, 10.0))

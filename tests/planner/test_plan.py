@@ -31,6 +31,7 @@ from planner import (
 )
 from planner.search.options import OptionSettings
 from planner.search.packing import makespan_lower_bound
+from planner.inputs.cost import buffer_bytes
 from tests.conftest import small_tables_doc, small_topology_doc
 
 
@@ -123,7 +124,12 @@ def test_table_larger_than_a_device() -> None:
         _plan(tables, options=WHOLE_IN_HBM)
     err = info.value
     assert err.resource is Resource.HBM and err.tables == ("t2",)
-    assert err.shortfall_bytes == 100_000 * 8 * 4 - 1_000_000
+    # the rows and the step's id and pooled-output buffers (buffer_bytes)
+    t2 = parse_tables(tables).by_name("t2")
+    buffers = buffer_bytes(ShardOption(t2, Sharding.TABLE_WISE, 100_000, 8),
+                           parse_topology(small_topology_doc()))
+    assert buffers > 0
+    assert err.shortfall_bytes == 100_000 * 8 * 4 + buffers - 1_000_000
     assert "devices of at least" in str(err) and "allow a cache tier" in str(err)
     # with every option it is cached or row-wise sharded instead
     result = _plan(tables)
@@ -137,7 +143,11 @@ def test_total_memory_short() -> None:
     with pytest.raises(InfeasibleError) as info:
         _plan(tables, topology, options=WHOLE_IN_HBM)
     err = info.value
-    total = sum(9_000 * (i + 1) * 32 for i in range(6))
+    specs, topo = parse_tables(tables), parse_topology(topology)
+    # the rows and each table's id and pooled-output buffers (buffer_bytes)
+    total = sum(9_000 * (i + 1) * 32 + buffer_bytes(ShardOption(t, Sharding.TABLE_WISE,
+                                                                t.num_embeddings, 8), topo)
+                for i, t in enumerate(specs.tables))
     assert err.resource is Resource.HBM and err.tables == ()
     assert err.shortfall_bytes == total - 4_000_000
     assert "more device(s)" in str(err)

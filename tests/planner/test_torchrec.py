@@ -232,9 +232,10 @@ def test_capacity_overflows_name_device_and_host() -> None:
     fits = _hand_plan()
     assert capacity_overflows(fits, AnalyticCostModel()) == ()
     check_plan_fits(fits, AnalyticCostModel())
-    # HBM per device ~15.7, 9.4, 17.7, 24 KB; DRAM on host 0 (the "dram" table) and
-    # host 1 (the "hosted" table, 22 KB)
-    small = parse_topology(_topology_doc(hbm_gb=0.000012, dram_gb=0.00001))
+    # HBM per device ~46, 32.5, 52, 46 KB (rows, caches and each shard's id and
+    # pooled-output buffers); DRAM on host 0 (the "dram" table) and host 1 (the
+    # "hosted" table, 22 KB)
+    small = parse_topology(_topology_doc(hbm_gb=0.00004, dram_gb=0.00001))
     tight = evaluate_plan(fits, AnalyticCostModel(), "m", small)
     overflows = capacity_overflows(tight, AnalyticCostModel())
     where = {(r.value, w) for r, w, _, _ in overflows}

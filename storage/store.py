@@ -778,6 +778,21 @@ def _check_map_budget(value: object) -> int:
     return value
 
 
+def checkpoint_state(path: str | os.PathLike[str]) -> tuple[int | None, int | None]:
+    """Read-only: ``(checkpoint_step, prepared_step)`` of the store at ``path`` as its
+    markers record them (``prepared_step`` None when not in doubt), without opening it
+    or waiting for its writer. Raises what :meth:`TableStore.open` raises for a path
+    that is not a sound store (missing, foreign, damaged markers)."""
+    root = Path(path)
+    _check_store(root)
+    txn = root / TXN_DIR
+    committed = jr.read_checkpoint(txn, MARKER_FILE)
+    prepared = jr.read_prepared(txn, PREPARED_FILE)
+    if prepared is None or prepared.generation != committed.generation + 1:
+        return committed.step, None
+    return committed.step, prepared.step
+
+
 def _is_store(root: Path) -> bool:
     try:
         return STORE_ATTR in read_json(root / "zarr.json").get("attributes", {})

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES + "\n" + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="verify: check every block against its checksum")
     verify = commands.add_parser(
         "verify", help="check every block of every array against its checksum",
         description="Check every block of every array against the CRC-32C recorded at its "

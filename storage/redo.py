@@ -40,6 +40,9 @@ HEADER_BYTES = 256
 _HEADER = struct.Struct("<4s16sQH")
 FIRST_SLOTS = 1024
 """Slots of a segment file when first written (it doubles as rows are added)."""
+DENSE_INDEX_BYTES = 64 * 1024 * 1024
+"""An array of up to this many bytes of int32 (16 M rows) indexes its segment with one
+slot number per row (vectorised look-ups); a larger one with a dict of its held rows."""
 KEEP_SLOT_BYTES = 256 * 1024 * 1024
 """A segment started again keeps up to this many bytes of file (larger ones are cut)."""
 
@@ -88,13 +91,17 @@ class RedoSegment:
     its own thread): a lock orders them.
     """
 
-    def __init__(self, path: Path, key: str, row_bytes: int, store_id: bytes) -> None:
+    def __init__(self, path: Path, key: str, row_bytes: int, store_id: bytes,
+                 num_rows: int) -> None:
         self.path = path
         self.key = key
         self._row_bytes = row_bytes
         self._store_id = store_id
         self._slot = np.dtype([("id", "<i8"), ("row", np.uint8, (row_bytes,))])
         self._index: dict[int, int] = {}
+        self._dense = (np.full(num_rows, -1, dtype=np.int32)
+                       if num_rows * 4 <= DENSE_INDEX_BYTES else None)
+        """Slot of every row (-1: not held), when the array is small enough."""
         self._count = 0
         self._slab: np.ndarray | None = None
         self._generation: int | None = None
@@ -119,9 +126,7 @@ class RedoSegment:
         with self._lock:
             if self._generation != generation:
                 self._start(generation)
-            get = self._index.get
-            slots = np.fromiter((get(i, -1) for i in ids.tolist()), dtype=np.int64,
-                                count=ids.size)
+            slots = self._slots(ids)
             new = slots < 0
             fresh = int(new.sum())
             if fresh:
@@ -132,8 +137,7 @@ class RedoSegment:
             slab["id"][slots] = ids
             slab["row"][slots] = raw
             if fresh:
-                new_ids = ids[new]
-                self._index.update(zip(new_ids.tolist(), range(start, start + fresh)))
+                self._hold(ids[new], start)
                 self._count = start + fresh
 
     def overlay(self, ids: np.ndarray, out: np.ndarray) -> None:
@@ -141,9 +145,7 @@ class RedoSegment:
         if not self._count or ids.size == 0:
             return
         with self._lock:
-            get = self._index.get
-            slots = np.fromiter((get(i, -1) for i in ids.tolist()), dtype=np.int64,
-                                count=ids.size)
+            slots = self._slots(ids)
             hit = slots >= 0
             if not hit.any():
                 return
@@ -205,14 +207,17 @@ class RedoSegment:
             self._generation = generation
             crc = self._crc()
             if crc != seal.crc:
+                self._count = 0
                 self._forget()
                 raise damaged(f"CRC-32C {crc:#010x}, the seal says {seal.crc:#010x}")
             ids = np.array(self._slab["id"][:seal.slots]) if self._slab is not None else None
             if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= num_rows
                                                  or np.unique(ids).size != ids.size):
+                self._count = 0
                 self._forget()
                 raise damaged("row ids out of range or repeated")
-            self._index = dict(zip(ids.tolist(), range(seal.slots))) if ids is not None else {}
+            if ids is not None:
+                self._hold(ids, 0)
 
     def clear(self) -> None:
         """Forget the held rows (rolled back, or applied); the file is left as it is and
@@ -223,6 +228,7 @@ class RedoSegment:
     def close(self) -> None:
         with self._lock:
             self._index = {}
+            self._dense = None
             self._count = 0
             self._slab = None
 
@@ -232,13 +238,30 @@ class RedoSegment:
             raise CorruptStoreError(self.path, "segment used before it was mapped")
         return self._slab
 
+    def _slots(self, ids: np.ndarray) -> np.ndarray:
+        """Slot of each of ``ids`` (-1: not held), int64."""
+        if self._dense is not None:
+            return self._dense[ids].astype(np.int64)
+        get = self._index.get
+        return np.fromiter((get(i, -1) for i in ids.tolist()), dtype=np.int64, count=ids.size)
+
+    def _hold(self, ids: np.ndarray, first_slot: int) -> None:
+        """Index ``ids`` at slots ``first_slot, first_slot + 1, ...``."""
+        if self._dense is not None:
+            self._dense[ids] = np.arange(first_slot, first_slot + ids.size, dtype=np.int32)
+        else:
+            self._index.update(zip(ids.tolist(), range(first_slot, first_slot + ids.size)))
+
     def _forget(self) -> None:
+        if self._dense is not None and self._count and self._slab is not None:
+            self._dense[np.asarray(self._slab["id"][:self._count])] = -1
         self._index = {}
         self._count = 0
         self._generation = None
 
     def _start(self, generation: int) -> None:
         """First rows of ``generation``: a fresh header, no slots used."""
+        self._forget()
         self.path.parent.mkdir(exist_ok=True)
         key = self.key.encode("utf-8")
         head = _HEADER.pack(MAGIC, self._store_id, generation, len(key)) + key
@@ -249,7 +272,6 @@ class RedoSegment:
             os.pwrite(fd, head.ljust(HEADER_BYTES, b"\0"), 0)
         finally:
             os.close(fd)
-        self._index = {}
         self._count = 0
         self._generation = generation
         self._slab = None

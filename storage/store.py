@@ -286,7 +286,7 @@ class TableStore:
             files = self._chunk_files(name, role)
             segment = self._segments[key] = RedoSegment(
                 self._txn / REDO_DIR / segment_name(key), key, files.layout.row_bytes,
-                self._store_id)
+                self._store_id, files.layout.num_rows)
         return segment
 
     # ---- description ----------------------------------------------------------------

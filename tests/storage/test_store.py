@@ -837,3 +837,38 @@ def test_a_prepared_marker_left_by_a_completed_commit_is_removed(tmp_path: Path)
         assert (store.prepared_step, store.checkpoint_step) == (None, 5)
         assert np.array_equal(store.gather("w", [1]), np.ones((1, 2), dtype=np.float32))
     assert not (path / "_txn" / "prepared.json").exists()
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense-index", "dict-index"])
+def test_redo_rows_read_through_and_apply_like_numpy(tmp_path: Path, dense: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both segment indexes (a slot per row, or a dict for large arrays) serve the newest
+    rows, survive growth of the segment, discard on rollback and apply at checkpoint."""
+    from storage import redo
+
+    if not dense:
+        monkeypatch.setattr(redo, "DENSE_INDEX_BYTES", 0)
+    rng = np.random.default_rng(3)
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 20_000, 3, dtype="fp16")
+        ref = store.read_table("t")
+        store.checkpoint(0)
+        for step in range(1, 4):
+            committed = ref.copy()
+            for _ in range(5):
+                ids = rng.integers(0, 20_000, 1500)  # repeats: the last occurrence wins
+                rows = rng.standard_normal((ids.size, 3)).astype(np.float16)
+                store.scatter("t", ids, rows)
+                for i, row in zip(ids.tolist(), rows):
+                    ref[i] = row
+                probe = rng.integers(0, 20_000, 700)
+                assert np.array_equal(store.gather("t", probe), ref[probe])
+            if step == 2:
+                store.rollback()
+                ref = committed
+            else:
+                store.checkpoint(step)
+            assert np.array_equal(store.read_table("t"), ref)
+    with TableStore.open(tmp_path / "s", mode="r") as store:
+        assert np.array_equal(store.gather("t", np.arange(20_000)), ref)
+        assert store.verify() == []

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         trials.reference(reference, args.steps, args.every, 1)
         # a store of another run whose redo segment exists: killed before a checkpoint
         other = work / "other"
+        other.mkdir()
         trials.launch(other, args.steps, args.every, 1,
                       trials.Kill(point="saved", step=args.at, rank=None), rng)
         for point in args.points.split(","):

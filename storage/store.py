@@ -504,6 +504,8 @@ class TableStore:
         if self._prepared is None:
             raise StoreArgumentError(f"{self._path}: commit_prepared needs a prepared "
                                      f"checkpoint; call prepare(step) first")
+        for seal in self._prepared_seals:  # the chunk files still hold the last checkpoint
+            self._check_changed_blocks(seal.key)
         committed = jr.Checkpoint(step=self._prepared,
                                   generation=self._checkpoint.generation + 1,
                                   store_id=self._checkpoint.store_id,
@@ -533,19 +535,26 @@ class TableStore:
         for key, segment in sorted(self._segments.items()):
             if not segment.rows:
                 continue
-            table, _, role = key.partition("/")
-            if self._sums.has(key):
-                files = self._chunk_files(table, role)
-                ids, _ = segment.items()
-                blocks = np.unique(ids // self._sums.block_rows_of(key))
-                for block in self._sums.unchecked(key, blocks).tolist():
-                    damage = self._sums.check_block(key, files, block)
-                    if damage is not None:
-                        raise CorruptStoreError(files.layout.path, f"{damage}; the checkpoint "
-                                                                   f"is refused: restore the "
-                                                                   f"store from a backup")
+            self._check_changed_blocks(key)
             seals.append(segment.seal())
         return tuple(seals)
+
+    def _check_changed_blocks(self, key: str) -> None:
+        """Check the blocks that the rows held for ``key`` change and that no read has
+        checked yet, before a commit point: applying rows recomputes a block's checksum,
+        which must not bless a damaged block."""
+        if not self._sums.has(key):
+            return
+        table, _, role = key.partition("/")
+        files = self._chunk_files(table, role)
+        ids, _ = self._segments[key].items()
+        blocks = np.unique(ids // self._sums.block_rows_of(key))
+        for block in self._sums.unchecked(key, blocks).tolist():
+            damage = self._sums.check_block(key, files, block)
+            if damage is not None:
+                raise CorruptStoreError(files.layout.path, f"{damage}; the checkpoint is "
+                                                           f"refused: restore the store from "
+                                                           f"a backup")
 
     def _finish(self, committed: jr.Checkpoint) -> None:
         """Apply a committed checkpoint's sealed rows to the chunk files, sync them,

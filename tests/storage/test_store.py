@@ -872,3 +872,22 @@ def test_redo_rows_read_through_and_apply_like_numpy(tmp_path: Path, dense: bool
     with TableStore.open(tmp_path / "s", mode="r") as store:
         assert np.array_equal(store.gather("t", np.arange(20_000)), ref)
         assert store.verify() == []
+
+
+def test_committing_a_prepared_checkpoint_over_a_damaged_block_is_refused(tmp_path: Path) -> None:
+    """The rolled-forward commit of an in-doubt store checks the blocks it changes first:
+    new checksums never bless a damaged block."""
+    path = tmp_path / "s"
+    store = TableStore.create(path)
+    store.add_table("t", 1000, 4)
+    store.scatter("t", [10], np.ones((1, 4), np.float32))
+    store.prepare(1)
+    store._release()  # dies in doubt
+    chunk = path / "t" / "weight" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[500 * 16] ^= 0x02  # row 500: same block as row 10
+    chunk.write_bytes(bytes(data))
+    with TableStore.open(path, mode="r+") as store:
+        with pytest.raises(CorruptStoreError, match="block 0 .*checkpoint is refused"):
+            store.commit_prepared()
+        assert store.prepared_step == 1  # still in doubt, nothing applied

@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     cached_plan = manual_plan(tables_doc, Tier(args.tier), args.cache_fraction)
     data = SyntheticClicks(memory_plan.tables_spec, model.dense_features, seed=0)
 
+    load_before = os.getloadavg()
     start = time.perf_counter()
     cached = build(cached_plan, model, train, str(store_dir))
     created_s = time.perf_counter() - start
@@ -201,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_median": ratio,
         "target_ratio": target,
         "target_met": ratio >= target,
+        "ratio_first_rep": reps[0]["ratio"],
+        "ratio_last_rep": reps[-1]["ratio"],
+        "cached_last_over_first_rep": reps[-1]["cached_samples_per_s"]
+        / reps[0]["cached_samples_per_s"],
+        "first_and_last_within_10_percent": abs(reps[-1]["ratio"] / reps[0]["ratio"] - 1) <= 0.1,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
         "hit_rate_measured_steps": hit_rate,
         "cache_counters_measured_steps": window,
         "reps": reps,

@@ -38,6 +38,7 @@ from dlrm_runtime.embeddings import (
     device_for,
     embeddings_from_plan,
     embeddings_in_memory,
+    verify_stores,
 )
 from dlrm_runtime.errors import (
     CheckpointError,
@@ -70,5 +71,5 @@ __all__ = [
     "build_model", "calibrate", "check_plan_matches", "check_store_dir", "device_for",
     "embeddings_from_plan", "embeddings_in_memory", "evaluate", "init_from_env",
     "open_clicks", "open_metrics_log", "open_or_build_cache", "prepare_run", "profile_tables", "shutdown",
-    "train", "train_distributed",
+    "train", "train_distributed", "verify_stores",
 ]

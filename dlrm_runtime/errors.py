@@ -24,11 +24,24 @@ class CheckpointError(RuntimeErrorBase, ValueError):
 class TrainingDivergedError(RuntimeErrorBase, ArithmeticError):
     """The loss became NaN or infinite."""
 
-    def __init__(self, step: int, loss: float, checkpoint: str | None = None) -> None:
+    def __init__(self, step: int, loss: float, checkpoint: str | None = None, *,
+                 resumed_from: int | None = None) -> None:
         self.step = step
         self.loss = loss
         self.checkpoint = checkpoint
         """The last checkpoint written before the divergence, if any."""
+        self.resumed_from = resumed_from
+        """The step this run resumed from when no checkpoint was written since (the
+        divergence may then come from the checkpoint itself)."""
+        if resumed_from is not None:
+            super().__init__(
+                f"loss is {loss} at step {step}, {step - resumed_from + 1} step(s) after "
+                f"resuming from checkpoint {checkpoint} (step {resumed_from}): the checkpoint "
+                f"itself may be damaged, and resuming from it again repeats this; check its "
+                f"table stores with `dlrm-store verify STORE_DIR` (every block against its "
+                f"checksum), then restore the checkpoint and stores from a backup, or train "
+                f"from scratch (a new --checkpoint-dir and --store-dir, without --resume)")
+            return
         where = (f"; the last good checkpoint is {checkpoint} (continue from it with --resume)"
                  if checkpoint else "; no checkpoint was written")
         super().__init__(f"loss is {loss} at step {step}{where}; lower the learning rate "

@@ -7,16 +7,19 @@ multi-process trainers, the CLI and the Python API all start from its
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from dlrm_runtime.checkpoint import committed_step
 from dlrm_runtime.config import TrainConfig
 from dlrm_runtime.embeddings import (
     StoreTable,
     TablePlacement,
     check_store_tables,
+    check_stores_at,
     placements_from_plan,
     store_tables,
 )
-from dlrm_runtime.errors import ConfigError, PlanMismatchError
+from dlrm_runtime.errors import CheckpointError, ConfigError, PlanMismatchError
 from planner import Plan
 
 
@@ -57,6 +60,23 @@ def check_batch_size(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
+def check_resume(config: TrainConfig, needed: tuple[StoreTable, ...]) -> None:
+    """Read-only, before anything is written: the checkpoint directory's committed step
+    (an unreadable decision record raises here), a directory of another run's
+    checkpoints without ``resume``, and the table stores against that step (see
+    :func:`~dlrm_runtime.embeddings.check_stores_at`): a refused run leaves every file
+    as it was and creates none."""
+    committed = None
+    if config.checkpoint_dir is not None and Path(config.checkpoint_dir).is_dir():
+        committed = committed_step(config.checkpoint_dir, two_phase=bool(needed))
+        if committed is not None and not config.resume:
+            raise CheckpointError(f"{config.checkpoint_dir} already holds checkpoints (newest "
+                                  f"committed: step {committed}); pass --resume to continue "
+                                  f"that run or choose an empty --checkpoint-dir")
+    if needed and config.store_dir is not None:
+        check_stores_at(config.store_dir, needed, committed, config.checkpoint_dir)
+
+
 def prepare_run(plan: Plan, config: TrainConfig, *, world_size: int = 1,
                 rank: int = 0) -> RunSetup:
     """Check a run of ``plan`` with ``config`` on ``world_size`` processes before any
@@ -65,7 +85,8 @@ def prepare_run(plan: Plan, config: TrainConfig, *, world_size: int = 1,
     its sharding's conventions and tiers (:class:`PlanMismatchError` naming the table),
     and, for tables in a cached tier, ``config.store_dir``: it must be given, and on
     rank 0 its stores are looked at read-only (a store made for other tables is
-    refused; a missing one is created when the model is built)."""
+    refused; a missing one is created when the model is built), and with a checkpoint
+    directory the stores against its committed step (:func:`check_resume`)."""
     config.check()
     if world_size > 1:
         check_world_size(plan, world_size)
@@ -79,4 +100,6 @@ def prepare_run(plan: Plan, config: TrainConfig, *, world_size: int = 1,
                               f"--store-dir DIR (created when new or empty)")
         if rank == 0:
             check_store_tables(config.store_dir, needed)
+    if rank == 0:
+        check_resume(config, needed)
     return RunSetup(plan, placements, needed, world_size, rank, local)

@@ -489,7 +489,10 @@ def run_loop(loop: LoopSetup, trainer: Stepper) -> TrainResult:
                         embeddings.prefetch(upcoming.sparse)
                 value = trainer.step(batch, timed)
                 if not np.isfinite(value):  # the global loss: every rank stops here alike
-                    raise TrainingDivergedError(step, value, checkpoint)
+                    raise TrainingDivergedError(  # right after a resume: suspect the checkpoint
+                        step, value, checkpoint,
+                        resumed_from=start_at.resumed_from
+                        if saved == start_at.resumed_from else None)
                 recent = (recent + [value])[-config.log_every:]
                 done = step + 1
                 if done % config.log_every == 0 or done == config.steps:

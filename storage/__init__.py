@@ -32,7 +32,8 @@ from storage.errors import (
 )
 from storage.layout import TableInfo, check_table_name
 from storage.replay import POLICIES, CacheCounters, ReplayError, belady_hit_rate, replay, static_topk_hit_rate
-from storage.store import TableStore
+from storage.store import TableStore, checkpoint_state
+from storage.sums import BlockDamage
 
 _LAZY: dict[str, tuple[str, str]] = {
     "CACHE_POLICIES": ("storage.cache", "POLICIES"),
@@ -48,13 +49,13 @@ _LAZY: dict[str, tuple[str, str]] = {
 """Door names that need torch: name -> (module, attribute), imported on first use."""
 
 __all__ = [
-    "ADAGRAD_EPS", "CACHE_POLICIES", "CacheArgumentError", "CacheStats", "CacheWriteError",
+    "ADAGRAD_EPS", "BlockDamage", "CACHE_POLICIES", "CacheArgumentError", "CacheStats", "CacheWriteError",
     "RowCache", "TierBytes", "POLICIES", "CacheCounters", "CorruptStoreError",
     "FormatVersionError", "MissingArrayError", "ReadOnlyStoreError", "RecoveryRequiredError",
     "ReplayError", "RowIndexError", "RowShapeError", "StoreArgumentError", "StoreClosedError",
     "StoreError", "StoreExistsError", "StoreLockedError", "StoreNotFoundError",
     "TableExistsError", "TableInfo", "TableSpecError", "TableStore",
-    "belady_hit_rate", "check_table_name", "lookup_many", "replay", "rowwise_adagrad",
+    "belady_hit_rate", "check_table_name", "checkpoint_state", "lookup_many", "replay", "rowwise_adagrad",
     "rowwise_adagrad_", "sgd", "static_topk_hit_rate",
 ]
 

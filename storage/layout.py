@@ -7,7 +7,8 @@ A store is one zarr v3 group (a directory)::
     <store>/<table>/weight/           array (num_rows, dim), chunks (chunk_rows, dim)
     <store>/<table>/state/            optional array (num_rows, state_width) fp32, same chunk rows
     <store>/_txn/                     zero-length uint8 array holding the transaction files:
-    <store>/_txn/journal              undo journal (see storage.journal)
+    <store>/_txn/redo/<table>@<array> redo segments: rows written since the last checkpoint
+    <store>/_txn/sums.json            CRC-32C per block of every array (see storage.sums)
     <store>/_txn/checkpoint.json      last completed checkpoint (step, journal generation)
     <store>/_txn/lock                 flock: one writer, or any number of readers
     <store>/_txn/staging/             tables being built by add_table (renamed into place)
@@ -38,6 +39,7 @@ TABLE_ATTR = "dlrm_toolkit_table"
 TXN_ATTR = "dlrm_toolkit_transactions"
 TXN_DIR = "_txn"
 JOURNAL_FILE = "journal"
+"""Name of the undo journal of stores made before redo segments (no longer written)."""
 MARKER_FILE = "checkpoint.json"
 LOCK_FILE = "lock"
 STAGING_DIR = "staging"

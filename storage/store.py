@@ -8,17 +8,23 @@
 >>> store.close()                                # discards writes after the last checkpoint
 >>> store = TableStore.open("tables.zarr", mode="r+")
 
-Layout: :mod:`storage.layout`; row path: :mod:`storage.chunks`; checkpoint protocol:
-:mod:`storage.journal`. zarr's API creates the arrays and writes the initial rows;
+Layout: :mod:`storage.layout`; row path: :mod:`storage.chunks`; rows written since the
+last checkpoint: :mod:`storage.redo`; checkpoint protocol: :mod:`storage.journal`;
+block checksums: :mod:`storage.sums`. zarr's API creates the arrays and writes the initial rows;
 gather and scatter read and write the chunk files directly.
 
 Semantics worth knowing:
 
 * ``scatter`` with duplicate ids: the last occurrence wins.
-* Writes are visible to ``gather`` at once but durable only at ``checkpoint``;
-  after a crash at any instant, opening with ``mode="r+"`` rolls every array back
-  to the last completed checkpoint (``checkpoint_step``). ``close()`` (and leaving a
-  ``with`` block) also rolls back uncommitted writes; call ``checkpoint`` first.
+* Writes are visible to ``gather`` at once but durable only at ``checkpoint``; a
+  write does no sync (its rows wait in a redo segment, :mod:`storage.redo`). After a
+  crash at any instant the store reopens at the last completed checkpoint
+  (``checkpoint_step``). ``close()`` (and leaving a ``with`` block) also discards
+  uncommitted writes; call ``checkpoint`` first.
+* Committed rows are checksummed per block (:mod:`storage.sums`): a block is checked
+  the first time a read touches it after opening, and :meth:`TableStore.verify`
+  checks them all. Opening never writes unless a committed checkpoint must be
+  finished (its rows applied).
 * Two-phase checkpoints, for a checkpoint that must commit together with other
   stores or files (one per rank of a distributed run): ``prepare(step)`` makes the
   writes durable but keeps their undo records; the store is then in doubt
@@ -41,6 +47,7 @@ import fcntl
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,6 +58,10 @@ import numpy as np
 
 from storage import journal as jr
 from storage.chunks import MAPPED_BYTES_BUDGET, PAGE_BYTES, ChunkFiles, sync_files
+from storage.redo import HEADER_BYTES as REDO_HEADER_BYTES
+from storage.redo import RedoSegment, SegmentSeal, segment_name
+from storage.sums import BlockDamage, BlockSums
+from storage.sums import ProgressFn as VerifyProgressFn
 from storage.dtypes import OptimizerState, StoreDType, is_torch_tensor, to_stored, torch_to_numpy
 from storage.errors import (
     CorruptStoreError,
@@ -71,7 +82,6 @@ from storage.errors import (
 from storage.files import fsync_dir, read_json
 from storage.layout import (
     FORMAT_VERSION,
-    JOURNAL_FILE,
     LOCK_FILE,
     MARKER_FILE,
     STAGING_DIR,
@@ -90,6 +100,8 @@ from storage.tables import ProgressFn, build_table, check_init_array, make_spec
 Mode = Literal["r", "r+"]
 PREPARED_FILE = "prepared.json"
 """In ``_txn/``: the step and journal generation of an in-doubt (prepared) checkpoint."""
+REDO_DIR = "redo"
+"""In ``_txn/``: the redo segments (:mod:`storage.redo`)."""
 SYNC_THREADS = 8
 """Threads that fdatasync chunk files at flush/checkpoint (overlapping device flushes)."""
 
@@ -107,15 +119,22 @@ class TableStore:
         self._specs: dict[str, StoredTableSpec] = {}
         self._files: dict[tuple[str, str], ChunkFiles] = {}
         self._checkpoint = jr.read_checkpoint(self._txn, MARKER_FILE)
+        self._store_id = (bytes.fromhex(self._checkpoint.store_id)
+                          if self._checkpoint.store_id else bytes(16))
         self._prepared: int | None = None
         """Step of the in-doubt prepared checkpoint (None: not in doubt)."""
-        self._journal: jr.UndoJournal | None = None
+        self._prepared_seals: tuple[SegmentSeal, ...] = ()
+        self._segments: dict[str, RedoSegment] = {}
+        """Rows written since the last checkpoint, per array key ``table/role``."""
+        self._sums = BlockSums.load(self._txn)
+        self._broken: str | None = None
+        """Why writes are refused until the store is reopened (a failed checkpoint)."""
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
         self._close_hooks: list[Callable[[], None]] = []
         self._write_lock = threading.Lock()
         """Serialises :meth:`scatter` calls (the row caches of different tables write
-        back on their own threads; the undo journal is shared)."""
+        back on their own threads)."""
 
     # ---- opening ------------------------------------------------------------------
     @classmethod
@@ -151,12 +170,15 @@ class TableStore:
                                 attributes={STORE_ATTR: {"format_version": FORMAT_VERSION}})
         group.create_array(TXN_DIR, shape=(0,), chunks=(1,), dtype="uint8", compressors=None,
                            attributes={TXN_ATTR: {
-                               "note": "zero-length array whose directory holds the undo "
-                                       "journal, checkpoint marker and lock of the table store",
-                               "files": [JOURNAL_FILE, MARKER_FILE, LOCK_FILE]}})
+                               "note": "zero-length array whose directory holds the redo "
+                                       "segments, checkpoint marker, block checksums and "
+                                       "lock of the table store",
+                               "files": [REDO_DIR, MARKER_FILE, LOCK_FILE]}})
         txn = root / TXN_DIR
         (txn / LOCK_FILE).touch()
-        jr.write_checkpoint(txn, MARKER_FILE, jr.Checkpoint(step=None, generation=0))
+        jr.write_checkpoint(txn, MARKER_FILE, jr.Checkpoint(step=None, generation=0,
+                                                            store_id=uuid.uuid4().hex))
+        BlockSums(txn).save()
         for directory in (txn, root, root.parent):
             fsync_dir(directory)
         return cls.open(root, mode="r+", map_budget_bytes=budget)
@@ -187,7 +209,7 @@ class TableStore:
             store._load_specs()
             if mode == "r+":
                 store._recover()
-            elif jr.has_records(store._txn / JOURNAL_FILE, store._checkpoint.generation + 1):
+            elif store._checkpoint.apply is not None or store._in_doubt() is not None:
                 raise RecoveryRequiredError(root, store._checkpoint.step)
         except BaseException:
             store._release()
@@ -204,58 +226,68 @@ class TableStore:
             if doc.get("node_type") == "group" and attrs is not None:
                 self._specs[entry.name] = StoredTableSpec.from_attrs(attrs, str(meta))
 
-    def _recover(self) -> None:
-        """Undo the writes of an unfinished generation, then start a fresh journal; an
-        in-doubt prepared checkpoint keeps its journal (see :meth:`prepare`)."""
-        txn = self._txn
-        jr.remove_stale_temporaries(txn, MARKER_FILE)
-        jr.remove_stale_temporaries(txn, PREPARED_FILE)
-        shutil.rmtree(txn / STAGING_DIR, ignore_errors=True)
+    def _in_doubt(self) -> jr.Checkpoint | None:
+        """The prepared checkpoint of the active generation (None when not in doubt);
+        :class:`CorruptStoreError` for one that cannot be this store's."""
+        prepared = jr.read_prepared(self._txn, PREPARED_FILE)
         active = self._checkpoint.generation + 1
-        path = txn / JOURNAL_FILE
-        found = jr.read_generation(path)
-        if found is not None and found > active:
-            raise CorruptStoreError(path, f"journal generation {found} is ahead of the "
-                                          f"checkpoint marker ({active - 1}); restore the "
-                                          f"store from a backup")
-        prepared = jr.read_prepared(txn, PREPARED_FILE)
-        if prepared is not None and prepared.generation > active:
-            raise CorruptStoreError(txn / PREPARED_FILE, f"prepared generation "
-                                                         f"{prepared.generation} is ahead of "
-                                                         f"the checkpoint marker "
-                                                         f"({active - 1}); restore the store "
-                                                         f"from a backup")
-        if prepared is not None and prepared.generation == active:
-            self._journal = jr.UndoJournal(path, active, keep_records=True)
-            self._prepared = prepared.step
-            return
-        if prepared is not None:  # its commit completed; only the removal was missing
-            jr.remove_marker(txn, PREPARED_FILE)
-        if found == active:
-            self._undo(path, active)
-        self._journal = jr.UndoJournal(path, active)
+        if prepared is None or prepared.generation < active:
+            return None
+        if prepared.generation > active:
+            raise CorruptStoreError(self._txn / PREPARED_FILE,
+                                    f"prepared generation {prepared.generation} is ahead of "
+                                    f"the checkpoint marker ({active - 1}); restore the store "
+                                    f"from a backup")
+        if prepared.store_id != self._checkpoint.store_id:
+            raise CorruptStoreError(self._txn / PREPARED_FILE,
+                                    "prepared checkpoint of another store; restore the store "
+                                    "from a backup")
+        return prepared
 
-    def _undo(self, path: Path, generation: int, end: int | None = None) -> None:
-        """Restore the old bytes of every valid record (before byte ``end``), newest
-        first; fsync the chunks."""
-        offsets = [offset for offset, _ in jr.iter_records(path, generation, end)]
-        touched: list[ChunkFiles] = []
-        for offset in reversed(offsets):
-            record = jr.read_record_at(path, offset, generation)
-            table, _, role = record.key.partition("/")
-            files = self._chunk_files(table, role)
-            layout = files.layout
-            if record.rows.shape[1] != layout.row_bytes or (
-                    record.ids.size and (record.ids.min() < 0
-                                         or record.ids.max() >= layout.num_rows)):
-                raise CorruptStoreError(path, f"journal record at byte {offset} does not fit "
-                                              f"array {record.key!r}; restore the store from a "
-                                              f"backup")
-            rows = record.rows.view(layout.dtype_str).reshape(record.ids.size, layout.width)
-            files.write(record.ids.astype(np.int64), rows)
-            if files not in touched:
-                touched.append(files)
-        self._sync(touched)
+    def _recover(self) -> None:
+        """Finish a committed checkpoint whose rows are not all applied; take the sealed
+        segments of an in-doubt prepared checkpoint (see :meth:`prepare`). Uncommitted
+        segments are not read (their rows were never part of the store). Nothing is
+        written unless there is something to finish or a leftover to remove."""
+        txn = self._txn
+        for name in (MARKER_FILE, PREPARED_FILE):
+            for stale in jr.stale_temporaries(txn, name):
+                stale.unlink(missing_ok=True)
+        if (txn / STAGING_DIR).exists():
+            shutil.rmtree(txn / STAGING_DIR, ignore_errors=True)
+        committed = self._checkpoint
+        prepared = self._in_doubt()
+        if committed.apply is not None:
+            self._load_seals(committed.apply, committed.generation,
+                             f"committed checkpoint step {committed.step}")
+            self._finish(committed)
+        if prepared is not None:
+            self._load_seals(prepared.apply or (), prepared.generation,
+                             f"prepared checkpoint step {prepared.step}")
+            self._prepared = prepared.step
+            self._prepared_seals = prepared.apply or ()
+        elif (txn / PREPARED_FILE).exists():  # its commit completed; only the removal was missing
+            jr.remove_marker(txn, PREPARED_FILE)
+
+    def _load_seals(self, seals: Iterable[SegmentSeal], generation: int, what: str) -> None:
+        for seal in seals:
+            table, _, role = seal.key.partition("/")
+            if table not in self._specs or role not in (WEIGHT, STATE):
+                raise CorruptStoreError(self._txn / MARKER_FILE,
+                                        f"{what} names array {seal.key!r}, which the store "
+                                        f"lacks; restore the store from a backup")
+            segment = self._segment(table, role)
+            segment.load(seal, generation, self._spec(table).num_rows, what)
+
+    def _segment(self, name: str, role: str) -> RedoSegment:
+        key = f"{name}/{role}"
+        segment = self._segments.get(key)
+        if segment is None:
+            files = self._chunk_files(name, role)
+            segment = self._segments[key] = RedoSegment(
+                self._txn / REDO_DIR / segment_name(key), key, files.layout.row_bytes,
+                self._store_id, files.layout.num_rows)
+        return segment
 
     # ---- description ----------------------------------------------------------------
     @property
@@ -285,8 +317,13 @@ class TableStore:
         return TableInfo.of(self._spec(name))
 
     def uncommitted_journal_bytes(self) -> int:
-        """Bytes of undo records written since the last checkpoint (0 when read-only)."""
-        return 0 if self._journal is None else self._journal.size_bytes - jr.HEADER_BYTES
+        """Bytes of rows held in redo segments since the last checkpoint (0 when none)."""
+        return sum(seg.bytes_used - REDO_HEADER_BYTES for seg in self._segments.values()
+                   if seg.rows)
+
+    def uncommitted_rows(self) -> int:
+        """Distinct rows written since the last checkpoint (all arrays)."""
+        return sum(seg.rows for seg in self._segments.values())
 
     # ---- tables -------------------------------------------------------------------
     def add_table(self, name: str, num_rows: int, dim: int, *, dtype: str | StoreDType = "fp32",
@@ -315,6 +352,10 @@ class TableStore:
             values = init if _is_block_init(init) else check_init_array(spec, init)
         build_table(self._path, spec, values, progress)
         self._specs[name] = spec
+        roles = (WEIGHT, STATE) if spec.optimizer_state is not None else (WEIGHT,)
+        for role in roles:
+            self._sums.compute(f"{name}/{role}", self._chunk_files(name, role))
+        self._sums.save()
         return TableInfo.of(spec)
 
     def read_table(self, name: str, *, state: bool = False) -> np.ndarray:
@@ -326,7 +367,12 @@ class TableStore:
         if state and spec.optimizer_state is None:
             raise MissingArrayError(self._path / name, f"table {name!r} has no optimizer state")
         array = zarr.open_array(self._path / name / role, mode="r")
-        return np.asarray(array[:])
+        values = np.array(array[:])
+        segment = self._segments.get(f"{name}/{role}")
+        if segment is not None and segment.rows:  # rows written since the checkpoint
+            ids, raw = segment.items()
+            values[ids] = raw.view(values.dtype).reshape(ids.size, -1)
+        return values
 
     # ---- rows ---------------------------------------------------------------------
     def gather(self, name: str, ids: Any, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -382,6 +428,11 @@ class TableStore:
             raise RowShapeError(name, f"out must be a writable C-contiguous {dtype} array of "
                                       f"shape {shape}")
         files.read(id_array, out)
+        key = f"{name}/{role}"
+        self._sums.check(key, files, id_array)
+        segment = self._segments.get(key)
+        if segment is not None:
+            segment.overlay(id_array, out)
         return out
 
     def _scatter(self, name: str, role: str, ids: Any, rows: Any) -> None:
@@ -394,20 +445,14 @@ class TableStore:
             return
         unique, last = _last_occurrence(id_array)
         values = values[last] if last is not None else values
-        with self._write_lock:  # one journal for every table: one writer at a time
-            fresh = files.unjournaled(unique)
-            journal = self._writer_journal()
-            if fresh.any():
-                new_ids = unique[fresh]
-                old = np.empty((new_ids.size, files.layout.width), dtype=files.layout.dtype_str)
-                files.read(new_ids, old)
-                journal.append(f"{name}/{role}", new_ids, old)  # durable before the data write
-                files.mark_journaled(new_ids)
-            files.write(unique, values)
+        with self._write_lock:
+            self._check_not_broken()
+            self._segment(name, role).put(unique, values, self._checkpoint.generation + 1)
 
     # ---- durability ---------------------------------------------------------------
     def flush(self) -> None:
-        """fsync every chunk file written since the last flush (not yet a checkpoint)."""
+        """fsync every chunk file written since the last flush (writes wait in redo
+        segments until a checkpoint, so there is normally nothing to sync)."""
         self._check_writable("flush")
         self._sync(self._files.values())
 
@@ -425,62 +470,169 @@ class TableStore:
         instant reopens the store in exactly this state."""
         self._check_writable("checkpoint")
         self._check_not_prepared("checkpoint")
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise StoreArgumentError(f"checkpoint step must be an int >= 0, got {step!r}")
-        journal = self._writer_journal()
-        self.flush()
-        committed = jr.Checkpoint(step=int(step), generation=journal.generation)
-        jr.write_checkpoint(self._txn, MARKER_FILE, committed)
+        self._check_not_broken()
+        step = _check_step(step)
+        seals = self._seal()
+        committed = jr.Checkpoint(step=step, generation=self._checkpoint.generation + 1,
+                                  store_id=self._checkpoint.store_id, apply=seals or None)
+        jr.write_checkpoint(self._txn, MARKER_FILE, committed)  # the commit point
         self._checkpoint = committed
-        journal.reset(committed.generation + 1)
-        for files in self._files.values():
-            files.forget_journaled()
+        self._finish(committed)
 
     def prepare(self, step: int) -> None:
-        """First phase of a checkpoint at ``step``: every write so far durable, its undo
-        records kept. Until :meth:`commit_prepared` or :meth:`rollback` the store is in
-        doubt (:attr:`prepared_step`): writes are refused, and a crash, :meth:`close`
-        or reopening keeps both outcomes possible."""
+        """First phase of a checkpoint at ``step``: every write so far durable (its redo
+        segments sealed), not yet applied. Until :meth:`commit_prepared` or
+        :meth:`rollback` the store is in doubt (:attr:`prepared_step`): writes are
+        refused, reads see the prepared rows, and a crash, :meth:`close` or reopening
+        keeps both outcomes possible."""
         self._check_writable("checkpoint")
         self._check_not_prepared("prepare")
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise StoreArgumentError(f"checkpoint step must be an int >= 0, got {step!r}")
-        journal = self._writer_journal()
-        self.flush()
-        jr.write_checkpoint(self._txn, PREPARED_FILE,
-                            jr.Checkpoint(step=int(step), generation=journal.generation))
-        self._prepared = int(step)
+        self._check_not_broken()
+        step = _check_step(step)
+        seals = self._seal()
+        jr.write_checkpoint(self._txn, PREPARED_FILE, jr.Checkpoint(
+            step=step, generation=self._checkpoint.generation + 1,
+            store_id=self._checkpoint.store_id, apply=seals))
+        self._prepared = step
+        self._prepared_seals = seals
 
     def commit_prepared(self) -> None:
         """Second phase: the prepared checkpoint becomes the store's last checkpoint
-        (the marker's atomic replace is the commit point)."""
+        (the marker's atomic replace is the commit point), then its rows are applied."""
         self._check_writable("commit_prepared")
+        self._check_not_broken()
         if self._prepared is None:
             raise StoreArgumentError(f"{self._path}: commit_prepared needs a prepared "
                                      f"checkpoint; call prepare(step) first")
-        journal = self._writer_journal()
-        committed = jr.Checkpoint(step=self._prepared, generation=journal.generation)
-        jr.write_checkpoint(self._txn, MARKER_FILE, committed)
+        for seal in self._prepared_seals:  # the chunk files still hold the last checkpoint
+            self._check_changed_blocks(seal.key)
+        committed = jr.Checkpoint(step=self._prepared,
+                                  generation=self._checkpoint.generation + 1,
+                                  store_id=self._checkpoint.store_id,
+                                  apply=self._prepared_seals or None)
+        jr.write_checkpoint(self._txn, MARKER_FILE, committed)  # the commit point
         self._checkpoint = committed
         self._prepared = None
-        journal.reset(committed.generation + 1)
+        self._prepared_seals = ()
+        self._finish(committed)
         jr.remove_marker(self._txn, PREPARED_FILE)
-        for files in self._files.values():
-            files.forget_journaled()
 
     def rollback(self) -> None:
-        """Discard every write since the last checkpoint (restores the old rows); for
-        an in-doubt store: abort the prepared checkpoint."""
+        """Discard every write since the last checkpoint (the chunk files never held
+        them); for an in-doubt store: abort the prepared checkpoint."""
         self._check_writable("rollback")
-        journal = self._writer_journal()
-        if self._prepared is not None:  # from here on, a crash rolls back on open
+        if self._prepared is not None:  # from here on, a crash discards the segments
             jr.remove_marker(self._txn, PREPARED_FILE)
             self._prepared = None
-        if journal.size_bytes > jr.HEADER_BYTES:
-            self._undo(journal.path, journal.generation, journal.size_bytes)
-        journal.reset(journal.generation)
-        for files in self._files.values():
-            files.forget_journaled()
+            self._prepared_seals = ()
+        for segment in self._segments.values():
+            segment.clear()
+
+    def _seal(self) -> tuple[SegmentSeal, ...]:
+        """Seal every segment holding rows, after checking the blocks they change (so
+        that no damaged block is blessed by new checksums)."""
+        seals = []
+        for key, segment in sorted(self._segments.items()):
+            if not segment.rows:
+                continue
+            self._check_changed_blocks(key)
+            seals.append(segment.seal())
+        return tuple(seals)
+
+    def _check_changed_blocks(self, key: str) -> None:
+        """Check the blocks that the rows held for ``key`` change and that no read has
+        checked yet, before a commit point: applying rows recomputes a block's checksum,
+        which must not bless a damaged block."""
+        if not self._sums.has(key):
+            return
+        table, _, role = key.partition("/")
+        files = self._chunk_files(table, role)
+        ids, _ = self._segments[key].items()
+        blocks = np.unique(ids // self._sums.block_rows_of(key))
+        for block in self._sums.unchecked(key, blocks).tolist():
+            damage = self._sums.check_block(key, files, block)
+            if damage is not None:
+                raise CorruptStoreError(files.layout.path, f"{damage}; the checkpoint is "
+                                                           f"refused: restore the store from "
+                                                           f"a backup")
+
+    def _finish(self, committed: jr.Checkpoint) -> None:
+        """Apply a committed checkpoint's sealed rows to the chunk files, sync them,
+        replace the changed blocks' checksums, then drop ``apply`` from the marker."""
+        if committed.apply is not None:
+            try:
+                self._apply(committed.apply)
+                jr.write_checkpoint(self._txn, MARKER_FILE, jr.Checkpoint(
+                    step=committed.step, generation=committed.generation,
+                    store_id=committed.store_id))
+            except BaseException:
+                self._broken = (f"applying checkpoint step {committed.step} failed; close and "
+                                f"reopen the store with mode='r+' to finish it")
+                raise
+            self._checkpoint = jr.Checkpoint(committed.step, committed.generation,
+                                             committed.store_id)
+        for segment in self._segments.values():
+            segment.clear()
+
+    def _apply(self, seals: Iterable[SegmentSeal]) -> None:
+        touched: list[tuple[str, ChunkFiles, np.ndarray]] = []
+        for seal in seals:
+            table, _, role = seal.key.partition("/")
+            files = self._chunk_files(table, role)
+            ids, raw = self._segments[seal.key].items()
+            rows = raw.view(files.layout.dtype_str).reshape(ids.size, files.layout.width)
+            files.write(ids, rows)
+            touched.append((seal.key, files, ids))
+        self._sync(files for _, files, _ in touched)
+        changed = False
+        for key, files, ids in touched:
+            if self._sums.has(key):
+                self._sums.compute(key, files, np.unique(ids // self._sums.block_rows_of(key)))
+                changed = True
+        if changed:
+            self._sums.save()
+
+    # ---- integrity ------------------------------------------------------------------
+    def verify(self, progress: VerifyProgressFn | None = None) -> list[BlockDamage]:
+        """Check every block of every array against its checksum (and every chunk file's
+        size); the damaged blocks, none when the store is sound. ``progress(done,
+        total)`` is called after each block. Arrays recorded without checksums (a store
+        made before them) are reported as such."""
+        self._check_open()
+        arrays = [(name, role) for name in sorted(self._specs)
+                  for role in ((WEIGHT, STATE) if self._specs[name].optimizer_state is not None
+                               else (WEIGHT,))]
+        total = sum(self._sums.blocks_of(f"{name}/{role}") for name, role in arrays)
+        done = 0
+        damages: list[BlockDamage] = []
+        store = str(self._path)
+        for name, role in arrays:
+            key = f"{name}/{role}"
+            try:
+                files = self._chunk_files(name, role)
+            except (CorruptStoreError, MissingArrayError) as exc:
+                damages.append(BlockDamage(store, key, -1, 0, 0, str(exc)))
+                done += self._sums.blocks_of(key)
+                continue
+            if not self._sums.has(key):
+                damages.append(BlockDamage(store, key, -1, 0, 0, "no block checksums recorded "
+                                                                 "(the array predates them)"))
+                continue
+            for block in range(self._sums.blocks_of(key)):
+                try:
+                    problem = self._sums.check_block(key, files, block)
+                except OSError as exc:
+                    problem = f"block {block} cannot be read ({exc})"
+                if problem is not None:
+                    rows = self._sums.block_rows_of(key)
+                    start = block * rows
+                    damages.append(BlockDamage(store, key, block, start,
+                                               min(files.layout.num_rows, start + rows),
+                                               problem.split(") ", 1)[-1]))
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        return damages
 
     def on_close(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` at the start of :meth:`close`, before files are unmapped (a row
@@ -498,9 +650,9 @@ class TableStore:
                     hook()
                 except Exception:  # noqa: BLE001 - the cache reports its errors to its own user
                     pass
-            if (self._journal is not None and not self._journal.broken
-                    and self._prepared is None):  # an in-doubt store waits for its decision
-                self.rollback()
+            if self._mode == "r+" and self._prepared is None:  # in doubt: wait for the decision
+                for segment in self._segments.values():
+                    segment.clear()
         finally:
             self._release()
 
@@ -510,8 +662,9 @@ class TableStore:
         for files in self._files.values():
             files.close()
         self._files.clear()
-        if self._journal is not None:
-            self._journal.close()
+        for segment in self._segments.values():
+            segment.close()
+        self._segments.clear()
         if self._pool is not None:
             self._pool.shutdown()
         os.close(self._lock_fd)
@@ -543,15 +696,9 @@ class TableStore:
                              f"checkpoint of step {self._prepared}; commit_prepared() or "
                              f"rollback() first")
 
-    def _writer_journal(self) -> jr.UndoJournal:
-        journal = self._journal
-        if journal is None:  # pragma: no cover - r+ always has a journal
-            raise ReadOnlyStoreError(self._path, "writing")
-        if journal.broken:
-            raise StoreError(f"{self._path}: the undo journal could not be repaired after a "
-                             f"failed write; close and reopen the store with mode='r+' to roll "
-                             f"back to the last checkpoint")
-        return journal
+    def _check_not_broken(self) -> None:
+        if self._broken is not None:
+            raise StoreError(f"{self._path}: {self._broken}")
 
     def _spec(self, name: str) -> StoredTableSpec:
         spec = self._specs.get(name)
@@ -612,6 +759,12 @@ class TableStore:
         return converted
 
 
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise StoreArgumentError(f"checkpoint step must be an int >= 0, got {step!r}")
+    return int(step)
+
+
 def _last_occurrence(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Sorted unique ids and, per unique id, the index of its last occurrence in ``ids``
     (``None`` when ``ids`` is already sorted and unique)."""
@@ -632,6 +785,21 @@ def _check_map_budget(value: object) -> int:
         raise StoreArgumentError(f"map_budget_bytes must be an integer >= {16 * PAGE_BYTES} "
                                  f"(16 pages), got {value!r}")
     return value
+
+
+def checkpoint_state(path: str | os.PathLike[str]) -> tuple[int | None, int | None]:
+    """Read-only: ``(checkpoint_step, prepared_step)`` of the store at ``path`` as its
+    markers record them (``prepared_step`` None when not in doubt), without opening it
+    or waiting for its writer. Raises what :meth:`TableStore.open` raises for a path
+    that is not a sound store (missing, foreign, damaged markers)."""
+    root = Path(path)
+    _check_store(root)
+    txn = root / TXN_DIR
+    committed = jr.read_checkpoint(txn, MARKER_FILE)
+    prepared = jr.read_prepared(txn, PREPARED_FILE)
+    if prepared is None or prepared.generation != committed.generation + 1:
+        return committed.step, None
+    return committed.step, prepared.step
 
 
 def _is_store(root: Path) -> bool:

@@ -28,10 +28,17 @@ import torch
 
 from dlrm_runtime.embeddings.base import init_generator
 from dlrm_runtime.embeddings.placement import ShardPlacement, TablePlacement
-from dlrm_runtime.errors import ConfigError
+from dlrm_runtime.errors import CheckpointError, ConfigError
 from dlrm_runtime.files import fsync_dir
 from planner import DType, Optimizer, TableSpec, TablesSpec, Tier
-from storage import RecoveryRequiredError, StoreError, StoreLockedError, TableStore
+from storage import (
+    BlockDamage,
+    RecoveryRequiredError,
+    StoreError,
+    StoreLockedError,
+    TableStore,
+    checkpoint_state,
+)
 
 INIT_BLOCK_ROWS_BYTES = 64 * 1024 * 1024
 """Bytes of fp32 rows drawn at once when skipping to a row shard's first row."""
@@ -216,6 +223,78 @@ def check_store_tables(store_dir: str | Path, needed: Sequence[StoreTable]) -> N
     for device in sorted({t.device for t in needed}):
         _check_store_tables(device_store_dir(root, device),
                             [t for t in needed if t.device == device])
+
+
+def check_stores_at(store_dir: str | Path, needed: Sequence[StoreTable],
+                    committed: int | None, checkpoint_dir: str | Path | None) -> None:
+    """Read-only, before any store is created or opened for writing: every device's
+    store under ``store_dir`` can settle on ``committed``, the run's newest committed
+    step (None: none), as :meth:`~dlrm_runtime.embeddings.CachedTables.recover` would
+    (a store in doubt at ``committed`` rolls forward, one in doubt at another step rolls
+    back); :class:`CheckpointError` naming the store otherwise, so that a run refused
+    for its stores writes nothing."""
+    root = check_store_dir(store_dir)
+    for device in sorted({t.device for t in needed}):
+        path = device_store_dir(root, device)
+        if not (path / "zarr.json").is_file():
+            if committed is None:
+                continue  # created when the model is built
+            raise CheckpointError(f"--checkpoint-dir {checkpoint_dir} committed step "
+                                  f"{committed}, but --store-dir {root} has no table store "
+                                  f"for plan device {device} ({path}); pass the --store-dir "
+                                  f"of the run that wrote the checkpoints")
+        try:
+            have, prepared = checkpoint_state(path)
+        except StoreError as exc:
+            raise ConfigError(f"store_dir {str(path)!r} cannot be used as the table store: "
+                              f"{exc}") from exc
+        settled = prepared if prepared is not None and prepared == committed else have
+        if settled != committed:
+            held = "no checkpoint" if settled is None else f"tables trained to step {settled}"
+            wanted = ("no committed checkpoint" if committed is None
+                      else f"its last committed checkpoint at step {committed}")
+            raise CheckpointError(f"the table store {str(path)!r} holds {held}, but the run "
+                                  f"has {wanted}; pass --resume with the --checkpoint-dir of "
+                                  f"the run that wrote the store, or use another --store-dir")
+
+
+def store_paths(path: str | Path) -> list[Path]:
+    """The table stores at ``path``: the store itself, or the ``device-<d>`` stores of a
+    ``--store-dir`` (:class:`ConfigError` when it holds none)."""
+    root = Path(path)
+    if (root / "zarr.json").is_file():
+        return [root]
+    if root.is_dir():
+        found = sorted((p for p in root.iterdir()
+                        if p.name.startswith("device-") and (p / "zarr.json").is_file()),
+                       key=lambda p: (len(p.name), p.name))
+        if found:
+            return found
+    raise ConfigError(f"{root}: holds no table store (a store directory, or a --store-dir "
+                      f"holding {DEVICE_DIR.format(device='D')} stores); give one of those")
+
+
+VerifyProgress = Callable[[str, int, int], None]
+"""``progress(store, blocks_done, blocks_total)`` while :func:`verify_stores` runs."""
+
+
+def verify_stores(path: str | Path,
+                  progress: VerifyProgress | None = None) -> list[BlockDamage]:
+    """Check every block of every store at ``path`` (see :func:`store_paths`) against its
+    checksum, read-only: the damaged blocks (empty when sound). A store that cannot be
+    opened (damaged metadata or markers, a writer's unfinished checkpoint) is one entry
+    with block -1."""
+    damages: list[BlockDamage] = []
+    for store_path in store_paths(path):
+        try:
+            with TableStore.open(store_path, mode="r") as store:
+                damages.extend(store.verify(
+                    None if progress is None
+                    else (lambda done, total, where=str(store_path): progress(where, done,
+                                                                              total))))
+        except StoreError as exc:
+            damages.append(BlockDamage(str(store_path), "-", -1, 0, 0, str(exc)))
+    return damages
 
 
 def _check_store_tables(path: Path, needed: Sequence[StoreTable]) -> None:

@@ -222,6 +222,30 @@ def test_nan_names_the_step_and_the_last_good_checkpoint(tmp_path: Path,
         train(_plan(), MODEL, TrainConfig(steps=12, batch_size=32))
 
 
+def test_nan_right_after_a_resume_suspects_the_checkpoint(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    train(_plan(), MODEL, _config(tmp_path, 8))
+    original = SyntheticClicks.batch
+
+    def poisoned(self, index, batch_size):
+        batch = original(self, index, batch_size)
+        if index == 9:
+            batch.dense[0, 0] = float("nan")
+        return batch
+
+    monkeypatch.setattr(SyntheticClicks, "batch", poisoned)
+    with pytest.raises(TrainingDivergedError) as info:
+        train(_plan(), MODEL, dataclasses.replace(_config(tmp_path, 20), resume=True))
+    message = str(info.value)
+    assert info.value.step == 9 and info.value.resumed_from == 8
+    assert "the checkpoint itself may be damaged" in message and "dlrm-store verify" in message
+    assert "continue from it with --resume" not in message
+    with pytest.raises(TrainingDivergedError) as later:  # a checkpoint written since: as before
+        train(_plan(), MODEL, dataclasses.replace(_config(tmp_path, 20), resume=True,
+                                                  checkpoint_every=1))
+    assert later.value.resumed_from is None and "--resume" in str(later.value)
+
+
 def test_deterministic_mode_trains_and_is_restored(tmp_path: Path) -> None:
     assert not torch.are_deterministic_algorithms_enabled()
     plain = train(_plan(), MODEL, _config(tmp_path / "a", 6))

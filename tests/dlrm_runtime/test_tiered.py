@@ -200,3 +200,71 @@ def _model(plan, store: Path | None = None) -> DLRM:
     dims = [t.embedding_dim for t in plan.tables_spec.tables]
     return DLRM(ModelConfig(dense_features=13, bottom_mlp=(16, 8), top_mlp=(8, 1)),
                 embeddings, dims, seed=4)
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_refused_run_writes_nothing_and_verify_finds_a_flipped_byte(tmp_path: Path,
+                                                                      capsys) -> None:
+    """Refusals (a fresh --store-dir on --resume, a truncated or foreign decision record,
+    checkpoints without --resume) leave every file as it was and create none; a flipped
+    byte in a committed chunk is named by ``dlrm-store verify`` and stops the resumed
+    run on its first read, before it trains on it."""
+    from cli import run as run_cli
+    from cli import store as store_cli
+    from cli.errors import ExitCode
+    from planner import write_plan
+
+    write_plan(worker.tiered_plan(), tmp_path / "plan.json")
+    ck, store = tmp_path / "ck", tmp_path / "store"
+
+    def args(steps: int, store_dir: Path = store, *extra: str) -> list[str]:
+        return ["--plan", str(tmp_path / "plan.json"), "--bottom-mlp", "16,8", "--top-mlp",
+                "8,1", "--batch-size", "32", "--steps", str(steps), "--eval-batches", "1",
+                "--no-progress", "--threads", "1", "--checkpoint-dir", str(ck),
+                "--checkpoint-every", "2", "--store-dir", str(store_dir), "--embedding-lr",
+                "0.1", "--seed", "4", "--deterministic", *extra]
+
+    assert run_cli.main(args(4)) == ExitCode.OK
+    assert store_cli.main(["verify", str(store), "--no-progress"]) == ExitCode.OK
+    capsys.readouterr()
+    before = _tree(tmp_path)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    decision = ck / "committed.json"
+    original = decision.read_bytes()
+    cases = [
+        ("fresh store dir", args(6, fresh, "--resume"), None, "has no table store"),
+        ("no --resume", args(6), None, "already holds checkpoints"),
+        ("truncated decision", args(6, store, "--resume"), original[:len(original) // 2],
+         "decision record"),
+        ("decision of step 999", args(6, store, "--resume"),
+         original.replace(b'"step": 4', b'"step": 999'), "step 999"),
+    ]
+    for what, argv, record, fragment in cases:
+        if record is not None:
+            decision.write_bytes(record)
+        expected = _tree(tmp_path)
+        assert run_cli.main(argv) == ExitCode.BAD_INPUT, what
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and fragment in err, (what, err)
+        assert _tree(tmp_path) == expected, f"{what}: the refused run wrote files"
+        assert not any(fresh.iterdir())
+        decision.write_bytes(original)
+    assert _tree(tmp_path) == before
+
+    chunk = store / "device-0" / "t1" / "weight" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[17] ^= 0x04
+    chunk.write_bytes(bytes(data))
+    assert store_cli.main(["verify", str(store), "--no-progress"]) == ExitCode.BAD_INPUT
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "device-0" in lines[0] and "'t1/weight' block 0" in lines[0]
+    stores = _tree(store)
+    assert run_cli.main(args(6, store, "--resume")) == ExitCode.BAD_INPUT
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the "training ..." line
+    assert last.startswith("dlrm-run: error:") and "t1/weight: block 0" in last, last
+    assert _tree(store) == stores

@@ -155,14 +155,16 @@ class StoreLockedError(StoreError, BlockingIOError):
 
 
 class RecoveryRequiredError(StoreError, RuntimeError):
-    """A read-only open found writes after the last checkpoint (a writer crashed)."""
+    """A read-only open found a checkpoint that a crashed writer left unfinished: in
+    doubt (prepared, undecided) or committed with its rows not yet all applied."""
 
     def __init__(self, path: str | os.PathLike[str], step: int | None) -> None:
         self.path = str(path)
         self.step = step
         at = "its creation" if step is None else f"checkpoint step {step}"
-        super().__init__(f"{self.path} holds writes made after {at} by a writer that did "
-                         f"not finish; open it once with mode='r+' to roll back to {at}")
+        super().__init__(f"{self.path} holds a checkpoint after {at} that a writer did "
+                         f"not finish; open it once with mode='r+' to settle it (a committed "
+                         f"one is finished, an undecided one waits for its coordinator)")
 
 
 class CorruptStoreError(StoreError, OSError):
@@ -185,6 +187,7 @@ class CacheWriteError(StoreError, OSError):
     """A background write-back of the row cache failed: rows evicted from the cache
     were not written.
 
-    The store's undo journal still guarantees that reopening it with ``mode="r+"``
-    rolls back to the last checkpoint; build a new cache after that.
+    The store still guarantees that reopening it with ``mode="r+"`` gives its last
+    checkpoint (rows written since then wait in redo segments that a reopen discards);
+    build a new cache after that.
     """

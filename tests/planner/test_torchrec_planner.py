@@ -113,7 +113,8 @@ def _free_port() -> int:
 
 
 def test_dmp_trains_with_a_collective_plan() -> None:
-    context = multiprocessing.get_context("fork")  # the parent has imported torchrec already
+    # spawn: a forked child of a parent whose torch thread pools have run can deadlock
+    context = multiprocessing.get_context("spawn")
     results = context.Queue()
     port = _free_port()
     workers = [context.Process(target=_worker, args=(rank, port, results)) for rank in range(WORLD)]

@@ -79,7 +79,8 @@ def test_one_process_prices_an_in_memory_row_wise_table_as_the_whole_table() -> 
         (whole.lookup_ms, whole.update_ms, whole.hbm_bytes))
     spread = predict_step(row_plan, config, batch)  # one torch device per plan device
     assert spread.lookup_ms == pytest.approx(whole.lookup_ms + 3 * 0.5)
-    assert spread.hbm_bytes == whole.hbm_bytes
+    # each row-wise shard also holds a pooled-output buffer for the whole batch (fp32)
+    assert spread.hbm_bytes == whole.hbm_bytes + 3 * batch * dim * 4
     replicas = [(d, 0, rows, 0, dim) for d in range(4)]
     dp_plan = table_wise(spec, topo, {"t1": sharded("t1", Sharding.DATA_PARALLEL, *replicas)})
     one_copy = predict_step(dp_plan, config, batch, communication=False)

@@ -113,7 +113,7 @@ def _free_port() -> int:
 
 
 def test_dmp_trains_with_a_collective_plan() -> None:
-    # spawn, not fork: a forked child whose parent ran autograd crashes in its own backward
+    # spawn: a forked child of a parent whose torch thread pools have run can deadlock
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     port = _free_port()

@@ -13,7 +13,13 @@ import torch
 from tqdm import tqdm
 
 from cli.errors import EXIT_CODES_HELP, ExitCode, UsageError, one_line_parse_errors, run_guarded
-from cli.paths import check_input_file, check_output_dir, check_output_file, make_parents
+from cli.paths import (
+    check_input_file,
+    check_not_inputs,
+    check_output_dir,
+    check_output_file,
+    make_parents,
+)
 from cli.progress import bytes_progress
 from cli.report import measured_vs_predicted
 from dlrm_runtime import (
@@ -292,6 +298,8 @@ def _check_args(args: argparse.Namespace) -> None:
                 raise UsageError(f"{flag} needs --nproc-per-node N (the workers per host)")
     if args.checkpoint_every is not None and args.checkpoint_dir is None:
         raise UsageError("--checkpoint-every needs --checkpoint-dir")
+    check_not_inputs({"--metrics-log": args.metrics_log},
+                     {"--plan": args.plan, "--tables": args.tables, "--data": args.data})
     if args.data is not None:
         check_input_file(args.data, "--data")
     elif args.train_lines != (0, None) or args.validation_lines is not None:

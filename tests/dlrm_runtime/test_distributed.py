@@ -30,7 +30,7 @@ from dlrm_runtime import (
     train,
 )
 from dlrm_runtime.checkpoint import export_tables, latest_checkpoint, load_checkpoint
-from dlrm_runtime.distributed import init_from_env, process_group_info
+from dlrm_runtime.distributed import init_from_env, process_group_info, shutdown
 from dlrm_runtime.config import Interaction
 from dlrm_runtime.distributed import (
     DistributedTrainer,
@@ -155,6 +155,9 @@ def _worker(out: Path) -> None:
     results["resumed"] = resumed
     if rank == 0:
         torch.save(results, out / "results.pt")
+    # every rank waits for the others before closing its connections: a rank that exits
+    # while a peer still uses the process group is aborted by gloo
+    shutdown(synchronize=True)
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,7 @@ process count.
 
 The package: :mod:`.collectives` (process group, all-to-all), :mod:`.jobs` (lookup
 jobs, this rank's batch), :mod:`.model_parallel` (this rank's tables and exchanges),
-:mod:`.trainer` (the step and the loop on every rank), :mod:`.launch` (the workers
-started from this process, without torchrun).
+:mod:`.trainer` (the step and the loop on every rank).
 """
 
 from dlrm_runtime.distributed.collectives import (
@@ -52,14 +51,6 @@ from dlrm_runtime.distributed.collectives import (
     shutdown,
 )
 from dlrm_runtime.distributed.jobs import LookupJob, local_batch, lookup_jobs
-from dlrm_runtime.distributed.launch import (
-    LaunchSpec,
-    WorkerFailure,
-    WorkersFailed,
-    WorkersInterrupted,
-    launch,
-    record_failure,
-)
 from dlrm_runtime.distributed.model_parallel import DistributedEmbeddings, DistributedRowOptimizer
 from dlrm_runtime.distributed.trainer import (
     DistributedTrainer,
@@ -68,9 +59,7 @@ from dlrm_runtime.distributed.trainer import (
 )
 
 __all__ = [
-    "DistributedEmbeddings", "DistributedRowOptimizer", "DistributedTrainer", "LaunchSpec",
-    "LookupJob", "WorkerFailure", "WorkersFailed", "WorkersInterrupted", "launch",
-    "record_failure",
+    "DistributedEmbeddings", "DistributedRowOptimizer", "DistributedTrainer", "LookupJob",
     "ProcessGroupInfo", "evaluate_distributed", "init_from_env", "local_batch", "lookup_jobs",
     "process_group_info", "shutdown", "train_distributed",
 ]

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from dlrm_runtime import (  # noqa: E402
     train,
     train_distributed,
 )
-from dlrm_runtime.distributed import shutdown  # noqa: E402
+from dlrm_runtime.distributed import free_port, shutdown  # noqa: E402
 from planner import (  # noqa: E402
     DeviceLoad,
     Plan,
@@ -103,17 +102,12 @@ def _child(args: argparse.Namespace, tier: str, world: int, rank: int, port: int
         shutdown(synchronize=finished)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def measure(args: argparse.Namespace, tier: str, world: int, store: Path,
             work: Path) -> dict:
     """One run; its steady samples/s (global batch) from step ``warmup`` to the end."""
     context = multiprocessing.get_context("fork")
-    port = _free_port()
+    port = free_port()
     logs = [work / f"log-{r}.jsonl" for r in range(world)]
     procs = [context.Process(target=_child, args=(args, tier, world, r, port, str(store),
                                                   str(logs[r]))) for r in range(world)]

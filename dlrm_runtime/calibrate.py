@@ -37,7 +37,6 @@ import datetime as dt
 import math
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -53,7 +52,7 @@ import torch.multiprocessing as mp
 
 from dlrm_runtime.config import ModelConfig, TrainConfig
 from dlrm_runtime.data import Prefetcher, SyntheticClicks, ZipfSampler
-from dlrm_runtime.distributed.collectives import shutdown
+from dlrm_runtime.distributed.collectives import free_port, shutdown
 from dlrm_runtime.embeddings import (
     InMemoryEmbeddings,
     RowOptimizer,
@@ -615,11 +614,6 @@ def _store_rates(sizes: CalibrationSizes, store_dir: str | Path | None,
     return read, write
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _all_to_all_worker(rank: int, port: int, nbytes: int, repeats: int, result: str) -> None:
     backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
@@ -647,7 +641,7 @@ def _all_to_all_worker(rank: int, port: int, nbytes: int, repeats: int, result: 
 def _all_to_all_gbps(nbytes: int, repeats: int) -> tuple[float, str]:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "a2a")
-        mp.spawn(_all_to_all_worker, args=(_free_port(), nbytes, repeats, result), nprocs=2,
+        mp.spawn(_all_to_all_worker, args=(free_port(), nbytes, repeats, result), nprocs=2,
                  join=True)
         value, backend = Path(result).read_text().split()
     return float(value), backend

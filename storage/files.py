@@ -20,31 +20,27 @@ TEMPORARY_SUFFIX = ".tmp"
 """Default suffix of the temporary file of :func:`write_atomic`."""
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (created, renamed, removed files) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _sync(path: str | os.PathLike[str], flags: int, sync: Callable[[int], None]) -> None:
+    fd = os.open(path, flags)
     try:
-        os.fsync(fd)
+        sync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (created, renamed, removed files) durable."""
+    _sync(path, os.O_RDONLY | os.O_DIRECTORY, os.fsync)
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
     """fsync a file's data and metadata."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _sync(path, os.O_RDONLY, os.fsync)
 
 
 def fdatasync_file(path: str | os.PathLike[str]) -> None:
     """fdatasync a file: its data (and its size), not its timestamps."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
+    _sync(path, os.O_RDONLY, os.fdatasync)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

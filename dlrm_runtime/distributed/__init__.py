@@ -46,6 +46,7 @@ jobs, this rank's batch), :mod:`.model_parallel` (this rank's tables and exchang
 
 from dlrm_runtime.distributed.collectives import (
     ProcessGroupInfo,
+    free_port,
     init_from_env,
     process_group_info,
     shutdown,
@@ -60,6 +61,6 @@ from dlrm_runtime.distributed.trainer import (
 
 __all__ = [
     "DistributedEmbeddings", "DistributedRowOptimizer", "DistributedTrainer", "LookupJob",
-    "ProcessGroupInfo", "evaluate_distributed", "init_from_env", "local_batch", "lookup_jobs",
+    "ProcessGroupInfo", "evaluate_distributed", "free_port", "init_from_env", "local_batch", "lookup_jobs",
     "process_group_info", "shutdown", "train_distributed",
 ]

@@ -9,6 +9,7 @@ else gloo on the CPU. Gloo implements ``all_to_all_single`` (uneven splits inclu
 from __future__ import annotations
 
 import datetime
+import socket
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,14 @@ def _env_int(name: str, default: int | None = None) -> int:
         return int(text)
     except ValueError:
         raise ConfigError(f"environment variable {name} must be an integer, got {text!r}") from None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now, for a process group launched by hand (tests,
+    benchmarks, calibration's all-to-all probe)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def init_from_env(timeout_s: float = 600.0) -> int:

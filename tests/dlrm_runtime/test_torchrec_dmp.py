@@ -6,18 +6,27 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import traceback
 import warnings
 from pathlib import Path
 
 import pytest
 
-from planner import AnalyticCostModel, Sharding, parse_tables, parse_topology, to_torchrec
-from planner import ZERO_COST
-from planner import evaluate_plan
-from planner import DeviceLoad, Plan, Shard, SolveReport, TablePlan
-from planner import to_torchrec_sharding_plan
+from planner import (
+    ZERO_COST,
+    AnalyticCostModel,
+    DeviceLoad,
+    Plan,
+    Shard,
+    Sharding,
+    SolveReport,
+    TablePlan,
+    evaluate_plan,
+    parse_tables,
+    parse_topology,
+    to_torchrec,
+    to_torchrec_sharding_plan,
+)
 from tests.conftest import small_topology_doc
 
 with warnings.catch_warnings():
@@ -27,6 +36,8 @@ with warnings.catch_warnings():
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from dlrm_runtime.distributed import free_port  # noqa: E402
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor  # noqa: E402
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder  # noqa: E402
 from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: E402
@@ -88,11 +99,6 @@ def _worker(rank: int, port: int, doc: dict, results: multiprocessing.Queue) -> 
         results.put((rank, traceback.format_exc(), None))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_dmp_accepts_exported_plan(tmp_path: Path) -> None:
     doc = to_torchrec(_plan(), device="cpu")
@@ -108,7 +114,7 @@ def test_dmp_accepts_exported_plan(tmp_path: Path) -> None:
                                                         shard["shard_sizes"]))
     context = multiprocessing.get_context("fork")  # the parent has imported torchrec already
     results = context.Queue()
-    port = _free_port()
+    port = free_port()
     workers = [context.Process(target=_worker, args=(rank, port, doc, results))
                for rank in range(WORLD)]
     for w in workers:

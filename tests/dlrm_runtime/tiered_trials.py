@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import random
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from dlrm_runtime.checkpoint import FAULT_ENV, load_checkpoint, read_decision
+from dlrm_runtime.distributed import free_port
 from storage import TableStore
 from tests.dlrm_runtime import tiered_worker
 
@@ -65,11 +65,6 @@ class Launch:
     """The first step this launch trained (rank 0's metrics log), None if none."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _child(out: str, steps: int, every: int, rank: int, world: int, port: int,
            fault: str | None) -> None:
@@ -99,7 +94,7 @@ def launch(out: Path, steps: int, every: int, world: int, kill: Kill | None,
     metrics = out / "metrics.jsonl"
     start_lines = _lines(metrics)
     context = multiprocessing.get_context("fork")
-    port = _free_port()
+    port = free_port()
     procs = [context.Process(target=_child, args=(str(out), steps, every, r, world, port, fault))
              for r in range(world)]
     for proc in procs:
@@ -189,7 +184,7 @@ def reference(out: Path, steps: int, every: int, world: int) -> float:
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
     context = multiprocessing.get_context("fork")
-    port = _free_port()
+    port = free_port()
     procs = [context.Process(target=_child, args=(str(out), steps, every, r, world, port, None))
              for r in range(world)]
     for proc in procs:

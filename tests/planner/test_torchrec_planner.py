@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import traceback
 import warnings
 
@@ -27,6 +26,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa
 from torchrec.distributed.planner import Topology as TorchRecTopology  # noqa: E402
 from torchrec.distributed.planner.types import ParameterConstraints  # noqa: E402
 from torchrec.optim.keyed import KeyedOptimizerWrapper  # noqa: E402
+from dlrm_runtime.distributed import free_port  # noqa: E402
 
 WORLD = 2
 DIM = 8
@@ -106,17 +106,12 @@ def _worker(rank: int, port: int, results: multiprocessing.Queue) -> None:
         results.put((rank, traceback.format_exc(), None))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_dmp_trains_with_a_collective_plan() -> None:
     # spawn: a forked child of a parent whose torch thread pools have run can deadlock
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
+    port = free_port()
     workers = [context.Process(target=_worker, args=(rank, port, results)) for rank in range(WORLD)]
     for w in workers:
         w.start()

@@ -86,15 +86,12 @@ def test_killed_at_any_instant_resumes_to_the_same_weights(tmp_path: Path) -> No
     """SIGKILL a training process at a random moment after its first checkpoint (maybe
     inside a checkpoint write), resume from what it left, and compare every weight and
     optimizer state bit for bit with an uninterrupted run (one thread everywhere)."""
-    steps = 150
+    steps = 300
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     killed = subprocess.Popen([sys.executable, str(Path(train_worker.__file__)),
                                str(tmp_path / "killed"), str(steps)],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        # the uninterrupted run, here, while the worker starts
-        train(train_worker.plan(), train_worker.MODEL,
-              train_worker.config(str(tmp_path / "whole"), steps, resume=False))
         deadline = time.monotonic() + 60
         while not list_checkpoints(tmp_path / "killed"):
             assert killed.poll() is None, killed.communicate()
@@ -106,6 +103,10 @@ def test_killed_at_any_instant_resumes_to_the_same_weights(tmp_path: Path) -> No
         killed.kill()  # no-op once dead; cleans up when an assertion failed
         killed.communicate()
     assert killed.returncode == -signal.SIGKILL, "finished before the kill: make the run longer"
+    # the uninterrupted run, after the kill (run beside the worker, it let the worker
+    # finish before the kill landed)
+    train(train_worker.plan(), train_worker.MODEL,
+          train_worker.config(str(tmp_path / "whole"), steps, resume=False))
     # one complete checkpoint, or two when the kill came after a new one was renamed
     # into place but before the older one was removed: the newest is the run's
     found = list_checkpoints(tmp_path / "killed")

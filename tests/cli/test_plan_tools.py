@@ -26,7 +26,7 @@ def specs(tmp_path: Path) -> tuple[Path, Path]:
 def _capacity(specs, out: Path, *extra: str) -> int:
     tables, topology = specs
     return plan_cli.main(["capacity", "--tables", str(tables), "--topology", str(topology),
-                          "--global-batch", "512", "-o", str(out), "--time-limit", "10",
+                          "--global-batch", "512", "-o", str(out), "--time-limit", "60",
                           *extra])
 
 

@@ -13,7 +13,13 @@ from pathlib import Path
 from cli import plan_tools
 from cli.chart import draw_chart
 from cli.errors import EXIT_CODES_HELP, ExitCode, UsageError, one_line_parse_errors, run_guarded
-from cli.paths import check_input_file, check_output_dir, check_output_file, write_output
+from cli.paths import (
+    check_input_file,
+    check_not_inputs,
+    check_output_dir,
+    check_output_file,
+    write_output,
+)
 from cli.progress import bytes_progress
 from cli.report import device_table, measured_vs_predicted, solve_summary, table_choices
 from planner import (
@@ -363,6 +369,9 @@ def _load_cost_model(spec: str):
 
 
 def _plan(args: argparse.Namespace) -> int:
+    check_not_inputs({"-o/--output": args.output},
+                     {"--tables": args.tables, "--topology": args.topology,
+                      "--constraints": args.constraints, "--from": args.from_plan})
     check_output_file(args.output, "-o/--output")
     tables = load_tables(args.tables)
     topology = load_topology(args.topology)
@@ -390,11 +399,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    check_not_inputs({"--chart": args.chart}, {"PLAN": args.plan, "--measured": args.measured})
     if args.chart:
         check_output_file(args.chart, "--chart")
     if args.measured:
         check_input_file(args.measured, "--measured")
     result = read_plan(args.plan)
+    records = timing_records(args.measured, plan_sha256(result)) if args.measured else []
     print(device_table(result))
     print(solve_summary(result))
     print()
@@ -402,8 +413,8 @@ def _show(args: argparse.Namespace) -> int:
     if args.chart:
         write_output(args.chart, "--chart", lambda path: draw_chart(result, path))
         print(f"chart written to {args.chart}")
-    if args.measured:
-        for record in timing_records(args.measured, plan_sha256(result)):
+    if records:
+        for record in records:
             where = f" (rank {record['rank']})" if "rank" in record else ""
             print(f"\nmeasured by dlrm-run at step {record['step']}, batch {record['batch_size']}"
                   f"{where}:")
@@ -440,6 +451,8 @@ def _profile(args: argparse.Namespace) -> int:
     from dlrm_runtime import open_or_build_cache, profile_tables
 
     check_input_file(args.data, "DATA")
+    check_not_inputs({"-o/--output": args.output, "--cache": args.cache},
+                     {"DATA": args.data, "--tables": args.tables})
     check_output_file(args.output, "-o/--output")
     if args.sample is not None and args.sample < 1:
         raise UsageError(f"--sample must be >= 1, got {args.sample}")
@@ -535,6 +548,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    check_not_inputs({"-o/--output": args.output},
+                     {"PLAN": args.plan, "--tables": args.tables, "--topology": args.topology})
     if args.output:
         check_output_file(args.output, "-o/--output")
     model = _load_cost_model(args.cost_model) if args.cost_model else AnalyticCostModel()
@@ -574,6 +589,7 @@ def _read_json(path: str) -> object:
 
 
 def _export(args: argparse.Namespace) -> int:
+    check_not_inputs({"-o/--output": args.output}, {"PLAN": args.plan})
     check_output_file(args.output, "-o/--output")
     source = read_plan(args.plan)
     doc = to_torchrec(source, args.module_path, args.device)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cli.errors import EXIT_CODES_HELP, ExitCode
+from cli.paths import check_not_inputs, check_output_file
 from planner import (
     GB,
     CapacityResult,
@@ -93,6 +94,12 @@ def build_capacity_parser() -> argparse.ArgumentParser:
 
 def run_capacity(args: argparse.Namespace) -> int:
     _check_capacity_flags(args)
+    plan_path = args.plan or _default_plan_path(args.output)
+    outputs = {"-o/--output": args.output, "--plan": plan_path, "--chart": args.chart}
+    check_not_inputs(outputs, {"--tables": args.tables, "--topology": args.topology})
+    for flag, path in outputs.items():
+        if path is not None:
+            check_output_file(path, flag)
     tables = load_tables(args.tables)
     topology = load_topology(args.topology)
     model = load_cost_model(args.cost_model) if args.cost_model else None
@@ -116,14 +123,13 @@ def run_capacity(args: argparse.Namespace) -> int:
                        options=options, progress=say)
         if not args.quiet:
             print(sweep_table(trials, args.global_batch, args.target_ms))
-        if args.chart:
+        if args.chart and result is not None:  # no chart of a failed search
             draw_sweep(trials, args.global_batch, args.target_ms, args.chart,
                        None if result is None else result.hosts)
             if not args.quiet:
                 print(f"chart written to {args.chart}")
     if unreachable is not None or result is None:  # the sweep is shown; now the error
         raise unreachable or PlannerError("no capacity result")
-    plan_path = args.plan or _default_plan_path(args.output)
     report = result.to_json(plan_path)
     if trials:
         report["sweep"] = [t.to_json() for t in trials]
@@ -238,6 +244,9 @@ def build_diff_parser() -> argparse.ArgumentParser:
 
 
 def run_diff(args: argparse.Namespace) -> int:
+    check_not_inputs({"-o/--output": args.output}, {"A": args.old, "B": args.new})
+    if args.output:
+        check_output_file(args.output, "-o/--output")
     diff = diff_plans(read_plan(args.old), read_plan(args.new))
     print(diff_report(diff, show_all=args.all))
     if args.output:

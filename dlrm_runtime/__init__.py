@@ -25,7 +25,13 @@ from dlrm_runtime.data import (
 )
 from dlrm_runtime.distributed import (
     DistributedTrainer,
+    LaunchSpec,
+    WorkerFailure,
+    WorkersFailed,
+    WorkersInterrupted,
     init_from_env,
+    launch,
+    record_failure,
     shutdown,
     train_distributed,
 )
@@ -64,7 +70,8 @@ from dlrm_runtime.train import (
 
 __all__ = [
     "CheckpointError", "ConfigError", "CriteoCache", "CriteoClicks", "DLRM",
-    "DistributedTrainer", "EvalResult", "InMemoryEmbeddings", "Interaction",
+    "DistributedTrainer", "EvalResult", "LaunchSpec", "WorkerFailure", "WorkersFailed",
+    "WorkersInterrupted", "launch", "record_failure", "InMemoryEmbeddings", "Interaction",
     "ModelConfig", "PlanMismatchError", "Progress", "RunSetup", "RuntimeErrorBase",
     "ShardedTable", "SparseBatch", "SyntheticClicks", "TableBatchedBags", "TrainConfig",
     "TrainResult", "Trainer", "TrainingDivergedError", "TrainingInterrupted", "as_flag",

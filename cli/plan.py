@@ -380,14 +380,15 @@ def _plan(args: argparse.Namespace) -> int:
                               cache_fractions=args.cache_fractions)
     constraints = (load_constraints(args.constraints, tables, topology) if args.constraints
                    else NO_CONSTRAINTS)
+    options = PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
+                          args.seed, settings, constraints, gap=args.gap, stall_s=args.stall)
+    old = plan_tools.checked_replan(args, tables, topology, options) if args.from_plan else None
     if not args.quiet:
         print(f"planning {len(tables.tables)} tables on {topology.world_size} devices "
               f"({topology.hosts} host(s)); solver {args.solver}, limit {args.time_limit:g} s",
               file=sys.stderr)
-    options = PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
-                          args.seed, settings, constraints, gap=args.gap, stall_s=args.stall)
-    if args.from_plan is not None:
-        return plan_tools.run_replan(args, tables, topology, model, options)
+    if old is not None:
+        return plan_tools.run_replan(args, old, tables, topology, model, options)
     result = plan(tables, topology, cost_model=model, options=options)
     write_output(args.output, "-o/--output", lambda path: write_plan(result, path),
                  say=(lambda _: None) if args.quiet else lambda line: print(line, file=sys.stderr))

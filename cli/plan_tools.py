@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 from cli.errors import EXIT_CODES_HELP, ExitCode
 from cli.paths import check_not_inputs, check_output_file
+from cli.progress import status_line
 from planner import (
     GB,
     CapacityResult,
     ChangeKind,
     HostTrial,
     PlanDiff,
+    Plan,
     PlanOptions,
     PlannerError,
     ReplanResult,
@@ -23,6 +24,7 @@ from planner import (
     TargetUnreachableError,
     Topology,
     capacity,
+    check_replan,
     diff_plans,
     load_cost_model,
     load_tables,
@@ -104,30 +106,29 @@ def run_capacity(args: argparse.Namespace) -> int:
     topology = load_topology(args.topology)
     model = load_cost_model(args.cost_model) if args.cost_model else None
     options = PlanOptions(time_limit_s=args.time_limit, threads=args.threads, solver=args.solver)
-    say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
-    say(f"capacity: {len(tables.tables)} tables, hosts of {topology.devices_per_host} device(s), "
-        f"global batch {args.global_batch}, target {args.target_ms:g} ms")
-    unreachable: TargetUnreachableError | None = None
-    try:
-        result: CapacityResult | None = capacity(
-            tables, topology, args.global_batch, args.target_ms, max_hosts=args.max_hosts,
-            cost_model=model, options=options, progress=say)
-    except TargetUnreachableError as exc:
-        if not args.sweep:
-            raise
-        result, unreachable = None, exc
-    trials: tuple[HostTrial, ...] = ()
-    if args.sweep:
-        last = args.max_hosts if result is None else min(args.max_hosts, 2 * result.hosts)
-        trials = sweep(tables, topology, args.global_batch, range(1, last + 1), cost_model=model,
-                       options=options, progress=say)
+    with status_line(args.quiet) as say:
+        say(f"capacity: {len(tables.tables)} tables, hosts of {topology.devices_per_host} "
+            f"device(s), global batch {args.global_batch}, target {args.target_ms:g} ms")
+        unreachable: TargetUnreachableError | None = None
+        try:
+            result: CapacityResult | None = capacity(
+                tables, topology, args.global_batch, args.target_ms, max_hosts=args.max_hosts,
+                cost_model=model, options=options, progress=say)
+        except TargetUnreachableError as exc:
+            if not args.sweep:
+                raise
+            result, unreachable = None, exc
+        trials: tuple[HostTrial, ...] = ()
+        if args.sweep:
+            last = args.max_hosts if result is None else min(args.max_hosts, 2 * result.hosts)
+            trials = sweep(tables, topology, args.global_batch, range(1, last + 1),
+                           cost_model=model, options=options, progress=say)
+    if trials and not args.quiet:
+        print(sweep_table(trials, args.global_batch, args.target_ms))
+    if args.chart and trials and result is not None:  # no chart of a failed search
+        draw_sweep(trials, args.global_batch, args.target_ms, args.chart, result.hosts)
         if not args.quiet:
-            print(sweep_table(trials, args.global_batch, args.target_ms))
-        if args.chart and result is not None:  # no chart of a failed search
-            draw_sweep(trials, args.global_batch, args.target_ms, args.chart,
-                       None if result is None else result.hosts)
-            if not args.quiet:
-                print(f"chart written to {args.chart}")
+            print(f"chart written to {args.chart}")
     if unreachable is not None or result is None:  # the sweep is shown; now the error
         raise unreachable or PlannerError("no capacity result")
     report = result.to_json(plan_path)
@@ -326,11 +327,21 @@ def check_replan_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--from re-plans with the ILP; drop --baseline")
 
 
-def run_replan(args: argparse.Namespace, tables: TablesSpec, topology: Topology, model,
-               options: PlanOptions) -> int:
+def _budget(args: argparse.Namespace) -> int | None:
+    return None if args.max_migrate_gb is None else int(args.max_migrate_gb * GB)
+
+
+def checked_replan(args: argparse.Namespace, tables: TablesSpec, topology: Topology,
+                   options: PlanOptions) -> Plan:
+    """The ``--from`` plan, read and checked against the new inputs before any work."""
     old = read_plan(args.from_plan)
-    budget = None if args.max_migrate_gb is None else int(args.max_migrate_gb * GB)
-    result = replan(old, tables, topology, max_migrate_bytes=budget, cost_model=model,
+    check_replan(old, tables, topology, _budget(args), options)
+    return old
+
+
+def run_replan(args: argparse.Namespace, old: Plan, tables: TablesSpec, topology: Topology,
+               model, options: PlanOptions) -> int:
+    result = replan(old, tables, topology, max_migrate_bytes=_budget(args), cost_model=model,
                     options=options)
     write_plan(result.plan, args.output)
     if not args.quiet:
@@ -359,4 +370,4 @@ def replan_summary(result: ReplanResult) -> str:
 
 
 __all__ = ["add_replan_flags", "build_capacity_parser", "build_diff_parser",
-           "check_replan_flags", "run_capacity", "run_diff", "run_replan"]
+           "check_replan_flags", "checked_replan", "run_capacity", "run_diff", "run_replan"]

@@ -359,9 +359,9 @@ def _checked(args: argparse.Namespace, world: int, rank: int
     batch_size = plan.topology.global_batch_size if args.batch_size is None else args.batch_size
     config = _train_config(args, batch_size, args.eval_batches)
     config.check(as_flag)
-    setup = prepare_run(plan, config, world_size=world, rank=rank)
     model = model_config(args, plan)
     model.check(tuple(t.embedding_dim for t in plan.tables_spec.tables), as_flag)
+    setup = prepare_run(plan, config, world_size=world, rank=rank, model=model)
     return plan, setup, model, batch_size
 
 

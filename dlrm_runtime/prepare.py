@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlrm_runtime.checkpoint import committed_step
-from dlrm_runtime.config import TrainConfig
+from dlrm_runtime.checkpoint import check_continues, committed_step, fingerprint
+from dlrm_runtime.config import ModelConfig, TrainConfig
 from dlrm_runtime.embeddings import (
     StoreTable,
     TablePlacement,
@@ -60,12 +60,14 @@ def check_batch_size(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def check_resume(config: TrainConfig, needed: tuple[StoreTable, ...]) -> None:
+def check_resume(plan: Plan, config: TrainConfig, needed: tuple[StoreTable, ...],
+                 model: ModelConfig | None = None) -> None:
     """Read-only, before anything is written: the checkpoint directory's committed step
     (an unreadable decision record raises here), a directory of another run's
-    checkpoints without ``resume``, and the table stores against that step (see
-    :func:`~dlrm_runtime.embeddings.check_stores_at`): a refused run leaves every file
-    as it was and creates none."""
+    checkpoints without ``resume``, with ``resume`` and ``model`` the committed
+    checkpoint against this run (another run's, or past ``config.steps``), and the table
+    stores against that step (see :func:`~dlrm_runtime.embeddings.check_stores_at`): a
+    refused run leaves every file as it was and creates none."""
     committed = None
     if config.checkpoint_dir is not None and Path(config.checkpoint_dir).is_dir():
         committed = committed_step(config.checkpoint_dir, two_phase=bool(needed))
@@ -73,12 +75,15 @@ def check_resume(config: TrainConfig, needed: tuple[StoreTable, ...]) -> None:
             raise CheckpointError(f"{config.checkpoint_dir} already holds checkpoints (newest "
                                   f"committed: step {committed}); pass --resume to continue "
                                   f"that run or choose an empty --checkpoint-dir")
+        if committed is not None and model is not None:
+            check_continues(config.checkpoint_dir, committed, fingerprint(plan, model, config),
+                            config.steps)
     if needed and config.store_dir is not None:
         check_stores_at(config.store_dir, needed, committed, config.checkpoint_dir)
 
 
 def prepare_run(plan: Plan, config: TrainConfig, *, world_size: int = 1,
-                rank: int = 0) -> RunSetup:
+                rank: int = 0, model: ModelConfig | None = None) -> RunSetup:
     """Check a run of ``plan`` with ``config`` on ``world_size`` processes before any
     work: the config itself, the plan's device count against the world size (when more
     than one process), the batch against the world size, every table's shards against
@@ -86,7 +91,8 @@ def prepare_run(plan: Plan, config: TrainConfig, *, world_size: int = 1,
     and, for tables in a cached tier, ``config.store_dir``: it must be given, and on
     rank 0 its stores are looked at read-only (a store made for other tables is
     refused; a missing one is created when the model is built), and with a checkpoint
-    directory the stores against its committed step (:func:`check_resume`)."""
+    directory the stores against its committed step and, given the run's ``model``,
+    the committed checkpoint against the run (:func:`check_resume`)."""
     config.check()
     if world_size > 1:
         check_world_size(plan, world_size)
@@ -101,5 +107,5 @@ def prepare_run(plan: Plan, config: TrainConfig, *, world_size: int = 1,
         if rank == 0:
             check_store_tables(config.store_dir, needed)
     if rank == 0:
-        check_resume(config, needed)
+        check_resume(plan, config, needed, model)
     return RunSetup(plan, placements, needed, world_size, rank, local)

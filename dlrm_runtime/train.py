@@ -18,6 +18,7 @@ from dlrm_runtime.checkpoint import (
     FORMAT_VERSION,
     PREFIX,
     check_fingerprint,
+    check_not_past,
     committed_step,
     export_tables,
     fingerprint,
@@ -345,7 +346,7 @@ def train(
     :func:`dlrm_runtime.embeddings.memory.tune_malloc`); restores torch's thread count and
     deterministic flag on return.
     """
-    setup = prepare_run(plan, config) if setup is None else setup
+    setup = prepare_run(plan, config, model=model_config) if setup is None else setup
     with torch_settings(config):
         return _train(setup, model_config, config, data, progress, metrics_log, timing_every)
 
@@ -556,9 +557,7 @@ def _resume(loop: LoopSetup, trainer: Stepper, store: CachedTables | None,
     state = load_checkpoint(latest)  # every rank reads it: a shared directory
     check_fingerprint(state.get("fingerprint", {}), run_fingerprint, latest)
     first_step = int(state["step"])
-    if first_step > config.steps:
-        raise CheckpointError(f"checkpoint {latest} is at step {first_step}, past the "
-                              f"{config.steps} steps asked for; ask for more steps")
+    check_not_past(latest, first_step, config.steps)
     trainer.restore(state, latest)
     return _Resumed(first_step, [float(v) for v in state["recent_losses"]], first_step,
                     str(latest))

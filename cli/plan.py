@@ -34,6 +34,7 @@ from planner import (
     Sharding,
     Tier,
     check_plan_fits,
+    check_plan_inputs,
     cost_model_name,
     evaluate_plan,
     from_torchrec,
@@ -49,7 +50,7 @@ from planner import (
     write_json_atomic,
     write_plan,
 )
-from planner.tools import DEVICES, recut_tables
+from planner.tools import DEVICES, check_module_path, recut_tables
 
 PROG = "dlrm-plan"
 
@@ -383,6 +384,8 @@ def _plan(args: argparse.Namespace) -> int:
     options = PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
                           args.seed, settings, constraints, gap=args.gap, stall_s=args.stall)
     old = plan_tools.checked_replan(args, tables, topology, options) if args.from_plan else None
+    if old is None:
+        check_plan_inputs(tables, topology, options)
     if not args.quiet:
         print(f"planning {len(tables.tables)} tables on {topology.world_size} devices "
               f"({topology.hosts} host(s)); solver {args.solver}, limit {args.time_limit:g} s",
@@ -463,12 +466,12 @@ def _profile(args: argparse.Namespace) -> int:
         cache = open_or_build_cache(args.data, cache_path, tables, strict=args.strict,
                                     progress=progress)
     header = cache.header
-    print(f"{len(cache)} samples in {cache_path}", file=sys.stderr)
-    malformed = header.malformed
-    if malformed:
-        print(f"warning: {malformed} malformed lines skipped (--strict stops at the first)",
-              file=sys.stderr)
     try:
+        if len(cache) == 0:
+            first = header.errors[0] if header.errors else None
+            raise UsageError(f"{args.data}: no samples to profile ({header.lines:,} lines"
+                             + (f", all malformed; line {first['line']}: {first['reason']}"
+                                if first else "") + ")")
         profiled = profile_tables(cache, tables, sample=args.sample)
         write_output(args.output, "-o/--output",
                      lambda path: write_json_atomic(profiled.to_json(), path))
@@ -476,6 +479,10 @@ def _profile(args: argparse.Namespace) -> int:
         if cache.built:  # a failed run leaves no cache behind
             cache.path.unlink(missing_ok=True)
         raise
+    print(f"{len(cache):,} samples in {cache_path}", file=sys.stderr)
+    if header.malformed:
+        print(f"warning: {header.malformed} malformed lines skipped (--strict stops at the "
+              f"first)", file=sys.stderr)
     print(f"tables spec with measured access profiles written to {args.output}")
     return ExitCode.OK
 
@@ -592,6 +599,7 @@ def _read_json(path: str) -> object:
 def _export(args: argparse.Namespace) -> int:
     check_not_inputs({"-o/--output": args.output}, {"PLAN": args.plan})
     check_output_file(args.output, "-o/--output")
+    check_module_path(args.module_path)
     source = read_plan(args.plan)
     doc = to_torchrec(source, args.module_path, args.device)
     write_output(args.output, "-o/--output", lambda path: write_json_atomic(doc, path))

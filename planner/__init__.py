@@ -74,6 +74,7 @@ from planner.search import (
     DEFAULT_STALL_S,
     OptionSettings,
     PlanOptions,
+    check_plan_inputs,
     cost_model_name,
     plan,
 )
@@ -113,7 +114,7 @@ __all__ = [
     # the plan file
     "DeviceLoad", "SolveReport", "StopReason", "write_json_atomic",
     # search
-    "BASELINES", "DEFAULT_GAP", "DEFAULT_STALL_S", "OptionSettings", "cost_model_name",
+    "BASELINES", "DEFAULT_GAP", "DEFAULT_STALL_S", "OptionSettings", "check_plan_inputs", "cost_model_name",
     # tools
     "ChangeKind", "HostTrial", "capacity_overflows", "check_plan_fits", "evaluate_plan",
     "explain", "shard_option",

@@ -37,6 +37,14 @@ def evaluate_plan(plan: Plan, model: CostModel, model_name: str, topology: Topol
     if topology.world_size < plan.topology.world_size:
         raise PlanFileError("<plan>", f"the plan uses {plan.topology.world_size} devices, the "
                                       f"topology has {topology.world_size}")
+    replicated = [t.name for t in plan.tables if t.sharding is Sharding.DATA_PARALLEL]
+    if topology.world_size != plan.topology.world_size and replicated:
+        raise PlanFileError("<plan>", f"the plan replicates data-parallel table "
+                                      f"{replicated[0]!r} on its {plan.topology.world_size} "
+                                      f"devices, the topology has {topology.world_size}: a "
+                                      f"data-parallel table needs a replica on every device; "
+                                      f"evaluate on a topology of {plan.topology.world_size} "
+                                      f"devices or re-plan for {topology.world_size}")
     world = topology.world_size
     loads, hbm = [0.0] * world, [0] * world
     tables = []

@@ -22,6 +22,7 @@ from planner import (
     ReplanResult,
     TablesSpec,
     TargetUnreachableError,
+    Tier,
     Topology,
     capacity,
     check_replan,
@@ -282,15 +283,21 @@ def diff_report(diff: PlanDiff, show_all: bool = False) -> str:
                      f"{d.bytes_in / MB:>10.1f} {d.bytes_out / MB:>10.1f}")
     shown = [t for t in diff.tables if show_all or t.kind is not ChangeKind.UNCHANGED]
     if shown:
-        lines.append(f"{'table':<24} {'change':<10} {'sharding':<32} {'devices':<24} "
-                     f"{'moved MB':>9}")
+        lines.append(f"{'table':<24} {'change':<10} {'sharding':<32} {'tier':<26} "
+                     f"{'devices':<24} {'moved MB':>9}")
         for t in shown:
             old = t.old_sharding.value if t.old_sharding else "-"
             new = t.new_sharding.value if t.new_sharding else "-"
+            tiers = f"{_tier_names(t.old_tiers)} -> {_tier_names(t.new_tiers)}"
             lines.append(f"{t.name:<24} {t.kind.value:<10} {old + ' -> ' + new:<32} "
+                         f"{tiers:<26} "
                          f"{_span(t.old_devices) + ' -> ' + _span(t.new_devices):<24} "
                          f"{t.moved_bytes / MB:>9.1f}")
     return "\n".join(lines)
+
+
+def _tier_names(tiers: tuple[Tier, ...]) -> str:
+    return "+".join(t.value for t in tiers) or "-"
 
 
 def _span(devices: tuple[int, ...]) -> str:

@@ -183,7 +183,35 @@ def plan(
         stop_reason=stop,
         target_gap=options.gap,
     )
-    return assemble_plan(tables, topology, name, best.options, best.placed, report)
+    result = assemble_plan(tables, topology, name, best.options, best.placed, report)
+    return replace(result, tables=tuple(
+        replace(t, limited_by=limited_by(t.name, options)) for t in result.tables))
+
+
+def limited_by(name: str, options: PlanOptions) -> str | None:
+    """In words, what narrowed table ``name``'s options (its constraints, the
+    planner's ``--tiers`` and ``--sharding``); None when nothing did."""
+    rules = options.constraints.rules(name)
+    settings = options.candidates
+    parts = []
+    for what, values in (("tiers", rules.tiers), ("shardings", rules.shardings)):
+        if values:
+            parts.append(f"constraint {what} {sorted(v.value for v in values)}")
+    if rules.device is not None:
+        parts.append(f"constraint device {rules.device}")
+    if rules.host is not None:
+        parts.append(f"constraint host {rules.host}")
+    if rules.max_shards is not None:
+        parts.append(f"constraint max_shards {rules.max_shards}")
+    if any(name in group for group in options.constraints.colocate):
+        parts.append("constraint colocate")
+    if any(name in pair for pair in options.constraints.separate):
+        parts.append("constraint separate")
+    if settings.tiers != frozenset(Tier):
+        parts.append(f"--tiers {','.join(sorted(t.value for t in settings.tiers))}")
+    if settings.shardings != frozenset(Sharding):
+        parts.append(f"--sharding {','.join(sorted(s.value for s in settings.shardings))}")
+    return "; ".join(parts) or None
 
 
 def _check_options(options: PlanOptions) -> None:

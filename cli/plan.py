@@ -420,8 +420,12 @@ def _show(args: argparse.Namespace) -> int:
     if records:
         for record in records:
             where = f" (rank {record['rank']})" if "rank" in record else ""
-            print(f"\nmeasured by dlrm-run at step {record['step']}, batch {record['batch_size']}"
-                  f"{where}:")
+            batch = record["batch_size"]
+            print(f"\nmeasured by dlrm-run at step {record['step']}, batch {batch}{where}:")
+            if batch != result.topology.global_batch_size:
+                print(f"  (predicted at the run's batch of {batch}; the plan's "
+                      f"{result.solve.objective_ms:.4f} ms/step above is at the topology's "
+                      f"global batch of {result.topology.global_batch_size})")
             print(measured_vs_predicted(record["measured"], record["predicted"]))
     return ExitCode.OK
 

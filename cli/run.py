@@ -452,7 +452,11 @@ def format_result(result: TrainResult) -> str:
             line += (f"; the hidden teacher's AUC {v.teacher_auc:.4f} "
                      f"(model reaches {v.auc / v.teacher_auc:.1%} of it)")
         lines.append(line)
-    if result.times is not None and result.prediction is not None:
+    if result.rank_timings:
+        for rank, record in enumerate(result.rank_timings):
+            lines.append(f"rank {rank}:")
+            lines.append(measured_vs_predicted(record["measured"], record["predicted"]))
+    elif result.times is not None and result.prediction is not None:
         lines.append(measured_vs_predicted(result.times.to_json() | {
             "embedding_bytes": result.embedding_bytes}, result.prediction.to_json()))
     if result.resumed_from is not None:

@@ -326,6 +326,9 @@ def _optional_number(value: Any) -> float | None:
 def _what_instead(doc: dict[str, Any]) -> str:
     """What a JSON object without ``schema_version`` is, for the error message."""
     make = "make a plan with dlrm-plan --tables TABLES --topology TOPOLOGY -o PLAN"
+    if doc.get("format") == "torchrec_sharding_plan":
+        return ("this is a TorchRec plan (dlrm-plan export); read it with --format torchrec "
+                "--tables TABLES")
     if isinstance(doc.get("tables"), list) and "devices" not in doc:
         return f"this is a tables spec, not a plan; {make}"
     if "devices_per_host" in doc or "hosts" in doc:

@@ -28,6 +28,7 @@ from dlrm_runtime import (
     Interaction,
     LaunchSpec,
     ModelConfig,
+    PeerRefusedError,
     Progress,
     RunSetup,
     TrainConfig,
@@ -262,7 +263,14 @@ def worker(argv: list[str], user_argv: list[str]) -> int:
     once) and the worker exits with its code, which stops the other workers.
     ``user_argv`` is the command as typed (for the resume hint)."""
     args = one_line_parse_errors(build_parser()).parse_args(argv)
-    code = run_guarded(PROG, args.verbose, lambda: _run(args),
+
+    def body() -> int:
+        try:
+            return _run(args)
+        except PeerRefusedError:  # rank 0 records why; this rank only stops
+            raise SystemExit(ExitCode.BAD_INPUT) from None
+
+    code = run_guarded(PROG, args.verbose, body,
                        on_interrupt=lambda exc: _resume_hint(exc, args, user_argv),
                        report=record_failure)
     if code != ExitCode.OK:

@@ -49,6 +49,7 @@ from dlrm_runtime.embeddings import (
 from dlrm_runtime.errors import (
     CheckpointError,
     ConfigError,
+    PeerRefusedError,
     PlanMismatchError,
     RuntimeErrorBase,
     TrainingDivergedError,
@@ -72,7 +73,7 @@ __all__ = [
     "CheckpointError", "ConfigError", "CriteoCache", "CriteoClicks", "DLRM",
     "DistributedTrainer", "EvalResult", "LaunchSpec", "WorkerFailure", "WorkersFailed",
     "WorkersInterrupted", "launch", "record_failure", "InMemoryEmbeddings", "Interaction",
-    "ModelConfig", "PlanMismatchError", "Progress", "RunSetup", "RuntimeErrorBase",
+    "ModelConfig", "PeerRefusedError", "PlanMismatchError", "Progress", "RunSetup", "RuntimeErrorBase",
     "ShardedTable", "SparseBatch", "SyntheticClicks", "TableBatchedBags", "TrainConfig",
     "TrainResult", "Trainer", "TrainingDivergedError", "TrainingInterrupted", "as_flag",
     "build_model", "calibrate", "check_plan_matches", "check_store_dir", "device_for",

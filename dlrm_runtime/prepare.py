@@ -19,7 +19,12 @@ from dlrm_runtime.embeddings import (
     placements_from_plan,
     store_tables,
 )
-from dlrm_runtime.errors import CheckpointError, ConfigError, PlanMismatchError
+from dlrm_runtime.errors import (
+    CheckpointError,
+    ConfigError,
+    PeerRefusedError,
+    PlanMismatchError,
+)
 from planner import Plan
 
 
@@ -104,8 +109,43 @@ def prepare_run(plan: Plan, config: TrainConfig, *, world_size: int = 1,
             names = sorted({t.spec.name for t in needed})
             raise ConfigError(f"the plan caches tables {names} over the table store: pass "
                               f"--store-dir DIR (created when new or empty)")
-        if rank == 0:
-            check_store_tables(config.store_dir, needed)
-    if rank == 0:
-        check_resume(plan, config, needed, model)
+    _lead_checks(plan, config, needed, model, world_size, rank)
     return RunSetup(plan, placements, needed, world_size, rank, local)
+
+
+def _lead_checks(plan: Plan, config: TrainConfig, needed: tuple[StoreTable, ...],
+                 model: ModelConfig | None, world_size: int, rank: int) -> None:
+    """Rank 0 looks at the stores and checkpoints (read-only, shared directories);
+    with a process group, every rank waits for its verdict, so that no rank writes
+    anything when rank 0 refuses the run (the others raise :class:`PeerRefusedError`)."""
+    refused: str | None = None
+    if rank == 0:
+        try:
+            if needed and config.store_dir is not None:
+                check_store_tables(config.store_dir, needed)
+            check_resume(plan, config, needed, model)
+        except Exception as exc:  # noqa: BLE001 - re-raised once the others know
+            refused = str(exc)
+            if world_size == 1 or not _grouped():
+                raise
+            _share_verdict(refused)
+            raise
+    if world_size > 1 and _grouped():
+        verdict = _share_verdict(refused)
+        if verdict is not None:
+            raise PeerRefusedError(f"rank 0 refused the run: {verdict}")
+
+
+def _grouped() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _share_verdict(refused: str | None) -> str | None:
+    """Rank 0's refusal (None: none) on every rank."""
+    import torch.distributed as dist
+
+    box = [refused]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

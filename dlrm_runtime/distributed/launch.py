@@ -170,15 +170,19 @@ def watch_parent(poll_s: float = 1.0) -> None:
 
 def _worker(record_dir: str, entry: Callable[..., Any], args: tuple) -> Any:
     """What every spawned worker runs (module level: the spawn start method pickles it
-    by name)."""
+    by name). The agent stops workers with SIGTERM: it interrupts the worker as Ctrl-C
+    does, so that it records where it stood."""
     watch_parent()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.environ[_RECORD_DIR_ENV] = record_dir
     return entry(*args)
 
 
 @contextlib.contextmanager
 def _quiet_agent() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    names = {name for name in logging.root.manager.loggerDict
+             if name.startswith(_QUIET_LOGGERS)} | set(_QUIET_LOGGERS)
+    loggers = [logging.getLogger(name) for name in sorted(names)]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL + 1)

@@ -115,6 +115,45 @@ def test_launcher_trains_and_resumes_after_sigkill(tmp_path: Path, cached_plan: 
     _assert_same(_final_state(whole), _final_state(cut))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_every_worker_and_says_how_to_resume(tmp_path: Path,
+                                                           cached_plan: Path) -> None:
+    command = _command(cached_plan, tmp_path, 100_000, "--checkpoint-every", "10")
+    launcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "ckpt" / "committed.json").exists():
+        assert launcher.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    workers = _children(launcher.pid)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == ExitCode.INTERRUPTED, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dlrm-run: interrupted during step") and last.endswith("--resume"), err
+    assert "Traceback" not in err and "signal" not in err, err
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived the stopped launcher"
+        time.sleep(0.1)
+
+
+def test_a_refusal_of_rank_0_stops_every_rank_writing_nothing(tmp_path: Path,
+                                                               cached_plan: Path) -> None:
+    done = subprocess.run(_command(cached_plan, tmp_path, 4, "--checkpoint-every", "2"),
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    again = subprocess.run(_command(cached_plan, tmp_path, 8, "--resume", "--bottom-mlp", "32,8"),
+                           capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert again.returncode == ExitCode.BAD_INPUT, again.stderr
+    lines = again.stderr.strip().splitlines()
+    assert len(lines) == 1 and "comes from another run" in lines[0], again.stderr
+    assert "rank 0 refused" not in again.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+
+
 def test_launcher_bad_input_is_one_line(tmp_path: Path, tables_file: Path) -> None:
     three = write_json(tmp_path / "three.json", small_topology_doc(devices=3))
     plan = tmp_path / "plan3.json"

@@ -514,6 +514,12 @@ def run_loop(loop: LoopSetup, trainer: Stepper) -> TrainResult:
     except KeyboardInterrupt as exc:
         if isinstance(exc, TrainingInterrupted):
             raise
+        if config.checkpoint_dir is not None:  # interrupted inside a checkpoint: what committed
+            with contextlib.suppress(Exception):
+                on_disk = committed_step(config.checkpoint_dir, two_phase=store is not None)
+                if on_disk is not None and (saved is None or on_disk > saved):
+                    saved = on_disk
+                    checkpoint = str(Path(config.checkpoint_dir) / f"{PREFIX}{on_disk:010d}")
         raise TrainingInterrupted(step, saved, checkpoint) from exc
     finally:
         bar.close()

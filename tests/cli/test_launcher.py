@@ -154,6 +154,23 @@ def test_a_refusal_of_rank_0_stops_every_rank_writing_nothing(tmp_path: Path,
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
 
 
+def test_two_hosts_meet_at_the_rendezvous(tmp_path: Path, cached_plan: Path) -> None:
+    from dlrm_runtime.distributed import free_port
+
+    endpoint = f"localhost:{free_port()}"
+    command = _command(cached_plan, tmp_path, 6, "--checkpoint-every", "3")
+    command[command.index("--nproc-per-node") + 1] = "1"
+    hosts = [subprocess.Popen([*command, "--nnodes", "2", "--rdzv-endpoint", endpoint],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [host.communicate(timeout=300) for host in hosts]
+    assert [host.returncode for host in hosts] == [0, 0], outputs
+    printed = "".join(out for out, _ in outputs)
+    assert printed.count("trained 6 steps") == 1  # rank 0's host reports
+    assert "rank 0:" in printed and "rank 1:" in printed
+    assert (tmp_path / "stores" / "device-0").is_dir() and (tmp_path / "stores" / "device-1").is_dir()
+
+
 def test_launcher_bad_input_is_one_line(tmp_path: Path, tables_file: Path) -> None:
     three = write_json(tmp_path / "three.json", small_topology_doc(devices=3))
     plan = tmp_path / "plan3.json"

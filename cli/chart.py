@@ -67,13 +67,48 @@ class Breakdown:
     """(group, device) -> ms/step."""
     hbm_bytes: dict[tuple[str, Tier, int], float]
     """(group, tier, device) -> bytes."""
+    folded: int = 0
+    """Tables in :data:`OTHER`."""
+
+    def label(self, group: str) -> str:
+        return f"{OTHER} ({self.folded} tables)" if group == OTHER else group
+
+
+MAX_NAMED = 20
+"""Most tables a legend names (a tie at the top may name more than ``top``)."""
+
+
+def _tied(a, b) -> bool:
+    return (abs(a.cost.total_ms - b.cost.total_ms) <= 1e-9 * max(abs(a.cost.total_ms), 1e-300)
+            and a.cost.hbm_bytes == b.cost.hbm_bytes)
+
+
+def named_count(ranked: list, top: int) -> int:
+    """How many of the ``ranked`` tables (most load first) the legend names: ``top``, but
+    never a cut through tables of equal load and memory (which of them to name would be
+    arbitrary): the cut moves before the tie, or, when the tie starts the ranking,
+    after it (up to :data:`MAX_NAMED`; a larger leading tie names none). All of them
+    when at most one would be folded."""
+    if len(ranked) <= top + 1:
+        return len(ranked)
+    cut = top
+    while 0 < cut < len(ranked) and _tied(ranked[cut - 1], ranked[cut]):
+        cut -= 1
+    if cut == 0:
+        cut = 1
+        while cut < len(ranked) and _tied(ranked[cut - 1], ranked[cut]):
+            cut += 1
+        if cut > MAX_NAMED:
+            return 0
+    return len(ranked) if len(ranked) - cut <= 1 else cut
 
 
 def breakdown(plan: Plan, top: int = 10) -> Breakdown:
     """Split each device's planned load and HBM among the ``top`` tables with the most
-    load and :data:`OTHER` (see the module doc for how shares are estimated)."""
+    load (see :func:`named_count` for ties) and :data:`OTHER` (see the module doc for
+    how shares are estimated)."""
     ranked = sorted(plan.tables, key=lambda t: (-t.cost.total_ms, -t.cost.hbm_bytes, t.name))
-    named = {t.name for t in ranked[:top]} if len(ranked) > top + 1 else {t.name for t in ranked}
+    named = {t.name for t in ranked[:named_count(ranked, top)]}
     groups = tuple(t.name for t in ranked if t.name in named)
     if len(named) < len(ranked):
         groups += (OTHER,)
@@ -93,7 +128,7 @@ def breakdown(plan: Plan, top: int = 10) -> Breakdown:
         d = device.device
         _scale({k: v for k, v in load.items() if k[1] == d}, device.load_ms, load)
         _scale({k: v for k, v in hbm.items() if k[2] == d}, device.hbm_bytes, hbm)
-    return Breakdown(groups, load, hbm)
+    return Breakdown(groups, load, hbm, len(ranked) - len(named))
 
 
 def _scale(part: dict, total: float, into: dict) -> None:
@@ -125,7 +160,8 @@ def draw_chart(plan: Plan, path: str | Path, top: int = 10) -> None:
     bottom = [0.0] * len(devices)
     for group in parts.groups:
         heights = [parts.load_ms.get((group, d), 0.0) for d in devices]
-        load_ax.bar(devices, heights, bottom=bottom, color=colour[group], label=group,
+        load_ax.bar(devices, heights, bottom=bottom, color=colour[group],
+                    label=parts.label(group),
                     edgecolor="white", linewidth=0.3)
         bottom = [b + h for b, h in zip(bottom, heights)]
     bound = plan.solve.lower_bound_ms
@@ -136,7 +172,8 @@ def draw_chart(plan: Plan, path: str | Path, top: int = 10) -> None:
     gap = "no bound" if plan.solve.gap is None else f"gap {plan.solve.gap:.2%}"
     load_ax.set_title(f"{plan.solve.method}: slowest device {plan.solve.objective_ms:.4g} ms, "
                       f"{gap}")
-    title = f"tables (top {top} by load)" if OTHER in parts.groups else "tables"
+    shown = len(parts.groups) - (OTHER in parts.groups)
+    title = f"tables (top {shown} by load)" if OTHER in parts.groups else "tables"
     load_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small",
                    title=title, title_fontsize="small", frameon=False)
 

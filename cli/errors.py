@@ -48,12 +48,15 @@ EXIT_CODES: tuple[tuple[str, str, ExitCode], ...] = (
     ("planner", "CapacityError", ExitCode.CAPACITY),
     ("planner", "PlannerError", ExitCode.BAD_INPUT),
     ("dlrm_runtime.errors", "TrainingDivergedError", ExitCode.DIVERGED),
+    ("dlrm_runtime.distributed.launch", "WorkersFailed", ExitCode.INTERNAL),
     ("dlrm_runtime.errors", "RuntimeErrorBase", ExitCode.BAD_INPUT),
     ("storage.errors", "StoreError", ExitCode.BAD_INPUT),
 )
 """(module, class, exit code), first match wins. Every runtime error (``ConfigError``,
 ``PlanMismatchError``, ``CheckpointError``, the Criteo and profile errors) derives
-from ``dlrm_runtime.errors.RuntimeErrorBase``."""
+from ``dlrm_runtime.errors.RuntimeErrorBase``. ``WorkersFailed`` takes the exit code of
+the first failing worker's record (see :func:`run_guarded`); without one (a worker
+killed by a signal) it is internal."""
 
 EXIT_CODES_HELP = "exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode)
 
@@ -92,23 +95,70 @@ def one_line_parse_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
+def _print_line(code: int, line: str) -> None:
+    del code
+    print(line, file=sys.stderr)
+
+
+def _worker_failure(exc: BaseException) -> object | None:
+    """The record of the first failing worker carried by a launcher's error
+    (``dlrm_runtime.WorkersFailed`` / ``WorkersInterrupted``), else None."""
+    module = sys.modules.get("dlrm_runtime.distributed.launch")
+    kinds = tuple(getattr(module, name) for name in ("WorkersFailed", "WorkersInterrupted")
+                  ) if module is not None else ()
+    return getattr(exc, "failure", None) if kinds and isinstance(exc, kinds) else None
+
+
 def run_guarded(prog: str, verbose: bool, body: Callable[[], int],
-                on_interrupt: Callable[[KeyboardInterrupt], str] | None = None) -> int:
-    """Run ``body``; turn a known error into one line on stderr and its exit code.
-    ``on_interrupt`` words Ctrl-C (e.g. where to resume from)."""
+                on_interrupt: Callable[[KeyboardInterrupt], str] | None = None,
+                report: Callable[[int, str], None] = _print_line) -> int:
+    """Run ``body``; turn a known error into one line and its exit code, given to
+    ``report(code, line)`` (default: the line on stderr; a worker of ``dlrm-run
+    --nproc-per-node`` records it for the launcher instead, which prints the first
+    failing rank's line once, with that rank's exit code). ``on_interrupt`` words
+    Ctrl-C (e.g. where to resume from)."""
     try:
-        return body()
+        code = body()
+        broken = False
+    except BrokenPipeError:  # stdout closed early (``| head``): not an error
+        code, broken = ExitCode.OK, True
     except KeyboardInterrupt as exc:
+        failure = _worker_failure(exc)
+        if failure is not None:
+            report(ExitCode.INTERRUPTED, failure.message)  # type: ignore[attr-defined]
+            return ExitCode.INTERRUPTED
         detail = on_interrupt(exc) if on_interrupt is not None else ""
-        print(f"{prog}: interrupted{' ' + detail if detail else ''}", file=sys.stderr)
+        report(ExitCode.INTERRUPTED, f"{prog}: interrupted{' ' + detail if detail else ''}")
         return ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
-        code = exit_code_of(exc)
         if verbose:
             traceback.print_exc()
-        if code is not None:
-            print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
-            return code
-        print(f"{prog}: internal error: {type(exc).__name__}: {one_line(exc)} "
-              f"(re-run with --verbose for the traceback)", file=sys.stderr)
+        failure = _worker_failure(exc)
+        if failure is not None:
+            report(failure.exit_code, failure.message)  # type: ignore[attr-defined]
+            return failure.exit_code  # type: ignore[attr-defined]
+        known = exit_code_of(exc)
+        if known is not None:
+            report(known, f"{prog}: error: {one_line(exc)}")
+            return known
+        report(ExitCode.INTERNAL, f"{prog}: internal error: {type(exc).__name__}: "
+                                  f"{one_line(exc)} (re-run with --verbose for the traceback)")
         return ExitCode.INTERNAL
+    if broken:
+        _silence_stdout()
+    else:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+    return code
+
+
+def _silence_stdout() -> None:
+    """After ``| head`` closed the pipe: send what is still buffered nowhere, so that
+    Python's exit does not report the broken pipe again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

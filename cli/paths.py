@@ -89,3 +89,30 @@ def write_output(path: str | os.PathLike[str], flag: str,
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
         raise UsageError(f"{flag} {path}: cannot write: {reason}") from exc
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_not_inputs(outputs: dict[str, str | os.PathLike[str] | None],
+                     inputs: dict[str, str | os.PathLike[str] | None]) -> None:
+    """No output (flag -> path) resolves to an input (symbolic and hard links
+    followed), nor two outputs to one file: a :class:`UsageError` naming both flags,
+    before any work, so that no input is ever overwritten. None values are skipped."""
+    given_out = [(flag, Path(path)) for flag, path in outputs.items() if path is not None]
+    given_in = [(flag, Path(path)) for flag, path in inputs.items() if path is not None]
+    for number, (flag, path) in enumerate(given_out):
+        for in_flag, in_path in given_in:
+            if _same(path, in_path):
+                raise UsageError(f"{flag} {path} is also the input {in_flag}: writing it "
+                                 f"would destroy that input; give another file name")
+        for other_flag, other in given_out[number + 1:]:
+            if _same(path, other):
+                raise UsageError(f"{flag} and {other_flag} are both {path}: give each "
+                                 f"output its own file")

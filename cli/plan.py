@@ -13,7 +13,13 @@ from pathlib import Path
 from cli import plan_tools
 from cli.chart import draw_chart
 from cli.errors import EXIT_CODES_HELP, ExitCode, UsageError, one_line_parse_errors, run_guarded
-from cli.paths import check_input_file, check_output_dir, check_output_file, write_output
+from cli.paths import (
+    check_input_file,
+    check_not_inputs,
+    check_output_dir,
+    check_output_file,
+    write_output,
+)
 from cli.progress import bytes_progress
 from cli.report import device_table, measured_vs_predicted, solve_summary, table_choices
 from planner import (
@@ -28,6 +34,7 @@ from planner import (
     Sharding,
     Tier,
     check_plan_fits,
+    check_plan_inputs,
     cost_model_name,
     evaluate_plan,
     from_torchrec,
@@ -43,7 +50,7 @@ from planner import (
     write_json_atomic,
     write_plan,
 )
-from planner.tools import DEVICES, recut_tables
+from planner.tools import DEVICES, check_module_path, recut_tables
 
 PROG = "dlrm-plan"
 
@@ -363,6 +370,9 @@ def _load_cost_model(spec: str):
 
 
 def _plan(args: argparse.Namespace) -> int:
+    check_not_inputs({"-o/--output": args.output},
+                     {"--tables": args.tables, "--topology": args.topology,
+                      "--constraints": args.constraints, "--from": args.from_plan})
     check_output_file(args.output, "-o/--output")
     tables = load_tables(args.tables)
     topology = load_topology(args.topology)
@@ -371,14 +381,17 @@ def _plan(args: argparse.Namespace) -> int:
                               cache_fractions=args.cache_fractions)
     constraints = (load_constraints(args.constraints, tables, topology) if args.constraints
                    else NO_CONSTRAINTS)
+    options = PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
+                          args.seed, settings, constraints, gap=args.gap, stall_s=args.stall)
+    old = plan_tools.checked_replan(args, tables, topology, options) if args.from_plan else None
+    if old is None:
+        check_plan_inputs(tables, topology, options)
     if not args.quiet:
         print(f"planning {len(tables.tables)} tables on {topology.world_size} devices "
               f"({topology.hosts} host(s)); solver {args.solver}, limit {args.time_limit:g} s",
               file=sys.stderr)
-    options = PlanOptions(args.time_limit, args.threads, args.solver, args.baseline,
-                          args.seed, settings, constraints, gap=args.gap, stall_s=args.stall)
-    if args.from_plan is not None:
-        return plan_tools.run_replan(args, tables, topology, model, options)
+    if old is not None:
+        return plan_tools.run_replan(args, old, tables, topology, model, options)
     result = plan(tables, topology, cost_model=model, options=options)
     write_output(args.output, "-o/--output", lambda path: write_plan(result, path),
                  say=(lambda _: None) if args.quiet else lambda line: print(line, file=sys.stderr))
@@ -390,11 +403,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    check_not_inputs({"--chart": args.chart}, {"PLAN": args.plan, "--measured": args.measured})
     if args.chart:
         check_output_file(args.chart, "--chart")
     if args.measured:
         check_input_file(args.measured, "--measured")
     result = read_plan(args.plan)
+    records = timing_records(args.measured, plan_sha256(result)) if args.measured else []
     print(device_table(result))
     print(solve_summary(result))
     print()
@@ -402,11 +417,15 @@ def _show(args: argparse.Namespace) -> int:
     if args.chart:
         write_output(args.chart, "--chart", lambda path: draw_chart(result, path))
         print(f"chart written to {args.chart}")
-    if args.measured:
-        for record in timing_records(args.measured, plan_sha256(result)):
+    if records:
+        for record in records:
             where = f" (rank {record['rank']})" if "rank" in record else ""
-            print(f"\nmeasured by dlrm-run at step {record['step']}, batch {record['batch_size']}"
-                  f"{where}:")
+            batch = record["batch_size"]
+            print(f"\nmeasured by dlrm-run at step {record['step']}, batch {batch}{where}:")
+            if batch != result.topology.global_batch_size:
+                print(f"  (predicted at the run's batch of {batch}; the plan's "
+                      f"{result.solve.objective_ms:.4f} ms/step above is at the topology's "
+                      f"global batch of {result.topology.global_batch_size})")
             print(measured_vs_predicted(record["measured"], record["predicted"]))
     return ExitCode.OK
 
@@ -440,6 +459,8 @@ def _profile(args: argparse.Namespace) -> int:
     from dlrm_runtime import open_or_build_cache, profile_tables
 
     check_input_file(args.data, "DATA")
+    check_not_inputs({"-o/--output": args.output, "--cache": args.cache},
+                     {"DATA": args.data, "--tables": args.tables})
     check_output_file(args.output, "-o/--output")
     if args.sample is not None and args.sample < 1:
         raise UsageError(f"--sample must be >= 1, got {args.sample}")
@@ -449,12 +470,12 @@ def _profile(args: argparse.Namespace) -> int:
         cache = open_or_build_cache(args.data, cache_path, tables, strict=args.strict,
                                     progress=progress)
     header = cache.header
-    print(f"{len(cache)} samples in {cache_path}", file=sys.stderr)
-    malformed = header.malformed
-    if malformed:
-        print(f"warning: {malformed} malformed lines skipped (--strict stops at the first)",
-              file=sys.stderr)
     try:
+        if len(cache) == 0:
+            first = header.errors[0] if header.errors else None
+            raise UsageError(f"{args.data}: no samples to profile ({header.lines:,} lines"
+                             + (f", all malformed; line {first['line']}: {first['reason']}"
+                                if first else "") + ")")
         profiled = profile_tables(cache, tables, sample=args.sample)
         write_output(args.output, "-o/--output",
                      lambda path: write_json_atomic(profiled.to_json(), path))
@@ -462,6 +483,10 @@ def _profile(args: argparse.Namespace) -> int:
         if cache.built:  # a failed run leaves no cache behind
             cache.path.unlink(missing_ok=True)
         raise
+    print(f"{len(cache):,} samples in {cache_path}", file=sys.stderr)
+    if header.malformed:
+        print(f"warning: {header.malformed} malformed lines skipped (--strict stops at the "
+              f"first)", file=sys.stderr)
     print(f"tables spec with measured access profiles written to {args.output}")
     return ExitCode.OK
 
@@ -535,6 +560,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    check_not_inputs({"-o/--output": args.output},
+                     {"PLAN": args.plan, "--tables": args.tables, "--topology": args.topology})
     if args.output:
         check_output_file(args.output, "-o/--output")
     model = _load_cost_model(args.cost_model) if args.cost_model else AnalyticCostModel()
@@ -574,7 +601,9 @@ def _read_json(path: str) -> object:
 
 
 def _export(args: argparse.Namespace) -> int:
+    check_not_inputs({"-o/--output": args.output}, {"PLAN": args.plan})
     check_output_file(args.output, "-o/--output")
+    check_module_path(args.module_path)
     source = read_plan(args.plan)
     doc = to_torchrec(source, args.module_path, args.device)
     write_output(args.output, "-o/--output", lambda path: write_json_atomic(doc, path))

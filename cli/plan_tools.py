@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 from cli.errors import EXIT_CODES_HELP, ExitCode
+from cli.paths import check_not_inputs, check_output_file
+from cli.progress import status_line
 from planner import (
     GB,
     CapacityResult,
     ChangeKind,
     HostTrial,
     PlanDiff,
+    Plan,
     PlanOptions,
     PlannerError,
     ReplanResult,
     TablesSpec,
     TargetUnreachableError,
+    Tier,
     Topology,
     capacity,
+    check_replan,
     diff_plans,
     load_cost_model,
     load_tables,
@@ -93,37 +97,41 @@ def build_capacity_parser() -> argparse.ArgumentParser:
 
 def run_capacity(args: argparse.Namespace) -> int:
     _check_capacity_flags(args)
+    plan_path = args.plan or _default_plan_path(args.output)
+    outputs = {"-o/--output": args.output, "--plan": plan_path, "--chart": args.chart}
+    check_not_inputs(outputs, {"--tables": args.tables, "--topology": args.topology})
+    for flag, path in outputs.items():
+        if path is not None:
+            check_output_file(path, flag)
     tables = load_tables(args.tables)
     topology = load_topology(args.topology)
     model = load_cost_model(args.cost_model) if args.cost_model else None
     options = PlanOptions(time_limit_s=args.time_limit, threads=args.threads, solver=args.solver)
-    say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
-    say(f"capacity: {len(tables.tables)} tables, hosts of {topology.devices_per_host} device(s), "
-        f"global batch {args.global_batch}, target {args.target_ms:g} ms")
-    unreachable: TargetUnreachableError | None = None
-    try:
-        result: CapacityResult | None = capacity(
-            tables, topology, args.global_batch, args.target_ms, max_hosts=args.max_hosts,
-            cost_model=model, options=options, progress=say)
-    except TargetUnreachableError as exc:
-        if not args.sweep:
-            raise
-        result, unreachable = None, exc
-    trials: tuple[HostTrial, ...] = ()
-    if args.sweep:
-        last = args.max_hosts if result is None else min(args.max_hosts, 2 * result.hosts)
-        trials = sweep(tables, topology, args.global_batch, range(1, last + 1), cost_model=model,
-                       options=options, progress=say)
+    with status_line(args.quiet) as say:
+        say(f"capacity: {len(tables.tables)} tables, hosts of {topology.devices_per_host} "
+            f"device(s), global batch {args.global_batch}, target {args.target_ms:g} ms")
+        unreachable: TargetUnreachableError | None = None
+        try:
+            result: CapacityResult | None = capacity(
+                tables, topology, args.global_batch, args.target_ms, max_hosts=args.max_hosts,
+                cost_model=model, options=options, progress=say)
+        except TargetUnreachableError as exc:
+            if not args.sweep:
+                raise
+            result, unreachable = None, exc
+        trials: tuple[HostTrial, ...] = ()
+        if args.sweep:
+            last = args.max_hosts if result is None else min(args.max_hosts, 2 * result.hosts)
+            trials = sweep(tables, topology, args.global_batch, range(1, last + 1),
+                           cost_model=model, options=options, progress=say)
+    if trials and not args.quiet:
+        print(sweep_table(trials, args.global_batch, args.target_ms))
+    if args.chart and trials and result is not None:  # no chart of a failed search
+        draw_sweep(trials, args.global_batch, args.target_ms, args.chart, result.hosts)
         if not args.quiet:
-            print(sweep_table(trials, args.global_batch, args.target_ms))
-        if args.chart:
-            draw_sweep(trials, args.global_batch, args.target_ms, args.chart,
-                       None if result is None else result.hosts)
-            if not args.quiet:
-                print(f"chart written to {args.chart}")
+            print(f"chart written to {args.chart}")
     if unreachable is not None or result is None:  # the sweep is shown; now the error
         raise unreachable or PlannerError("no capacity result")
-    plan_path = args.plan or _default_plan_path(args.output)
     report = result.to_json(plan_path)
     if trials:
         report["sweep"] = [t.to_json() for t in trials]
@@ -238,6 +246,9 @@ def build_diff_parser() -> argparse.ArgumentParser:
 
 
 def run_diff(args: argparse.Namespace) -> int:
+    check_not_inputs({"-o/--output": args.output}, {"A": args.old, "B": args.new})
+    if args.output:
+        check_output_file(args.output, "-o/--output")
     diff = diff_plans(read_plan(args.old), read_plan(args.new))
     print(diff_report(diff, show_all=args.all))
     if args.output:
@@ -272,15 +283,21 @@ def diff_report(diff: PlanDiff, show_all: bool = False) -> str:
                      f"{d.bytes_in / MB:>10.1f} {d.bytes_out / MB:>10.1f}")
     shown = [t for t in diff.tables if show_all or t.kind is not ChangeKind.UNCHANGED]
     if shown:
-        lines.append(f"{'table':<24} {'change':<10} {'sharding':<32} {'devices':<24} "
-                     f"{'moved MB':>9}")
+        lines.append(f"{'table':<24} {'change':<10} {'sharding':<32} {'tier':<26} "
+                     f"{'devices':<24} {'moved MB':>9}")
         for t in shown:
             old = t.old_sharding.value if t.old_sharding else "-"
             new = t.new_sharding.value if t.new_sharding else "-"
+            tiers = f"{_tier_names(t.old_tiers)} -> {_tier_names(t.new_tiers)}"
             lines.append(f"{t.name:<24} {t.kind.value:<10} {old + ' -> ' + new:<32} "
+                         f"{tiers:<26} "
                          f"{_span(t.old_devices) + ' -> ' + _span(t.new_devices):<24} "
                          f"{t.moved_bytes / MB:>9.1f}")
     return "\n".join(lines)
+
+
+def _tier_names(tiers: tuple[Tier, ...]) -> str:
+    return "+".join(t.value for t in tiers) or "-"
 
 
 def _span(devices: tuple[int, ...]) -> str:
@@ -317,11 +334,21 @@ def check_replan_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--from re-plans with the ILP; drop --baseline")
 
 
-def run_replan(args: argparse.Namespace, tables: TablesSpec, topology: Topology, model,
-               options: PlanOptions) -> int:
+def _budget(args: argparse.Namespace) -> int | None:
+    return None if args.max_migrate_gb is None else int(args.max_migrate_gb * GB)
+
+
+def checked_replan(args: argparse.Namespace, tables: TablesSpec, topology: Topology,
+                   options: PlanOptions) -> Plan:
+    """The ``--from`` plan, read and checked against the new inputs before any work."""
     old = read_plan(args.from_plan)
-    budget = None if args.max_migrate_gb is None else int(args.max_migrate_gb * GB)
-    result = replan(old, tables, topology, max_migrate_bytes=budget, cost_model=model,
+    check_replan(old, tables, topology, _budget(args), options)
+    return old
+
+
+def run_replan(args: argparse.Namespace, old: Plan, tables: TablesSpec, topology: Topology,
+               model, options: PlanOptions) -> int:
+    result = replan(old, tables, topology, max_migrate_bytes=_budget(args), cost_model=model,
                     options=options)
     write_plan(result.plan, args.output)
     if not args.quiet:
@@ -350,4 +377,4 @@ def replan_summary(result: ReplanResult) -> str:
 
 
 __all__ = ["add_replan_flags", "build_capacity_parser", "build_diff_parser",
-           "check_replan_flags", "run_capacity", "run_diff", "run_replan"]
+           "check_replan_flags", "checked_replan", "run_capacity", "run_diff", "run_replan"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -12,15 +13,24 @@ import torch
 from tqdm import tqdm
 
 from cli.errors import EXIT_CODES_HELP, ExitCode, UsageError, one_line_parse_errors, run_guarded
-from cli.paths import check_input_file, check_output_dir, check_output_file, make_parents
+from cli.paths import (
+    check_input_file,
+    check_not_inputs,
+    check_output_dir,
+    check_output_file,
+    make_parents,
+)
 from cli.progress import bytes_progress
 from cli.report import measured_vs_predicted
 from dlrm_runtime import (
     ConfigError,
     CriteoClicks,
     Interaction,
+    LaunchSpec,
     ModelConfig,
+    PeerRefusedError,
     Progress,
+    RunSetup,
     TrainConfig,
     TrainingInterrupted,
     TrainResult,
@@ -28,9 +38,11 @@ from dlrm_runtime import (
     check_plan_matches,
     check_store_dir,
     init_from_env,
+    launch,
     open_metrics_log,
     open_clicks,
     prepare_run,
+    record_failure,
     shutdown,
     train,
     train_distributed,
@@ -42,6 +54,7 @@ PROG = "dlrm-run"
 EXAMPLES = """\
 examples:
   dlrm-run --plan plan.json --tables examples/demo/tables.json --steps 1000
+  dlrm-run --nproc-per-node 2 --plan plan2.json --store-dir stores --checkpoint-dir ckpt
   dlrm-run --plan plan.json --bottom-mlp 128,64,16 --top-mlp 256,64,1 --metrics-log run.jsonl
   dlrm-run --plan kaggle.plan.json --data train.txt --train-lines 0:40000000 \\
       --validation-lines 40000000:45840617 --bottom-mlp 512,256,64,16 --top-mlp 512,256,1
@@ -53,6 +66,12 @@ any model can reach. With --data, reads Criteo click logs (TSV: label, 13 intege
 26 hex categorical features); the line ranges are parsed once into binary caches
 beside the data (DATA.cache for the whole file, as `dlrm-plan profile` writes, else
 DATA.START-STOP.cache) that later runs reuse.
+
+With --nproc-per-node N, dlrm-run starts the N worker processes itself (torch's
+elastic launcher; several hosts: the same command on each with --nnodes and
+--rdzv-endpoint): Ctrl-C or SIGTERM stops every worker, a killed dlrm-run leaves no
+worker behind, and an error is one line from the first failing rank with the exit
+code below. `torchrun --nproc_per_node N .venv/bin/dlrm-run ...` works too.
 
 After training, the time per step is split into lookup, communication, dense and
 update (embedding backward + optimizer) and printed beside the plan's prediction.
@@ -151,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deterministic", action="store_true",
                         help="torch.use_deterministic_algorithms(True); on the CPU fix --threads "
                              "too for identical results across machines")
+    parser.add_argument("--nproc-per-node", type=int, metavar="N",
+                        help="start N worker processes on this host (plan device d runs on "
+                             "rank d), as torchrun --nproc_per_node N does; hosts x N must be "
+                             "the plan's device count (default: one process, or torchrun's)")
+    parser.add_argument("--nnodes", type=int, default=1, metavar="HOSTS",
+                        help="with --nproc-per-node: hosts of the run, each running this "
+                             "same command (default: %(default)s)")
+    parser.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                        help="with --nnodes > 1: where the hosts meet (a free port on one "
+                             "of them, the same on every host)")
+    parser.add_argument("--rdzv-id", default="dlrm-run", metavar="ID",
+                        help="with --nnodes > 1: the run's id, the same on every host "
+                             "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
@@ -180,12 +212,70 @@ def model_config(args: argparse.Namespace, plan: Plan) -> ModelConfig:
     return ModelConfig(args.dense_features, bottom, args.top_mlp, Interaction(args.interaction))
 
 
+LAUNCH_FLAGS = {"--nproc-per-node": True, "--nnodes": True, "--rdzv-endpoint": True,
+                "--rdzv-id": True}
+"""The launcher's flags (each takes a value): not passed on to the workers."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = one_line_parse_errors(build_parser())
     args = parser.parse_args(argv)
+    if args.nproc_per_node is not None:
+        return run_guarded(PROG, args.verbose, lambda: _launch(args, argv),
+                           on_interrupt=lambda exc: _resume_hint(exc, args, argv))
     return run_guarded(PROG, args.verbose, lambda: _run(args),
                        on_interrupt=lambda exc: _resume_hint(exc, args, argv))
+
+
+def worker_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` without the launcher's flags (``--flag VALUE`` and ``--flag=VALUE``)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
+
+
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Check the run for the launched world size, then start the workers; their first
+    error is reported once by :func:`~cli.errors.run_guarded`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--nproc-per-node under torchrun: use one launcher, drop "
+                         "--nproc-per-node or torchrun")
+    spec = LaunchSpec(args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+    spec.check()
+    _checked(args, spec.world_size, 0)
+    launch(spec, worker, (worker_argv(argv), argv))
+    return ExitCode.OK
+
+
+def worker(argv: list[str], user_argv: list[str]) -> int:
+    """One process of ``dlrm-run --nproc-per-node``: the run of ``argv``; an error is
+    recorded for the launcher (not printed: the launcher prints the first rank's
+    once) and the worker exits with its code, which stops the other workers.
+    ``user_argv`` is the command as typed (for the resume hint)."""
+    args = one_line_parse_errors(build_parser()).parse_args(argv)
+
+    def body() -> int:
+        try:
+            return _run(args)
+        except PeerRefusedError:  # rank 0 records why; this rank only stops
+            raise SystemExit(ExitCode.BAD_INPUT) from None
+
+    code = run_guarded(PROG, args.verbose, body,
+                       on_interrupt=lambda exc: _resume_hint(exc, args, user_argv),
+                       report=record_failure)
+    if code != ExitCode.OK:
+        raise SystemExit(code)
+    return code
 
 
 def _resume_hint(exc: KeyboardInterrupt, args: argparse.Namespace, argv: list[str]) -> str:
@@ -208,8 +298,16 @@ def _check_args(args: argparse.Namespace) -> None:
                         ("--checkpoint-every", args.checkpoint_every)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.nproc_per_node is None:
+        for flag, given in (("--nnodes", args.nnodes != 1), ("--rdzv-endpoint",
+                            args.rdzv_endpoint is not None),
+                            ("--rdzv-id", args.rdzv_id != "dlrm-run")):
+            if given:
+                raise UsageError(f"{flag} needs --nproc-per-node N (the workers per host)")
     if args.checkpoint_every is not None and args.checkpoint_dir is None:
         raise UsageError("--checkpoint-every needs --checkpoint-dir")
+    check_not_inputs({"--metrics-log": args.metrics_log},
+                     {"--plan": args.plan, "--tables": args.tables, "--data": args.data})
     if args.data is not None:
         check_input_file(args.data, "--data")
     elif args.train_lines != (0, None) or args.validation_lines is not None:
@@ -258,19 +356,27 @@ def _run(args: argparse.Namespace) -> int:
         shutdown(synchronize=finished)  # after an error a peer may never arrive
 
 
-def _train(args: argparse.Namespace, world: int, rank: int) -> int:
+def _checked(args: argparse.Namespace, world: int, rank: int
+             ) -> tuple[Plan, RunSetup, ModelConfig, int]:
+    """Every flag, path and input of the run, before any work: the plan, the run's
+    setup on ``world`` processes, the model and the global batch size."""
     _check_args(args)
     plan = read_plan(args.plan)
     if args.tables:
         check_plan_matches(plan, load_tables(args.tables), args.plan, args.tables)
-    data = None
     batch_size = plan.topology.global_batch_size if args.batch_size is None else args.batch_size
-    eval_batches = args.eval_batches
-    _train_config(args, batch_size, eval_batches).check(as_flag)
-    setup = prepare_run(plan, _train_config(args, batch_size, eval_batches), world_size=world,
-                        rank=rank)
+    config = _train_config(args, batch_size, args.eval_batches)
+    config.check(as_flag)
     model = model_config(args, plan)
     model.check(tuple(t.embedding_dim for t in plan.tables_spec.tables), as_flag)
+    setup = prepare_run(plan, config, world_size=world, rank=rank, model=model)
+    return plan, setup, model, batch_size
+
+
+def _train(args: argparse.Namespace, world: int, rank: int) -> int:
+    plan, setup, model, batch_size = _checked(args, world, rank)
+    data = None
+    eval_batches = args.eval_batches
     if args.data:
         if rank > 0:  # rank 0 parses the data into the caches first
             torch.distributed.barrier()
@@ -354,7 +460,11 @@ def format_result(result: TrainResult) -> str:
             line += (f"; the hidden teacher's AUC {v.teacher_auc:.4f} "
                      f"(model reaches {v.auc / v.teacher_auc:.1%} of it)")
         lines.append(line)
-    if result.times is not None and result.prediction is not None:
+    if result.rank_timings:
+        for rank, record in enumerate(result.rank_timings):
+            lines.append(f"rank {rank}:")
+            lines.append(measured_vs_predicted(record["measured"], record["predicted"]))
+    elif result.times is not None and result.prediction is not None:
         lines.append(measured_vs_predicted(result.times.to_json() | {
             "embedding_bytes": result.embedding_bytes}, result.prediction.to_json()))
     if result.resumed_from is not None:

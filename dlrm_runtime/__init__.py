@@ -25,7 +25,13 @@ from dlrm_runtime.data import (
 )
 from dlrm_runtime.distributed import (
     DistributedTrainer,
+    LaunchSpec,
+    WorkerFailure,
+    WorkersFailed,
+    WorkersInterrupted,
     init_from_env,
+    launch,
+    record_failure,
     shutdown,
     train_distributed,
 )
@@ -43,6 +49,7 @@ from dlrm_runtime.embeddings import (
 from dlrm_runtime.errors import (
     CheckpointError,
     ConfigError,
+    PeerRefusedError,
     PlanMismatchError,
     RuntimeErrorBase,
     TrainingDivergedError,
@@ -64,8 +71,9 @@ from dlrm_runtime.train import (
 
 __all__ = [
     "CheckpointError", "ConfigError", "CriteoCache", "CriteoClicks", "DLRM",
-    "DistributedTrainer", "EvalResult", "InMemoryEmbeddings", "Interaction",
-    "ModelConfig", "PlanMismatchError", "Progress", "RunSetup", "RuntimeErrorBase",
+    "DistributedTrainer", "EvalResult", "LaunchSpec", "WorkerFailure", "WorkersFailed",
+    "WorkersInterrupted", "launch", "record_failure", "InMemoryEmbeddings", "Interaction",
+    "ModelConfig", "PeerRefusedError", "PlanMismatchError", "Progress", "RunSetup", "RuntimeErrorBase",
     "ShardedTable", "SparseBatch", "SyntheticClicks", "TableBatchedBags", "TrainConfig",
     "TrainResult", "Trainer", "TrainingDivergedError", "TrainingInterrupted", "as_flag",
     "build_model", "calibrate", "check_plan_matches", "check_store_dir", "device_for",

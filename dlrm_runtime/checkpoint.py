@@ -234,6 +234,28 @@ def committed_step(directory: str | Path, *, two_phase: bool) -> int | None:
     return found[-1][0] if found else None
 
 
+def check_continues(directory: str | Path, step: int, expected: dict[str, Any],
+                    steps: int) -> None:
+    """Read-only, before any work: the checkpoint of ``step`` in ``directory`` belongs
+    to the run of fingerprint ``expected`` (:func:`fingerprint`) and is not past
+    ``steps``, from its ``meta.json``; :class:`CheckpointError` otherwise. A checkpoint
+    without a readable ``meta.json`` is left to :func:`load_checkpoint`."""
+    path = Path(directory) / f"{PREFIX}{step:010d}"
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(meta, dict) and isinstance(meta.get("fingerprint"), dict):
+        check_fingerprint(meta["fingerprint"], expected, path)
+    check_not_past(path, step, steps)
+
+
+def check_not_past(path: Path, step: int, steps: int) -> None:
+    if step > steps:
+        raise CheckpointError(f"checkpoint {path} is at step {step}, past the {steps} steps "
+                              f"asked for; ask for more steps")
+
+
 def fault_point(name: str, step: int, rank: int) -> None:
     """SIGKILL this process here when :data:`FAULT_ENV` names this point (and step,
     and rank); a testing aid for the crash trials, a no-op otherwise."""

@@ -21,6 +21,11 @@ class CheckpointError(RuntimeErrorBase, ValueError):
     another run's checkpoints."""
 
 
+class PeerRefusedError(RuntimeErrorBase):
+    """Rank 0 refused the run (its checks of the stores and checkpoints failed); the
+    other ranks stop with this, having written nothing. Rank 0 reports the cause."""
+
+
 class TrainingDivergedError(RuntimeErrorBase, ArithmeticError):
     """The loss became NaN or infinite."""
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlrm_runtime.checkpoint import committed_step
-from dlrm_runtime.config import TrainConfig
+from dlrm_runtime.checkpoint import check_continues, committed_step, fingerprint
+from dlrm_runtime.config import ModelConfig, TrainConfig
 from dlrm_runtime.embeddings import (
     StoreTable,
     TablePlacement,
@@ -19,7 +19,12 @@ from dlrm_runtime.embeddings import (
     placements_from_plan,
     store_tables,
 )
-from dlrm_runtime.errors import CheckpointError, ConfigError, PlanMismatchError
+from dlrm_runtime.errors import (
+    CheckpointError,
+    ConfigError,
+    PeerRefusedError,
+    PlanMismatchError,
+)
 from planner import Plan
 
 
@@ -60,12 +65,14 @@ def check_batch_size(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def check_resume(config: TrainConfig, needed: tuple[StoreTable, ...]) -> None:
+def check_resume(plan: Plan, config: TrainConfig, needed: tuple[StoreTable, ...],
+                 model: ModelConfig | None = None) -> None:
     """Read-only, before anything is written: the checkpoint directory's committed step
     (an unreadable decision record raises here), a directory of another run's
-    checkpoints without ``resume``, and the table stores against that step (see
-    :func:`~dlrm_runtime.embeddings.check_stores_at`): a refused run leaves every file
-    as it was and creates none."""
+    checkpoints without ``resume``, with ``resume`` and ``model`` the committed
+    checkpoint against this run (another run's, or past ``config.steps``), and the table
+    stores against that step (see :func:`~dlrm_runtime.embeddings.check_stores_at`): a
+    refused run leaves every file as it was and creates none."""
     committed = None
     if config.checkpoint_dir is not None and Path(config.checkpoint_dir).is_dir():
         committed = committed_step(config.checkpoint_dir, two_phase=bool(needed))
@@ -73,12 +80,15 @@ def check_resume(config: TrainConfig, needed: tuple[StoreTable, ...]) -> None:
             raise CheckpointError(f"{config.checkpoint_dir} already holds checkpoints (newest "
                                   f"committed: step {committed}); pass --resume to continue "
                                   f"that run or choose an empty --checkpoint-dir")
+        if committed is not None and model is not None:
+            check_continues(config.checkpoint_dir, committed, fingerprint(plan, model, config),
+                            config.steps)
     if needed and config.store_dir is not None:
         check_stores_at(config.store_dir, needed, committed, config.checkpoint_dir)
 
 
 def prepare_run(plan: Plan, config: TrainConfig, *, world_size: int = 1,
-                rank: int = 0) -> RunSetup:
+                rank: int = 0, model: ModelConfig | None = None) -> RunSetup:
     """Check a run of ``plan`` with ``config`` on ``world_size`` processes before any
     work: the config itself, the plan's device count against the world size (when more
     than one process), the batch against the world size, every table's shards against
@@ -86,7 +96,8 @@ def prepare_run(plan: Plan, config: TrainConfig, *, world_size: int = 1,
     and, for tables in a cached tier, ``config.store_dir``: it must be given, and on
     rank 0 its stores are looked at read-only (a store made for other tables is
     refused; a missing one is created when the model is built), and with a checkpoint
-    directory the stores against its committed step (:func:`check_resume`)."""
+    directory the stores against its committed step and, given the run's ``model``,
+    the committed checkpoint against the run (:func:`check_resume`)."""
     config.check()
     if world_size > 1:
         check_world_size(plan, world_size)
@@ -98,8 +109,43 @@ def prepare_run(plan: Plan, config: TrainConfig, *, world_size: int = 1,
             names = sorted({t.spec.name for t in needed})
             raise ConfigError(f"the plan caches tables {names} over the table store: pass "
                               f"--store-dir DIR (created when new or empty)")
-        if rank == 0:
-            check_store_tables(config.store_dir, needed)
-    if rank == 0:
-        check_resume(config, needed)
+    _lead_checks(plan, config, needed, model, world_size, rank)
     return RunSetup(plan, placements, needed, world_size, rank, local)
+
+
+def _lead_checks(plan: Plan, config: TrainConfig, needed: tuple[StoreTable, ...],
+                 model: ModelConfig | None, world_size: int, rank: int) -> None:
+    """Rank 0 looks at the stores and checkpoints (read-only, shared directories);
+    with a process group, every rank waits for its verdict, so that no rank writes
+    anything when rank 0 refuses the run (the others raise :class:`PeerRefusedError`)."""
+    refused: str | None = None
+    if rank == 0:
+        try:
+            if needed and config.store_dir is not None:
+                check_store_tables(config.store_dir, needed)
+            check_resume(plan, config, needed, model)
+        except Exception as exc:  # noqa: BLE001 - re-raised once the others know
+            refused = str(exc)
+            if world_size == 1 or not _grouped():
+                raise
+            _share_verdict(refused)
+            raise
+    if world_size > 1 and _grouped():
+        verdict = _share_verdict(refused)
+        if verdict is not None:
+            raise PeerRefusedError(f"rank 0 refused the run: {verdict}")
+
+
+def _grouped() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _share_verdict(refused: str | None) -> str | None:
+    """Rank 0's refusal (None: none) on every rank."""
+    import torch.distributed as dist
+
+    box = [refused]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from dlrm_runtime.checkpoint import (
     FORMAT_VERSION,
     PREFIX,
     check_fingerprint,
+    check_not_past,
     committed_step,
     export_tables,
     fingerprint,
@@ -103,6 +104,10 @@ class TrainResult:
     notice: str | None = None
     """One line for the user about where the run started, when ``resume`` found
     nothing committed (it then starts from step 0)."""
+    rank_timings: tuple[dict[str, Any], ...] = ()
+    """On rank 0 of a run of several processes: every rank's measured times and the
+    plan's prediction for the devices it executes (``{"measured", "predicted"}``, as in
+    the metrics log's ``timing`` records), by rank; empty otherwise."""
 
 
 ProgressFactory = Callable[[int], "Progress"]
@@ -345,7 +350,7 @@ def train(
     :func:`dlrm_runtime.embeddings.memory.tune_malloc`); restores torch's thread count and
     deterministic flag on return.
     """
-    setup = prepare_run(plan, config) if setup is None else setup
+    setup = prepare_run(plan, config, model=model_config) if setup is None else setup
     with torch_settings(config):
         return _train(setup, model_config, config, data, progress, metrics_log, timing_every)
 
@@ -509,12 +514,18 @@ def run_loop(loop: LoopSetup, trainer: Stepper) -> TrainResult:
     except KeyboardInterrupt as exc:
         if isinstance(exc, TrainingInterrupted):
             raise
+        if config.checkpoint_dir is not None:  # interrupted inside a checkpoint: what committed
+            with contextlib.suppress(Exception):
+                on_disk = committed_step(config.checkpoint_dir, two_phase=store is not None)
+                if on_disk is not None and (saved is None or on_disk > saved):
+                    saved = on_disk
+                    checkpoint = str(Path(config.checkpoint_dir) / f"{PREFIX}{on_disk:010d}")
         raise TrainingInterrupted(step, saved, checkpoint) from exc
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     times = replace(timer.result(), steal_share=steal_share(ticks, cpu_ticks()))
-    prediction, held = _report_timing(loop, trainer, times, log)
+    prediction, held, ranks = _report_timing(loop, trainer, times, log)
     validation = None
     if loop.data.has_validation:
         validation = loop.validate()
@@ -524,7 +535,7 @@ def run_loop(loop: LoopSetup, trainer: Stepper) -> TrainResult:
                        float(np.mean(recent)) if recent else float("nan"),
                        trained * config.batch_size / seconds if trained else 0.0, seconds,
                        validation, start_at.resumed_from, checkpoint, times, prediction, held,
-                       start_at.notice)
+                       start_at.notice, ranks)
 
 
 def _resume(loop: LoopSetup, trainer: Stepper, store: CachedTables | None,
@@ -556,9 +567,7 @@ def _resume(loop: LoopSetup, trainer: Stepper, store: CachedTables | None,
     state = load_checkpoint(latest)  # every rank reads it: a shared directory
     check_fingerprint(state.get("fingerprint", {}), run_fingerprint, latest)
     first_step = int(state["step"])
-    if first_step > config.steps:
-        raise CheckpointError(f"checkpoint {latest} is at step {first_step}, past the "
-                              f"{config.steps} steps asked for; ask for more steps")
+    check_not_past(latest, first_step, config.steps)
     trainer.restore(state, latest)
     return _Resumed(first_step, [float(v) for v in state["recent_losses"]], first_step,
                     str(latest))
@@ -579,10 +588,10 @@ def _report_progress(bar: Progress, log: IO[str] | None, embeddings: CachedTable
     _log(log, record)
 
 
-def _report_timing(loop: LoopSetup, trainer: Stepper, times: StepTimes,
-                   log: IO[str] | None) -> tuple[StepPrediction, int]:
-    """The plan's prediction for this process's devices, and the measured times of every
-    rank in the metrics log (gathered to rank 0)."""
+def _report_timing(loop: LoopSetup, trainer: Stepper, times: StepTimes, log: IO[str] | None
+                   ) -> tuple[StepPrediction, int, tuple[dict[str, Any], ...]]:
+    """The plan's prediction for this process's devices, the bytes it holds, and (on
+    rank 0 of several processes) every rank's record, also written to the metrics log."""
     config = loop.config
     prediction = predict_step(loop.plan, loop.model_config, config.batch_size, loop.devices,
                               communication=loop.communication)
@@ -590,11 +599,12 @@ def _report_timing(loop: LoopSetup, trainer: Stepper, times: StepTimes,
     record = {"measured": {**times.to_json(), "embedding_bytes": held},
               "predicted": prediction.to_json()}
     identity = plan_sha256(loop.plan) if loop.peers.rank == 0 else ""
-    for rank, mine in enumerate(loop.peers.gather(record) or []):
+    gathered = loop.peers.gather(record) or []
+    for rank, mine in enumerate(gathered):
         where = {"rank": rank} if loop.peers.world > 1 else {}
         _log(log, {"event": "timing", "step": config.steps, "plan_sha256": identity,
                    "batch_size": config.batch_size, **where, **mine})
-    return prediction, held
+    return prediction, held, tuple(gathered) if loop.peers.world > 1 else ()
 
 
 def _spans_devices(plan: Plan) -> bool:

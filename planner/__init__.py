@@ -74,6 +74,7 @@ from planner.search import (
     DEFAULT_STALL_S,
     OptionSettings,
     PlanOptions,
+    check_plan_inputs,
     cost_model_name,
     plan,
 )
@@ -96,7 +97,7 @@ from planner.tools import (
     to_torchrec_sharding_plan,
 )
 from planner.tools.capacity import capacity
-from planner.tools.replan import replan
+from planner.tools.replan import check_replan, replan
 
 __all__ = [
     "AccessProfile", "AnalyticCostModel", "CapacityError", "CostModel", "CostModelError", "DType", "InfeasibleError", "Optimizer",
@@ -106,14 +107,14 @@ __all__ = [
     "Tier", "Topology", "load_tables", "load_topology", "parse_tables", "parse_topology", "plan",
     "plan_from_json", "plan_sha256", "plan_to_json", "read_plan", "write_plan",
     "CapacityResult", "PlanDiff", "ReplanResult", "TargetUnreachableError", "capacity",
-    "diff_plans", "replan", "TorchRecPlanner", "from_torchrec", "to_torchrec", "to_torchrec_sharding_plan",
+    "diff_plans", "check_replan", "replan", "TorchRecPlanner", "from_torchrec", "to_torchrec", "to_torchrec_sharding_plan",
     # inputs
     "GB", "DeviceSpec", "HostSpec", "NetworkSpec", "StoreSpec", "ZERO_COST",
     "Constraints", "NO_CONSTRAINTS", "load_constraints", "parse_constraints",
     # the plan file
     "DeviceLoad", "SolveReport", "StopReason", "write_json_atomic",
     # search
-    "BASELINES", "DEFAULT_GAP", "DEFAULT_STALL_S", "OptionSettings", "cost_model_name",
+    "BASELINES", "DEFAULT_GAP", "DEFAULT_STALL_S", "OptionSettings", "check_plan_inputs", "cost_model_name",
     # tools
     "ChangeKind", "HostTrial", "capacity_overflows", "check_plan_fits", "evaluate_plan",
     "explain", "shard_option",

@@ -43,6 +43,9 @@ class TablePlan:
     shards: tuple[Shard, ...]
     cost: ShardCost
     """Predicted cost of all shards together."""
+    limited_by: str | None = None
+    """What narrowed the table's options when it was planned (its constraints, pins,
+    ``--tiers``, ``--sharding``), in words; None when nothing did."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +196,7 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
                     for s in t.shards
                 ],
                 "predicted": _cost_json(t.cost),
+                **({} if t.limited_by is None else {"limited_by": t.limited_by}),
             }
             for t in plan.tables
         ],
@@ -322,6 +326,9 @@ def _optional_number(value: Any) -> float | None:
 def _what_instead(doc: dict[str, Any]) -> str:
     """What a JSON object without ``schema_version`` is, for the error message."""
     make = "make a plan with dlrm-plan --tables TABLES --topology TOPOLOGY -o PLAN"
+    if doc.get("format") == "torchrec_sharding_plan":
+        return ("this is a TorchRec plan (dlrm-plan export); read it with --format torchrec "
+                "--tables TABLES")
     if isinstance(doc.get("tables"), list) and "devices" not in doc:
         return f"this is a tables spec, not a plan; {make}"
     if "devices_per_host" in doc or "hosts" in doc:
@@ -340,7 +347,9 @@ def _table_from_json(t: dict[str, Any]) -> TablePlan:
     p = t["predicted"]
     cost = ShardCost(float(p["lookup_ms"]), float(p["communication_ms"]), float(p["backward_ms"]),
                      float(p["optimizer_ms"]), int(p["hbm_bytes"]), int(p.get("dram_bytes", 0)))
-    return TablePlan(str(t["name"]), Sharding(t["sharding"]), shards, cost)
+    limited = t.get("limited_by")
+    return TablePlan(str(t["name"]), Sharding(t["sharding"]), shards, cost,
+                     None if limited is None else str(limited))
 
 
 def check_plan(plan: Plan, name: str = "<memory>") -> None:

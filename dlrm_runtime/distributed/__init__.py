@@ -41,7 +41,8 @@ process count.
 
 The package: :mod:`.collectives` (process group, all-to-all), :mod:`.jobs` (lookup
 jobs, this rank's batch), :mod:`.model_parallel` (this rank's tables and exchanges),
-:mod:`.trainer` (the step and the loop on every rank).
+:mod:`.trainer` (the step and the loop on every rank), :mod:`.launch` (the workers
+started from this process, without torchrun).
 """
 
 from dlrm_runtime.distributed.collectives import (
@@ -52,6 +53,14 @@ from dlrm_runtime.distributed.collectives import (
     shutdown,
 )
 from dlrm_runtime.distributed.jobs import LookupJob, local_batch, lookup_jobs
+from dlrm_runtime.distributed.launch import (
+    LaunchSpec,
+    WorkerFailure,
+    WorkersFailed,
+    WorkersInterrupted,
+    launch,
+    record_failure,
+)
 from dlrm_runtime.distributed.model_parallel import DistributedEmbeddings, DistributedRowOptimizer
 from dlrm_runtime.distributed.trainer import (
     DistributedTrainer,
@@ -60,7 +69,9 @@ from dlrm_runtime.distributed.trainer import (
 )
 
 __all__ = [
-    "DistributedEmbeddings", "DistributedRowOptimizer", "DistributedTrainer", "LookupJob",
-    "ProcessGroupInfo", "evaluate_distributed", "free_port", "init_from_env", "local_batch", "lookup_jobs",
+    "DistributedEmbeddings", "DistributedRowOptimizer", "DistributedTrainer", "LaunchSpec",
+    "LookupJob", "ProcessGroupInfo", "WorkerFailure", "WorkersFailed", "WorkersInterrupted",
+    "evaluate_distributed", "free_port", "init_from_env", "launch", "local_batch", "lookup_jobs",
+    "record_failure",
     "process_group_info", "shutdown", "train_distributed",
 ]

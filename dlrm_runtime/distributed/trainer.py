@@ -214,7 +214,8 @@ def train_distributed(
     """
     info = process_group_info()
     if setup is None:
-        setup = prepare_run(plan, config, world_size=info.world_size, rank=info.rank)
+        setup = prepare_run(plan, config, world_size=info.world_size, rank=info.rank,
+                            model=model_config)
     with torch_settings(config):
         return _train_distributed(setup, info, model_config, config, data, progress,
                                   metrics_log)

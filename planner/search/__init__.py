@@ -15,6 +15,7 @@ from planner.search.api import (
     DEFAULT_GAP,
     DEFAULT_STALL_S,
     PlanOptions,
+    check_plan_inputs,
     check_tables_fit,
     cost_model_name,
     plan,
@@ -24,5 +25,5 @@ from planner.search.options import OptionSettings
 
 __all__ = [
     "BASELINES", "DEFAULT_GAP", "DEFAULT_STALL_S", "OptionSettings", "PlanOptions",
-    "SearchProgress", "check_tables_fit", "cost_model_name", "plan",
+    "SearchProgress", "check_plan_inputs", "check_tables_fit", "cost_model_name", "plan",
 ]

@@ -96,6 +96,24 @@ def cost_model_name(model: CostModel) -> str:
     return f"{module}:{cls.__qualname__}"
 
 
+def check_plan_inputs(tables: TablesSpec, topology: Topology,
+                      options: PlanOptions = PlanOptions()) -> list[OptionSettings]:
+    """What :func:`plan` checks before any work (the options, the sizes, each table's
+    constraints against the planner's shardings and tiers): :class:`PlannerError`
+    naming the field. Returns each table's allowed options (spec order)."""
+    _check_options(options)
+    check_limits(tables, topology)
+    if options.baseline is not None:
+        if options.baseline not in BASELINES:
+            raise PlannerError(f"unknown baseline {options.baseline!r}; "
+                               f"choose one of {', '.join(BASELINES)}")
+        if options.constraints != NO_CONSTRAINTS:
+            raise PlannerError("the baselines ignore constraints; plan with the ILP "
+                               "(drop --baseline) to honour them")
+    return [_settings_for(t.name, options.candidates, options.constraints, topology)
+            for t in tables.tables]
+
+
 def plan(
     tables: TablesSpec,
     topology: Topology,
@@ -110,26 +128,16 @@ def plan(
     shortfall, :class:`SolverError` when the MIP solver fails.
     """
     start = time.perf_counter()
-    _check_options(options)
-    check_limits(tables, topology)
+    per_table = check_plan_inputs(tables, topology, options)
     model = AnalyticCostModel() if cost_model is None else check_cost_model(cost_model)
     name = cost_model_name(model)
     if options.baseline is not None:
-        if options.baseline not in BASELINES:
-            raise PlannerError(f"unknown baseline {options.baseline!r}; "
-                               f"choose one of {', '.join(BASELINES)}")
-        if options.constraints != NO_CONSTRAINTS:
-            raise PlannerError("the baselines ignore constraints; plan with the ILP "
-                               "(drop --baseline) to honour them")
         result = run_baseline(options.baseline, tables, topology, model, options.seed)
         if result is None:
             raise _baseline_infeasible(options.baseline, tables, topology)
         return _baseline_plan(result, tables, topology, name, options, start)
 
     progress = SearchProgress(options.time_limit_s, options.gap, options.stall_s, started=start)
-    settings = options.candidates
-    per_table = [_settings_for(t.name, settings, options.constraints, topology)
-                 for t in tables.tables]
     rules = _placement_rules(tables, options.constraints)
     found = [] if rules.active else _baseline_plans(tables, topology, model, per_table)
     for f in found:
@@ -175,7 +183,35 @@ def plan(
         stop_reason=stop,
         target_gap=options.gap,
     )
-    return assemble_plan(tables, topology, name, best.options, best.placed, report)
+    result = assemble_plan(tables, topology, name, best.options, best.placed, report)
+    return replace(result, tables=tuple(
+        replace(t, limited_by=limited_by(t.name, options)) for t in result.tables))
+
+
+def limited_by(name: str, options: PlanOptions) -> str | None:
+    """In words, what narrowed table ``name``'s options (its constraints, the
+    planner's ``--tiers`` and ``--sharding``); None when nothing did."""
+    rules = options.constraints.rules(name)
+    settings = options.candidates
+    parts = []
+    for what, values in (("tiers", rules.tiers), ("shardings", rules.shardings)):
+        if values:
+            parts.append(f"constraint {what} {sorted(v.value for v in values)}")
+    if rules.device is not None:
+        parts.append(f"constraint device {rules.device}")
+    if rules.host is not None:
+        parts.append(f"constraint host {rules.host}")
+    if rules.max_shards is not None:
+        parts.append(f"constraint max_shards {rules.max_shards}")
+    if any(name in group for group in options.constraints.colocate):
+        parts.append("constraint colocate")
+    if any(name in pair for pair in options.constraints.separate):
+        parts.append("constraint separate")
+    if settings.tiers != frozenset(Tier):
+        parts.append(f"--tiers {','.join(sorted(t.value for t in settings.tiers))}")
+    if settings.shardings != frozenset(Sharding):
+        parts.append(f"--sharding {','.join(sorted(s.value for s in settings.shardings))}")
+    return "; ".join(parts) or None
 
 
 def _check_options(options: PlanOptions) -> None:
@@ -300,6 +336,17 @@ def _settings_for(name: str, settings: OptionSettings, constraints: Constraints,
     rules = constraints.rules(name)
     shardings = settings.shardings & (rules.shardings or frozenset(Sharding))
     tiers = settings.tiers & (rules.tiers or frozenset(Tier))
+    if not tiers:
+        raise PlannerError(f"table {name!r}: its constraint allows tiers "
+                           f"{sorted(t.value for t in rules.tiers or ())}, the planner's tiers "
+                           f"(--tiers) are {sorted(t.value for t in settings.tiers)}: no tier is "
+                           f"left; add one of the constraint's to --tiers or widen the constraint")
+    if not shardings:
+        raise PlannerError(f"table {name!r}: its constraint allows shardings "
+                           f"{sorted(s.value for s in rules.shardings or ())}, the planner's "
+                           f"(--sharding) {sorted(s.value for s in settings.shardings)}: no "
+                           f"sharding is left; add one of the constraint's to --sharding or "
+                           f"widen the constraint")
     whole_device = rules.device is not None or any(name in g for g in constraints.colocate)
     if whole_device:
         shardings &= {Sharding.TABLE_WISE}
@@ -463,4 +510,5 @@ def _baseline_infeasible(name: str, tables: TablesSpec, topology: Topology) -> I
     )
 
 
-__all__ = ["PlanOptions", "assemble_plan", "check_tables_fit", "cost_model_name", "plan"]
+__all__ = ["PlanOptions", "assemble_plan", "check_plan_inputs", "check_tables_fit",
+           "cost_model_name", "plan"]

@@ -192,7 +192,7 @@ def table_options(
             if k <= world and dim // k >= settings.min_column_width and dim % k == 0:
                 layouts.append((Sharding.COLUMN_WISE, Placement.FREE, [(0, rows)], _split(dim, k),
                                 1.0, 1.0))
-    if (Sharding.DATA_PARALLEL in allowed and world > 1
+    if (Sharding.DATA_PARALLEL in allowed and world > 1 and Tier.HBM in settings.tiers
             and table.weight_bytes <= settings.data_parallel_max_bytes):
         layouts.append((Sharding.DATA_PARALLEL, Placement.EVERY_DEVICE, [(0, rows)] * world,
                         [(0, dim)], 1.0 / world, 1.0 / world))

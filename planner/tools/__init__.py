@@ -28,6 +28,7 @@ from planner.tools.evaluate import (
 from planner.tools.replan import ReplanResult
 from planner.tools.torchrec import (
     DEVICES,
+    check_module_path,
     from_torchrec,
     import_torchrec,
     recut_tables,
@@ -37,7 +38,7 @@ from planner.tools.torchrec import (
 from planner.tools.torchrec_planner import TorchRecPlanner, topology_from_torchrec
 
 __all__ = [
-    "DEVICES", "CapacityResult", "ChangeKind", "HostBound", "HostTrial", "PlanDiff",
+    "DEVICES", "CapacityResult", "ChangeKind", "check_module_path", "HostBound", "HostTrial", "PlanDiff",
     "ReplanResult", "TargetUnreachableError", "TorchRecPlanner", "capacity_overflows", "check_plan_fits",
     "diff_plans", "evaluate_plan", "explain", "from_torchrec", "import_torchrec",
     "recut_tables", "shard_option", "sweep", "to_torchrec", "to_torchrec_sharding_plan",

@@ -45,12 +45,17 @@ class TableChange:
     old_devices: tuple[int, ...]
     new_devices: tuple[int, ...]
     moved_bytes: int
+    old_tiers: tuple[Tier, ...] = ()
+    """The tiers of its shards in the old plan (each once, in :class:`Tier` order)."""
+    new_tiers: tuple[Tier, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind.value,
                 "old_sharding": None if self.old_sharding is None else self.old_sharding.value,
                 "new_sharding": None if self.new_sharding is None else self.new_sharding.value,
                 "old_devices": list(self.old_devices), "new_devices": list(self.new_devices),
+                "old_tiers": [t.value for t in self.old_tiers],
+                "new_tiers": [t.value for t in self.new_tiers],
                 "moved_bytes": self.moved_bytes}
 
 
@@ -169,6 +174,11 @@ def _devices(table: TablePlan | None) -> tuple[int, ...]:
     return () if table is None else tuple(sorted({s.device for s in table.shards}))
 
 
+def _tiers(table: TablePlan | None) -> tuple[Tier, ...]:
+    held = set() if table is None else {s.tier for s in table.shards}
+    return tuple(t for t in Tier if t in held)
+
+
 def diff_plans(old: Plan, new: Plan) -> PlanDiff:
     """Compare ``new`` against ``old`` table by table (by name) and device by device
     (by index)."""
@@ -198,7 +208,8 @@ def diff_plans(old: Plan, new: Plan) -> PlanDiff:
                     if _layout(before) == _layout(after) else ChangeKind.RESHARDED)
         changes.append(TableChange(name, kind, None if before is None else before.sharding,
                                    None if after is None else after.sharding,
-                                   _devices(before), _devices(after), moved))
+                                   _devices(before), _devices(after), moved, _tiers(before),
+                                   _tiers(after)))
     old_load = {d.device: d.load_ms for d in old.devices}
     new_load = {d.device: d.load_ms for d in new.devices}
     devices = tuple(DeviceChange(d, old_load.get(d), new_load.get(d), bytes_in.get(d, 0),

@@ -37,6 +37,14 @@ def evaluate_plan(plan: Plan, model: CostModel, model_name: str, topology: Topol
     if topology.world_size < plan.topology.world_size:
         raise PlanFileError("<plan>", f"the plan uses {plan.topology.world_size} devices, the "
                                       f"topology has {topology.world_size}")
+    replicated = [t.name for t in plan.tables if t.sharding is Sharding.DATA_PARALLEL]
+    if topology.world_size != plan.topology.world_size and replicated:
+        raise PlanFileError("<plan>", f"the plan replicates data-parallel table "
+                                      f"{replicated[0]!r} on its {plan.topology.world_size} "
+                                      f"devices, the topology has {topology.world_size}: a "
+                                      f"data-parallel table needs a replica on every device; "
+                                      f"evaluate on a topology of {plan.topology.world_size} "
+                                      f"devices or re-plan for {topology.world_size}")
     world = topology.world_size
     loads, hbm = [0.0] * world, [0] * world
     tables = []
@@ -91,7 +99,13 @@ def check_plan_fits(plan: Plan, model: CostModel) -> None:
 
 
 def explain(plan: Plan, table: TablePlan) -> str:
-    """One line on why a table is sharded and stored as it is."""
+    """One line on why a table is sharded and stored as it is, led by what narrowed
+    its options when it was planned (its constraints, ``--tiers``, ``--sharding``)."""
+    why = _explain(plan, table)
+    return why if table.limited_by is None else f"limited by {table.limited_by}; {why}"
+
+
+def _explain(plan: Plan, table: TablePlan) -> str:
     spec = plan.tables_spec.by_name(table.name)
     tiers = {s.tier for s in table.shards}
     peak = plan.solve.objective_ms
@@ -101,8 +115,8 @@ def explain(plan: Plan, table: TablePlan) -> str:
         why = (f"HBM binds: whole it needs {spec.weight_bytes} bytes, the devices have "
                f"{free} left" if spec.weight_bytes > free else
                f"in host DRAM although HBM has room (whole it needs {spec.weight_bytes} "
-               f"bytes, the devices have {free} left): the allowed tiers or the cost model "
-               f"chose it")
+               f"bytes, the devices have {free} left): "
+               + ("the limits" if table.limited_by else "the cost model") + " chose it")
         return (f"{why}; all {spec.num_embeddings} rows in host DRAM, read over the host "
                 f"link every step (no device cache)")
     if tiers != {Tier.HBM}:
@@ -111,7 +125,8 @@ def explain(plan: Plan, table: TablePlan) -> str:
         why = (f"HBM binds: whole it needs {whole} bytes, the devices have {free} left"
                if whole > free else
                f"cached although HBM has room (whole it needs {whole} bytes, the devices "
-               f"have {free} left): the allowed tiers or the cost model chose it")
+               f"have {free} left): "
+               + ("the limits" if table.limited_by else "the cost model") + " chose it")
         return f"{why}; {_cache_summary(spec, table)}"
     if table.sharding is Sharding.TABLE_WISE:
         return "fastest option: whole in HBM on one device"

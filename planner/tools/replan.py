@@ -104,7 +104,7 @@ def replan(
     old placement nor any plan within the budget fits the new topology's memory.
     """
     start = time.perf_counter()
-    _check_compatible(old, tables, topology, max_migrate_bytes, options)
+    check_replan(old, tables, topology, max_migrate_bytes, options)
     model = AnalyticCostModel() if cost_model is None else check_cost_model(cost_model)
     name = cost_model_name(model)
     budget = options.time_limit_s
@@ -199,8 +199,11 @@ def align_devices(tables: TablesSpec, old: Plan, new: Sequence[TablePlan],
     return device
 
 
-def _check_compatible(old: Plan, tables: TablesSpec, topology: Topology,
-                      max_migrate_bytes: int | None, options: PlanOptions) -> None:
+def check_replan(old: Plan, tables: TablesSpec, topology: Topology,
+                 max_migrate_bytes: int | None, options: PlanOptions) -> None:
+    """What :func:`replan` checks before any work: :class:`PlannerError` when ``old``
+    cannot be re-planned into ``tables`` on ``topology`` (other tables or shapes,
+    other devices, pins, a baseline, a bad budget)."""
     if max_migrate_bytes is not None and (isinstance(max_migrate_bytes, bool)
                                           or not isinstance(max_migrate_bytes, int)
                                           or max_migrate_bytes < 0):
@@ -419,4 +422,4 @@ def _moves(space: _Space, layouts: list[_Layout], budget_bytes: int | None,
     return layouts
 
 
-__all__ = ["ReplanResult", "replan"]
+__all__ = ["ReplanResult", "check_replan", "replan"]

@@ -35,7 +35,7 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
-from planner.errors import PlanFileError
+from planner.errors import PlanFileError, PlannerError
 from planner.inputs.cost import AnalyticCostModel, CostModel, ZERO_COST, Sharding, Tier
 from planner.inputs.specs import TablesSpec, Topology
 from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan
@@ -64,7 +64,19 @@ DENSE_KERNEL = "dense"
 DEFAULT_LOAD_FACTOR = 0.2
 """TorchRec's cache load factor when a caching table's plan gives none."""
 DEVICES = ("cuda", "cpu")
-_PLACEMENT = re.compile(r"^rank:(\d+)/")
+_PLACEMENT = re.compile(r"^rank:(\d+)/(cpu|cuda:\d+|meta)$")
+_MODULE_PATH = re.compile(r"^([A-Za-z_]\w*|\d+)(\.([A-Za-z_]\w*|\d+))*$")
+"""A module's path in a model: attribute names (or ``ModuleList`` indices) joined by
+dots, as ``named_modules`` gives them."""
+
+
+def check_module_path(module_path: str) -> None:
+    """``""`` (the model is the collection) or a dotted path of attribute names or
+    indices; :class:`PlannerError` otherwise."""
+    if module_path and not _MODULE_PATH.match(module_path):
+        raise PlannerError(f"module path {module_path!r} is not a path of a module in a model: "
+                         f"attribute names (or indices) joined by dots, e.g. "
+                         f"sparse_arch.embedding_bag_collection; '' for the model itself")
 
 
 def _tier(value: str, where: str, file: str) -> Tier:
@@ -140,6 +152,7 @@ def to_torchrec(plan: Plan, module_path: str = "", device: str = "cuda") -> dict
     (``rank:R/cpu``, to run the plan on CPU processes)."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    check_module_path(module_path)
     for table in plan.tables:
         if len({s.tier for s in table.shards}) != 1:
             raise PlanFileError("<plan>", f"table {table.name!r}: TorchRec takes one compute "
@@ -266,6 +279,9 @@ def _parse_shards(entry: dict[str, Any], where: str, file: str) -> list[_Importe
         match = _PLACEMENT.match(placement)
         if match:
             rank = int(match.group(1))
+        elif placement:
+            raise PlanFileError(file, f"{where}: shard {i} has placement {placement!r}; "
+                                      f"TorchRec writes rank:R/cuda:L or rank:R/cpu")
         elif isinstance(ranks, list) and i < len(ranks) and isinstance(ranks[i], int):
             rank = ranks[i]
         else:
@@ -349,6 +365,11 @@ def from_torchrec(source: Any, tables: TablesSpec, topology: Topology, *,
 
     doc = source if isinstance(source, dict) else _doc_from_sharding_plan(source)
     modules = _modules(doc, file)
+    world = doc.get("world_size")
+    if isinstance(world, int) and not isinstance(world, bool) and world != topology.world_size:
+        raise PlanFileError(file, f"the TorchRec plan is for world size {world}, the topology has "
+                                  f"{topology.world_size} devices: pass a topology of {world} "
+                                  f"devices (hosts x devices_per_host)")
     if module_path is not None:
         if module_path not in modules:
             raise PlanFileError(file, f"no module {module_path!r} in the plan (modules: "

@@ -87,3 +87,20 @@ def test_chart_of_a_plan_without_a_bound(tmp_path: Path) -> None:
     out = tmp_path / "unbounded.png"
     draw_chart(unbounded, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _ranked(costs: list[float]):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(name=f"t{i}", cost=SimpleNamespace(total_ms=c, hbm_bytes=100))
+            for i, c in enumerate(costs)]
+
+
+def test_the_legend_never_cuts_through_a_tie() -> None:
+    from cli.chart import MAX_NAMED, named_count
+
+    assert named_count(_ranked([5, 4, 3, 2, 1]), top=3) == 3
+    assert named_count(_ranked([5, 4, 3, 3, 3, 1]), top=3) == 2  # the tie of 3s folds
+    assert named_count(_ranked([3, 3, 3, 3, 1, 1, 1]), top=2) == 4  # a leading tie: all named
+    assert named_count(_ranked([1.0] * (MAX_NAMED + 5)), top=10) == 0  # too many to name
+    assert named_count(_ranked([5, 4, 3, 2]), top=3) == 4  # one left over: no lone "other"

@@ -238,10 +238,13 @@ def test_explain_tells_a_forced_cache_from_a_binding_memory() -> None:
     forced = plan(roomy_tables, roomy, options=PlanOptions(
         time_limit_s=10, candidates=OptionSettings(tiers=frozenset({Tier.DRAM_CACHE}))))
     lines = [explain(forced, t) for t in forced.tables]
-    assert all(line.startswith("cached although HBM has room") for line in lines), lines
+    assert all(line.startswith("limited by --tiers dram_cache; cached although HBM has room")
+               and "the limits chose it" in line for line in lines), lines
+    assert all(t.limited_by == "--tiers dram_cache" for t in forced.tables)
     tight_tables, tight = _specs(devices=2, hbm_gb=0.00002)
     cached = plan(tight_tables, tight, options=PlanOptions(
         time_limit_s=10, candidates=OptionSettings(tiers=frozenset({Tier.HBM, Tier.DRAM_CACHE}))))
     lines = [explain(cached, t) for t in cached.tables
              if {s.tier for s in t.shards} != {Tier.HBM}]
-    assert lines and all(line.startswith("HBM binds") for line in lines), lines
+    assert lines and all(line.startswith("limited by --tiers dram_cache,hbm; HBM binds")
+                         for line in lines), lines

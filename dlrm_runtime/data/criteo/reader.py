@@ -157,6 +157,11 @@ class CriteoReader:
             handle = open(self.path, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
             raise CriteoFormatError(self.path, None, None, f"cannot open: {exc.strerror}") from None
+        try:
+            skip_file_head(handle, self.path)
+        except CriteoFormatError:
+            handle.close()
+            raise
         pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         with handle, pool if pool is not None else contextlib.nullcontext():
             total = os.fstat(handle.fileno()).st_size
@@ -256,6 +261,24 @@ class CriteoReader:
         self._malformed += 1
         if len(self._errors) < MAX_REPORTED_ERRORS:
             self._errors.append(error)
+
+
+_COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip -k"), (b"BZh", "bzip2", "bunzip2 -k"),
+               (b"\xfd7zXZ\x00", "xz", "unxz -k"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"))
+"""(magic bytes, format, the command that decompresses beside the file)."""
+
+
+def skip_file_head(handle: BinaryIO, path: str) -> None:
+    """Position ``handle`` at the file's first line: past a UTF-8 byte-order mark (an
+    editor's, not data); :class:`CriteoFormatError` for a compressed file (the reader
+    seeks by byte, so it reads the decompressed TSV)."""
+    head = handle.read(6)
+    for magic, kind, command in _COMPRESSED:
+        if head.startswith(magic):
+            raise CriteoFormatError(path, None, None, f"is {kind}-compressed; decompress it "
+                                                      f"first ({command} {path}) and pass the "
+                                                      f"TSV")
+    handle.seek(len(_BOM) if head.startswith(_BOM) else 0)
 
 
 def _blocks(handle: BinaryIO, start: int, stop: int | None,

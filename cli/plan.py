@@ -580,7 +580,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         if topology is not None and topology.world_size < original.topology.world_size:
             raise UsageError(f"{args.plan} places shards on {original.topology.world_size} "
                              f"devices but --topology {args.topology} has {topology.world_size}")
-        result = evaluate_plan(original, model, cost_model_name(model), topology, tables)
+        try:
+            result = evaluate_plan(original, model, cost_model_name(model), topology, tables)
+        except PlanFileError as exc:
+            raise PlanFileError(args.plan, exc.problem) from None
         said = (f" (the plan said {original.solve.objective_ms:.4f} ms under "
                 f"{original.cost_model})")
     print(device_table(result))

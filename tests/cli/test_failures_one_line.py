@@ -136,8 +136,8 @@ def test_a_replicated_plan_on_another_device_count_says_why(tmp_path: Path, caps
     plan = _plan(tmp_path, "dp.json", tables, two, "--sharding", "data_parallel")
     assert {t.sharding.value for t in read_plan(plan).tables} == {"data_parallel"}
     _only_error(capsys, plan_cli.main, ["evaluate", str(plan), "--topology", str(four)],
-                ExitCode.BAD_INPUT, "replicates data-parallel table 't0' on its 2 devices, the "
-                                    "topology has 4")
+                ExitCode.BAD_INPUT, f"{plan}: the plan replicates data-parallel table 't0' on "
+                                    f"its 2 devices, the topology has 4")
 
 
 def test_criteo_input_problems_are_named(tmp_path: Path, capsys) -> None:

@@ -60,6 +60,23 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _workers_after_first_checkpoint(launcher: subprocess.Popen, where: Path) -> list[int]:
+    """Wait until the run in ``where`` committed a checkpoint; its worker processes."""
+    deadline = time.monotonic() + 300
+    while not (where / "ckpt" / "committed.json").exists():
+        assert launcher.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return _children(launcher.pid)
+
+
+def _until_gone(workers: list[int]) -> None:
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived the stopped launcher"
+        time.sleep(0.1)
+
+
 def _final_state(where: Path) -> dict:
     (newest,) = sorted((where / "ckpt").glob("ckpt-*"))
     return torch.load(newest / "state.pt", map_location="cpu", weights_only=False)
@@ -94,19 +111,11 @@ def test_launcher_trains_and_resumes_after_sigkill(tmp_path: Path, cached_plan: 
     command = _command(cached_plan, cut, steps, "--checkpoint-every", "10")
     launcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (cut / "ckpt" / "committed.json").exists():
-        assert launcher.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    workers = _children(launcher.pid)
+    workers = _workers_after_first_checkpoint(launcher, cut)
     assert workers, "no worker processes"
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait(timeout=60)
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in workers):
-        assert time.monotonic() < deadline, "a worker outlived the killed launcher"
-        time.sleep(0.1)
+    _until_gone(workers)
     assert len(sorted((cut / "ckpt").glob("ckpt-*"))) >= 1
     again = subprocess.run([*command, "--resume"], capture_output=True, text=True, cwd=ROOT,
                            timeout=600, check=False)
@@ -121,22 +130,14 @@ def test_sigterm_stops_every_worker_and_says_how_to_resume(tmp_path: Path,
     command = _command(cached_plan, tmp_path, 100_000, "--checkpoint-every", "10")
     launcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "ckpt" / "committed.json").exists():
-        assert launcher.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    workers = _children(launcher.pid)
+    workers = _workers_after_first_checkpoint(launcher, tmp_path)
     launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == ExitCode.INTERRUPTED, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("dlrm-run: interrupted during step") and last.endswith("--resume"), err
     assert "Traceback" not in err and "signal" not in err, err
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in workers):
-        assert time.monotonic() < deadline, "a worker outlived the stopped launcher"
-        time.sleep(0.1)
+    _until_gone(workers)
 
 
 def test_a_refusal_of_rank_0_stops_every_rank_writing_nothing(tmp_path: Path,

@@ -224,8 +224,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nproc_per_node is not None:
         return run_guarded(PROG, args.verbose, lambda: _launch(args, argv),
                            on_interrupt=lambda exc: _resume_hint(exc, args, argv))
-    return run_guarded(PROG, args.verbose, lambda: _run(args),
+    return run_guarded(PROG, args.verbose, lambda: _run_rank(args),
                        on_interrupt=lambda exc: _resume_hint(exc, args, argv))
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    """:func:`_run` on one rank; a rank that stops because rank 0 refused the run says
+    nothing (rank 0 prints why) and exits with the bad-input code."""
+    try:
+        return _run(args)
+    except PeerRefusedError:
+        raise SystemExit(ExitCode.BAD_INPUT) from None
 
 
 def worker_argv(argv: Sequence[str]) -> list[str]:
@@ -263,14 +272,7 @@ def worker(argv: list[str], user_argv: list[str]) -> int:
     once) and the worker exits with its code, which stops the other workers.
     ``user_argv`` is the command as typed (for the resume hint)."""
     args = one_line_parse_errors(build_parser()).parse_args(argv)
-
-    def body() -> int:
-        try:
-            return _run(args)
-        except PeerRefusedError:  # rank 0 records why; this rank only stops
-            raise SystemExit(ExitCode.BAD_INPUT) from None
-
-    code = run_guarded(PROG, args.verbose, body,
+    code = run_guarded(PROG, args.verbose, lambda: _run_rank(args),
                        on_interrupt=lambda exc: _resume_hint(exc, args, user_argv),
                        report=record_failure)
     if code != ExitCode.OK:

@@ -295,6 +295,9 @@ def measure_dlrm_run(plans: dict[str, Plan], steps: int, warmup: int, reps: int)
                 out[name]["predicted_embedding_ms"] = (pred["lookup_ms"] + pred["communication_ms"]
                                                        + pred["update_ms"])
                 out[name]["predicted_dense_ms"] = pred["dense_ms"]
+                out[name]["predicted_phase_ms"] = {key: pred[f"{key}_ms"] for key in
+                                                   ("lookup", "communication", "update", "dense")}
+                out[name].setdefault("per_rep_phase_ms", []).append(phases)
     for name in plans:
         out[name]["median_step_ms"] = statistics.median(out[name]["per_rep_ms"])
         out[name]["median_embedding_ms"] = statistics.median(out[name]["per_rep_embedding_ms"])
@@ -329,8 +332,13 @@ def summarize(predictions: dict, dmp: dict, ours: dict) -> dict:
             "our_model_error_vs_dlrm_run_step": _error(run["predicted_step_ms"],
                                                        run["median_step_ms"]),
         }
-    fastest = {runtime: min(rows, key=lambda n: rows[n][key])
-               for runtime, key in (("dmp", "dmp_ms"), ("dlrm_run", "dlrm_run_ms"))}
+    for name, row in rows.items():  # a rep's runs are adjacent in time: fairer than medians
+        for runtime, measured in (("dmp", dmp), ("dlrm_run", ours)):
+            row[f"{runtime}_over_torchrec_plan"] = statistics.median(
+                a / b for a, b in zip(measured["plans"][name]["per_rep_ms"],
+                                      measured["plans"]["torchrec"]["per_rep_ms"]))
+    fastest = {runtime: min(rows, key=lambda n: rows[n][f"{runtime}_over_torchrec_plan"])
+               for runtime in ("dmp", "dlrm_run")}
     return {"per_plan": rows, "fastest": fastest}
 
 
@@ -339,14 +347,18 @@ def print_table(summary: dict) -> None:
         return "-" if x is None else f"{x:+.0%}"
 
     print(f"{'plan':20} {'DMP ms':>8} {'run ms':>8} {'run emb':>8} {'ours ms':>8} "
-          f"{'TR ms':>8} {'ours/DMP':>9} {'TR/DMP':>8} {'ours/emb':>9} {'TR/emb':>8}")
+          f"{'TR ms':>8} {'ours/DMP':>9} {'TR/DMP':>8} {'ours/emb':>9} {'TR/emb':>8} "
+          f"{'DMP x TR':>8} {'run x TR':>8}")
     for name, r in summary["per_plan"].items():
         print(f"{name:20} {r['dmp_ms']:8.2f} {r['dlrm_run_ms']:8.2f} "
               f"{r['dlrm_run_embedding_ms']:8.2f} {r['our_model_ms']:8.2f} "
               f"{r['torchrec_model_ms']:8.2f} {pct(r['our_model_error_vs_dmp']):>9} "
               f"{pct(r['torchrec_model_error_vs_dmp']):>8} "
               f"{pct(r['our_model_error_vs_dlrm_run_embedding']):>9} "
-              f"{pct(r['torchrec_model_error_vs_dlrm_run_embedding']):>8}")
+              f"{pct(r['torchrec_model_error_vs_dlrm_run_embedding']):>8} "
+              f"{r['dmp_over_torchrec_plan']:8.2f} {r['dlrm_run_over_torchrec_plan']:8.2f}")
+    print("errors: (predicted - measured) / measured; emb: dlrm-run's lookup + communication + "
+          "update; x TR: median over reps of the run's time over the TorchRec plan's")
     print(f"fastest in DMP: {summary['fastest']['dmp']}; in dlrm-run: "
           f"{summary['fastest']['dlrm_run']}")
 

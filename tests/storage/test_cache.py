@@ -713,3 +713,22 @@ def test_recency_keys_keep_their_order_when_renormalised() -> None:
     assert order == [{0}, {0, 2}, {0, 2, 3}, {0, 2, 3, 4}, {0, 1, 2, 3, 4}]
     protected[2] = True
     assert set(policy.victims(2, view).tolist()) == {0, 3}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_smallest_on_the_cpu_picks_the_lexicographically_smallest_set(seed: int) -> None:
+    """The CPU path of :func:`storage.cache.policy.smallest` (numpy's partition) picks the
+    same set as a full lexicographic sort: ties in the leading keys (LFU counts, the
+    protected slots' +inf) broken by the next key, the last key distinct."""
+    from storage.cache.policy import smallest
+
+    rng = np.random.default_rng(seed)
+    size = 2000
+    counts = torch.from_numpy(rng.integers(0, 4, size).astype(np.float64))
+    counts[rng.choice(size, 50, replace=False)] = torch.inf  # protected
+    recency = torch.from_numpy(rng.permutation(size).astype(np.int64) * 7 - 900)
+    for count in (1, 17, 600, size - 50):
+        order = sorted(range(size), key=lambda i: (counts[i].item(), recency[i].item()))
+        assert set(smallest([counts, recency], count).tolist()) == set(order[:count])
+        by_recency = sorted(range(size), key=lambda i: recency[i].item())
+        assert set(smallest([recency], count).tolist()) == set(by_recency[:count])

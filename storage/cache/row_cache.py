@@ -131,12 +131,16 @@ class RowCache:
     ``write_behind``: write evicted dirty rows back on the background thread
     (:mod:`storage.cache.worker`) instead of inside the lookup that evicts them; their
     data is copied out of the slots without waiting for the device.
+    ``background``: run prefetch reads and write-behind on the background thread
+    (default); False runs them at once in the caller's thread, with the same results
+    (:class:`~storage.cache.worker.StoreWorker`), e.g. for a cache on the CPU.
     """
 
     def __init__(self, store: TableStore, table: str, *, slots: int,
                  device: torch.device | str = "cpu", policy: str = "lru",
                  profile: np.ndarray | None = None, with_state: bool = False,
-                 index: IndexKind = "auto", write_behind: bool = False) -> None:
+                 index: IndexKind = "auto", write_behind: bool = False,
+                 background: bool = True) -> None:
         info = store.describe(table)
         if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
             raise CacheArgumentError(f"slots must be an int >= 1, got {slots!r}")
@@ -173,7 +177,7 @@ class RowCache:
         self._filled = 0
         self._batches = 0
         self._counts = Counters()
-        self._worker = StoreWorker()
+        self._worker = StoreWorker(threaded=bool(background))
         store.on_close(self._worker.close)  # no background I/O on unmapped files
         self._store_rows = StoreRows(store, table, self._worker, self._counts, dim=info.dim,
                                      np_dtype=self._np_dtype,

@@ -337,11 +337,12 @@ def test_slots_are_clamped_to_the_table(tmp_path: Path) -> None:
 
 # ---- prefetch ------------------------------------------------------------------------
 def train(store: TableStore, use_prefetch: bool, write_behind: bool,
-          steps: int = 30) -> tuple[list, CacheStats]:
+          steps: int = 30, background: bool = True) -> tuple[list, CacheStats]:
     rng = np.random.default_rng(3)
     batches = [torch.from_numpy(zipf_ids(rng, ROWS, 64)) for _ in range(steps + 1)]
     seen = []
-    with RowCache(store, "t", slots=60, with_state=True, write_behind=write_behind) as cache:
+    with RowCache(store, "t", slots=60, with_state=True, write_behind=write_behind,
+                  background=background) as cache:
         rows = cache.gather(batches[0])
         for step in range(steps):
             if use_prefetch:
@@ -354,12 +355,21 @@ def train(store: TableStore, use_prefetch: bool, write_behind: bool,
         return seen, cache.stats()
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["thread", "inline"])
 @pytest.mark.parametrize("write_behind", [False, True])
-def test_prefetch_gives_identical_results(tmp_path: Path, write_behind: bool) -> None:
+def test_prefetch_gives_identical_results(tmp_path: Path, write_behind: bool,
+                                          background: bool) -> None:
+    """Prefetch and write-behind, on the background thread or inline (``background=
+    False``: no thread at all), change no result and no hit or miss."""
+    import threading
+
+    threads = threading.active_count()
     with make_store(tmp_path / "a") as plain, make_store(tmp_path / "b") as fetched:
         seen_plain, stats_plain = train(plain, use_prefetch=False, write_behind=False)
         seen_fetched, stats_fetched = train(fetched, use_prefetch=True,
-                                            write_behind=write_behind)
+                                            write_behind=write_behind, background=background)
+        if not background:
+            assert threading.active_count() == threads
         assert all(torch.equal(a, b) for a, b in zip(seen_plain, seen_fetched))
         assert np.array_equal(plain.read_table("t"), fetched.read_table("t"))
         assert np.array_equal(plain.read_table("t", state=True),

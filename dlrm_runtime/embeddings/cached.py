@@ -326,17 +326,20 @@ class CachedTable(nn.Module):
         return out
 
     def prefetch(self, ids: torch.Tensor) -> None:
-        """Start reading the rows of ``ids`` that are not cached, in the background."""
+        """Start reading the rows of ``ids`` that are not cached, in the background.
+        Caches without a background thread (on the CPU, :func:`background_store_work`)
+        are skipped: read at once, the rows would cost what the next lookup pays for
+        them, plus a second search of the index."""
         if ids.numel() == 0:
             return
         check_range(self.spec, ids)
         if len(self.shards) == 1:
-            if self.shards[0] is not None:
+            if self.shards[0] is not None and self.shards[0].cache.background:
                 self.shards[0].cache.prefetch(ids)
             return
         owner = torch.bucketize(ids, self.boundaries, right=True)
         for s, shard in enumerate(self.shards):
-            if shard is None:
+            if shard is None or not shard.cache.background:
                 continue
             local = ids[owner == s] - shard.table.shard.row_start
             if local.numel():
@@ -618,7 +621,8 @@ class CachedTablesOwner:
         """Announce the batch AFTER the one of the next forward (the global batch under
         torchrun: every rank has it): right after that forward's cache lookups, the rows
         of ``next_sparse`` missing from this process's caches are read from the store on
-        background threads, overlapping the rest of the step. Call it before
+        background threads, overlapping the rest of the step (caches on the CPU have no
+        such thread and read their misses in the lookup). Call it before
         ``Trainer.step(batch)`` with the following batch."""
         if self.cached is not None:
             if len(next_sparse.ids) != len(self.specs):

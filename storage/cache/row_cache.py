@@ -203,6 +203,11 @@ class RowCache:
         return self._device
 
     @property
+    def background(self) -> bool:
+        """Whether prefetch reads and write-behind run on a background thread."""
+        return self._worker.threaded
+
+    @property
     def num_slots(self) -> int:
         return self._num_slots
 

@@ -92,6 +92,10 @@ class StoreWorker:
         self._failure: CacheWriteError | None = None
         self.counters = WorkerCounters()
 
+    @property
+    def threaded(self) -> bool:
+        return self._threaded
+
     def read(self, read: ReadFn, rows: np.ndarray) -> None:
         """Queue reading ``rows`` (sorted, distinct); a read not yet used is dropped."""
         self._check_failure()

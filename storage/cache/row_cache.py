@@ -73,7 +73,7 @@ thread-safe.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -528,6 +528,9 @@ class RowCache:
         """Write the dirty rows among ``slots`` (and their state) to the store, sorted by
         row: on the background thread with write-behind (the rows' data copied out of the
         slots first, without waiting for the device), else here."""
+        if self._host_rows is not None:
+            self._write_back_host(slots)
+            return
         rows = self._slot_row.index_select(0, slots)
         dirty = self._dirty.index_select(0, slots)
         weights = self._take(slots)  # a copy
@@ -547,6 +550,33 @@ class RowCache:
                                  arrays[3][keep].reshape(-1, 1) if with_state else None)
             return written
 
+        self._queue_write(slots, write)
+
+    def _write_back_host(self, slots: torch.Tensor) -> None:
+        """:meth:`_write_back` on the CPU: the dirty rows picked and sorted by row first,
+        so their data is copied out of the slots once, in the order the store takes."""
+        at = slots.numpy()
+        dirty = self._dirty.numpy()[at]
+        keep = at[dirty]
+        written = self._slot_row.numpy()[keep]
+        order = np.argsort(written)
+        written, keep = written[order], keep[order]
+        weights = np.take(self._host_rows, keep, axis=0)
+        if self._dtype == torch.bfloat16:
+            weights = weights.view(np.uint16)
+        state = None if self._state is None else self._state.numpy()[keep].reshape(-1, 1)
+        store_rows = self._store_rows
+
+        def write() -> np.ndarray:
+            if written.size:
+                store_rows.write(written, weights, state)
+            return written
+
+        self._queue_write(slots, write)
+
+    def _queue_write(self, slots: torch.Tensor, write: Callable[[], np.ndarray]) -> None:
+        """Run ``write`` (the write-back of ``slots``, holding copies of their rows) on
+        the background thread with write-behind, else here; the slots are clean after."""
         if self._write_behind:
             self._dirty.index_fill_(0, slots, False)
             self._worker.write(write)  # counted and invalidated in the prefetch when done

@@ -127,8 +127,11 @@ class StoreWorker:
         start = time.perf_counter()
         done = [future.result() for future in pending]  # tasks catch their own errors
         waited = time.perf_counter() - start
-        self.counters.wait_s += waited
-        self.counters.hidden_s += max(0.0, sum(d.seconds for d in done) - waited)
+        if self._threaded:
+            self.counters.wait_s += waited
+            self.counters.hidden_s += max(0.0, sum(d.seconds for d in done) - waited)
+        else:  # run inline: the caller waited for all of it
+            self.counters.wait_s += sum(d.seconds for d in done)
         read_error: Exception | None = None
         for task in done:
             if task.wrote:

@@ -381,6 +381,8 @@ def test_prefetch_gives_identical_results(tmp_path: Path, write_behind: bool,
     assert (stats_fetched.background_write_s > 0) == write_behind
     assert stats_plain.background_write_s == 0
     assert stats_fetched.background_wait_s >= 0 and stats_fetched.background_hidden_s >= 0
+    if not background:  # inline: nothing overlapped, all of it was waited for
+        assert stats_fetched.background_hidden_s == 0 and stats_fetched.background_wait_s > 0
 
 
 def test_failed_background_write_is_sticky(tmp_path: Path,

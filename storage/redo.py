@@ -144,7 +144,7 @@ class RedoSegment:
     """The rows of one array written since the last checkpoint (see the module doc).
 
     Slots ``[0, spilled)`` are in the file, ``[spilled, rows)`` in memory (slot ``s`` at
-    ``s - spilled`` of the memory arrays). ``put`` and ``overlay`` may come from
+    ``s - spilled`` of the memory arrays). ``put`` and ``serve`` may come from
     different threads (a row cache writes back on its own thread): a lock orders them.
     """
 
@@ -216,15 +216,18 @@ class RedoSegment:
             memory.rows[at] = raw
             return fresh * self._slot.itemsize
 
-    def overlay(self, ids: np.ndarray, out: np.ndarray) -> None:
-        """Replace the rows of ``out`` (read from the chunk files) that the segment holds."""
+    def serve(self, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Write the rows of ``ids`` that the segment holds into ``out`` (one row per id);
+        returns the positions of the others (int64), for the caller to read from the
+        chunk files."""
         if not self._count or ids.size == 0:
-            return
+            return np.arange(ids.size)
         with self._lock:
             slots = self._slots(ids)
-            hit = np.flatnonzero(slots >= 0)
+            held = slots >= 0
+            hit = np.flatnonzero(held)
             if not hit.size:
-                return
+                return np.arange(ids.size)
             slots = slots[hit]
             width = out.shape[1]
             if self._spilled:
@@ -235,6 +238,7 @@ class RedoSegment:
                     hit, slots = hit[~old], slots[~old]
             rows = self._slot_memory().rows[slots - self._spilled]
             out[hit] = rows.view(out.dtype).reshape(-1, width)
+            return np.flatnonzero(~held)
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, raw rows uint8 (n, row_bytes)) held, in slot order (copies)."""

@@ -441,12 +441,22 @@ class TableStore:
               or not out.flags.c_contiguous or not out.flags.writeable):
             raise RowShapeError(name, f"out must be a writable C-contiguous {dtype} array of "
                                       f"shape {shape}")
-        files.read(id_array, out)
         key = f"{name}/{role}"
-        self._sums.check(key, files, id_array)
         segment = self._segments.get(key)
-        if segment is not None:
-            segment.overlay(id_array, out)
+        if segment is None or not segment.rows:
+            files.read(id_array, out)
+            self._sums.check(key, files, id_array)
+            return out
+        rest = segment.serve(id_array, out)  # rows written since the checkpoint
+        if rest.size == id_array.size:
+            files.read(id_array, out)
+            self._sums.check(key, files, id_array)
+        elif rest.size:  # the others from the chunk files (their blocks checked)
+            ids_rest = id_array[rest]
+            part = np.empty((rest.size, files.layout.width), dtype=dtype)
+            files.read(ids_rest, part)
+            self._sums.check(key, files, ids_rest)
+            out[rest] = part
         return out
 
     def _scatter(self, name: str, role: str, ids: Any, rows: Any) -> None:

@@ -42,7 +42,7 @@ in one gather (weights, and one of the optimizer state), victims are chosen by t
 policy among the slots the batch does not use, and the dirty ones are written back
 in one scatter (sorted by row, so the store writes chunk by chunk), in the lookup
 or, with ``write_behind=True``, on the background thread (their data copied out of
-the slots first, so the store's journal fsync does not stall the lookup). If the batch
+the slots first, so the store write does not stall the lookup). If the batch
 has more distinct rows than the cache can hold beside its hits, the missing rows it
 uses most (ties: lower row id) get slots and the others are served straight from
 the store, uncached (``CacheStats.uncached``): ``gather`` returns them in the same

@@ -61,6 +61,8 @@ REDO_MEMORY_BYTES = 1024 * 1024 * 1024
 4 M rows of 256 bytes. Spilling costs what the file map did (new page-cache pages,
 about 2 ms per MiB here), so the bound is generous; the pages are only populated as
 rows are written."""
+MIN_CAPACITY = 1 << 16
+"""Memory slots a segment starts with where the whole table's cannot be reserved."""
 POPULATE_BYTES = 4 * 1024 * 1024
 """Slot memory is populated (its pages made present) this many bytes ahead of use."""
 _MAP_NORESERVE = 0x4000
@@ -371,12 +373,24 @@ class RedoSegment:
 
     def _slot_memory(self) -> SlotMemory:
         if self._memory is None:
-            self._memory = SlotMemory(self._num_rows, self._row_bytes)
+            try:  # room for every row: address space only (MAP_NORESERVE)
+                self._memory = SlotMemory(self._num_rows, self._row_bytes)
+            except OSError:  # strict overcommit accounting: start smaller, grow on demand
+                self._memory = SlotMemory(min(self._num_rows, MIN_CAPACITY), self._row_bytes)
         return self._memory
 
     def _reserve(self, slots: int) -> None:
         """Room for ``slots`` memory slots."""
-        self._slot_memory().reserve(slots)
+        memory = self._slot_memory()
+        if slots > memory.capacity:  # only after a smaller start (see _slot_memory)
+            grown = SlotMemory(min(self._num_rows, max(slots, 2 * memory.capacity)),
+                               self._row_bytes)
+            used = self._count - self._spilled
+            grown.reserve(used)
+            grown.ids[:used] = memory.ids[:used]
+            grown.rows[:used] = memory.rows[:used]
+            self._memory = memory = grown
+        memory.reserve(slots)
 
     def _header(self) -> bytes:
         key = self.key.encode("utf-8")

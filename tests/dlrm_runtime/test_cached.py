@@ -373,3 +373,8 @@ def test_a_store_half_built_by_a_killed_run_is_built_again(tmp_path: Path) -> No
     finally:
         embeddings.close()
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["device-0", "device-1"]
+
+
+def test_caches_on_the_cpu_do_their_store_work_inline() -> None:
+    assert cached_module.background_store_work(torch.device("cpu")) is False
+    assert cached_module.background_store_work(torch.device("cuda", 0)) is True

@@ -960,3 +960,47 @@ def test_committing_a_prepared_checkpoint_over_a_damaged_block_is_refused(tmp_pa
         with pytest.raises(CorruptStoreError, match="block 0 .*checkpoint is refused"):
             store.commit_prepared()
         assert store.prepared_step == 1  # still in doubt, nothing applied
+
+
+def test_redo_memory_is_reused_across_checkpoints_and_grows_where_reserving_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory slots of a segment are kept when a checkpoint clears it (the next
+    generation's rows land in pages already there), and a segment that cannot reserve
+    room for every row (strict overcommit) starts small and grows, with the same rows."""
+    from storage import redo
+
+    rng = np.random.default_rng(11)
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 50_000, 8)
+        ids = rng.choice(50_000, 4000, replace=False)
+        store.scatter("t", ids, np.ones((4000, 8), np.float32))
+        store.checkpoint(1)
+        segment = store._segments["t/weight"]
+        memory, ready = segment._memory, segment._memory._ready
+        store.scatter("t", ids[::-1], np.full((4000, 8), 2.0, np.float32))
+        assert segment._memory is memory and memory._ready == ready
+        store.checkpoint(2)
+        assert (store.gather("t", ids) == 2.0).all()
+
+    real = redo.SlotMemory
+
+    def strict(capacity: int, row_bytes: int) -> redo.SlotMemory:
+        if capacity == 20_000:  # the whole table: refused, as under strict accounting
+            raise OSError(12, "Cannot allocate memory")
+        return real(capacity, row_bytes)
+
+    monkeypatch.setattr(redo, "SlotMemory", strict)
+    monkeypatch.setattr(redo, "MIN_CAPACITY", 64)
+    with TableStore.create(tmp_path / "small") as store:
+        store.add_table("t", 20_000, 3)
+        ref = store.read_table("t")
+        for _ in range(6):
+            ids = rng.integers(0, 20_000, 900)
+            rows = rng.standard_normal((900, 3)).astype(np.float32)
+            store.scatter("t", ids, rows)
+            for i, row in zip(ids.tolist(), rows):
+                ref[i] = row
+            assert np.array_equal(store.gather("t", np.arange(20_000)), ref)
+        assert 64 < store._segments["t/weight"]._memory.capacity < 20_000
+        store.checkpoint(1)
+        assert np.array_equal(store.read_table("t"), ref)

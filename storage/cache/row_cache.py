@@ -63,7 +63,7 @@ Updates are refused (:class:`~storage.errors.ReadOnlyStoreError`) at the first
 cache over a ``mode="r"`` store is fine.
 
 Threads (:mod:`storage.cache.worker`): prefetch reads and write-behind run in order
-on one background thread, and the cache itself touches the store only after that
+on one background thread (or at once in the caller's thread, ``background=False``), and the cache itself touches the store only after that
 thread's queue is empty, so the store is never used by two threads at once *through
 the cache*. The caller must keep that too: call :meth:`RowCache.flush` (before
 ``store.checkpoint``), :meth:`RowCache.settle` (before other direct use of the
@@ -284,9 +284,9 @@ class RowCache:
         return out
 
     def prefetch(self, next_ids: Any) -> None:
-        """Start reading, on a background thread, the rows of ``next_ids`` that are not
-        resident now; the next lookup that misses uses them (see
-        :mod:`storage.cache.worker`). Drops an older prefetch not yet used. With the
+        """Start reading, on a background thread (at once with ``background=False``),
+        the rows of ``next_ids`` that are not resident now; the next lookup that misses
+        uses them (see :mod:`storage.cache.worker`). Drops an older prefetch not yet used. With the
         ``"lookahead"`` policy, also :meth:`announce` them."""
         rows = self._device_rows(next_ids)
         if rows.numel() == 0:

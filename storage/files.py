@@ -51,6 +51,14 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd`` (``os.pwrite`` may write less)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 def replace_atomic(path: Path, fill: Callable[[int], None], *,
                    suffix: str = TEMPORARY_SUFFIX) -> None:
     """Atomically replace (or create) ``path`` with what ``fill(fd)`` writes to a new

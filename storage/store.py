@@ -59,7 +59,7 @@ import numpy as np
 from storage import journal as jr
 from storage.chunks import MAPPED_BYTES_BUDGET, PAGE_BYTES, ChunkFiles, sync_files
 from storage.redo import HEADER_BYTES as REDO_HEADER_BYTES
-from storage.redo import RedoSegment, SegmentSeal, segment_name
+from storage.redo import REDO_MEMORY_BYTES, RedoSegment, SegmentSeal, segment_name
 from storage.sums import BlockDamage, BlockSums
 from storage.sums import ProgressFn as VerifyProgressFn
 from storage.dtypes import OptimizerState, StoreDType, is_torch_tensor, to_stored, torch_to_numpy
@@ -109,11 +109,16 @@ SYNC_THREADS = 8
 class TableStore:
     """A directory of embedding tables; see the module docstring. Use as a context manager."""
 
-    def __init__(self, path: Path, mode: Mode, lock_fd: int, map_budget_bytes: int) -> None:
+    def __init__(self, path: Path, mode: Mode, lock_fd: int, map_budget_bytes: int,
+                 redo_memory_bytes: int = REDO_MEMORY_BYTES) -> None:
         """Internal: use :meth:`create` or :meth:`open`."""
         self._path = path
         self._mode = mode
         self._map_budget = map_budget_bytes
+        self._redo_budget = redo_memory_bytes
+        self._redo_memory = 0
+        """Bytes of redo slots held in memory, counted up by scatters (an upper bound:
+        recounted when over the budget)."""
         self._lock_fd = lock_fd
         self._txn = path / TXN_DIR
         self._specs: dict[str, StoredTableSpec] = {}
@@ -139,15 +144,17 @@ class TableStore:
     # ---- opening ------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, overwrite: bool = False,
-               map_budget_bytes: int = MAPPED_BYTES_BUDGET) -> TableStore:
+               map_budget_bytes: int = MAPPED_BYTES_BUDGET,
+               redo_memory_bytes: int = REDO_MEMORY_BYTES) -> TableStore:
         """Create an empty store at ``path`` and return it open for writing.
 
         ``overwrite=True`` replaces an existing *table store* (never another directory).
-        ``map_budget_bytes``: as for :meth:`open`.
+        ``map_budget_bytes``, ``redo_memory_bytes``: as for :meth:`open`.
         """
         import zarr
 
         budget = _check_map_budget(map_budget_bytes)
+        redo_memory = _check_redo_memory(redo_memory_bytes)
         root = Path(path)
         if root.exists():
             if not overwrite:
@@ -181,11 +188,13 @@ class TableStore:
         BlockSums(txn).save()
         for directory in (txn, root, root.parent):
             fsync_dir(directory)
-        return cls.open(root, mode="r+", map_budget_bytes=budget)
+        return cls.open(root, mode="r+", map_budget_bytes=budget,
+                        redo_memory_bytes=redo_memory)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], mode: Mode = "r", *,
-             map_budget_bytes: int = MAPPED_BYTES_BUDGET) -> TableStore:
+             map_budget_bytes: int = MAPPED_BYTES_BUDGET,
+             redo_memory_bytes: int = REDO_MEMORY_BYTES) -> TableStore:
         """Open a store. ``"r+"`` first rolls back writes after the last checkpoint.
 
         ``map_budget_bytes`` bounds the pages each array keeps mapped (they count in the
@@ -193,15 +202,20 @@ class TableStore:
         larger one in slices whose pages are unmapped as rows are touched, so a table
         larger than RAM trains with a bounded resident set (about this many bytes per
         array in use), at the cost of a minor fault per row touched again.
+
+        ``redo_memory_bytes`` bounds the process memory that holds the rows written since
+        the last checkpoint (all arrays together, :mod:`storage.redo`); past it, the
+        largest segments move their rows to their files (a sequential write, no sync).
         """
         if mode not in ("r", "r+"):
             raise StoreArgumentError(f"mode must be 'r' or 'r+', got {mode!r}")
         budget = _check_map_budget(map_budget_bytes)
+        redo_memory = _check_redo_memory(redo_memory_bytes)
         root = Path(path)
         _check_store(root)
         lock_fd = _lock(root, mode)
         try:
-            store = cls(root, mode, lock_fd, budget)
+            store = cls(root, mode, lock_fd, budget, redo_memory)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -427,12 +441,22 @@ class TableStore:
               or not out.flags.c_contiguous or not out.flags.writeable):
             raise RowShapeError(name, f"out must be a writable C-contiguous {dtype} array of "
                                       f"shape {shape}")
-        files.read(id_array, out)
         key = f"{name}/{role}"
-        self._sums.check(key, files, id_array)
         segment = self._segments.get(key)
-        if segment is not None:
-            segment.overlay(id_array, out)
+        if segment is None or not segment.rows:
+            files.read(id_array, out)
+            self._sums.check(key, files, id_array)
+            return out
+        rest = segment.serve(id_array, out)  # rows written since the checkpoint
+        if rest.size == id_array.size:
+            files.read(id_array, out)
+            self._sums.check(key, files, id_array)
+        elif rest.size:  # the others from the chunk files (their blocks checked)
+            ids_rest = id_array[rest]
+            part = np.empty((rest.size, files.layout.width), dtype=dtype)
+            files.read(ids_rest, part)
+            self._sums.check(key, files, ids_rest)
+            out[rest] = part
         return out
 
     def _scatter(self, name: str, role: str, ids: Any, rows: Any) -> None:
@@ -447,7 +471,22 @@ class TableStore:
         values = values[last] if last is not None else values
         with self._write_lock:
             self._check_not_broken()
-            self._segment(name, role).put(unique, values, self._checkpoint.generation + 1)
+            self._redo_memory += self._segment(name, role).put(
+                unique, values, self._checkpoint.generation + 1)
+            if self._redo_memory > self._redo_budget:
+                self._spill_redo()
+
+    def _spill_redo(self) -> None:
+        """Move the largest segments' memory slots to their files until at most half the
+        budget is held in memory (under the write lock)."""
+        by_size = sorted(self._segments.values(), key=lambda seg: seg.memory_bytes,
+                         reverse=True)
+        held = sum(seg.memory_bytes for seg in by_size)
+        for segment in by_size:
+            if held <= self._redo_budget // 2:
+                break
+            held -= segment.spill()
+        self._redo_memory = held
 
     # ---- durability ---------------------------------------------------------------
     def flush(self) -> None:
@@ -527,6 +566,7 @@ class TableStore:
             self._prepared_seals = ()
         for segment in self._segments.values():
             segment.clear()
+        self._redo_memory = 0
 
     def _seal(self) -> tuple[SegmentSeal, ...]:
         """Seal every segment holding rows, after checking the blocks they change (so
@@ -573,6 +613,7 @@ class TableStore:
                                              committed.store_id)
         for segment in self._segments.values():
             segment.clear()
+        self._redo_memory = 0
 
     def _apply(self, seals: Iterable[SegmentSeal]) -> None:
         touched: list[tuple[str, ChunkFiles, np.ndarray]] = []
@@ -778,6 +819,12 @@ def _last_occurrence(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 def _is_block_init(init: Any) -> bool:
     """A :data:`~storage.tables.BlockInit` callable (not an array or tensor to import)."""
     return callable(init) and not isinstance(init, np.ndarray) and not is_torch_tensor(init)
+
+
+def _check_redo_memory(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StoreArgumentError(f"redo_memory_bytes must be an integer >= 0, got {value!r}")
+    return value
 
 
 def _check_map_budget(value: object) -> int:

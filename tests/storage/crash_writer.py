@@ -6,7 +6,8 @@ store's checkpoint step applies :func:`apply_step` and checkpoints. It prints
 ``ready <step>`` once open, the phase it enters (``scatter``, ``flush``,
 ``checkpoint`` with the step) and ``ckpt <step>`` once a checkpoint has returned.
 With ``--exit-mid-step`` it stops dead (``os._exit``) after the scatters of the
-first step, before its checkpoint.
+first step, before its checkpoint; ``--redo-memory BYTES`` opens the store with that
+``redo_memory_bytes`` (0: every scatter spills its rows to the segment files).
 
 The content of every step is a pure function of the step, so the parent can compute
 the exact state at any checkpoint with :func:`expected_state`.
@@ -75,7 +76,9 @@ def main(argv: list[str]) -> None:
 
     path, max_steps = argv[0], int(argv[1])
     exit_mid_step = "--exit-mid-step" in argv
-    store = TableStore.open(path, mode="r+")
+    memory = ({"redo_memory_bytes": int(argv[argv.index("--redo-memory") + 1])}
+              if "--redo-memory" in argv else {})
+    store = TableStore.open(path, mode="r+", **memory)
     start = (store.checkpoint_step or 0) + 1
     print(f"ready {start - 1}", flush=True)
     for step in range(start, max_steps + 1):

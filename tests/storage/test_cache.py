@@ -337,11 +337,12 @@ def test_slots_are_clamped_to_the_table(tmp_path: Path) -> None:
 
 # ---- prefetch ------------------------------------------------------------------------
 def train(store: TableStore, use_prefetch: bool, write_behind: bool,
-          steps: int = 30) -> tuple[list, CacheStats]:
+          steps: int = 30, background: bool = True) -> tuple[list, CacheStats]:
     rng = np.random.default_rng(3)
     batches = [torch.from_numpy(zipf_ids(rng, ROWS, 64)) for _ in range(steps + 1)]
     seen = []
-    with RowCache(store, "t", slots=60, with_state=True, write_behind=write_behind) as cache:
+    with RowCache(store, "t", slots=60, with_state=True, write_behind=write_behind,
+                  background=background) as cache:
         rows = cache.gather(batches[0])
         for step in range(steps):
             if use_prefetch:
@@ -354,12 +355,21 @@ def train(store: TableStore, use_prefetch: bool, write_behind: bool,
         return seen, cache.stats()
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["thread", "inline"])
 @pytest.mark.parametrize("write_behind", [False, True])
-def test_prefetch_gives_identical_results(tmp_path: Path, write_behind: bool) -> None:
+def test_prefetch_gives_identical_results(tmp_path: Path, write_behind: bool,
+                                          background: bool) -> None:
+    """Prefetch and write-behind, on the background thread or inline (``background=
+    False``: no thread at all), change no result and no hit or miss."""
+    import threading
+
+    threads = threading.active_count()
     with make_store(tmp_path / "a") as plain, make_store(tmp_path / "b") as fetched:
         seen_plain, stats_plain = train(plain, use_prefetch=False, write_behind=False)
         seen_fetched, stats_fetched = train(fetched, use_prefetch=True,
-                                            write_behind=write_behind)
+                                            write_behind=write_behind, background=background)
+        if not background:
+            assert threading.active_count() == threads
         assert all(torch.equal(a, b) for a, b in zip(seen_plain, seen_fetched))
         assert np.array_equal(plain.read_table("t"), fetched.read_table("t"))
         assert np.array_equal(plain.read_table("t", state=True),
@@ -371,6 +381,8 @@ def test_prefetch_gives_identical_results(tmp_path: Path, write_behind: bool) ->
     assert (stats_fetched.background_write_s > 0) == write_behind
     assert stats_plain.background_write_s == 0
     assert stats_fetched.background_wait_s >= 0 and stats_fetched.background_hidden_s >= 0
+    if not background:  # inline: nothing overlapped, all of it was waited for
+        assert stats_fetched.background_hidden_s == 0 and stats_fetched.background_wait_s > 0
 
 
 def test_failed_background_write_is_sticky(tmp_path: Path,
@@ -713,3 +725,22 @@ def test_recency_keys_keep_their_order_when_renormalised() -> None:
     assert order == [{0}, {0, 2}, {0, 2, 3}, {0, 2, 3, 4}, {0, 1, 2, 3, 4}]
     protected[2] = True
     assert set(policy.victims(2, view).tolist()) == {0, 3}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_smallest_on_the_cpu_picks_the_lexicographically_smallest_set(seed: int) -> None:
+    """The CPU path of :func:`storage.cache.policy.smallest` (numpy's partition) picks the
+    same set as a full lexicographic sort: ties in the leading keys (LFU counts, the
+    protected slots' +inf) broken by the next key, the last key distinct."""
+    from storage.cache.policy import smallest
+
+    rng = np.random.default_rng(seed)
+    size = 2000
+    counts = torch.from_numpy(rng.integers(0, 4, size).astype(np.float64))
+    counts[rng.choice(size, 50, replace=False)] = torch.inf  # protected
+    recency = torch.from_numpy(rng.permutation(size).astype(np.int64) * 7 - 900)
+    for count in (1, 17, 600, size - 50):
+        order = sorted(range(size), key=lambda i: (counts[i].item(), recency[i].item()))
+        assert set(smallest([counts, recency], count).tolist()) == set(order[:count])
+        by_recency = sorted(range(size), key=lambda i: recency[i].item())
+        assert set(smallest([recency], count).tolist()) == set(by_recency[:count])

@@ -382,15 +382,23 @@ def test_sigkill_at_random_instants(tmp_path: Path) -> None:
     expected, at_step = initial, 0
     steps_seen, phases = set(), set()
     for trial in range(16):
-        proc = subprocess.Popen([sys.executable, str(WRITER), str(path), "100000"],
+        # odd trials spill every scatter to the segment files (no rows kept in memory)
+        extra = ["--redo-memory", "0"] if trial % 2 else []
+        proc = subprocess.Popen([sys.executable, str(WRITER), str(path), "100000", *extra],
                                 stdout=subprocess.PIPE, text=True, env=env)
         assert proc.stdout is not None
         first = proc.stdout.readline().split()
         assert first[0] == "ready" and int(first[1]) == at_step
-        time.sleep(rng.uniform(0.0, 0.25))
+        seen: list[list[str]] = []
+        if trial % 4 == 3:  # aimed at the scatters (under 2 % of a step's time)
+            while not seen or seen[-1][0] != "scatter" or len(seen) < 4:
+                seen.append(proc.stdout.readline().split())
+            time.sleep(rng.uniform(0.0, 0.0005))
+        else:
+            time.sleep(rng.uniform(0.0, 0.25))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        lines = [line.split() for line in proc.stdout.read().splitlines()]
+        lines = seen + [line.split() for line in proc.stdout.read().splitlines()]
         proc.stdout.close()
         printed = [int(step) for word, step in lines if word == "ckpt"]
         phases.add(lines[-1][0] if lines else "start")  # what the writer was doing
@@ -495,6 +503,59 @@ def test_damaged_sealed_segment_is_refused_in_one_line_writing_nothing(
         assert store.verify() == []
 
 
+@pytest.mark.parametrize("prepared", [False, True], ids=["committed", "in-doubt"])
+def test_a_segment_sealed_partly_spilled_is_applied_on_open(tmp_path: Path,
+                                                            prepared: bool) -> None:
+    """Rows spilled to the segment file past the memory budget and rows still in memory
+    are sealed as one segment; a writer dying after the commit point (or after prepare)
+    leaves them to be checked and applied on open, and a flipped byte in the spilled
+    part is refused."""
+    path = tmp_path / "s"
+    store = TableStore.create(path, redo_memory_bytes=6000)  # 24-byte slots: 250 rows
+    store.add_table("w", 3000, 4, chunk_rows=1024)
+    store.checkpoint(1)
+    ref = store.read_table("w")
+    rng = np.random.default_rng(5)
+    for _ in range(5):  # spilled at the second and fourth scatters
+        ids = rng.integers(0, 3000, 200)
+        rows = rng.standard_normal((200, 4)).astype(np.float32)
+        store.scatter("w", ids, rows)
+        for i, row in zip(ids.tolist(), rows):
+            ref[i] = row
+    segment = store._segments["w/weight"]
+    assert 0 < segment._spilled < segment.rows  # both parts hold rows
+    if prepared:
+        store.prepare(2)
+    else:
+        seals = store._seal()
+        checkpoint = jr.read_checkpoint(path / "_txn", "checkpoint.json")
+        jr.write_checkpoint(path / "_txn", "checkpoint.json", jr.Checkpoint(
+            2, checkpoint.generation + 1, checkpoint.store_id, seals))
+    store._release()  # the process dies here
+    damaged = tmp_path / "damaged"
+    shutil.copytree(path, damaged)
+    data = bytearray((damaged / SEGMENT).read_bytes())
+    data[256 + 24 * 3 + 10] ^= 0x04  # inside the fourth slot: a spilled one
+    (damaged / SEGMENT).write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match="CRC-32C"):
+        TableStore.open(damaged, mode="r+")
+    with TableStore.open(path, mode="r+") as store:
+        assert np.array_equal(store.gather("w", np.arange(3000)), ref)
+        if prepared:
+            store.commit_prepared()
+        assert store.checkpoint_step == 2
+        assert np.array_equal(store.read_table("w"), ref)
+    with TableStore.open(path, mode="r") as store:
+        assert np.array_equal(store.gather("w", np.arange(3000)), ref)
+        assert store.verify() == []
+
+
+def test_redo_memory_bytes_is_checked(tmp_path: Path) -> None:
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(StoreArgumentError, match="redo_memory_bytes"):
+            TableStore.create(tmp_path / "s", redo_memory_bytes=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("case", ["deleted", "truncated-300", "flip-4000", "other-store"])
 def test_uncommitted_segment_damage_cannot_change_the_store(tmp_path: Path, case: str) -> None:
     """A writer died between checkpoints: its segments are discarded unread, so damage
@@ -503,7 +564,7 @@ def test_uncommitted_segment_damage_cannot_change_the_store(tmp_path: Path, case
     initial = _make_crash_store(path)
     assert _run_writer(path, 4).returncode == 0
     _make_crash_store(other)
-    assert _run_writer(other, 2, "--exit-mid-step").returncode == 3
+    assert _run_writer(other, 2).returncode == 0  # its segment files: sealed at checkpoints
     assert _run_writer(path, 9, "--exit-mid-step").returncode == 3
     segment = path / "_txn" / "redo" / "w@weight"
     assert segment.is_file()
@@ -839,17 +900,23 @@ def test_a_prepared_marker_left_by_a_completed_commit_is_removed(tmp_path: Path)
     assert not (path / "_txn" / "prepared.json").exists()
 
 
+@pytest.mark.parametrize("memory", [None, 0, 40_000], ids=["in-memory", "spill-always",
+                                                           "spill-sometimes"])
 @pytest.mark.parametrize("dense", [True, False], ids=["dense-index", "dict-index"])
 def test_redo_rows_read_through_and_apply_like_numpy(tmp_path: Path, dense: bool,
+                                                     memory: int | None,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Both segment indexes (a slot per row, or a dict for large arrays) serve the newest
-    rows, survive growth of the segment, discard on rollback and apply at checkpoint."""
+    rows, survive growth of the segment, discard on rollback and apply at checkpoint;
+    with the rows in memory, spilled to the file at every scatter, or past a small
+    budget (rewrites of spilled rows then go to the file)."""
     from storage import redo
 
     if not dense:
         monkeypatch.setattr(redo, "DENSE_INDEX_BYTES", 0)
     rng = np.random.default_rng(3)
-    with TableStore.create(tmp_path / "s") as store:
+    budget = {} if memory is None else {"redo_memory_bytes": memory}
+    with TableStore.create(tmp_path / "s", **budget) as store:
         store.add_table("t", 20_000, 3, dtype="fp16")
         ref = store.read_table("t")
         store.checkpoint(0)
@@ -863,6 +930,8 @@ def test_redo_rows_read_through_and_apply_like_numpy(tmp_path: Path, dense: bool
                     ref[i] = row
                 probe = rng.integers(0, 20_000, 700)
                 assert np.array_equal(store.gather("t", probe), ref[probe])
+                held = sum(seg.memory_bytes for seg in store._segments.values())
+                assert held <= (memory if memory is not None else redo.REDO_MEMORY_BYTES)
             if step == 2:
                 store.rollback()
                 ref = committed
@@ -891,3 +960,47 @@ def test_committing_a_prepared_checkpoint_over_a_damaged_block_is_refused(tmp_pa
         with pytest.raises(CorruptStoreError, match="block 0 .*checkpoint is refused"):
             store.commit_prepared()
         assert store.prepared_step == 1  # still in doubt, nothing applied
+
+
+def test_redo_memory_is_reused_across_checkpoints_and_grows_where_reserving_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory slots of a segment are kept when a checkpoint clears it (the next
+    generation's rows land in pages already there), and a segment that cannot reserve
+    room for every row (strict overcommit) starts small and grows, with the same rows."""
+    from storage import redo
+
+    rng = np.random.default_rng(11)
+    with TableStore.create(tmp_path / "s") as store:
+        store.add_table("t", 50_000, 8)
+        ids = rng.choice(50_000, 4000, replace=False)
+        store.scatter("t", ids, np.ones((4000, 8), np.float32))
+        store.checkpoint(1)
+        segment = store._segments["t/weight"]
+        memory, ready = segment._memory, segment._memory._ready
+        store.scatter("t", ids[::-1], np.full((4000, 8), 2.0, np.float32))
+        assert segment._memory is memory and memory._ready == ready
+        store.checkpoint(2)
+        assert (store.gather("t", ids) == 2.0).all()
+
+    real = redo.SlotMemory
+
+    def strict(capacity: int, row_bytes: int) -> redo.SlotMemory:
+        if capacity == 20_000:  # the whole table: refused, as under strict accounting
+            raise OSError(12, "Cannot allocate memory")
+        return real(capacity, row_bytes)
+
+    monkeypatch.setattr(redo, "SlotMemory", strict)
+    monkeypatch.setattr(redo, "MIN_CAPACITY", 64)
+    with TableStore.create(tmp_path / "small") as store:
+        store.add_table("t", 20_000, 3)
+        ref = store.read_table("t")
+        for _ in range(6):
+            ids = rng.integers(0, 20_000, 900)
+            rows = rng.standard_normal((900, 3)).astype(np.float32)
+            store.scatter("t", ids, rows)
+            for i, row in zip(ids.tolist(), rows):
+                ref[i] = row
+            assert np.array_equal(store.gather("t", np.arange(20_000)), ref)
+        assert 64 < store._segments["t/weight"]._memory.capacity < 20_000
+        store.checkpoint(1)
+        assert np.array_equal(store.read_table("t"), ref)

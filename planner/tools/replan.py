@@ -44,8 +44,8 @@ from planner.tools.replan_assign import ASSIGN_MAX_BINARIES, MOVABLE, assign, as
 
 FRESH_SHARE = 0.6
 """Share of ``PlanOptions.time_limit_s`` for the fresh plan."""
-MIX_SHARE = 0.1
-"""Share for the mix ILP; the moves follow."""
+MIX_SHARE = 0.25
+"""Share for the mix ILP (0.1 when the assignment ILP follows); the moves follow."""
 ASSIGN_SHARE = 0.25
 """Share for the assignment ILP (:mod:`planner.tools.replan_assign`), at most what is left
 of 95 % of the budget."""
@@ -143,13 +143,14 @@ def replan(
         fresh_plan = space.plan(fresh, name, fresh_plan.solve)
 
     chosen = list(stay)
+    exact_size_ok = assign_size(stay, fresh, topology.world_size) <= ASSIGN_MAX_BINARIES
     if fresh is not None:
-        chosen = _mix(space, stay, fresh, max_migrate_bytes, MIX_SHARE * budget, options) or chosen
+        share = MIX_SHARE * (0.4 if exact_size_ok else 1.0)
+        chosen = _mix(space, stay, fresh, max_migrate_bytes, share * budget, options) or chosen
     deadline = start + 0.95 * budget
     chosen = _moves(space, chosen, max_migrate_bytes, deadline)
     proven = False
-    if (time.perf_counter() < deadline
-            and assign_size(stay, fresh, topology.world_size) <= ASSIGN_MAX_BINARIES):
+    if exact_size_ok and time.perf_counter() < deadline:
         exact = assign(space, stay, fresh, max_migrate_bytes, bound,
                        chosen if space.fits(chosen) else None,
                        min(ASSIGN_SHARE * budget, deadline - time.perf_counter()),

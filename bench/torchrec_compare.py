@@ -53,7 +53,8 @@ from planner.inputs import torchrec_data_type, torchrec_topology  # noqa: E402
 from planner.tools import import_torchrec  # noqa: E402
 
 DEFAULT_WORKLOADS = ("criteo_kaggle_8x80", "criteo_terabyte_8x80", "criteo_terabyte_4x4")
-SLOW = {"gen800_8x80": "TorchRec's planner took 634 s on it (issue 16); pass it by name to run"}
+SLOW = {"gen800_8x80": "TorchRec's planner took 1127 s on it (2026-12-07); pass it by name "
+                       "with --torchrec-plans bench/results/torchrec_plans to reuse that plan"}
 SHARDING_TYPES = ["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
 
 

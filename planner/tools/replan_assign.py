@@ -32,6 +32,8 @@ ASSIGN_GAP = 1e-10
 TIE_WEIGHT = 1e-7
 """Weight of migrated bytes in the objective, relative to the slowest device's load:
 among equally fast plans the one that moves less."""
+BYTES_SCALE = 1e-9
+"""Bytes enter the ILP in GB (coefficients of 1e10 upset the solvers' tolerances)."""
 MOVABLE = (Sharding.TABLE_WISE, Sharding.COLUMN_WISE)
 """Sharding types whose shards may go to any device one by one."""
 
@@ -84,40 +86,45 @@ def assign(space: _Space, stay: Sequence[_Layout], fresh: Sequence[_Layout] | No
                     sums.charge(shard.device, cost, var)
                 if var is None:
                     constant_moved += option.migrated
+                elif budget_bytes is not None and option.migrated > budget_bytes:
+                    prob += (var == 0, f"over_budget_{i}_{n}")
                 elif option.migrated:
                     moved.append((var, option.migrated))
                 continue
             for k, (shard, cost) in enumerate(zip(option.shards, option.costs)):
                 row = {}
                 for d in range(world):
-                    x = prob.add_variable(f"place_{i}_{n}_{k}_{d}", cat=pulp.LpBinary)
                     arriving, _ = table_migration(spec, space.old[i], [replace(shard, device=d)])
                     bytes_ = sum(arriving.values())
+                    if budget_bytes is not None and bytes_ > budget_bytes:
+                        continue  # moving this shard there alone breaks the budget
+                    x = prob.add_variable(f"place_{i}_{n}_{k}_{d}", cat=pulp.LpBinary)
                     row[d] = (x, bytes_)
                     sums.charge(d, cost, x)
                     if bytes_:
                         moved.append((x, bytes_))
                 places[i, n, k] = row
+                # (no device within the budget: the layout cannot be chosen)
                 total = pulp.lpSum(x for x, _ in row.values())
                 prob += (total == (1 if var is None else var), f"place_{i}_{n}_{k}")
-    moved_expr = pulp.LpAffineExpression(moved)
+    moved_expr = pulp.LpAffineExpression([(v, b * BYTES_SCALE) for v, b in moved])
     scale = max(lower_bound_ms, space.makespan(warm if warm is not None else stay), 1e-12)
-    total_bytes = max(1, sum(b for _, b in moved))
-    prob += z + (TIE_WEIGHT * scale / total_bytes) * moved_expr
+    total_gb = max(BYTES_SCALE, BYTES_SCALE * sum(b for _, b in moved))
+    prob += z + (TIE_WEIGHT * scale / total_gb) * moved_expr
     if (max(sums.hbm0, default=0) > space.hbm_cap
             or max(sums.dram0, default=0) > space.dram_cap):
         return None  # the fixed layouts alone overflow memory
     for d in range(world):
         prob += (pulp.LpAffineExpression(sums.load[d]) - z <= -sums.load0[d], f"load_{d}")
         if sums.hbm[d]:
-            prob += (pulp.LpAffineExpression(sums.hbm[d]) <= space.hbm_cap - sums.hbm0[d],
-                     f"hbm_{d}")
+            prob += (pulp.LpAffineExpression([(v, b * BYTES_SCALE) for v, b in sums.hbm[d]])
+                     <= (space.hbm_cap - sums.hbm0[d]) * BYTES_SCALE, f"hbm_{d}")
     for h in range(topology.hosts):
         if sums.dram[h]:
-            prob += (pulp.LpAffineExpression(sums.dram[h]) <= space.dram_cap - sums.dram0[h],
-                     f"dram_{h}")
+            prob += (pulp.LpAffineExpression([(v, b * BYTES_SCALE) for v, b in sums.dram[h]])
+                     <= (space.dram_cap - sums.dram0[h]) * BYTES_SCALE, f"dram_{h}")
     if budget_bytes is not None:
-        prob += (moved_expr <= budget_bytes - constant_moved, "migration_budget")
+        prob += (moved_expr <= (budget_bytes - constant_moved) * BYTES_SCALE, "migration_budget")
     warmed = warm is not None and _warm_start(choices, places, warm, z, space)
     outcome = solve(prob, solver=solver, time_limit_s=max(1.0, time_limit_s), threads=threads,
                     warm_start=warmed, gap_rel=ASSIGN_GAP)

@@ -26,6 +26,7 @@ import platform
 import sys
 import time
 import warnings
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,13 +46,15 @@ from planner import (  # noqa: E402
     capacity_overflows,
     from_torchrec,
     plan,
+    read_plan,
     to_torchrec,
 )
 from planner.inputs import torchrec_data_type, torchrec_topology  # noqa: E402
 from planner.tools import import_torchrec  # noqa: E402
 
 DEFAULT_WORKLOADS = ("criteo_kaggle_8x80", "criteo_terabyte_8x80", "criteo_terabyte_4x4")
-SLOW = {"gen800_8x80": "TorchRec's planner took 634 s on it (issue 16); pass it by name to run"}
+SLOW = {"gen800_8x80": "TorchRec's planner took 1127 s on it (2026-12-07); pass it by name "
+                       "with --torchrec-plans bench/results/torchrec_plans to reuse that plan"}
 SHARDING_TYPES = ["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
 
 
@@ -121,8 +124,20 @@ def both_models(p: Plan, tables: TablesSpec, topology: Topology,
     }
 
 
+def _cached_torchrec_plan(plans_dir: Path, name: str, tables: TablesSpec,
+                          topology: Topology) -> tuple[Plan, dict] | None:
+    """TorchRec's plan of ``name`` saved by an earlier run (``NAME.plan.json``, our plan
+    format, and ``NAME.json``: its planning time, own rating, kernels), or None."""
+    plan_file, info_file = plans_dir / f"{name}.plan.json", plans_dir / f"{name}.json"
+    if not (plan_file.exists() and info_file.exists()):
+        return None
+    saved = read_plan(plan_file)
+    return replace(saved, tables_spec=tables, topology=topology), json.loads(info_file.read_text())
+
+
 def compare(name: str, tables: TablesSpec, topology: Topology, time_limit_s: float,
-            retry_load_factors: tuple[float, ...], run_torchrec: bool = True) -> dict:
+            retry_load_factors: tuple[float, ...], run_torchrec: bool = True,
+            plans_dir: Path | None = None) -> dict:
     """Our two plans and TorchRec's, each under both models. When TorchRec finds no
     plan at its default cache load factor, it is asked again with each of
     ``retry_load_factors`` (what its error message suggests: smaller caches)."""
@@ -145,6 +160,18 @@ def compare(name: str, tables: TablesSpec, topology: Topology, time_limit_s: flo
                                   **both_models(ours_trec, tables, topology, trec_model)}
     if not run_torchrec:
         out["torchrec"] = {"skipped": SLOW.get(name, "not run")}
+        return out
+    cached = None if plans_dir is None else _cached_torchrec_plan(plans_dir, name, tables,
+                                                                   topology)
+    if cached is not None:
+        theirs, info = cached
+        out["torchrec"] = {**info, "plan_file": str(plans_dir / f"{name}.plan.json"),
+                           **both_models(theirs, tables, topology, trec_model)}
+        t = out["torchrec"]
+        out["torchrec_over_ours_under_ours"] = (
+            t["under_ours_ms"] / out["ours_default_model"]["under_ours_ms"])
+        out["torchrec_over_ours_under_torchrec"] = (
+            t["under_torchrec_ms"] / out["ours_torchrec_model"]["under_torchrec_ms"])
         return out
     attempts = []
     for load_factor in (None, *retry_load_factors):
@@ -197,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-torchrec", nargs="*", default=[], metavar="WORKLOAD",
                         help="workloads to plan with our planner only (TorchRec's planner "
                              "takes ~1000 s on gen800_8x80)")
+    parser.add_argument("--torchrec-plans", type=Path, default=None, metavar="DIR",
+                        help="reuse TorchRec's plan of a workload saved in DIR (NAME.plan.json "
+                             "and NAME.json with its planning time and rating) instead of "
+                             "planning again (for gen800_8x80, ~1000 s)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the output file's results of workloads not run now")
     parser.add_argument("-o", "--output", default=str(ROOT / "bench" / "results" /
@@ -214,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         results.append(compare(name, tables, topology, args.time_limit,
                                args.retry_load_factors,
-                               run_torchrec=name not in args.skip_torchrec))
+                               run_torchrec=name not in args.skip_torchrec,
+                               plans_dir=args.torchrec_plans))
     previous = []
     if args.merge and Path(args.output).exists():
         previous = [r for r in json.loads(Path(args.output).read_text())["results"]

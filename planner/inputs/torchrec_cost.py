@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from planner.inputs.cost import CostModelError, ShardCost, ShardOption, Sharding, Tier
@@ -86,12 +89,45 @@ def _import_torchrec() -> None:
                              f"`make install-torchrec`, or plan with the default model") from exc
 
 
+@contextmanager
+def _memoized_scans(memo: dict) -> Iterator[None]:
+    """While TorchRec prices shards, memoize its scans for annotated methods.
+
+    TorchRec 1.8's estimator looks up its hardware config's custom and coefficient
+    methods by scanning ``dir(config)`` about 50 times per shard priced: two thirds of
+    its time. Which attribute carries an annotation is a property of the config's
+    class, so within this block the two scanning functions remember, per class,
+    annotation and sharding type, the attribute's name they found, and answer with that
+    attribute of the config at hand. The originals are put back on exit."""
+    from torchrec.distributed.planner.estimator import annotations
+
+    originals = (annotations._get_annotated_method, annotations._get_coefficient_method)
+
+    def memoized(scan: Callable[..., Any]) -> Callable[..., Any]:
+        def lookup(config: Any, attr: str, sharding_type: str | None = None) -> Any:
+            key = (scan.__name__, type(config), attr, sharding_type)
+            if key not in memo:
+                found = scan(config, attr, sharding_type)
+                memo[key] = None if found is None else next(
+                    n for n in dir(config) if getattr(config, n, None) == found)
+            name = memo[key]
+            return None if name is None else getattr(config, name)
+        return lookup
+
+    annotations._get_annotated_method, annotations._get_coefficient_method = (
+        memoized(originals[0]), memoized(originals[1]))
+    try:
+        yield
+    finally:
+        annotations._get_annotated_method, annotations._get_coefficient_method = originals
+
+
 class _TableEstimates:
     """TorchRec's enumerator and sharding options for one table on one topology."""
 
     __slots__ = ("enumerator", "options")
 
-    def __init__(self, table: TableSpec, topology: Topology) -> None:
+    def __init__(self, table: TableSpec, topology: Topology, scans: dict) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import torch
@@ -118,7 +154,8 @@ class _TableEstimates:
                 name=table.name, embedding_dim=table.embedding_dim,
                 num_embeddings=table.num_embeddings, feature_names=[table.name],
                 data_type=torchrec_data_type(table.dtype))], device=torch.device("meta"))
-            found = self.enumerator.enumerate(module, [EmbeddingBagCollectionSharder()])
+            with _memoized_scans(scans):
+                found = self.enumerator.enumerate(module, [EmbeddingBagCollectionSharder()])
         self.options = {(o.sharding_type, o.compute_kernel): o for o in found}
 
     def estimate(self, shard: ShardOption) -> Any:
@@ -151,8 +188,12 @@ class TorchRecCostModel:
     def __init__(self) -> None:
         self._tables: dict[tuple[TableSpec, Topology], _TableEstimates] = {}
         self._costs: dict[tuple[ShardOption, Topology], ShardCost] = {}
+        self._scans: dict = {}
 
     def cost(self, shard: ShardOption, topology: Topology) -> ShardCost:
+        if shard.tier is Tier.STORE_CACHE:
+            # TorchRec runs both cached tiers with one kernel and prices them alike
+            shard = replace(shard, tier=Tier.DRAM_CACHE)
         key = (shard, topology)
         known = self._costs.get(key)
         if known is not None:
@@ -161,8 +202,10 @@ class TorchRecCostModel:
         table_key = (shard.table, topology)
         estimates = self._tables.get(table_key)
         if estimates is None:
-            estimates = self._tables[table_key] = _TableEstimates(shard.table, topology)
-        trec_shard = estimates.estimate(shard)
+            estimates = self._tables[table_key] = _TableEstimates(shard.table, topology,
+                                                                     self._scans)
+        with _memoized_scans(self._scans):
+            trec_shard = estimates.estimate(shard)
         perf, storage = trec_shard.perf, trec_shard.storage
         answer = ShardCost(perf.fwd_compute + perf.prefetch_compute,
                            perf.fwd_comms + perf.bwd_comms, perf.bwd_compute, 0.0,

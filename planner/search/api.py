@@ -39,6 +39,7 @@ from planner.search.aggregate import AggregateCut, solve_aggregate
 from planner.search.anytime import SearchProgress
 from planner.search.baselines import BASELINES, BaselineResult, run_baseline
 from planner.search.exact import EXACT_MAX_TERMS, exact_size, solve_exact
+from planner.search.load_bound import STEP_SHARE, load_packing_bound
 from planner.search.options import OptionSettings, TableOption, table_options
 from planner.search.packing import makespan_lower_bound
 from planner.search.placement import PlacedShard, PlacementRules, place
@@ -48,6 +49,9 @@ PACKING_CUTS = ((1.0, 1 / 2), (1.0, 1 / 4), (0.97, 1 / 4), (0.92, 1 / 4), (0.85,
 """When the chosen shards cannot be packed, the choice is re-solved with these cuts in
 turn: (share of the total HBM, largest shard as a share of a device's HBM or None)."""
 
+
+PACKED_CHOICES = 2
+"""Option choices from the load-packing bound (lowest limit first) that are placed."""
 
 DEFAULT_GAP = 0.01
 DEFAULT_STALL_S = 4.0
@@ -251,6 +255,30 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
         progress.found(heuristic.makespan_ms)
     elif relaxed:
         return None
+    if progress.stop() is None and math.isfinite(progress.best_ms):
+        # Few large shards per device: the average-load bound is weak; the shards'
+        # packing proves more (planner.search.load_bound).
+        packing = load_packing_bound(
+            candidates, topology, lower_ms=progress.bound_ms, upper_ms=progress.best_ms,
+            memory=not relaxed, time_limit_s=STEP_SHARE * budget, threads=options.threads,
+            solver=options.solver, stop=lambda: progress.stop() is not None)
+        progress.bounded(packing.bound_ms)
+        for pick in packing.choices[:PACKED_CHOICES]:
+            if progress.stop() is not None:
+                break
+            chosen = tuple(candidates[t][o] for t, o in enumerate(pick))
+            placement = place(chosen, topology, time_limit_s=STEP_SHARE * budget,
+                              solver=options.solver, threads=options.threads,
+                              alternatives=candidates, rules=rules,
+                              watch=progress.watch(plans=not relaxed))
+            if placement is not None:
+                final = tuple(candidates[t].index(o) for t, o in enumerate(placement.options))
+                packed = _Found(placement.makespan_ms, placement.options, placement.shards,
+                                final)
+                found.append(packed)
+                progress.found(packed.makespan_ms)
+                if heuristic is None or packed.makespan_ms < heuristic.makespan_ms:
+                    heuristic = packed
     if (progress.stop() is None and not rules.active
             and exact_size(candidates, topology) <= EXACT_MAX_TERMS):
         # 40 % of the budget, or what the earlier stages left of 90 % of it

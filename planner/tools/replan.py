@@ -11,6 +11,11 @@ optimizer state) that land on another device or tier than in the old plan. The s
    device under HBM per device, DRAM per host and the budget (tables' migrations add up).
 4. *Moves*: a local search moves single table-wise and column-wise shards off the
    slowest device while that lowers it, memory fits and the budget holds.
+5. *Assign*: an ILP over both (:mod:`planner.tools.replan_assign`): per table its old or
+   fresh layout, every table-wise and column-wise shard on any device, warm-started
+   from the best of the above. Its layouts do not depend on the budget, so where it
+   proves optimality (``ReplanResult.optimal``) a larger budget never gives a slower
+   plan.
 
 The result is checked (:func:`planner.tools.diff.diff_plans` recounts its migration; memory
 per device and host); when it breaks the budget or memory, or is no faster than
@@ -35,15 +40,17 @@ from planner.search.api import PlanOptions, cost_model_name, plan
 from planner.search.solvers import solve
 from planner.tools.diff import diff_plans, same_shape, shard_bytes, table_migration
 from planner.tools.evaluate import shard_option
+from planner.tools.replan_assign import ASSIGN_MAX_BINARIES, MOVABLE, assign, assign_size
 
 FRESH_SHARE = 0.6
 """Share of ``PlanOptions.time_limit_s`` for the fresh plan."""
 MIX_SHARE = 0.25
-"""Share for the mix ILP; the moves take what is left."""
+"""Share for the mix ILP (0.1 when the assignment ILP follows); the moves follow."""
+ASSIGN_SHARE = 0.25
+"""Share for the assignment ILP (:mod:`planner.tools.replan_assign`), at most what is left
+of 95 % of the budget."""
 MIX_GAP = 1e-4
 """The mix ILP stops within this relative gap of its bound."""
-MOVABLE = (Sharding.TABLE_WISE, Sharding.COLUMN_WISE)
-"""Sharding types whose shards may go to any device one by one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,11 @@ class ReplanResult:
     """True when the result is the old placement (nothing better fits the budget)."""
     stay_fits: bool
     """False when the old placement overflows the new topology's memory."""
+    optimal: bool = False
+    """True when the assignment ILP (:mod:`planner.tools.replan_assign`) proved ``plan``
+    the fastest within the budget of every plan that takes per table its old or its
+    fresh layout and puts table-wise and column-wise shards on any device; then a
+    larger budget never gives a slower plan."""
 
     @property
     def gain_ms(self) -> float:
@@ -131,10 +143,24 @@ def replan(
         fresh_plan = space.plan(fresh, name, fresh_plan.solve)
 
     chosen = list(stay)
+    exact_size_ok = assign_size(stay, fresh, topology.world_size) <= ASSIGN_MAX_BINARIES
     if fresh is not None:
-        chosen = _mix(space, stay, fresh, max_migrate_bytes, MIX_SHARE * budget, options) or chosen
+        share = MIX_SHARE * (0.4 if exact_size_ok else 1.0)
+        chosen = _mix(space, stay, fresh, max_migrate_bytes, share * budget, options) or chosen
     deadline = start + 0.95 * budget
     chosen = _moves(space, chosen, max_migrate_bytes, deadline)
+    proven = False
+    if exact_size_ok and time.perf_counter() < deadline:
+        exact = assign(space, stay, fresh, max_migrate_bytes, bound,
+                       chosen if space.fits(chosen) else None,
+                       min(ASSIGN_SHARE * budget, deadline - time.perf_counter()),
+                       options.solver, options.threads)
+        if exact is not None and space.fits(exact.layouts) and (
+                max_migrate_bytes is None
+                or sum(x.migrated for x in exact.layouts) <= max_migrate_bytes):
+            proven = exact.proven
+            if not space.fits(chosen) or space.makespan(exact.layouts) <= space.makespan(chosen):
+                chosen = exact.layouts
 
     solver = fresh_plan.solve.solver if fresh_plan is not None else "none"
     stay_plan = space.plan(stay, name, _report("replan", solver, "Kept", space.makespan(stay),
@@ -155,7 +181,7 @@ def replan(
         candidate, moved = stay_plan, 0
     fresh_moved = diff_plans(old, fresh_plan).migrated_bytes if fresh_plan is not None else None
     return ReplanResult(candidate, stay_plan, fresh_plan, max_migrate_bytes, moved, fresh_moved,
-                        kept_old=not accept, stay_fits=stay_fits)
+                        kept_old=not accept, stay_fits=stay_fits, optimal=proven)
 
 
 def align_devices(tables: TablesSpec, old: Plan, new: Sequence[TablePlan],

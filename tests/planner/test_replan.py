@@ -4,6 +4,7 @@ budget 0 keeps the old placement, no limit is at least as good as the fresh plan
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -122,3 +123,23 @@ def test_bad_budget_and_topology(old) -> None:
         replan(old, DRIFTED, other, options=OPTIONS)
     with pytest.raises(PlannerError, match="baseline"):
         replan(old, DRIFTED, TOPOLOGY, options=PlanOptions(baseline="greedy"))
+
+
+def test_a_larger_budget_never_gives_a_slower_plan(old, unlimited) -> None:
+    """Budgets from 0 to the fresh plan's migration: the slowest device never rises
+    (the assignment ILP proves each answer optimal over budget-independent layouts,
+    and a smaller budget's answer is feasible for every larger one)."""
+    full = unlimited.fresh_migrated_bytes
+    assert full > 0
+    objectives = []
+    for step in range(13):
+        # a budget that no busy machine uses up (the stages stop on their own first)
+        result = replan(old, DRIFTED, TOPOLOGY, max_migrate_bytes=full * step // 12,
+                        options=PlanOptions(time_limit_s=120))
+        assert result.optimal
+        assert result.migrated_bytes <= full * step // 12
+        objectives.append(result.plan.solve.objective_ms)
+    for smaller, larger in itertools.pairwise(objectives):
+        assert larger <= smaller
+    assert objectives[-1] <= unlimited.fresh.solve.objective_ms
+    assert objectives[0] > objectives[-1]

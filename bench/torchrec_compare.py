@@ -124,6 +124,16 @@ def both_models(p: Plan, tables: TablesSpec, topology: Topology,
     }
 
 
+def _with_ratios(out: dict) -> dict:
+    """``out`` with TorchRec's plan over ours, under each model."""
+    t = out["torchrec"]
+    out["torchrec_over_ours_under_ours"] = (
+        t["under_ours_ms"] / out["ours_default_model"]["under_ours_ms"])
+    out["torchrec_over_ours_under_torchrec"] = (
+        t["under_torchrec_ms"] / out["ours_torchrec_model"]["under_torchrec_ms"])
+    return out
+
+
 def _cached_torchrec_plan(plans_dir: Path, name: str, tables: TablesSpec,
                           topology: Topology) -> tuple[Plan, dict] | None:
     """TorchRec's plan of ``name`` saved by an earlier run (``NAME.plan.json``, our plan
@@ -167,12 +177,7 @@ def compare(name: str, tables: TablesSpec, topology: Topology, time_limit_s: flo
         theirs, info = cached
         out["torchrec"] = {**info, "plan_file": str(plans_dir / f"{name}.plan.json"),
                            **both_models(theirs, tables, topology, trec_model)}
-        t = out["torchrec"]
-        out["torchrec_over_ours_under_ours"] = (
-            t["under_ours_ms"] / out["ours_default_model"]["under_ours_ms"])
-        out["torchrec_over_ours_under_torchrec"] = (
-            t["under_torchrec_ms"] / out["ours_torchrec_model"]["under_torchrec_ms"])
-        return out
+        return _with_ratios(out)
     attempts = []
     for load_factor in (None, *retry_load_factors):
         trec_planner, module, sharders = torchrec_planner(tables, topology, load_factor)
@@ -202,12 +207,7 @@ def compare(name: str, tables: TablesSpec, topology: Topology, time_limit_s: flo
                        "failed_attempts": attempts, "own_rating_ms": own_rating,
                        "sharding_and_kernels": dict(sorted(kernels.items())),
                        **both_models(theirs, tables, topology, trec_model)}
-    t = out["torchrec"]
-    out["torchrec_over_ours_under_ours"] = (
-        t["under_ours_ms"] / out["ours_default_model"]["under_ours_ms"])
-    out["torchrec_over_ours_under_torchrec"] = (
-        t["under_torchrec_ms"] / out["ours_torchrec_model"]["under_torchrec_ms"])
-    return out
+    return _with_ratios(out)
 
 
 def main(argv: list[str] | None = None) -> int:

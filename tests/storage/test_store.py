@@ -424,6 +424,19 @@ def _tree(path: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
+def _die_after_checkpoint_2(store: TableStore, path: Path, prepared: bool) -> None:
+    """Prepare checkpoint 2 (``prepared``) or commit it without applying it, then let
+    the writer die (its lock released, nothing else done)."""
+    if prepared:
+        store.prepare(2)
+    else:
+        seals = store._seal()
+        checkpoint = jr.read_checkpoint(path / "_txn", "checkpoint.json")
+        jr.write_checkpoint(path / "_txn", "checkpoint.json", jr.Checkpoint(
+            2, checkpoint.generation + 1, checkpoint.store_id, seals))
+    store._release()  # the process dies here
+
+
 def _committed_not_applied(path: Path, *, prepared: bool = False) -> np.ndarray:
     """A store whose writer died right after the commit point (or after prepare):
     row 1 of "w" (and its state) written, sealed, not applied. Returns the new row."""
@@ -434,14 +447,7 @@ def _committed_not_applied(path: Path, *, prepared: bool = False) -> np.ndarray:
     store.scatter("w", np.arange(0, 3000, 5), np.full((600, 4), 2.0, np.float32))
     store.scatter("w", [1], row)
     store.scatter_state("w", [1, 2], [[3.0], [4.0]])
-    if prepared:
-        store.prepare(2)
-    else:
-        seals = store._seal()
-        checkpoint = jr.read_checkpoint(path / "_txn", "checkpoint.json")
-        jr.write_checkpoint(path / "_txn", "checkpoint.json", jr.Checkpoint(
-            2, checkpoint.generation + 1, checkpoint.store_id, seals))
-    store._release()  # the process dies here
+    _die_after_checkpoint_2(store, path, prepared)
     return row
 
 
@@ -524,14 +530,7 @@ def test_a_segment_sealed_partly_spilled_is_applied_on_open(tmp_path: Path,
             ref[i] = row
     segment = store._segments["w/weight"]
     assert 0 < segment._spilled < segment.rows  # both parts hold rows
-    if prepared:
-        store.prepare(2)
-    else:
-        seals = store._seal()
-        checkpoint = jr.read_checkpoint(path / "_txn", "checkpoint.json")
-        jr.write_checkpoint(path / "_txn", "checkpoint.json", jr.Checkpoint(
-            2, checkpoint.generation + 1, checkpoint.store_id, seals))
-    store._release()  # the process dies here
+    _die_after_checkpoint_2(store, path, prepared)
     damaged = tmp_path / "damaged"
     shutil.copytree(path, damaged)
     data = bytearray((damaged / SEGMENT).read_bytes())

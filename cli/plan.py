@@ -66,7 +66,8 @@ The tables spec lists, per table, name, num_embeddings, embedding_dim, pooling_f
 {"hot_rows": [...], "share": [...]}) and optimizer (sgd|rowwise_adagrad|adam). The
 topology gives hosts, devices_per_host, device {hbm_gb, hbm_gbps}, host {dram_gb,
 dram_gbps, h2d_gbps}, store {read_gbps, write_gbps}, network {intra_host_gbps,
-inter_host_gbps}, batch_size_per_device and reserved_hbm_gb. GB = 1e9 bytes.
+inter_host_gbps, optional collective_latency_us}, batch_size_per_device and
+reserved_hbm_gb. GB = 1e9 bytes.
 
   dlrm-plan ... --baseline greedy          # a greedy baseline instead of the ILP
   dlrm-plan ... --sharding table_wise,row_wise --tiers hbm   # restrict the options

@@ -11,7 +11,9 @@ Every figure is an effective rate for the operation the cost model charges, in G
 - store read / write: random rows through :class:`storage.TableStore` (page cache
   warm for reads; writes made durable by a checkpoint);
 - all-to-all: ``all_to_all_single`` between two local processes over gloo (NCCL when
-  two GPUs are present), bytes sent per process;
+  two GPUs are present), bytes sent per process beyond the fixed time of one
+  collective, which a one-element exchange measures (the topology's
+  ``network.collective_latency_us``);
 - training runs: short runs of this runtime's training loop
   (:func:`dlrm_runtime.train.train`, batches made on its background thread) of
   one-device plans of six shapes, narrow to wide MLPs, 8 or 26 tables, batches to
@@ -78,6 +80,7 @@ from planner import (
     TablesSpec,
     Tier,
     Topology,
+    link_ms,
     plan,
 )
 from storage import TableStore
@@ -130,6 +133,9 @@ class Calibration:
     cache_ns_per_lookup: float = 0.0
     cache_ns_per_overflow_row: float = 0.0
     optimizer_ns_per_id: float = 0.0
+    collective_latency_us: float | None = None
+    """Median time of a one-element all-to-all between the two processes (None when the
+    network was not measured)."""
     threads: int = 1
     """torch CPU threads during the probes."""
     rounds: int = 1
@@ -152,7 +158,7 @@ def combine(results: Sequence[Calibration]) -> Calibration:
             figures[field.name] = sum(values)
         elif all(isinstance(v, float) for v in values):
             figures[field.name] = float(statistics.median(values))
-        elif field.name == "all_to_all_gbps":  # None where it was not measured
+        elif field.name in ("all_to_all_gbps", "collective_latency_us"):  # None: not measured
             measured = [v for v in values if v is not None]
             figures[field.name] = float(statistics.median(measured)) if measured else None
     return dataclasses.replace(last, **figures)
@@ -265,10 +271,11 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
         f"{rates.dense_gflops:.1f} GFLOP/s, {rates.dense_gbps:.2f} GB/s, "
         f"{rates.dense_step_ms:.2f} ms fixed")
 
-    a2a, backend = (None, "none")
+    a2a, latency_us, backend = (None, None, "none")
     if network:
-        a2a, backend = _all_to_all_gbps(sizes.all_to_all_bytes, sizes.repeats)
-        finished(f"all-to-all ({backend}, 2 processes): {a2a:.2f} GB/s")
+        a2a, latency_us, backend = _all_to_all_rates(sizes.all_to_all_bytes, sizes.repeats)
+        finished(f"all-to-all ({backend}, 2 processes): {a2a:.2f} GB/s, "
+                 f"{latency_us:.0f} us per collective")
     return Calibration(str(device), rates.step_gbps, host_gbps, h2d_gbps, read_gbps, write_gbps,
                        a2a, backend,
                        dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -279,7 +286,7 @@ def measure(sizes: CalibrationSizes = CalibrationSizes(), *, store_dir: str | Pa
                        cache_ns_per_lookup=costs.cache_ns_per_lookup,
                        cache_ns_per_overflow_row=costs.cache_ns_per_overflow_row,
                        optimizer_ns_per_id=rates.optimizer_ns_per_id,
-                       threads=torch.get_num_threads())
+                       collective_latency_us=latency_us, threads=torch.get_num_threads())
 
 
 RUN_PROBES: tuple[tuple[ModelConfig, tuple[int, ...], float], ...] = (
@@ -584,7 +591,7 @@ def _runtime_overheads(sizes: CalibrationSizes, device: torch.device, sync: Call
     weights = 1.0 / np.maximum(np.array(excess), 1e-4)  # relative errors
     (fixed, per_id, per_miss, per_overflow), _ = scipy.optimize.nnls(
         np.array(design) * weights[:, None], np.array(excess) * weights)
-    traffic = 2 * dim * 4 / (miss_gbps * GB)  # fetch and write-back, as the cost model charges
+    traffic = 2 * link_ms(1, dim * 4, miss_gbps) / 1e3  # fetch and write-back, as charged
     return RuntimeCosts(shard_ms, fixed * 1e3, per_id * 1e9,
                         max(0.0, per_miss - traffic) * 1e9, per_overflow * 1e9)
 
@@ -622,29 +629,33 @@ def _all_to_all_worker(rank: int, port: int, nbytes: int, repeats: int, result: 
     finished = False
     try:
         device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-        send = torch.ones(nbytes // 4, device=device)
-        recv = torch.empty_like(send)
         sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
 
-        def exchange() -> None:
-            dist.all_to_all_single(recv, send)
+        def seconds_of(elements: int) -> float:
+            send = torch.ones(elements, device=device)
+            recv = torch.empty_like(send)
+            return _median_seconds(lambda: dist.all_to_all_single(recv, send), repeats, sync)
 
-        seconds = _median_seconds(exchange, repeats, sync)
+        latency = seconds_of(2)
+        bulk = seconds_of(nbytes // 4)
         if rank == 0:
-            # half of the buffer leaves each process
-            Path(result).write_text(f"{nbytes / 2 / seconds / GB} {backend}")
+            # half of the buffer leaves each process, after the collective's fixed time
+            gbps = nbytes / 2 / max(bulk - latency, bulk / 2) / GB
+            Path(result).write_text(f"{gbps} {latency * 1e6} {backend}")
         finished = True
     finally:
         shutdown(synchronize=finished)
 
 
-def _all_to_all_gbps(nbytes: int, repeats: int) -> tuple[float, str]:
+def _all_to_all_rates(nbytes: int, repeats: int) -> tuple[float, float, str]:
+    """All-to-all between two local processes: GB/s sent per process beyond the fixed
+    time, the fixed time of one collective (us) and the backend."""
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "a2a")
         mp.spawn(_all_to_all_worker, args=(free_port(), nbytes, repeats, result), nprocs=2,
                  join=True)
-        value, backend = Path(result).read_text().split()
-    return float(value), backend
+        gbps, latency_us, backend = Path(result).read_text().split()
+    return float(gbps), float(latency_us), backend
 
 
 def _memory_gb() -> float:
@@ -685,7 +696,9 @@ def to_topology(cal: Calibration, *, hbm_gb: float | None = None, dram_gb: float
                           round(cal.optimizer_ns_per_id, 1)),
         host=HostSpec(round(dram_gb, 3), round(cal.host_gather_gbps, 3), round(cal.h2d_gbps, 3)),
         store=StoreSpec(round(cal.store_read_gbps, 4), round(cal.store_write_gbps, 4)),
-        network=NetworkSpec(round(network, 3), round(inter_host_gbps or network, 3)),
+        network=NetworkSpec(round(network, 3), round(inter_host_gbps or network, 3),
+                            None if cal.collective_latency_us is None
+                            else round(cal.collective_latency_us, 1)),
         batch_size_per_device=batch_size_per_device,
         reserved_hbm_gb=reserved_hbm_gb,
         description=f"Calibrated on {platform.node()} ({cal.device}) by dlrm-plan calibrate",

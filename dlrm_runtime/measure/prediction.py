@@ -29,6 +29,7 @@ from planner import (
     ShardOption,
     TablePlan,
     Tier,
+    collective_latency_ms,
     load_cost_model,
     shard_option,
 )
@@ -152,7 +153,8 @@ def predict_step(plan: Plan, config: ModelConfig, batch_size: int,
     """The step of a process that executes plan ``devices`` (default: all of them)
     with a global batch of ``batch_size`` samples (the plan is re-costed at this batch
     size: the cost model scales with it). ``communication=False`` when the executed
-    devices share one torch device, so that nothing travels between them; then an
+    devices share one torch device, so that nothing travels between them (else the
+    step's collectives add their fixed latency to communication); then an
     in-memory row-wise or data-parallel table is priced as the one whole table the
     runtime makes of it (see :func:`_runs_merged`)."""
     model, name = cost_model or plan_cost_model(plan)
@@ -180,6 +182,9 @@ def predict_step(plan: Plan, config: ModelConfig, batch_size: int,
             update += cost.backward_ms + cost.optimizer_ms
             hbm += cost.hbm_bytes
             dram += cost.dram_bytes
+    if communication:
+        sharded = any(t.sharding is not Sharding.DATA_PARALLEL for t in plan.tables)
+        comm += collective_latency_ms(topology, all_to_all=sharded)
     gflops = topology.device.dense_gflops
     dense = None
     if gflops:

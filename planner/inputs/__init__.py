@@ -23,6 +23,8 @@ from planner.inputs.cost import (
     Sharding,
     Tier,
     check_cost_model,
+    collective_latency_ms,
+    link_ms,
     load_cost_model,
 )
 from planner.inputs.specs import (
@@ -58,7 +60,7 @@ __all__ = [
     "AccessProfile", "AnalyticCostModel", "Constraints", "CostModel", "CostModelError", "DType",
     "DeviceSpec", "HostSpec", "NetworkSpec", "Optimizer", "ShardCost", "ShardOption", "Sharding",
     "StoreSpec", "TableRules", "TorchRecCostModel", "TableSpec", "TablesSpec", "Tier", "Topology",
-    "check_cost_model", "check_limits", "load_constraints", "load_cost_model", "load_tables",
+    "check_cost_model", "check_limits", "collective_latency_ms", "link_ms", "load_constraints", "load_cost_model", "load_tables",
     "load_topology", "parse_constraints", "parse_tables", "parse_topology", "table_name_problem",
     "torchrec_data_type", "torchrec_topology",
 ]

@@ -131,6 +131,67 @@ def _ms(num_bytes: float, gbps: float) -> float:
     return num_bytes / (gbps * GB) * 1e3
 
 
+FULL_ROW_COLS = 128
+"""Columns of a row that FBGEMM's lookup and update kernels move at full rate: a warp
+reads a row as 32 lanes of 4 elements, so a narrower row leaves lanes idle."""
+HALF_ROW_PENALTY = 1.15
+"""Time factor of gathering or scattering rows of 64 to 127 columns (TorchRec 1.8's
+``HALF_BLOCK_PENALTY``, from its empirical studies of FBGEMM's kernels)."""
+QUARTER_ROW_PENALTY = 1.75
+"""Time factor for rows of fewer than 64 columns (TorchRec 1.8's ``QUARTER_BLOCK_PENALTY``)."""
+
+
+def row_penalty(cols: int) -> float:
+    """Time factor of moving rows of ``cols`` columns against full-width rows (see
+    :data:`FULL_ROW_COLS`)."""
+    if cols >= FULL_ROW_COLS:
+        return 1.0
+    return HALF_ROW_PENALTY if cols >= FULL_ROW_COLS // 2 else QUARTER_ROW_PENALTY
+
+
+LINK_PAYLOAD_BYTES = 256
+"""Most payload one PCIe packet (TLP) carries on common platforms (max payload size)."""
+LINK_PACKET_OVERHEAD_BYTES = 24
+"""Header, sequence number, CRC and framing of one PCIe packet. A bulk copy fills every
+packet (the measured ``h2d_gbps`` includes this overhead once per 256 bytes); a gathered
+row is its own packets, so a row shorter than a packet pays a whole packet's overhead."""
+
+
+def link_ms(rows: float, row_bytes: float, gbps: float) -> float:
+    """Time for ``rows`` gathered rows of ``row_bytes`` each to cross the host link whose
+    bulk-copy rate is ``gbps``: each row takes whole packets (see
+    :data:`LINK_PACKET_OVERHEAD_BYTES`), so rows of 32 bytes cross at 63 % of the bulk
+    rate, of 64 bytes at 80 %, of whole packets at the bulk rate."""
+    packets = math.ceil(row_bytes / LINK_PAYLOAD_BYTES)
+    wire = row_bytes + packets * LINK_PACKET_OVERHEAD_BYTES
+    bulk = LINK_PAYLOAD_BYTES / (LINK_PAYLOAD_BYTES + LINK_PACKET_OVERHEAD_BYTES)
+    return _ms(rows * wire * bulk, gbps)
+
+
+DEFAULT_COLLECTIVE_LATENCY_US = 10.0
+"""Fixed time of one collective (all-to-all or all-reduce) whatever its size, when the
+topology gives none: NCCL's small-message latency between GPUs of one host over NVLink
+(about 10 us); ``dlrm-plan calibrate`` measures it on the machine's own backend."""
+STEP_ALL_TO_ALLS = 4
+"""All-to-alls of a training step of this runtime when any table is sharded: the
+lengths, the ids and the pooled outputs forward, their gradients backward."""
+STEP_ALL_REDUCES = 1
+"""All-reduces of a step: one flat buffer of the MLP and data-parallel gradients."""
+
+
+def collective_latency_ms(topology: Topology, *, all_to_all: bool = True) -> float:
+    """Fixed time per step of the step's collectives on ``topology`` (0 on one device).
+    The same on every device of every plan of a topology, so the planner leaves it out
+    of its objective; step predictions add it."""
+    if topology.world_size == 1:
+        return 0.0
+    latency = topology.network.collective_latency_us
+    if latency is None:
+        latency = DEFAULT_COLLECTIVE_LATENCY_US
+    count = STEP_ALL_REDUCES + (STEP_ALL_TO_ALLS if all_to_all else 0)
+    return count * latency * 1e-3
+
+
 CACHE_INDEX_BYTES_PER_SLOT = 16
 """Device memory per cache slot besides the row: the slot's row id (``lxu_cache_state``,
 int64) and its LRU/LFU stamp (``lxu_state``, int64), as FBGEMM's cached
@@ -147,6 +208,11 @@ ROW_SPLIT_SHARDINGS = (Sharding.ROW_WISE, Sharding.TABLE_ROW_WISE, Sharding.DATA
 (row-wise buckets, data-parallel local batches); others receive every id."""
 
 
+def _pooled_bytes(shard: ShardOption, topology: Topology) -> float:
+    """Bytes of the pooled outputs (fp32) a shard produces per step."""
+    return topology.global_batch_size * shard.output_share * shard.cols * ACTIVATION_BYTES
+
+
 def buffer_bytes(shard: ShardOption, topology: Topology) -> int:
     """Device memory of a shard's per-step buffers at the plan's batch, as TorchRec
     reserves them (``calculate_shard_storages``' input and output sizes): the ids it
@@ -157,8 +223,7 @@ def buffer_bytes(shard: ShardOption, topology: Topology) -> int:
     ids = topology.global_batch_size * table.pooling_factor
     if shard.sharding in ROW_SPLIT_SHARDINGS:
         ids /= shard.num_shards
-    pooled = topology.global_batch_size * shard.output_share * shard.cols
-    return math.ceil(ids * ID_BYTES) + math.ceil(pooled * ACTIVATION_BYTES)
+    return math.ceil(ids * ID_BYTES) + math.ceil(_pooled_bytes(shard, topology))
 
 
 def cache_state_bytes(shard: ShardOption, lookups: float) -> int:
@@ -188,26 +253,46 @@ class AnalyticCostModel:
     - ``host``, HBM: a staging row slice per looked-up id (at most the shard's rows);
       DRAM: all rows and their state (``weights_uvm``, TorchRec's ``fused_uvm``).
 
+    Time per shard, each term with its reason:
+
     - lookup: the shard's looked-up row slices read from HBM (hits) or fetched from
       host DRAM over the host-to-device link or from the store (misses, at the
-      table's access-profile hit rate for the cache size);
+      table's access-profile hit rate for the cache size); the ids read and the
+      pooled outputs written (the kernel reads every index and writes every bag);
+    - narrow rows: row slices of fewer than 128 columns move slower per byte (x 1.15
+      from 64 columns, x 1.75 below: :func:`row_penalty`, TorchRec's block-usage
+      penalty), in the lookup and in backward;
+    - the host link: a gathered row crosses in whole PCIe packets (:func:`link_ms`:
+      a row shorter than a packet pays a packet's header), for cache misses, their
+      write-backs and host-tier rows;
     - communication: the ids (int64) a shard serves and its pooled outputs (fp32)
       sent by all-to-all forward, the output gradients backward, the share leaving the
-      host over the inter-host network;
-      data-parallel tables instead all-reduce their whole gradient;
-    - backward: the row-slice gradients read and written back (sparse scatter-add),
-      plus the write-back of evicted dirty rows for cached shards;
-    - optimizer: per-row optimizer state read and written for every looked-up row;
+      host over the inter-host network; data-parallel tables instead all-reduce their
+      dense gradient (the whole table, with the runtime's flag column of touched
+      rows), within a host over the intra-host links and, across hosts, 1/L of it
+      per device over the inter-host links (:meth:`_all_reduce_ms`);
+    - backward: the output gradients and ids read, the row-slice gradients read and
+      written back (sparse scatter-add), plus the write-back of evicted dirty rows for
+      cached shards; a data-parallel replica instead writes and scans its dense
+      gradient and applies the global batch's rows (every replica updates every row
+      any replica touched);
+    - optimizer: per-row optimizer state read and written for every looked-up row
+      (for a replica, every row of the global batch);
     - a host-tier shard (:attr:`Tier.HOST`) keeps its rows and optimizer state in host
       DRAM: every looked-up row slice is read from DRAM and crosses the host-to-device
       link (at the slower of ``host.dram_gbps`` and ``host.h2d_gbps``) and is pooled on
       the device; backward its row-slice gradients are formed on the device as for an
-      HBM shard and go back over the link; the optimizer reads and writes the state in
-      host memory (at ``host.dram_gbps``, counted no faster than HBM, so that a host
-      shard never costs less than its HBM twin: the planner's HBM-first search relies
-      on it). Its HBM bytes are the step's staging buffer (one row slice per looked-up
-      id, at most the shard's rows); its DRAM bytes are its rows and optimizer state,
-      charged to its device's host;
+      HBM shard and the update reads each row over the link and writes it back (two
+      crossings, as FBGEMM's ``fused_uvm`` kernel updates rows in host memory); the
+      optimizer's state crosses with its rows (counted no faster than HBM, so that a
+      host shard never costs less than its HBM twin: the planner's HBM-first search
+      relies on it). Its HBM bytes are the step's staging buffer (one row slice per
+      looked-up id, at most the shard's rows); its DRAM bytes are its rows and
+      optimizer state, charged to its device's host;
+    - per-collective latency (``network.collective_latency_us``, a datasheet default
+      that ``dlrm-plan calibrate`` replaces) is the same on every device of a
+      topology: step predictions add it (:func:`collective_latency_ms`), shard costs
+      do not;
     - fixed costs, when the topology carries measured ones (``dlrm-plan calibrate``):
       ``device.shard_overhead_ms`` per shard; for a cached shard,
       ``device.cache_shard_overhead_ms``, ``device.cache_ns_per_lookup`` per looked-up
@@ -226,35 +311,44 @@ class AnalyticCostModel:
         row_bytes = shard.cols * table.dtype.bytes
         state_per_row = table.optimizer.state_bytes_per_row(shard.cols)
         hbm_gbps = topology.device.hbm_gbps
+        # rows move at a narrow row's penalty; ids are read and pooled outputs written
+        # forward, and both read again backward
+        rows_moved = lookups * row_bytes * row_penalty(shard.cols)
+        io_ms = _ms(lookups * ID_BYTES + _pooled_bytes(shard, topology), hbm_gbps)
 
         if shard.tier is Tier.HOST:
-            return self._host_cost(shard, topology, lookups, row_bytes, state_per_row)
+            return self._host_cost(shard, topology, lookups, rows_moved, io_ms, state_per_row)
 
         hits = lookups * shard.hit_rate
         misses = lookups - hits
-        miss_bytes = misses * (row_bytes + state_per_row)
         if shard.tier is Tier.DRAM_CACHE:
-            fetch_ms = _ms(miss_bytes, min(topology.host.h2d_gbps, topology.host.dram_gbps))
+            link_gbps = min(topology.host.h2d_gbps, topology.host.dram_gbps)
+            fetch_ms = link_ms(misses, row_bytes + state_per_row, link_gbps)
             write_back_ms = fetch_ms
         elif shard.tier is Tier.STORE_CACHE:
+            miss_bytes = misses * (row_bytes + state_per_row)
             fetch_ms = _ms(miss_bytes, topology.store.read_gbps)
             write_back_ms = _ms(miss_bytes, topology.store.write_gbps)
         else:
             fetch_ms = write_back_ms = 0.0
 
-        lookup_ms = _ms(lookups * row_bytes, hbm_gbps) + fetch_ms + topology.device.shard_overhead_ms
+        device = topology.device
+        lookup_ms = _ms(rows_moved, hbm_gbps) + io_ms + fetch_ms + device.shard_overhead_ms
         if shard.tier is not Tier.HBM:
-            device = topology.device
             lookup_ms += (device.cache_shard_overhead_ms + 1e-6 * (
                 lookups * device.cache_ns_per_lookup + misses * device.cache_ns_per_miss))
             if device.cache_ns_per_overflow_row:
                 distinct = table.access.expected_distinct(shard.rows, lookups)
                 overflow = max(0.0, distinct - shard.cache_rows)
                 lookup_ms += 1e-6 * overflow * device.cache_ns_per_overflow_row
-        backward_ms = _ms(2 * lookups * row_bytes, hbm_gbps) + write_back_ms
-        optimizer_ms = _ms(2 * lookups * state_per_row, hbm_gbps)
-        if shard.tier is Tier.HBM and table.optimizer is not Optimizer.SGD:
-            optimizer_ms += 1e-6 * lookups * topology.device.optimizer_ns_per_id
+        if shard.sharding is Sharding.DATA_PARALLEL:
+            backward_ms, optimizer_ms = self._replica_update_ms(shard, topology, io_ms,
+                                                                row_bytes, state_per_row)
+        else:
+            backward_ms = _ms(2 * rows_moved, hbm_gbps) + io_ms + write_back_ms
+            optimizer_ms = _ms(2 * lookups * state_per_row, hbm_gbps)
+            if shard.tier is Tier.HBM and table.optimizer is not Optimizer.SGD:
+                optimizer_ms += 1e-6 * lookups * device.optimizer_ns_per_id
         communication_ms = self._communication_ms(shard, topology, lookups)
 
         resident_rows = shard.rows if shard.tier is Tier.HBM else shard.cache_rows
@@ -265,16 +359,35 @@ class AnalyticCostModel:
         return ShardCost(lookup_ms, communication_ms, backward_ms, optimizer_ms,
                          int(hbm_bytes), int(dram_bytes))
 
+    @staticmethod
+    def _replica_update_ms(shard: ShardOption, topology: Topology, io_ms: float,
+                           row_bytes: int, state_per_row: int) -> tuple[float, float]:
+        """Backward and optimizer of a data-parallel replica: its local gradients go into
+        a dense gradient of the whole table (with a flag column of touched rows), written
+        zeroed and scanned after the all-reduce, and every replica then updates every row
+        the global batch touched, its row and its optimizer state."""
+        table = shard.table
+        hbm_gbps = topology.device.hbm_gbps
+        batch_lookups = topology.global_batch_size * table.pooling_factor
+        dense = shard.rows * (shard.cols + 1) * ACTIVATION_BYTES
+        backward_ms = (_ms(2 * batch_lookups * row_bytes * row_penalty(shard.cols), hbm_gbps)
+                       + _ms(2 * dense, hbm_gbps) + io_ms)
+        optimizer_ms = _ms(2 * batch_lookups * state_per_row, hbm_gbps)
+        if table.optimizer is not Optimizer.SGD:
+            optimizer_ms += 1e-6 * batch_lookups * topology.device.optimizer_ns_per_id
+        return backward_ms, optimizer_ms
+
     def _host_cost(self, shard: ShardOption, topology: Topology, lookups: float,
-                   row_bytes: int, state_per_row: int) -> ShardCost:
+                   rows_moved: float, io_ms: float, state_per_row: int) -> ShardCost:
         """A :attr:`Tier.HOST` shard (see the class docstring)."""
         host, device = topology.host, topology.device
         link_gbps = min(host.h2d_gbps, host.dram_gbps)
-        looked_up = lookups * row_bytes
-        lookup_ms = (_ms(looked_up, link_gbps) + _ms(looked_up, device.hbm_gbps)
-                     + device.shard_overhead_ms)
-        backward_ms = _ms(2 * looked_up, device.hbm_gbps) + _ms(looked_up, link_gbps)
-        optimizer_ms = _ms(2 * lookups * state_per_row, min(host.dram_gbps, device.hbm_gbps))
+        row_bytes = shard.cols * shard.table.dtype.bytes
+        crossing_ms = link_ms(lookups, row_bytes, link_gbps)
+        lookup_ms = crossing_ms + _ms(rows_moved, device.hbm_gbps) + io_ms + device.shard_overhead_ms
+        # the update reads each row over the link and writes it back
+        backward_ms = _ms(2 * rows_moved, device.hbm_gbps) + io_ms + 2 * crossing_ms
+        optimizer_ms = _ms(2 * lookups * state_per_row, min(link_gbps, device.hbm_gbps))
         if shard.table.optimizer is not Optimizer.SGD:
             optimizer_ms += 1e-6 * lookups * device.optimizer_ns_per_id
         hbm_bytes = (math.ceil(min(float(shard.rows), lookups)) * row_bytes
@@ -286,8 +399,9 @@ class AnalyticCostModel:
     def _communication_ms(self, shard: ShardOption, topology: Topology, lookups: float) -> float:
         """All-to-all of ids and pooled outputs, or a data-parallel table's all-reduce."""
         if shard.sharding is Sharding.DATA_PARALLEL:
-            return self._all_reduce_ms(shard.rows * shard.cols * ACTIVATION_BYTES, topology)
-        pooled = topology.global_batch_size * shard.output_share * shard.cols * ACTIVATION_BYTES
+            return self._all_reduce_ms(shard.rows * (shard.cols + 1) * ACTIVATION_BYTES,
+                                       topology)
+        pooled = _pooled_bytes(shard, topology)
         return self._all_to_all_ms(2 * pooled + lookups * ID_BYTES, topology)
 
     @staticmethod
@@ -302,14 +416,15 @@ class AnalyticCostModel:
 
     @staticmethod
     def _all_reduce_ms(num_bytes: float, topology: Topology) -> float:
-        """Ring all-reduce: each device sends and receives 2 (G-1)/G of the bytes over
-        the slowest link on the ring."""
-        world = topology.world_size
-        if world == 1:
-            return 0.0
-        link = (topology.network.intra_host_gbps if topology.hosts == 1
-                else topology.network.inter_host_gbps)
-        return _ms(2 * num_bytes * (world - 1) / world, link)
+        """Hierarchical all-reduce, as NCCL's rings with one channel per device's
+        network link run it: within a host each device sends and receives 2 (L-1)/L of
+        the bytes over the intra-host links; across H hosts each device carries 1/L of
+        the bytes, 2 (H-1)/H of that over its inter-host link."""
+        per_host, hosts = topology.devices_per_host, topology.hosts
+        network = topology.network
+        intra = _ms(2 * num_bytes * (per_host - 1) / per_host, network.intra_host_gbps)
+        inter = _ms(2 * num_bytes / per_host * (hosts - 1) / hosts, network.inter_host_gbps)
+        return intra + inter
 
 
 class CostModelError(PlannerError, TypeError):

@@ -271,6 +271,12 @@ class StoreSpec:
 class NetworkSpec:
     intra_host_gbps: float
     inter_host_gbps: float
+    """Per device: each device's own share of its host's network links."""
+    collective_latency_us: float | None = None
+    """Fixed time of one collective whatever its size; None: the datasheet default
+    (:data:`planner.inputs.cost.DEFAULT_COLLECTIVE_LATENCY_US`). Measured by
+    ``dlrm-plan calibrate``; step predictions use it, the planner does not (the same
+    on every device)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +319,8 @@ class Topology:
         for key in OVERHEADS:  # older files and datasheet topologies have none
             if not out["device"][key]:
                 del out["device"][key]
+        if out["network"]["collective_latency_us"] is None:
+            del out["network"]["collective_latency_us"]
         if not self.description:
             del out["description"]
         if self.calibration:
@@ -327,6 +335,7 @@ class Topology:
         out.pop("calibration", None)
         for key in DENSE_RATES:  # not planning inputs
             out["device"].pop(key, None)
+        out["network"].pop("collective_latency_us", None)
         return _sha256(out)
 
 
@@ -492,7 +501,9 @@ def parse_topology(doc: object, file: str = "<memory>") -> Topology:
     store = StoreSpec(s.number("read_gbps"), s.number("write_gbps"))
     s.done()
     n = root.child("network")
-    network = NetworkSpec(n.number("intra_host_gbps"), n.number("inter_host_gbps"))
+    network = NetworkSpec(n.number("intra_host_gbps"), n.number("inter_host_gbps"),
+                          n.number("collective_latency_us", positive=False)
+                          if n.has("collective_latency_us") else None)
     n.done()
     batch = root.integer("batch_size_per_device")
     reserved = root.number("reserved_hbm_gb", positive=False, default=0.0, below=device.hbm_gb)

@@ -18,7 +18,7 @@ from dlrm_runtime.measure.prediction import (
     predict_step,
 )
 from planner import AnalyticCostModel, PlanOptions, parse_tables, parse_topology, plan
-from planner import evaluate_plan
+from planner import collective_latency_ms, evaluate_plan
 from tests.conftest import small_tables_doc, small_topology_doc
 
 
@@ -45,14 +45,19 @@ def test_prediction_sums_the_devices_the_process_executes(planned) -> None:
     whole = predict_step(planned, config, batch)
     parts = [predict_step(planned, config, batch, [d]) for d in (0, 1)]
     assert whole.devices == (0, 1) and parts[1].devices == (1,)
-    for name in ("lookup_ms", "communication_ms", "update_ms"):
+    for name in ("lookup_ms", "update_ms"):
         assert getattr(whole, name) == pytest.approx(sum(getattr(p, name) for p in parts))
+    # every process waits out each of the step's collectives once
+    latency = collective_latency_ms(planned.topology)
+    assert latency > 0
+    assert whole.communication_ms == pytest.approx(
+        sum(p.communication_ms for p in parts) - latency)
     assert whole.hbm_bytes == sum(p.hbm_bytes for p in parts)
     # the same numbers the plan was costed with: each device's total is its load
     recosted = evaluate_plan(planned, AnalyticCostModel(), "analytic")
     for device, part in zip(recosted.devices, parts):
         assert part.lookup_ms + part.communication_ms + part.update_ms == pytest.approx(
-            device.load_ms)
+            device.load_ms + latency)
         assert part.hbm_bytes == device.hbm_bytes
     assert whole.dense_ms is None and whole.step_ms is None  # no calibrated dense rate
     assert predict_step(planned, config, batch, communication=False).communication_ms == 0
@@ -78,7 +83,9 @@ def test_one_process_prices_an_in_memory_row_wise_table_as_the_whole_table() -> 
     assert (merged.lookup_ms, merged.update_ms, merged.hbm_bytes) == pytest.approx(
         (whole.lookup_ms, whole.update_ms, whole.hbm_bytes))
     spread = predict_step(row_plan, config, batch)  # one torch device per plan device
-    assert spread.lookup_ms == pytest.approx(whole.lookup_ms + 3 * 0.5)
+    # each row-wise shard writes partial sums for the whole batch (fp32)
+    outputs_ms = 3 * batch * dim * 4 / (topo.device.hbm_gbps * 1e9) * 1e3
+    assert spread.lookup_ms == pytest.approx(whole.lookup_ms + 3 * 0.5 + outputs_ms)
     # each row-wise shard also holds a pooled-output buffer for the whole batch (fp32)
     assert spread.hbm_bytes == whole.hbm_bytes + 3 * batch * dim * 4
     replicas = [(d, 0, rows, 0, dim) for d in range(4)]
@@ -179,7 +186,8 @@ def test_run_fit_recovers_the_rates_of_a_synthetic_machine(monkeypatch) -> None:
 
 def test_a_training_run_probe_times_the_runtime_and_prices_its_bytes() -> None:
     """The probe is a real (tiny) training run: median phases measured, and the
-    embedding bytes the cost model charges (3 x the looked-up row bytes for SGD)."""
+    embedding bytes the cost model charges (for SGD, 3 x the looked-up row bytes at the
+    narrow-row penalty, and the ids and pooled outputs forward and backward)."""
     from planner import Optimizer
 
     from dlrm_runtime import calibrate
@@ -189,7 +197,9 @@ def test_a_training_run_probe_times_the_runtime_and_prices_its_bytes() -> None:
     times, charged_gb = calibrate._training_run(config, (4, 4), 32, sizes)
     assert times.steps == 3 and len(times.median_phase_ms) == 4
     assert times.median_phase_ms[2] > 0 and times.median_phase_ms[0] > 0
-    assert charged_gb == pytest.approx(3 * 2 * 32 * 4 * 4 / 1e9)
+    rows = 3 * 2 * 32 * 4 * 4 * 1.75  # 2 tables of 4 columns, 32 ids each
+    io = 2 * 2 * (32 * 8 + 32 * 4 * 4)  # int64 ids and fp32 outputs, forward and backward
+    assert charged_gb == pytest.approx((rows + io) / 1e9)
     _, stateful_gb = calibrate._training_run(config, (4, 4), 32, sizes,
                                              Optimizer.ROWWISE_ADAGRAD)
     assert stateful_gb == pytest.approx(charged_gb + 2 * 2 * 32 * 4 / 1e9)  # state read+write
@@ -277,7 +287,7 @@ def test_cache_cost_fit_recovers_the_costs_of_a_synthetic_cache(monkeypatch, tmp
     miss_gbps = 1.0
     costs = calibrate._runtime_overheads(sizes, torch.device("cpu"), lambda: None, tmp_path,
                                          miss_gbps)
-    traffic_ns = 2 * 16 * 4 / miss_gbps
+    traffic_ns = 2 * (16 * 4 + 24) * 256 / 280 / miss_gbps  # whole PCIe packets
     assert costs.cache_shard_ms == pytest.approx(fixed_s * 1e3, rel=1e-6)
     assert costs.cache_ns_per_lookup == pytest.approx(per_id_s * 1e9, rel=1e-6)
     assert costs.cache_ns_per_miss == pytest.approx(per_miss_s * 1e9 - traffic_ns, rel=1e-6)

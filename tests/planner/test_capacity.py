@@ -28,8 +28,10 @@ from tests.conftest import small_tables_doc, small_topology_doc
 BATCH = 512
 MAX_HOSTS = 4
 TABLES = parse_tables(small_tables_doc(num_tables=6, rows=2000, dim=16))
-ROOMY = parse_topology(small_topology_doc(devices=2, hbm_gb=0.01))
-"""Hosts of 2 devices with room for every table in HBM."""
+ROOMY = parse_topology({**small_topology_doc(devices=2, hbm_gb=0.01),
+                        "network": {"intra_host_gbps": 50.0, "inter_host_gbps": 7.0}})
+"""Hosts of 2 devices with room for every table in HBM, on a network slow enough that
+2 hosts are slower than 1."""
 TIGHT = parse_topology(small_topology_doc(devices=2, hbm_gb=0.00045))
 """Hosts of 2 devices of 450 kB (the tables and their per-step id and output buffers):
 with HBM alone the tables need 4 hosts."""

@@ -11,7 +11,9 @@ from tests.conftest import small_topology_doc
 
 
 def _equal_tables(count: int) -> TablesSpec:
-    return TablesSpec(tuple(TableSpec(f"t{i}", 100_000, 64, 20.0, access=AccessProfile(zipf=1.1))
+    """Tables of 256 columns: halves of 128 columns move at full rate (narrower column
+    shards pay the narrow-row penalty, and splitting then costs much more work)."""
+    return TablesSpec(tuple(TableSpec(f"t{i}", 100_000, 256, 20.0, access=AccessProfile(zipf=1.1))
                             for i in range(count)))
 
 
@@ -36,11 +38,10 @@ def test_twelve_equal_tables_on_eight_devices_are_balanced() -> None:
     assert extra <= 2 * 8
 
 
-def test_terabyte_on_eight_devices_needs_no_exact_ilp() -> None:
-    # Twelve tables of 0.25 ms and fourteen small ones on 8 x 80 GB: the best plan
-    # known (0.54497 ms, the exact ILP's after 60 s) comes from placement alone when
-    # tables are split only as far as balance needs; the option choice's bound then
-    # certifies it within 1 % at once.
+def test_terabyte_on_eight_devices_reaches_the_gap() -> None:
+    # Twelve tables of 40 M rows and fourteen small ones on 8 x 80 GB: placement finds
+    # 0.9285 ms within 1.4 % of the option choice's bound; the exact ILP then improves
+    # plan and bound to 0.92642 ms within 1 % (the best plan known, also after 60 s).
     from dataclasses import replace
     from pathlib import Path
 
@@ -54,5 +55,5 @@ def test_terabyte_on_eight_devices_needs_no_exact_ilp() -> None:
                        device=DeviceSpec(80.0, base.device.hbm_gbps), batch_size_per_device=8192)
     result = plan(load_tables(root / "examples" / "criteo_terabyte.tables.json"), topology,
                   options=PlanOptions(gap=0.01))
-    assert result.solve.objective_ms <= 0.54498
+    assert result.solve.objective_ms <= 0.92642
     assert result.solve.stop_reason is StopReason.GAP_REACHED

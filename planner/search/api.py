@@ -38,7 +38,7 @@ from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, StopReason, 
 from planner.search.aggregate import AggregateCut, solve_aggregate
 from planner.search.anytime import SearchProgress
 from planner.search.baselines import BASELINES, BaselineResult, run_baseline
-from planner.search.exact import EXACT_MAX_TERMS, exact_size, solve_exact
+from planner.search.exact import EXACT_MAX_TERMS, exact_size, solve_exact, useful_options
 from planner.search.load_bound import STEP_SHARE, load_packing_bound
 from planner.search.options import OptionSettings, TableOption, table_options
 from planner.search.packing import makespan_lower_bound
@@ -269,9 +269,11 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
         progress.found(heuristic.makespan_ms)
     elif relaxed:
         return None
-    if progress.stop() is None and math.isfinite(progress.best_ms):
+    small = not rules.active and exact_size(candidates, topology) <= EXACT_MAX_TERMS
+    if progress.stop() is None and math.isfinite(progress.best_ms) and not small:
         # Few large shards per device: the average-load bound is weak; the shards'
-        # packing proves more (planner.search.load_bound).
+        # packing proves more (planner.search.load_bound). Small instances skip it: the
+        # exact ILP below proves more, and sooner.
         packing = load_packing_bound(
             candidates, topology, lower_ms=progress.bound_ms, upper_ms=progress.best_ms,
             memory=not relaxed, time_limit_s=STEP_SHARE * budget, threads=options.threads,
@@ -293,22 +295,27 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
                 progress.found(packed.makespan_ms)
                 if heuristic is None or packed.makespan_ms < heuristic.makespan_ms:
                     heuristic = packed
-    if (progress.stop() is None and not rules.active
-            and exact_size(candidates, topology) <= EXACT_MAX_TERMS):
+    if progress.stop() is None and small:
         # 40 % of the budget, or what the earlier stages left of 90 % of it
         left = 0.9 * budget - (time.perf_counter() - progress.started)
-        exact = solve_exact(candidates, topology,
+        warm = heuristic.choice if heuristic is not None else None
+        kept = useful_options(candidates, topology, progress.best_ms, warm)
+        exact = solve_exact([[candidates[t][i] for i in k] for t, k in enumerate(kept)],
+                            topology,
                             time_limit_s=max(0.1, min(max(0.4 * budget, left), progress.left_s())),
                             threads=options.threads,
-                            warm_choice=heuristic.choice if heuristic is not None else None,
+                            warm_choice=None if warm is None else tuple(
+                                k.index(o) for k, o in zip(kept, warm)),
                             warm_placed=heuristic.placed if heuristic is not None else (),
                             memory=not relaxed, watch=progress.watch(plans=not relaxed),
                             solver=resolve_solver(options.exact_solver))
         if exact is not None:
-            progress.bounded(exact.lower_bound_ms)
+            # No plan with an option left out beats the best one (see useful_options).
+            progress.bounded(min(exact.lower_bound_ms, progress.best_ms))
             if exact.fits_memory:
                 found.append(_Found(exact.makespan_ms,
-                                    tuple(candidates[t][o] for t, o in enumerate(exact.choice)),
+                                    tuple(candidates[t][kept[t][o]]
+                                          for t, o in enumerate(exact.choice)),
                                     exact.placed))
                 progress.found(exact.makespan_ms)
     return _Search(found, choice.solver, relaxed)

@@ -56,6 +56,22 @@ def table_classes(options: Sequence[Sequence[TableOption]]) -> list[list[int]]:
     return list(groups.values())
 
 
+def useful_options(options: Sequence[Sequence[TableOption]], topology: Topology,
+                   best_ms: float, keep: Sequence[int] | None = None) -> list[list[int]]:
+    """Per table, the indices of the options that a plan faster than ``best_ms`` may
+    use (plus ``keep[t]``, a warm start's): a plan holding an option has a device at
+    least as slow as the option's largest shard, and an average load at least the
+    option's work plus every other table's least work over the devices. Plans with
+    any other option are no faster than ``best_ms``, so an ILP over the rest loses
+    none that beat it, and its bound, capped at ``best_ms``, still holds."""
+    least = [min(o.total_ms for o in opts) for opts in options]
+    spare = topology.world_size * best_ms - sum(least)
+    return [[i for i, o in enumerate(opts)
+             if (o.max_shard_ms <= best_ms and o.total_ms - least[t] <= spare)
+             or (keep is not None and keep[t] == i)]
+            for t, opts in enumerate(options)]
+
+
 def exact_size(options: Sequence[Sequence[TableOption]], topology: Topology) -> int:
     return sum(len(opts) for opts in options) * topology.world_size
 

@@ -5,10 +5,22 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from planner import AnalyticCostModel, TableSpec, parse_topology
+from planner import (
+    AnalyticCostModel,
+    PlanOptions,
+    PlannerError,
+    TableSpec,
+    TablesSpec,
+    parse_topology,
+    plan,
+)
+from planner.plan_file import check_plan
 from planner.inputs.cost import Sharding, Tier
 from planner.search.aggregate import solve_aggregate
 from planner.search.exact import solve_exact, table_classes, useful_options
@@ -125,3 +137,40 @@ def test_packing_ilp_matches_brute_force_at_byte_scale(seed: int, solver: str) -
     for item, device in enumerate(result.device_of):
         used[device] += mem[item]
     assert max(used) <= capacity
+
+
+@pytest.mark.parametrize("exact_solver", ["cbc", *(["highs"] if highs_available() else [])])
+def test_plans_of_interchangeable_tables_are_complete(exact_solver: str) -> None:
+    # Five tables of one shape (one class in the exact ILP) and one other, on 3 devices
+    # too small for whole tables in HBM: every table gets its own complete layout.
+    doc = small_topology_doc(devices=3, hbm_gb=12.0)
+    doc["host"]["dram_gb"] = 512.0
+    doc["batch_size_per_device"] = 8192
+    topology = parse_topology(doc)
+    same = [TableSpec(f"big{i}", 20_000_000, 128, 2.0) for i in range(5)]
+    tables = TablesSpec((*same, TableSpec("other", 3_000_000, 64, 8.0)), "classes")
+    exact = solve_exact([table_options(t, topology, AnalyticCostModel()) for t in tables.tables],
+                        topology, time_limit_s=20, solver=exact_solver)
+    assert exact is not None
+    result = plan(tables, topology, options=PlanOptions(exact_solver=exact_solver, stall_s=1.0))
+    check_plan(result)
+    assert {t.name for t in result.tables} == {t.name for t in tables.tables}
+    assert max(d.hbm_bytes for d in result.devices) <= topology.usable_hbm_bytes
+
+
+def test_unknown_exact_solver_is_a_planner_error() -> None:
+    tables = TablesSpec((TableSpec("t", 1000, 8, 1.0),), "one")
+    with pytest.raises(PlannerError, match="exact solver"):
+        plan(tables, parse_topology(small_topology_doc()), options=PlanOptions(exact_solver="x"))
+
+
+@pytest.mark.skipif(not highs_available(), reason="needs highspy")
+def test_highs_prints_nothing_on_stdout() -> None:
+    code = ("from planner.search.exact import solve_exact\n"
+            "from tests.planner.test_exact import _instance\n"
+            "options, topology = _instance(0)\n"
+            "assert solve_exact(options, topology, time_limit_s=10, solver='highs')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""

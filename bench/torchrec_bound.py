@@ -46,15 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.workloads import workloads  # noqa: E402
-from planner import TorchRecCostModel  # noqa: E402
-from planner.inputs.cost import Sharding, ShardOption, Tier  # noqa: E402
-from planner.search.aggregate import solve_aggregate  # noqa: E402
-from planner.search.options import (  # noqa: E402
-    OptionSettings,
-    Placement,
-    TableOption,
-    table_options,
-)
+from planner import OptionSettings, Sharding, ShardOption, Tier, TorchRecCostModel  # noqa: E402
+from planner.search import Placement, TableOption, solve_aggregate, table_options  # noqa: E402
 from planner.tools import import_torchrec  # noqa: E402
 
 DEFAULT_WORKLOADS = ("criteo_kaggle_8x80", "criteo_terabyte_8x80", "gen800_8x80")

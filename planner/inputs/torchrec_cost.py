@@ -165,8 +165,14 @@ class _TableEstimates:
                 name=table.name, embedding_dim=table.embedding_dim,
                 num_embeddings=table.num_embeddings, feature_names=[table.name],
                 data_type=torchrec_data_type(table.dtype))], device=torch.device("meta"))
-            with _memoized_scans(scans):
+            # The options serve as templates whose shards estimate() replaces and prices
+            # one option at a time: TorchRec's estimates of its own shards, which its
+            # enumerate() computes for every option, would be thrown away unread.
+            self.enumerator.populate_estimates = lambda options: None
+            try:
                 found = self.enumerator.enumerate(module, [EmbeddingBagCollectionSharder()])
+            finally:
+                del self.enumerator.populate_estimates
         self.options = {(o.sharding_type, o.compute_kernel): o for o in found}
 
     def estimate(self, shard: ShardOption, name: str) -> Any:

@@ -142,6 +142,14 @@ def solve_exact(
                          f"place_all_{c}_{o}")
     capacity = topology.usable_hbm_bytes
     dram_capacity = int(topology.host.dram_gb * GB)
+    for c, members in enumerate(classes):
+        # Some device holds the largest shard of each chosen option: the mean over the
+        # class's tables of their largest shards is at most z. Implied by the integer
+        # model, this lifts the relaxation, where shard counts spread over devices.
+        opts, m = options[members[0]], len(members)
+        prob += (pulp.LpAffineExpression([(y[c, o], option.max_shard_ms / m)
+                                          for o, option in enumerate(opts)]) - z <= 0,
+                 f"largest_shard_{c}")
     for d in range(world):
         prob += (pulp.LpAffineExpression(load[d]) - z <= 0, f"load_dev_{d}")
         if memory:

@@ -266,10 +266,12 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
     elif relaxed:
         return None
     small = not rules.active and exact_size(candidates, topology) <= EXACT_MAX_TERMS
-    if progress.stop() is None and math.isfinite(progress.best_ms) and not small:
+    exact_solver = resolve_solver(options.exact_solver)
+    if (progress.stop() is None and math.isfinite(progress.best_ms)
+            and not (small and exact_solver == "highs")):
         # Few large shards per device: the average-load bound is weak; the shards'
-        # packing proves more (planner.search.load_bound). Small instances skip it: the
-        # exact ILP below proves more, and sooner.
+        # packing proves more (planner.search.load_bound). Small instances on HiGHS skip
+        # it: the exact ILP below proves more, and sooner.
         packing = load_packing_bound(
             candidates, topology, lower_ms=progress.bound_ms, upper_ms=progress.best_ms,
             memory=not relaxed, time_limit_s=STEP_SHARE * budget, threads=options.threads,
@@ -304,7 +306,7 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
                                 k.index(o) for k, o in zip(kept, warm)),
                             warm_placed=heuristic.placed if heuristic is not None else (),
                             memory=not relaxed, watch=progress.watch(plans=not relaxed),
-                            solver=resolve_solver(options.exact_solver))
+                            solver=exact_solver)
         if exact is not None:
             # No plan with an option left out beats the best one (see useful_options).
             progress.bounded(min(exact.lower_bound_ms, progress.best_ms))

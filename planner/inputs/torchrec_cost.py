@@ -31,7 +31,18 @@ from dataclasses import replace
 from typing import Any
 
 from planner.inputs.cost import CostModelError, ShardCost, ShardOption, Sharding, Tier
-from planner.inputs.specs import GB, DType, TableSpec, Topology
+from planner.inputs.specs import GB, AccessProfile, DType, TableSpec, Topology
+
+PRICED_NAME = "table"
+"""TorchRec prices a table by its rows, dimension, data type and pooling factor; its
+name (a constraint key) and our access profile do not enter. Shards are priced on
+the table renamed to this, without a profile, so that tables of one shape share
+their estimates."""
+
+
+def priced_table(table: TableSpec) -> TableSpec:
+    """``table`` as far as TorchRec's estimators see it (see :data:`PRICED_NAME`)."""
+    return replace(table, name=PRICED_NAME, access=AccessProfile())
 
 FUSED, CACHING, UVM, DENSE = "fused", "fused_uvm_caching", "fused_uvm", "dense"
 """TorchRec compute kernels this toolkit plans."""
@@ -154,13 +165,20 @@ class _TableEstimates:
                 name=table.name, embedding_dim=table.embedding_dim,
                 num_embeddings=table.num_embeddings, feature_names=[table.name],
                 data_type=torchrec_data_type(table.dtype))], device=torch.device("meta"))
-            with _memoized_scans(scans):
+            # The options serve as templates whose shards estimate() replaces and prices
+            # one option at a time: TorchRec's estimates of its own shards, which its
+            # enumerate() computes for every option, would be thrown away unread.
+            self.enumerator.populate_estimates = lambda options: None
+            try:
                 found = self.enumerator.enumerate(module, [EmbeddingBagCollectionSharder()])
+            finally:
+                del self.enumerator.populate_estimates
         self.options = {(o.sharding_type, o.compute_kernel): o for o in found}
 
-    def estimate(self, shard: ShardOption) -> Any:
+    def estimate(self, shard: ShardOption, name: str) -> Any:
         """TorchRec's ``Shard`` (with ``perf`` and ``storage``) for ``shard``, in an
-        option whose ``num_shards`` shards all have ``shard``'s size."""
+        option whose ``num_shards`` shards all have ``shard``'s size; ``name``: the
+        table's own name, for errors."""
         from torchrec.distributed.planner.types import Shard
         from torchrec.distributed.types import CacheParams
 
@@ -168,7 +186,7 @@ class _TableEstimates:
         template = self.options.get(key)
         if template is None:
             raise ValueError(f"TorchRec's enumerator offers no {key[0]}/{key[1]} option for "
-                             f"table {shard.table.name!r} (it offers "
+                             f"table {name!r} (it offers "
                              f"{sorted('/'.join(k) for k in self.options)})")
         option = copy.copy(template)
         option.shards = [Shard(size=[shard.rows, shard.cols], offset=[0, 0])
@@ -194,6 +212,8 @@ class TorchRecCostModel:
         if shard.tier is Tier.STORE_CACHE:
             # TorchRec runs both cached tiers with one kernel and prices them alike
             shard = replace(shard, tier=Tier.DRAM_CACHE)
+        name = shard.table.name
+        shard = replace(shard, table=priced_table(shard.table))
         key = (shard, topology)
         known = self._costs.get(key)
         if known is not None:
@@ -205,7 +225,7 @@ class TorchRecCostModel:
             estimates = self._tables[table_key] = _TableEstimates(shard.table, topology,
                                                                      self._scans)
         with _memoized_scans(self._scans):
-            trec_shard = estimates.estimate(shard)
+            trec_shard = estimates.estimate(shard, name)
         perf, storage = trec_shard.perf, trec_shard.storage
         answer = ShardCost(perf.fwd_compute + perf.prefetch_compute,
                            perf.fwd_comms + perf.bwd_comms, perf.bwd_compute, 0.0,

@@ -20,10 +20,12 @@ from planner.search.api import (
     cost_model_name,
     plan,
 )
+from planner.search.aggregate import solve_aggregate
 from planner.search.baselines import BASELINES
-from planner.search.options import OptionSettings
+from planner.search.options import OptionSettings, Placement, TableOption, table_options
 
 __all__ = [
-    "BASELINES", "DEFAULT_GAP", "DEFAULT_STALL_S", "OptionSettings", "PlanOptions",
-    "SearchProgress", "check_plan_inputs", "check_tables_fit", "cost_model_name", "plan",
+    "BASELINES", "DEFAULT_GAP", "DEFAULT_STALL_S", "OptionSettings", "PlanOptions", "Placement",
+    "SearchProgress", "TableOption", "check_plan_inputs", "check_tables_fit", "cost_model_name",
+    "plan", "solve_aggregate", "table_options",
 ]

@@ -38,17 +38,22 @@ from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, StopReason, 
 from planner.search.aggregate import AggregateCut, solve_aggregate
 from planner.search.anytime import SearchProgress
 from planner.search.baselines import BASELINES, BaselineResult, run_baseline
-from planner.search.exact import EXACT_MAX_TERMS, exact_size, solve_exact
+from planner.search.exact import EXACT_MAX_TERMS, exact_size, solve_exact, useful_options
 from planner.search.load_bound import STEP_SHARE, load_packing_bound
 from planner.search.options import OptionSettings, TableOption, table_options
 from planner.search.packing import makespan_lower_bound
 from planner.search.placement import PlacedShard, PlacementRules, place
+from planner.search.solvers import AUTO, SOLVERS, resolve_solver
 
 PACKING_CUTS = ((1.0, 1 / 2), (1.0, 1 / 4), (0.97, 1 / 4), (0.92, 1 / 4), (0.85, 1 / 4),
                 (0.85, None))
 """When the chosen shards cannot be packed, the choice is re-solved with these cuts in
 turn: (share of the total HBM, largest shard as a share of a device's HBM or None)."""
 
+
+FEW_TABLES_PER_DEVICE = 2
+"""Below this many tables per device the load-packing bound runs before the exact ILP
+(on Criteo Terabyte over 68 devices it closes a gap that HiGHS's exact ILP leaves at 30 %)."""
 
 PACKED_CHOICES = 2
 """Option choices from the load-packing bound (lowest limit first) that are placed."""
@@ -69,7 +74,8 @@ class PlanOptions:
     ``stall_s``."""
     threads: int = 1
     solver: str = "cbc"
-    """``cbc`` (bundled with PuLP) or ``highs`` (needs highspy)."""
+    """Solver of the option-choice, placement and load-packing ILPs: ``cbc`` (bundled
+    with PuLP) or ``highs`` (needs highspy)."""
     baseline: str | None = None
     """Plan with this greedy baseline only (one of ``BASELINES``)."""
     seed: int = 0
@@ -86,6 +92,11 @@ class PlanOptions:
     """Stop when neither the best plan nor the lower bound improved over this many
     seconds of search work (CPU seconds of the planner and its solver, so that a busy
     machine does not cut the search short)."""
+    exact_solver: str = AUTO
+    """Solver of the device-indexed exact ILP on small instances: ``auto`` (HiGHS where
+    highspy is installed, else CBC), ``cbc`` or ``highs``. On memory-bound instances
+    HiGHS finds better plans and raises the bound several times faster than CBC
+    (bench/README.md, Criteo Terabyte on 4 x 4 GB)."""
 
 
 def cost_model_name(model: CostModel) -> str:
@@ -223,6 +234,9 @@ def _check_options(options: PlanOptions) -> None:
         raise PlannerError(f"the time limit must be > 0 s, got {options.time_limit_s}")
     if not 0 <= options.gap < math.inf:
         raise PlannerError(f"the target gap must be a number >= 0, got {options.gap}")
+    if options.exact_solver not in (AUTO, *SOLVERS):
+        raise PlannerError(f"unknown exact solver {options.exact_solver!r}; choose "
+                           f"{', '.join((AUTO, *SOLVERS))}")
     if not options.stall_s > 0:
         raise PlannerError(f"the stall window must be > 0 s, got {options.stall_s}")
 
@@ -255,9 +269,15 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
         progress.found(heuristic.makespan_ms)
     elif relaxed:
         return None
-    if progress.stop() is None and math.isfinite(progress.best_ms):
+    small = not rules.active and exact_size(candidates, topology) <= EXACT_MAX_TERMS
+    exact_solver = resolve_solver(options.exact_solver)
+    few_per_device = len(candidates) < FEW_TABLES_PER_DEVICE * topology.world_size
+    if (progress.stop() is None and math.isfinite(progress.best_ms)
+            and (few_per_device or not (small and exact_solver == "highs"))):
         # Few large shards per device: the average-load bound is weak; the shards'
-        # packing proves more (planner.search.load_bound).
+        # packing proves more (planner.search.load_bound). Small instances with several
+        # tables per device skip it when HiGHS runs the exact ILP below: that proves
+        # more, and sooner.
         packing = load_packing_bound(
             candidates, topology, lower_ms=progress.bound_ms, upper_ms=progress.best_ms,
             memory=not relaxed, time_limit_s=STEP_SHARE * budget, threads=options.threads,
@@ -279,21 +299,27 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
                 progress.found(packed.makespan_ms)
                 if heuristic is None or packed.makespan_ms < heuristic.makespan_ms:
                     heuristic = packed
-    if (progress.stop() is None and not rules.active
-            and exact_size(candidates, topology) <= EXACT_MAX_TERMS):
+    if progress.stop() is None and small:
         # 40 % of the budget, or what the earlier stages left of 90 % of it
         left = 0.9 * budget - (time.perf_counter() - progress.started)
-        exact = solve_exact(candidates, topology,
+        warm = heuristic.choice if heuristic is not None else None
+        kept = useful_options(candidates, topology, progress.best_ms, warm)
+        exact = solve_exact([[candidates[t][i] for i in k] for t, k in enumerate(kept)],
+                            topology,
                             time_limit_s=max(0.1, min(max(0.4 * budget, left), progress.left_s())),
                             threads=options.threads,
-                            warm_choice=heuristic.choice if heuristic is not None else None,
+                            warm_choice=None if warm is None else tuple(
+                                k.index(o) for k, o in zip(kept, warm)),
                             warm_placed=heuristic.placed if heuristic is not None else (),
-                            memory=not relaxed, watch=progress.watch(plans=not relaxed))
+                            memory=not relaxed, watch=progress.watch(plans=not relaxed),
+                            solver=exact_solver)
         if exact is not None:
-            progress.bounded(exact.lower_bound_ms)
+            # No plan with an option left out beats the best one (see useful_options).
+            progress.bounded(min(exact.lower_bound_ms, progress.best_ms))
             if exact.fits_memory:
                 found.append(_Found(exact.makespan_ms,
-                                    tuple(candidates[t][o] for t, o in enumerate(exact.choice)),
+                                    tuple(candidates[t][kept[t][o]]
+                                          for t, o in enumerate(exact.choice)),
                                     exact.placed))
                 progress.found(exact.makespan_ms)
     return _Search(found, choice.solver, relaxed)

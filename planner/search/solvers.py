@@ -28,6 +28,8 @@ import pulp
 from planner.errors import SolverError
 
 SOLVERS = ("cbc", "highs")
+AUTO = "auto"
+"""For the device-indexed exact ILP: HiGHS where highspy is installed, else CBC."""
 
 Watch = Callable[[float | None, float | None], bool]
 """Called while a MIP runs with its incumbent objective and its dual bound so far
@@ -239,6 +241,68 @@ def _log_file() -> Iterator[Path]:
         yield Path(tmp) / "solver.log"
 
 
+def highs_available() -> bool:
+    """Whether highspy (PuLP's in-process HiGHS) can be imported."""
+    try:
+        import highspy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_solver(name: str) -> str:
+    """``name``, with :data:`AUTO` turned into ``highs`` or ``cbc``."""
+    if name == AUTO:
+        return "highs" if highs_available() else "cbc"
+    return name
+
+
+_BANNER_SHOWN = [False]
+
+
+def _quiet_highs_banner() -> None:
+    """HiGHS prints a banner on standard output when the first ``Highs`` object of a
+    process is made, whatever its options: make that one with file descriptor 1 on
+    /dev/null, so that planning prints nothing (``dlrm-plan ... --json`` writes JSON
+    there)."""
+    if _BANNER_SHOWN[0]:
+        return
+    import sys
+
+    import highspy
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    _BANNER_SHOWN[0] = True
+
+
+def _warm_highs(backend: pulp.LpSolver) -> pulp.LpSolver:
+    """``backend`` (PuLP's in-process HiGHS, which ignores ``warmStart``) made to pass
+    the variables' initial values to HiGHS as a start solution."""
+    import numpy as np
+
+    run = backend.callSolver
+
+    def call_solver(lp: pulp.LpProblem) -> None:
+        variables = lp.variables()
+        values = [(v.index, v.varValue) for v in variables if v.varValue is not None]
+        if values:
+            index = np.array([i for i, _ in values], dtype=np.int32)
+            value = np.array([x for _, x in values], dtype=np.float64)
+            lp.solverModel.setSolution(len(values), index, value)
+        run(lp)
+
+    backend.callSolver = call_solver
+    return backend
+
+
 def _backend(name: str, time_limit_s: float, threads: int, warm: bool, mip: bool,
              gap_rel: float | None, log: Path) -> pulp.LpSolver:
     if name == "cbc":
@@ -251,6 +315,8 @@ def _backend(name: str, time_limit_s: float, threads: int, warm: bool, mip: bool
     if name == "highs":
         if not pulp.HiGHS().available():
             raise SolverError("solver 'highs' needs the highspy package: pip install highspy")
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, warmStart=warm,
-                          mip=mip, gapRel=gap_rel)
+        _quiet_highs_banner()
+        backend = pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=threads, mip=mip,
+                             gapRel=gap_rel)
+        return _warm_highs(backend) if warm else backend
     raise SolverError(f"unknown solver {name!r}; choose {' or '.join(SOLVERS)}")

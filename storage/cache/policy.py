@@ -131,29 +131,35 @@ class LRU:
         batches: the same set as a search of every slot, at a fraction of the cost.
 
         The pool holds the :data:`POOL_FACTOR` x ``count`` filled slots of smallest key
-        when it was drawn (protected or not) with those keys; every other slot had a
-        larger key, and keys only grow (a use, or a new row), so as long as the pool's
-        entries whose key is unchanged hold ``count`` unprotected ones, the smallest
-        ``count`` keys of all unprotected slots are among those. Else it is drawn again."""
+        when it was drawn (protected or not), sorted by those keys; every other slot had
+        a larger key, and keys only grow (a use, or a new row). So the first ``count``
+        unprotected pool entries whose key is unchanged, if there are that many, are the
+        smallest keys of all unprotected slots; entries whose key changed are dropped as
+        they are met. Else the pool is drawn again."""
         key = self._key.numpy()
         protected = view.protected.numpy()
         for attempt in range(2):
             if self._pool is None or attempt:
                 size = min(view.filled, max(POOL_FACTOR * count, POOL_MIN_SLOTS))
-                slots = np.argpartition(key[:view.filled], size - 1)[:size] \
+                drawn = np.argpartition(key[:view.filled], size - 1)[:size] \
                     if size < view.filled else np.arange(view.filled)
-                self._pool = (slots, key[slots])
+                drawn = drawn[np.argsort(key[drawn])]
+                self._pool = (drawn, key[drawn])
             slots, keys = self._pool
-            unchanged = key[slots] == keys
-            if not unchanged.all():
-                slots, keys = slots[unchanged], keys[unchanged]
-                self._pool = (slots, keys)
-            free = ~protected[slots]
-            if int(np.count_nonzero(free)) >= count:
-                candidates, values = slots[free], keys[free]
-                if candidates.size > count:
-                    candidates = candidates[np.argpartition(values, count - 1)[:count]]
-                return torch.from_numpy(candidates.astype(np.int64, copy=False))
+            window = min(slots.size, 2 * count)
+            while True:
+                head = slots[:window]
+                unchanged = key[head] == keys[:window]
+                live = head[unchanged & ~protected[head]]
+                if not unchanged.all():
+                    self._pool = (np.concatenate([head[unchanged], slots[window:]]),
+                                  np.concatenate([keys[:window][unchanged], keys[window:]]))
+                if live.size >= count:
+                    return torch.from_numpy(live[:count].astype(np.int64, copy=False))
+                if window == slots.size:
+                    break
+                slots, keys = self._pool
+                window = slots.size
         return smallest(self._order_keys(view), count)  # the pool is the whole cache
 
 

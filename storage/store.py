@@ -58,7 +58,6 @@ import numpy as np
 
 from storage import journal as jr
 from storage.chunks import MAPPED_BYTES_BUDGET, PAGE_BYTES, ChunkFiles, sync_files
-from storage.pages import PagePopulator
 from storage.redo import HEADER_BYTES as REDO_HEADER_BYTES
 from storage.redo import REDO_MEMORY_BYTES, RedoSegment, SegmentSeal, segment_name
 from storage.sums import BlockDamage, BlockSums
@@ -136,8 +135,6 @@ class TableStore:
         self._broken: str | None = None
         """Why writes are refused until the store is reopened (a failed checkpoint)."""
         self._pool: ThreadPoolExecutor | None = None
-        self._populator = PagePopulator()
-        """Populates the redo segments' memory ahead of their writes (:mod:`storage.pages`)."""
         self._closed = False
         self._close_hooks: list[Callable[[], None]] = []
         self._write_lock = threading.Lock()
@@ -303,7 +300,7 @@ class TableStore:
             files = self._chunk_files(name, role)
             segment = self._segments[key] = RedoSegment(
                 self._txn / REDO_DIR / segment_name(key), key, files.layout.row_bytes,
-                self._store_id, files.layout.num_rows, self._populator)
+                self._store_id, files.layout.num_rows)
         return segment
 
     # ---- description ----------------------------------------------------------------
@@ -711,7 +708,6 @@ class TableStore:
         self._segments.clear()
         if self._pool is not None:
             self._pool.shutdown()
-        self._populator.close()
         os.close(self._lock_fd)
 
     def __enter__(self) -> TableStore:

@@ -983,10 +983,10 @@ def test_redo_memory_is_reused_across_checkpoints_and_grows_where_reserving_fail
 
     real = redo.SlotMemory
 
-    def strict(capacity: int, row_bytes: int, *populator: object) -> redo.SlotMemory:
+    def strict(capacity: int, row_bytes: int) -> redo.SlotMemory:
         if capacity == 20_000:  # the whole table: refused, as under strict accounting
             raise OSError(12, "Cannot allocate memory")
-        return real(capacity, row_bytes, *populator)
+        return real(capacity, row_bytes)
 
     monkeypatch.setattr(redo, "SlotMemory", strict)
     monkeypatch.setattr(redo, "MIN_CAPACITY", 64)
@@ -1002,41 +1002,4 @@ def test_redo_memory_is_reused_across_checkpoints_and_grows_where_reserving_fail
             assert np.array_equal(store.gather("t", np.arange(20_000)), ref)
         assert 64 < store._segments["t/weight"]._memory.capacity < 20_000
         store.checkpoint(1)
-        assert np.array_equal(store.read_table("t"), ref)
-
-
-def test_redo_memory_populated_ahead_on_the_helper_thread(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """With small populate windows a segment's slot memory is populated ahead on the
-    store's helper thread over many windows; the rows read back and apply like numpy,
-    and closing the store waits for the helper."""
-    from storage import redo
-    from storage.pages import PagePopulator
-
-    monkeypatch.setattr(redo, "POPULATE_BYTES", 4096)  # 93 slots of 44 bytes a window
-    populator = PagePopulator()
-    memory = redo.SlotMemory(10_000, 36, populator)
-    memory.reserve(1)
-    assert memory._ready >= 93 and memory._pending is not None  # the next window queued
-    for slots in range(1, 10_001, 250):
-        memory.reserve(slots)
-        assert memory._ready >= slots
-        memory.rows[slots - 1] = slots % 251
-    assert all(int(memory.rows[s - 1][0]) == s % 251 for s in range(1, 10_001, 250))
-    populator.close()
-
-    rng = np.random.default_rng(5)
-    with TableStore.create(tmp_path / "s") as store:
-        store.add_table("t", 30_000, 4)
-        ref = store.read_table("t")
-        for _ in range(8):
-            ids = rng.integers(0, 30_000, 1500)
-            rows = rng.standard_normal((1500, 4)).astype(np.float32)
-            store.scatter("t", ids, rows)
-            for i, row in zip(ids.tolist(), rows):
-                ref[i] = row
-            assert np.array_equal(store.gather("t", np.arange(30_000)), ref)
-        assert store._segments["t/weight"]._memory._background
-        store.checkpoint(1)
-    with TableStore.open(tmp_path / "s") as store:
         assert np.array_equal(store.read_table("t"), ref)

@@ -30,7 +30,9 @@ batch does not use, so with one id per batch the choices are exactly those of
 :func:`storage.replay.replay` (tested; for ``"lookahead"`` with the next
 ``lookahead`` ids announced before each lookup). The choice is a lexicographic
 smallest-k over up to three keys (:func:`smallest`: one ``topk`` per key; on the CPU
-numpy's ``argpartition``, the same set).
+numpy's ``argpartition``, the same set). LRU on the CPU keeps a pool of its oldest slots,
+sorted, between batches and takes its victims from the front of it
+(:meth:`LRU._pool_victims`; the same set, without a search of every slot per batch).
 """
 
 from __future__ import annotations

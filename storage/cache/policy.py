@@ -30,7 +30,9 @@ batch does not use, so with one id per batch the choices are exactly those of
 :func:`storage.replay.replay` (tested; for ``"lookahead"`` with the next
 ``lookahead`` ids announced before each lookup). The choice is a lexicographic
 smallest-k over up to three keys (:func:`smallest`: one ``topk`` per key; on the CPU
-numpy's ``argpartition``, the same set).
+numpy's ``argpartition``, the same set). LRU on the CPU keeps a pool of its oldest slots,
+sorted, between batches and takes its victims from the front of it
+(:meth:`LRU._pool_victims`; the same set, without a search of every slot per batch).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ from storage.errors import CacheArgumentError
 POLICIES: tuple[str, ...] = ("lru", "lfu", "profile", "lookahead")
 """Policy names :class:`~storage.cache.RowCache` accepts."""
 
+POOL_FACTOR = 8
+"""LRU on the CPU draws its pool of oldest slots this many times a batch's victims."""
+POOL_MIN_SLOTS = 4096
 _KEY_LIMIT = 1 << 62
 """Recency keys stay below this (renormalised to ranks before they would not)."""
 
@@ -91,6 +96,9 @@ class LRU:
         self._num_rows = num_rows
         self._key = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)
         self._base = 0
+        self._pool: tuple[np.ndarray, np.ndarray] | None = None
+        """On the CPU: some filled slots and their keys when chosen, among them the
+        smallest keys of all then (see :meth:`_pool_victims`)."""
 
     def preload(self) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
@@ -108,6 +116,7 @@ class LRU:
         ranks[torch.argsort(self._key)] = torch.arange(self._key.numel(), device=self._key.device)
         self._key = ranks - self._key.numel()
         self._base = batch
+        self._pool = None
 
     def _order_keys(self, view: SlotView) -> list[torch.Tensor]:
         """The keys to compare, most significant first (excluded slots largest)."""
@@ -115,12 +124,53 @@ class LRU:
         return [torch.where(view.protected[:view.filled], torch.iinfo(torch.int64).max, key)]
 
     def victims(self, count: int, view: SlotView) -> torch.Tensor:
+        if self._key.device.type == "cpu" and 0 < count < view.filled:
+            return self._pool_victims(count, view)
         return smallest(self._order_keys(view), count)
+
+    def _pool_victims(self, count: int, view: SlotView) -> torch.Tensor:
+        """:meth:`victims` on the CPU from a pool of the oldest slots, kept between
+        batches: the same set as a search of every slot, at a fraction of the cost.
+
+        The pool holds the :data:`POOL_FACTOR` x ``count`` filled slots of smallest key
+        when it was drawn (protected or not), sorted by those keys; every other slot had
+        a larger key, and keys only grow (a use, or a new row). So the first ``count``
+        unprotected pool entries whose key is unchanged, if there are that many, are the
+        smallest keys of all unprotected slots; entries whose key changed are dropped as
+        they are met. Else the pool is drawn again."""
+        key = self._key.numpy()
+        protected = view.protected.numpy()
+        for attempt in range(2):
+            if self._pool is None or attempt:
+                size = min(view.filled, max(POOL_FACTOR * count, POOL_MIN_SLOTS))
+                drawn = np.argpartition(key[:view.filled], size - 1)[:size] \
+                    if size < view.filled else np.arange(view.filled)
+                drawn = drawn[np.argsort(key[drawn])]
+                self._pool = (drawn, key[drawn])
+            slots, keys = self._pool
+            window = min(slots.size, 2 * count)
+            while True:
+                head = slots[:window]
+                unchanged = key[head] == keys[:window]
+                live = head[unchanged & ~protected[head]]
+                if not unchanged.all():
+                    self._pool = (np.concatenate([head[unchanged], slots[window:]]),
+                                  np.concatenate([keys[:window][unchanged], keys[window:]]))
+                if live.size >= count:
+                    return torch.from_numpy(live[:count].astype(np.int64, copy=False))
+                if window == slots.size:
+                    break
+                slots, keys = self._pool
+                window = slots.size
+        return smallest(self._order_keys(view), count)  # the pool is the whole cache
 
 
 class LFU(LRU):
     """Smallest per-row count first, then the smallest recency key; optionally
     profile-warmed."""
+
+    def victims(self, count: int, view: SlotView) -> torch.Tensor:
+        return smallest(self._order_keys(view), count)
 
     def __init__(self, num_rows: int, num_slots: int, device: torch.device,
                  counts: np.ndarray, warm: np.ndarray) -> None:

@@ -444,13 +444,24 @@ class RowCache:
             uncached, uncached_weights = self._fill(missing.astype(np.int64, copy=False),
                                                     uses, used_slots, probe.protected,
                                                     read_uncached)
-            slots = self._index.find(probe.clamped)
+            slots = self._refind(probe)
         self._policy.on_access(slots, probe.rows, batch)
         c = self._counts
         c.accesses += probe.rows.numel()
         c.misses += missing.size
         c.hits += probe.rows.numel() - missing.size
         return slots, uncached, uncached_weights
+
+    def _refind(self, probe: _Probe) -> torch.Tensor:
+        """The slots of ``probe``'s rows once its missing rows are in: the hits keep
+        theirs (their slots were protected); on the CPU only the missing ones are
+        searched again."""
+        if self._device.type != "cpu":
+            return self._index.find(probe.clamped)
+        where = torch.from_numpy(np.flatnonzero(probe.miss.numpy()))
+        slots = probe.slots.clone()
+        slots[where] = self._index.find(probe.clamped[where])
+        return slots
 
     def _check_bounds(self, head: np.ndarray) -> None:
         """Refuse ids outside the table (``head`` starts with their min and max)."""
@@ -719,6 +730,9 @@ def _misses(rows: torch.Tensor, miss: torch.Tensor, protected: torch.Tensor
     each."""
     low, high = torch.aminmax(rows)
     head = torch.stack([low, high, protected[:-1].sum()])
+    if rows.device.type == "cpu":  # numpy's unique: about 5x torch's on the CPU here
+        missing, uses = np.unique(rows.numpy()[miss.numpy()], return_counts=True)
+        return [head, torch.from_numpy(missing), torch.from_numpy(uses)]
     missing, uses = torch.unique(rows[miss], sorted=True, return_counts=True)
     return [head, missing, uses]
 

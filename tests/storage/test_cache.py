@@ -744,3 +744,38 @@ def test_smallest_on_the_cpu_picks_the_lexicographically_smallest_set(seed: int)
         assert set(smallest([counts, recency], count).tolist()) == set(order[:count])
         by_recency = sorted(range(size), key=lambda i: recency[i].item())
         assert set(smallest([recency], count).tolist()) == set(by_recency[:count])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lru_pool_of_oldest_slots_picks_the_same_victims_as_a_full_search(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LRU on the CPU keeps a pool of its oldest slots between batches; through many
+    batches of uses, evictions (with and without the slots being re-used) and protected
+    slots its victims are exactly the smallest keys among every unprotected slot."""
+    from storage.cache import policy as policies
+    from storage.cache.policy import LRU, SlotView, smallest
+
+    monkeypatch.setattr(policies, "POOL_FACTOR", 3)
+    monkeypatch.setattr(policies, "POOL_MIN_SLOTS", 0)
+    rng = np.random.default_rng(seed)
+    num_rows, slots = 1_000_000, 600
+    policy = LRU(num_rows, slots, torch.device("cpu"))
+    slot_row = torch.arange(slots + 1) * 7
+    next_row = 7 * (slots + 1)
+    reused = 0
+    policy.on_access(torch.arange(slots), slot_row[:slots], 0)
+    for batch in range(1, 80):
+        protected = torch.zeros(slots + 1, dtype=torch.bool)
+        protected[torch.from_numpy(rng.choice(slots, rng.integers(0, 200), replace=False))] = True
+        view = SlotView(slots, protected, slot_row, lambda rows: rows)
+        count = int(rng.integers(1, 80))
+        got = policy.victims(count, view)
+        reused += policy._pool is not None and policy._pool[0].size != min(slots, 3 * count)
+        want = smallest(LRU._order_keys(policy, view), count)
+        assert set(got.tolist()) == set(want.tolist())
+        if batch % 7:  # most batches use their victims (new rows) and protected slots
+            used = torch.cat([got, torch.nonzero(protected[:slots]).squeeze(1)])
+            slot_row[got] = torch.arange(next_row, next_row + got.numel())
+            next_row += got.numel()
+            policy.on_access(used, slot_row[used], batch)
+    assert reused > 20  # an older pool (some entries used up) served most batches

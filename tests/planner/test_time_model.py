@@ -12,8 +12,8 @@ import pytest
 from planner import (
     AnalyticCostModel,
     Optimizer,
-    ShardOption,
     Sharding,
+    ShardOption,
     TableSpec,
     Tier,
     Topology,

@@ -37,7 +37,7 @@ from planner.inputs.specs import GB, TablesSpec, Topology, check_limits
 from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, StopReason, TablePlan
 from planner.search.aggregate import AggregateCut, solve_aggregate
 from planner.search.anytime import SearchProgress
-from planner.search.baselines import BASELINES, BaselineResult, run_baseline
+from planner.search.baselines import BASELINES, BaselineMiss, BaselineResult, run_baseline
 from planner.search.exact import EXACT_MAX_TERMS, exact_size, solve_exact, useful_options
 from planner.search.load_bound import STEP_SHARE, load_packing_bound
 from planner.search.options import OptionSettings, TableOption, table_options
@@ -148,8 +148,8 @@ def plan(
     name = cost_model_name(model)
     if options.baseline is not None:
         result = run_baseline(options.baseline, tables, topology, model, options.seed)
-        if result is None:
-            raise _baseline_infeasible(options.baseline, tables, topology)
+        if isinstance(result, BaselineMiss):
+            raise _baseline_infeasible(options.baseline, result)
         return _baseline_plan(result, tables, topology, name, options, start)
 
     progress = SearchProgress(options.time_limit_s, options.gap, options.stall_s, started=start)
@@ -332,8 +332,9 @@ def _baseline_plans(tables: TablesSpec, topology: Topology, model: CostModel,
     found = []
     for name in ("greedy", "size-lookup"):
         result = run_baseline(name, tables, topology, model)
-        if result is not None and all(o.sharding in a.shardings and o.tier in a.tiers
-                                      for o, a in zip(result.options, allowed)):
+        if isinstance(result, BaselineResult) and all(
+                o.sharding in a.shardings and o.tier in a.tiers
+                for o, a in zip(result.options, allowed)):
             placed = tuple(PlacedShard(t, o.shards[0], d)
                            for t, (o, d) in enumerate(zip(result.options, result.devices)))
             found.append(_Found(_makespan(placed, topology), result.options, placed))
@@ -553,13 +554,14 @@ def _choice_infeasible(tables: TablesSpec, topology: Topology,
     )
 
 
-def _baseline_infeasible(name: str, tables: TablesSpec, topology: Topology) -> InfeasibleError:
-    largest = max(tables.tables, key=lambda t: t.weight_bytes)
+def _baseline_infeasible(name: str, miss: BaselineMiss) -> InfeasibleError:
+    memory = "HBM" if miss.hbm else "host DRAM"
     return InfeasibleError(
-        Resource.HBM, max(1, math.ceil(largest.weight_bytes * 0.2) - topology.usable_hbm_bytes),
+        Resource.HBM if miss.hbm else Resource.DRAM, miss.shortfall_bytes,
         f"baseline {name} places whole tables, in HBM or with a 20 % cache over DRAM, and "
-        f"some table fits on no device that way",
-        tables=(largest.name,),
+        f"after {miss.placed} tables table {miss.table!r} fits on no device: the emptiest "
+        f"needs {miss.shortfall_bytes} bytes more {memory}",
+        tables=(miss.table,),
         fixes=("plan with the ILP (drop --baseline)", "more devices"),
     )
 

@@ -23,6 +23,19 @@ CACHE_FRACTION = 0.2
 
 
 @dataclass(frozen=True, slots=True)
+class BaselineMiss:
+    """A baseline that found no device for a table: the table, the memory that binds
+    and how many bytes more the emptiest device would need to take it."""
+
+    table: str
+    placed: int
+    """Tables placed before it."""
+    hbm: bool
+    """Whether HBM binds (else host DRAM)."""
+    shortfall_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class BaselineResult:
     name: str
     options: tuple[TableOption, ...]
@@ -40,9 +53,9 @@ def _whole_table(table: TableSpec, topology: Topology, model: CostModel, tier: T
 
 
 def run_baseline(name: str, tables: TablesSpec, topology: Topology, model: CostModel,
-                 seed: int = 0) -> BaselineResult | None:
-    """Place every table whole by baseline ``name``; ``None`` when some table fits on
-    no device in either tier."""
+                 seed: int = 0) -> BaselineResult | BaselineMiss:
+    """Place every table whole by baseline ``name``; a :class:`BaselineMiss` when some
+    table fits on no device in either tier."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
     hbm_opts = [_whole_table(t, topology, model, Tier.HBM) for t in tables.tables]
@@ -73,14 +86,15 @@ def run_baseline(name: str, tables: TablesSpec, topology: Topology, model: CostM
 
     chosen: list[TableOption | None] = [None] * len(order)
     devices = [-1] * len(order)
-    for i in order:
+    for placed, i in enumerate(order):
         for option in (hbm_opts[i], cache_opts[i]):
             cost = option.shards[0].cost
             fits = (hbm + cost.hbm_bytes <= hbm_cap) & (dram[host_of] + cost.dram_bytes <= dram_cap)
             if fits.any():
                 break
         else:
-            return None
+            return _miss(tables.tables[i].name, placed, (hbm_opts[i], cache_opts[i]),
+                         hbm_cap - hbm, dram_cap - dram[host_of])
         candidates = np.flatnonzero(fits)
         if name == "random":
             device = int(rng.choice(candidates.tolist()))
@@ -93,3 +107,18 @@ def run_baseline(name: str, tables: TablesSpec, topology: Topology, model: CostM
         score[device] += cost.total_ms if name == "greedy" else key(i)
         chosen[i], devices[i] = option, device
     return BaselineResult(name, tuple(o for o in chosen if o is not None), tuple(devices))
+
+
+def _miss(table: str, placed: int, options: tuple[TableOption, ...], free_hbm: np.ndarray,
+          free_dram: np.ndarray) -> BaselineMiss:
+    """The smallest shortfall over the table's options (HBM, then cache) and devices."""
+    misses = []
+    for option in options:
+        cost = option.shards[0].cost
+        hbm_short = np.maximum(cost.hbm_bytes - free_hbm, 0)
+        dram_short = np.maximum(cost.dram_bytes - free_dram, 0)
+        device = int(np.argmin(hbm_short + dram_short))
+        misses.append((int(hbm_short[device] + dram_short[device]),
+                       bool(hbm_short[device] >= dram_short[device])))
+    short, binds_hbm = min(misses, key=lambda m: m[0])
+    return BaselineMiss(table, placed, binds_hbm, max(1, short))

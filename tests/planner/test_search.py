@@ -249,3 +249,26 @@ def test_explain_tells_a_forced_cache_from_a_binding_memory() -> None:
              if {s.tier for s in t.shards} != {Tier.HBM}]
     assert lines and all(line.startswith("limited by --tiers dram_cache,hbm; HBM binds")
                          for line in lines), lines
+
+
+def test_a_baseline_that_cannot_place_names_the_table_and_the_bytes_missing() -> None:
+    """The shortfall is what the emptiest device lacks for the table it stopped at:
+    with that much more HBM per device the baseline places the table."""
+    from planner import InfeasibleError, PlanOptions, Resource, parse_tables, parse_topology, plan
+    from planner.search.baselines import BaselineMiss, run_baseline
+    from tests.conftest import small_tables_doc, small_topology_doc
+
+    tables = parse_tables(small_tables_doc(num_tables=6, rows=2000, dim=16))
+    tight = parse_topology(small_topology_doc(devices=2, hbm_gb=0.00045))
+    with pytest.raises(InfeasibleError) as info:
+        plan(tables, tight, options=PlanOptions(baseline="size"))
+    miss = run_baseline("size", tables, tight, MODEL)
+    assert isinstance(miss, BaselineMiss) and miss.hbm and miss.shortfall_bytes > 1
+    error = info.value
+    assert error.resource is Resource.HBM and error.tables == (miss.table,)
+    assert error.shortfall_bytes == miss.shortfall_bytes
+    assert f"after {miss.placed} tables table {miss.table!r} fits on no device" in str(error)
+    roomier = replace(tight, device=replace(tight.device, hbm_gb=tight.device.hbm_gb
+                                            + miss.shortfall_bytes / 1e9))
+    again = run_baseline("size", tables, roomier, MODEL)
+    assert not isinstance(again, BaselineMiss) or again.placed > miss.placed

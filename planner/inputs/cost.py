@@ -317,7 +317,8 @@ class AnalyticCostModel:
         io_ms = _ms(lookups * ID_BYTES + _pooled_bytes(shard, topology), hbm_gbps)
 
         if shard.tier is Tier.HOST:
-            return self._host_cost(shard, topology, lookups, rows_moved, io_ms, state_per_row)
+            return self._host_cost(shard, topology, lookups, row_bytes, rows_moved, io_ms,
+                                   state_per_row)
 
         hits = lookups * shard.hit_rate
         misses = lookups - hits
@@ -378,11 +379,11 @@ class AnalyticCostModel:
         return backward_ms, optimizer_ms
 
     def _host_cost(self, shard: ShardOption, topology: Topology, lookups: float,
-                   rows_moved: float, io_ms: float, state_per_row: int) -> ShardCost:
+                   row_bytes: int, rows_moved: float, io_ms: float,
+                   state_per_row: int) -> ShardCost:
         """A :attr:`Tier.HOST` shard (see the class docstring)."""
         host, device = topology.host, topology.device
         link_gbps = min(host.h2d_gbps, host.dram_gbps)
-        row_bytes = shard.cols * shard.table.dtype.bytes
         crossing_ms = link_ms(lookups, row_bytes, link_gbps)
         lookup_ms = crossing_ms + _ms(rows_moved, device.hbm_gbps) + io_ms + device.shard_overhead_ms
         # the update reads each row over the link and writes it back

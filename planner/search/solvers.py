@@ -10,6 +10,7 @@ limit. HiGHS runs in-process and is watched through its callbacks.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import select
@@ -257,16 +258,12 @@ def resolve_solver(name: str) -> str:
     return name
 
 
-_BANNER_SHOWN = [False]
-
-
+@functools.cache
 def _quiet_highs_banner() -> None:
     """HiGHS prints a banner on standard output when the first ``Highs`` object of a
     process is made, whatever its options: make that one with file descriptor 1 on
     /dev/null, so that planning prints nothing (``dlrm-plan ... --json`` writes JSON
-    there)."""
-    if _BANNER_SHOWN[0]:
-        return
+    there). Runs once per process."""
     import sys
 
     import highspy
@@ -280,7 +277,6 @@ def _quiet_highs_banner() -> None:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
-    _BANNER_SHOWN[0] = True
 
 
 def _warm_highs(backend: pulp.LpSolver) -> pulp.LpSolver:

@@ -300,8 +300,24 @@ class TableStore:
             files = self._chunk_files(name, role)
             segment = self._segments[key] = RedoSegment(
                 self._txn / REDO_DIR / segment_name(key), key, files.layout.row_bytes,
-                self._store_id, files.layout.num_rows)
+                self._store_id, files.layout.num_rows,
+                self._share_slots(files.layout.num_rows, files.layout.row_bytes))
         return segment
+
+    def _share_slots(self, num_rows: int, row_bytes: int) -> int:
+        """Redo slots of an array's share of ``redo_memory_bytes``: the budget split over
+        the store's arrays in proportion to their slot bytes (row id + row)."""
+        def slot_bytes(spec: StoredTableSpec) -> int:
+            widths = [spec.dim * spec.dtype.numpy.itemsize]
+            if spec.optimizer_state is not None:
+                widths.append(4 * spec.state_width)
+            return spec.num_rows * sum(8 + width for width in widths)
+
+        total = sum(slot_bytes(spec) for spec in self._specs.values())
+        mine = num_rows * (8 + row_bytes)
+        if total <= 0 or mine <= 0:
+            return 0
+        return int(self._redo_budget * mine / max(total, self._redo_budget)) // (8 + row_bytes)
 
     # ---- description ----------------------------------------------------------------
     @property

@@ -961,6 +961,37 @@ def test_committing_a_prepared_checkpoint_over_a_damaged_block_is_refused(tmp_pa
         assert store.prepared_step == 1  # still in doubt, nothing applied
 
 
+def test_first_write_makes_the_arrays_share_of_redo_memory_present(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A segment's first write populates its share of ``redo_memory_bytes`` (the budget
+    split over the store's arrays by slot bytes), so the writes of the steps that follow
+    land in pages already present; the shares never add up to more than the budget, and
+    a store smaller than its budget gets room for every row."""
+    from storage import redo
+
+    monkeypatch.setattr(redo, "POPULATE_BYTES", 4096)  # populated ahead on later writes
+    budget = 600_000
+    with TableStore.create(tmp_path / "s", redo_memory_bytes=budget) as store:
+        store.add_table("big", 30_000, 8)  # 40-byte slots: 1.2 MB
+        store.add_table("small", 10_000, 2, optimizer_state="rowwise_adagrad")  # 16 + 12
+        for name in ("big", "small"):
+            store.scatter(name, [0], np.ones((1, store.describe(name).dim), np.float32))
+        store.scatter_state("small", [0], np.ones((1, 1), np.float32))
+        ready = {key: seg._memory._ready for key, seg in store._segments.items()}
+        slot_bytes = {"big/weight": 40, "small/weight": 16, "small/state": 12}
+        rows = {"big/weight": 30_000, "small/weight": 10_000, "small/state": 10_000}
+        total = sum(rows[k] * slot_bytes[k] for k in rows)
+        for key, got in ready.items():
+            share = int(budget * rows[key] * slot_bytes[key] / total) // slot_bytes[key]
+            assert got >= share, key
+            assert got <= share + redo.POPULATE_BYTES // slot_bytes[key] + 1, key
+        assert sum(store._segments[k].share_slots * slot_bytes[k] for k in rows) <= budget
+    with TableStore.create(tmp_path / "roomy") as store:
+        store.add_table("t", 5_000, 4)
+        store.scatter("t", [7], np.ones((1, 4), np.float32))
+        assert store._segments["t/weight"]._memory._ready == 5_000
+
+
 def test_redo_memory_is_reused_across_checkpoints_and_grows_where_reserving_fails(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The memory slots of a segment are kept when a checkpoint clears it (the next

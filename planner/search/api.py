@@ -245,6 +245,7 @@ def _check_options(options: PlanOptions) -> None:
 class _Search:
     found: list["_Found"]
     solver: str
+    """The backends that ran, ``+``-joined (the option choice's first)."""
     relaxed: bool
 
 
@@ -299,6 +300,7 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
                 progress.found(packed.makespan_ms)
                 if heuristic is None or packed.makespan_ms < heuristic.makespan_ms:
                     heuristic = packed
+    solver = choice.solver
     if progress.stop() is None and small:
         # 40 % of the budget, or what the earlier stages left of 90 % of it
         left = 0.9 * budget - (time.perf_counter() - progress.started)
@@ -314,6 +316,8 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
                             memory=not relaxed, watch=progress.watch(plans=not relaxed),
                             solver=exact_solver)
         if exact is not None:
+            if exact.solver != solver:
+                solver = f"{solver}+{exact.solver}"
             # No plan with an option left out beats the best one (see useful_options).
             progress.bounded(min(exact.lower_bound_ms, progress.best_ms))
             if exact.fits_memory:
@@ -322,7 +326,7 @@ def _search(candidates: list[list[TableOption]], topology: Topology, options: Pl
                                           for t, o in enumerate(exact.choice)),
                                     exact.placed))
                 progress.found(exact.makespan_ms)
-    return _Search(found, choice.solver, relaxed)
+    return _Search(found, solver, relaxed)
 
 
 def _baseline_plans(tables: TablesSpec, topology: Topology, model: CostModel,

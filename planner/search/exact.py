@@ -43,6 +43,8 @@ class ExactSolution:
     sol_status: str
     fits_memory: bool
     """Whether the placement respects HBM per device and DRAM per host."""
+    solver: str
+    """The backend that solved it (``PULP_CBC_CMD`` or ``HiGHS``)."""
 
 
 def table_classes(options: Sequence[Sequence[TableOption]]) -> list[list[int]]:
@@ -186,7 +188,7 @@ def solve_exact(
     else:
         bound = outcome.reported_bound or 0.0
     return ExactSolution(choice, tuple(placed), makespan, min(bound, makespan), outcome.status,
-                         outcome.sol_status, fits)
+                         outcome.sol_status, fits, outcome.solver)
 
 
 def _count(var: pulp.LpVariable) -> int:

@@ -152,8 +152,11 @@ def test_plans_of_interchangeable_tables_are_complete(exact_solver: str) -> None
     exact = solve_exact([table_options(t, topology, AnalyticCostModel()) for t in tables.tables],
                         topology, time_limit_s=20, solver=exact_solver)
     assert exact is not None
+    assert exact.solver == {"cbc": "PULP_CBC_CMD", "highs": "HiGHS"}[exact_solver]
     result = plan(tables, topology, options=PlanOptions(exact_solver=exact_solver, stall_s=1.0))
     check_plan(result)
+    # the plan names every backend that ran, the option choice's (CBC) first
+    assert result.solve.solver in ("PULP_CBC_CMD", f"PULP_CBC_CMD+{exact.solver}")
     assert {t.name for t in result.tables} == {t.name for t in tables.tables}
     assert max(d.hbm_bytes for d in result.devices) <= topology.usable_hbm_bytes
 

@@ -24,7 +24,8 @@ class Coalesced:
     """An ``apply_*`` batch on the device, its rows distinct."""
 
     rows: torch.Tensor
-    """Sorted distinct row ids (int64)."""
+    """Distinct row ids (int64): sorted when any is not resident, else in no particular
+    order (only their slots are used then)."""
     grads: torch.Tensor
     """Their summed gradients, ``(len(rows), dim)`` fp32."""
     slots: torch.Tensor
@@ -34,7 +35,8 @@ class Coalesced:
 
 
 def coalesce(rows: torch.Tensor, grads: torch.Tensor, index: SlotIndex, num_rows: int,
-             check_bounds: Callable[[np.ndarray], None]) -> Coalesced:
+             check_bounds: Callable[[np.ndarray], None],
+             slot_scratch: Callable[[], np.ndarray] | None = None) -> Coalesced:
     """The sorted distinct ``rows`` (int64, at least one, on the device), their summed
     ``grads`` (checked ``(len(rows), dim)``) and their slots in ``index``. One read back:
     the ids' bounds (given to ``check_bounds``: min, max, ...), the number of distinct
@@ -42,6 +44,8 @@ def coalesce(rows: torch.Tensor, grads: torch.Tensor, index: SlotIndex, num_rows
     n = rows.numel()
     device = rows.device
     if device.type == "cpu":
+        if slot_scratch is not None:
+            return _coalesce_by_slot(rows, grads, index, check_bounds, slot_scratch)
         return _coalesce_host(rows, grads, index, check_bounds)
     ranked, order = torch.sort(rows, stable=True)
     starts = torch.ones(n, dtype=torch.bool, device=device)
@@ -61,6 +65,37 @@ def coalesce(rows: torch.Tensor, grads: torch.Tensor, index: SlotIndex, num_rows
     summed = torch.zeros((count, grads.shape[1]), dtype=torch.float32, device=device)
     summed.index_add_(0, inverse, grads.to(device=device, dtype=torch.float32))
     return Coalesced(padded[:count], summed, slots[:count], int(head[3]))
+
+
+def _coalesce_by_slot(rows: torch.Tensor, grads: torch.Tensor, index: SlotIndex,
+                      check_bounds: Callable[[np.ndarray], None],
+                      slot_scratch: Callable[[], np.ndarray]) -> Coalesced:
+    """:func:`coalesce` on the CPU grouping the ids by their slots when every row is
+    resident (the usual case: the batch was just looked up), in O(ids) with a per-slot
+    scratch array (``slot_scratch()``: one int64 per slot, any content) instead of a
+    sort (measured 0.2 against 0.7 ms for 20,480 ids); else :func:`_coalesce_host`.
+
+    Each slot's entry in the scratch is overwritten with the position of one of its ids
+    (whichever write lands last); that id represents the group, so the groups do not
+    depend on the order numpy writes repeated indices in. The sums are those of
+    :func:`_coalesce_host`: ``index_add_`` adds each group's gradients in the order of
+    the ids."""
+    ids = rows.numpy()
+    check_bounds(np.array([ids.min(), ids.max()]))
+    slots = index.find(rows).numpy()
+    if slots.min() < 0:
+        return _coalesce_host(rows, grads, index, check_bounds)
+    positions = np.arange(ids.size)
+    scratch = slot_scratch()
+    scratch[slots] = positions
+    representative = scratch[slots]
+    leads = representative == positions
+    group = np.cumsum(leads) - 1
+    lead = np.flatnonzero(leads)
+    summed = torch.zeros((lead.size, grads.shape[1]), dtype=torch.float32)
+    summed.index_add_(0, torch.from_numpy(group[representative]),
+                      grads.to(device=rows.device, dtype=torch.float32))
+    return Coalesced(torch.from_numpy(ids[lead]), summed, torch.from_numpy(slots[lead]), 0)
 
 
 def _coalesce_host(rows: torch.Tensor, grads: torch.Tensor, index: SlotIndex,

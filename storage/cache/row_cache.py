@@ -173,6 +173,7 @@ class RowCache:
             self._host_rows = (self._weights.view(torch.int16) if self._dtype == torch.bfloat16
                                else self._weights).numpy()
         self._slot_row = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self._device)
+        self._scratch: np.ndarray | None = None
         self._dirty = torch.zeros(num_slots + 1, dtype=torch.bool, device=self._device)
         self._filled = 0
         self._batches = 0
@@ -613,7 +614,7 @@ class RowCache:
                                          f"got {value!r}")
 
     def _coalesce(self, ids: Any, grads: torch.Tensor) -> Coalesced:
-        """The sorted distinct rows of ``ids``, their summed gradients (fp32, on the
+        """The distinct rows of ``ids``, their summed gradients (fp32, on the
         device; summed in the order of the ids) and their slots. One read back: the ids'
         bounds, the number of distinct rows and how many of them are not resident."""
         rows = self._device_rows(ids)
@@ -625,7 +626,14 @@ class RowCache:
                                              f"({n}, {self._dim}), got {shape}")
         if n == 0:
             return Coalesced(rows, torch.zeros((0, self._dim), device=self._device), rows, 0)
-        return coalesce(rows, grads, self._index, self._num_rows, self._check_bounds)
+        return coalesce(rows, grads, self._index, self._num_rows, self._check_bounds,
+                        self._slot_scratch if self._device.type == "cpu" else None)
+
+    def _slot_scratch(self) -> np.ndarray:
+        """One int64 per slot, any content (:func:`~storage.cache.gradients.coalesce`)."""
+        if self._scratch is None:
+            self._scratch = np.empty(self._num_slots, dtype=np.int64)
+        return self._scratch
 
     def _update(self, batch: Coalesced, step: Step, needs_state: bool) -> None:
         """Apply ``step(w_fp32, state, g) -> (w, state)`` to the rows of ``batch``: in

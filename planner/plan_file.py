@@ -70,6 +70,12 @@ class StopReason(enum.Enum):
     TIME_LIMIT = "time limit"
 
 
+OPTIMAL_GAP = 1e-7
+"""A plan whose relative gap to its bound is at most this is proven optimal: the
+solvers' incumbents and bounds reach the search through their logs, which print about
+eight digits."""
+
+
 @dataclass(frozen=True, slots=True)
 class SolveReport:
     method: str
@@ -103,7 +109,7 @@ class SolveReport:
 
     @property
     def proven_optimal(self) -> bool:
-        return self.gap is not None and self.gap <= 1e-9
+        return self.gap is not None and self.gap <= OPTIMAL_GAP
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,14 +20,12 @@ from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from planner.plan_file import StopReason
+from planner.plan_file import OPTIMAL_GAP, StopReason
 from planner.search.solvers import Watch
 
 IMPROVEMENT = 1e-7
 """Relative change below which a plan or bound does not count as an improvement
 (solver logs print about eight digits)."""
-OPTIMAL_TOLERANCE = 1e-9
-"""A plan within this relative distance of the bound is proven optimal."""
 
 
 def work_seconds() -> float:
@@ -116,7 +114,7 @@ class SearchProgress:
     def stop(self) -> StopReason | None:
         """Why to stop now, or None to go on."""
         gap = self.current_gap
-        if gap is not None and self.best_ms <= self.bound_ms * (1 + OPTIMAL_TOLERANCE):
+        if gap is not None and self.best_ms <= self.bound_ms * (1 + OPTIMAL_GAP):
             return StopReason.OPTIMAL
         if gap is not None and gap <= self.gap:
             return StopReason.GAP_REACHED

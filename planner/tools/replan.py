@@ -35,7 +35,7 @@ import pulp
 from planner.errors import InfeasibleError, PlannerError, Resource
 from planner.inputs.cost import AnalyticCostModel, CostModel, ShardCost, Sharding, check_cost_model
 from planner.inputs.specs import GB, TablesSpec, Topology
-from planner.plan_file import DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
+from planner.plan_file import OPTIMAL_GAP, DeviceLoad, Plan, Shard, SolveReport, TablePlan, check_plan
 from planner.search.api import PlanOptions, cost_model_name, plan
 from planner.search.solvers import solve
 from planner.tools.diff import diff_plans, same_shape, shard_bytes, table_migration
@@ -318,7 +318,7 @@ def _report(method: str, solver: str, status: str, objective: float, bound: floa
             start: float, options: PlanOptions) -> SolveReport:
     lower = min(bound, objective)
     return SolveReport(method, solver, status,
-                       "Optimal Solution Found" if objective <= bound * (1 + 1e-9)
+                       "Optimal Solution Found" if objective <= bound * (1 + OPTIMAL_GAP)
                        else "Solution Found",
                        objective, lower, time.perf_counter() - start, options.time_limit_s,
                        options.threads)

@@ -24,7 +24,7 @@ from planner import (
     read_plan,
     write_plan,
 )
-from planner.plan_file import check_plan, plan_from_json
+from planner.plan_file import OPTIMAL_GAP, StopReason, check_plan, plan_from_json
 from planner.search.baselines import BASELINES
 from planner.search.options import OptionSettings, table_options
 from planner.tools.evaluate import evaluate_plan
@@ -272,3 +272,15 @@ def test_a_baseline_that_cannot_place_names_the_table_and_the_bytes_missing() ->
                                             + miss.shortfall_bytes / 1e9))
     again = run_baseline("size", tables, roomier, MODEL)
     assert not isinstance(again, BaselineMiss) or again.placed > miss.placed
+
+
+def test_a_search_stopped_at_optimal_reports_a_proven_plan() -> None:
+    # The demo's bound comes through a solver log (eight digits), a relative 1.4e-8 below
+    # the plan: the stop reason and the verdict must agree that it is proven.
+    root = Path(__file__).resolve().parents[2] / "examples" / "demo"
+    tables = parse_tables(json.loads((root / "tables.json").read_text()))
+    topology = parse_topology(json.loads((root / "topology.json").read_text()))
+    solve = plan(tables, topology).solve
+    assert solve.stop_reason is StopReason.OPTIMAL
+    assert solve.proven_optimal and solve.status == "Optimal"
+    assert solve.gap is not None and solve.gap <= OPTIMAL_GAP

@@ -106,9 +106,13 @@ class LRU:
     def on_access(self, slots: torch.Tensor, rows: torch.Tensor, batch: int) -> None:
         if (batch - self._base + 1) * self._num_rows >= _KEY_LIMIT:
             self._renormalise(batch)
+        offset = (batch - self._base) * self._num_rows
+        if self._key.device.type == "cpu":  # numpy reads slot -1 as the last entry: the dump
+            self._key.numpy()[slots.numpy()] = rows.numpy() + offset
+            return
         dump = self._key.numel() - 1
         where = torch.where(slots < 0, dump, slots)
-        self._key.index_copy_(0, where, rows + (batch - self._base) * self._num_rows)
+        self._key.index_copy_(0, where, rows + offset)
 
     def _renormalise(self, batch: int) -> None:
         """Replace the keys by their ranks (all below the keys of later batches)."""

@@ -36,16 +36,20 @@ class Coalesced:
 
 def coalesce(rows: torch.Tensor, grads: torch.Tensor, index: SlotIndex, num_rows: int,
              check_bounds: Callable[[np.ndarray], None],
-             slot_scratch: Callable[[], np.ndarray] | None = None) -> Coalesced:
+             slot_scratch: Callable[[], np.ndarray] | None = None,
+             known_slots: np.ndarray | None = None) -> Coalesced:
     """The sorted distinct ``rows`` (int64, at least one, on the device), their summed
     ``grads`` (checked ``(len(rows), dim)``) and their slots in ``index``. One read back:
     the ids' bounds (given to ``check_bounds``: min, max, ...), the number of distinct
-    rows and how many of them are not resident."""
+    rows and how many of them are not resident. On the CPU, ``known_slots``: the slot
+    of every one of ``rows``, all resident and in bounds (from the lookup just made of
+    the same ids), so that neither is searched again."""
     n = rows.numel()
     device = rows.device
     if device.type == "cpu":
         if slot_scratch is not None:
-            return _coalesce_by_slot(rows, grads, index, check_bounds, slot_scratch)
+            return _coalesce_by_slot(rows, grads, index, check_bounds, slot_scratch,
+                                     known_slots)
         return _coalesce_host(rows, grads, index, check_bounds)
     ranked, order = torch.sort(rows, stable=True)
     starts = torch.ones(n, dtype=torch.bool, device=device)
@@ -69,7 +73,8 @@ def coalesce(rows: torch.Tensor, grads: torch.Tensor, index: SlotIndex, num_rows
 
 def _coalesce_by_slot(rows: torch.Tensor, grads: torch.Tensor, index: SlotIndex,
                       check_bounds: Callable[[np.ndarray], None],
-                      slot_scratch: Callable[[], np.ndarray]) -> Coalesced:
+                      slot_scratch: Callable[[], np.ndarray],
+                      known_slots: np.ndarray | None = None) -> Coalesced:
     """:func:`coalesce` on the CPU grouping the ids by their slots when every row is
     resident (the usual case: the batch was just looked up), in O(ids) with a per-slot
     scratch array (``slot_scratch()``: one int64 per slot, any content) instead of a
@@ -81,8 +86,11 @@ def _coalesce_by_slot(rows: torch.Tensor, grads: torch.Tensor, index: SlotIndex,
     :func:`_coalesce_host`: ``index_add_`` adds each group's gradients in the order of
     the ids."""
     ids = rows.numpy()
-    check_bounds(np.array([ids.min(), ids.max()]))
-    slots = index.find(rows).numpy()
+    if known_slots is None:
+        check_bounds(np.array([ids.min(), ids.max()]))
+        slots = index.find(rows).numpy()
+    else:
+        slots = known_slots
     if slots.min() < 0:
         return _coalesce_host(rows, grads, index, check_bounds)
     positions = np.arange(ids.size)

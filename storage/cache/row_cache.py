@@ -174,6 +174,10 @@ class RowCache:
                                else self._weights).numpy()
         self._slot_row = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=self._device)
         self._scratch: np.ndarray | None = None
+        self._last_lookup: tuple[np.ndarray, np.ndarray] | None = None
+        """On the CPU: the ids of the latest lookup and their slots (copies), while every
+        one has a slot and nothing came since: an ``apply_*`` of the same ids uses them
+        (residency changes only in lookups)."""
         self._dirty = torch.zeros(num_slots + 1, dtype=torch.bool, device=self._device)
         self._filled = 0
         self._batches = 0
@@ -430,6 +434,7 @@ class RowCache:
         are checked before the index is searched (no clamping), and the slots the batch
         hits and its distinct misses are worked out only when it misses (numpy's
         ``unique``: about 5x torch's on the CPU here)."""
+        self._last_lookup = None
         ids = rows.numpy()
         self._check_bounds(np.array([ids.min(), ids.max()]))
         slots = self._index.find(rows)
@@ -437,13 +442,17 @@ class RowCache:
         absent = miss.numpy()
         if not absent.any():
             self._record(slots, rows, 0)
+            self._last_lookup = (ids.copy(), slots.numpy().copy())
             return slots, _NO_ROWS, None
         protected = np.zeros(self._num_slots + 1, dtype=bool)
         protected[slots.numpy()[~absent]] = True
         missing, uses = np.unique(ids[absent], return_counts=True)
         probe = _Probe(rows, rows, slots, miss, torch.from_numpy(protected))
-        return self._settle_batch(probe, int(np.count_nonzero(protected)), missing, uses,
-                                  read_uncached)
+        resolved = self._settle_batch(probe, int(np.count_nonzero(protected)), missing, uses,
+                                      read_uncached)
+        if resolved[1].size == 0:  # every row has a slot
+            self._last_lookup = (ids.copy(), resolved[0].numpy().copy())
+        return resolved
 
     def _probe(self, rows: torch.Tensor) -> _Probe:
         """The device half of a lookup, before anything is read back."""
@@ -653,8 +662,12 @@ class RowCache:
                                              f"({n}, {self._dim}), got {shape}")
         if n == 0:
             return Coalesced(rows, torch.zeros((0, self._dim), device=self._device), rows, 0)
+        if self._device.type != "cpu":
+            return coalesce(rows, grads, self._index, self._num_rows, self._check_bounds)
+        last, self._last_lookup = self._last_lookup, None
+        known = last[1] if last is not None and np.array_equal(last[0], rows.numpy()) else None
         return coalesce(rows, grads, self._index, self._num_rows, self._check_bounds,
-                        self._slot_scratch if self._device.type == "cpu" else None)
+                        self._slot_scratch, known)
 
     def _slot_scratch(self) -> np.ndarray:
         """One int64 per slot, any content (:func:`~storage.cache.gradients.coalesce`)."""

@@ -300,6 +300,35 @@ def test_evicted_dirty_row_is_written_back_and_fetched_again(tmp_path: Path) -> 
         assert torch.equal(cache.gather(one), ref.weights[one])
 
 
+def test_an_update_after_a_lookup_uses_its_slots_only_for_the_same_ids(tmp_path: Path) -> None:
+    """The slots of the latest lookup serve an ``apply_*`` of equal ids; ids changed in
+    place since (through torch or their numpy view), or another lookup between, are
+    looked up again."""
+    with make_store(tmp_path / "s") as store:
+        ref = Reference(store, "fp32")
+        cache = RowCache(store, "t", slots=6)
+        grads = torch.ones(3, DIM)
+        ids = torch.tensor([1, 2, 1])
+        cache.gather(ids)
+        cache.apply_sgd(ids, grads, LR)  # the lookup's slots
+        ref.sgd(ids, grads)
+        cache.gather(ids)
+        ids.numpy()[:] = [3, 4, 3]  # other rows, none resident: updated in the store
+        cache.apply_sgd(ids, grads, LR)
+        ref.sgd(ids, grads)
+        cache.gather(torch.tensor([1, 2, 5]))
+        ids[:] = torch.tensor([5, 2, 2])
+        cache.apply_sgd(ids, grads, LR)
+        ref.sgd(ids, grads)
+        first = torch.tensor([1, 2, 1])
+        cache.gather(first)
+        cache.gather(torch.tensor([6, 7, 8]))  # evicts: the slots of ``first`` are stale
+        cache.apply_sgd(first, grads, LR)
+        ref.sgd(first, grads)
+        cache.flush()
+        assert torch.equal(torch.from_numpy(store.read_table("t")), ref.weights)
+
+
 # ---- batches larger than the cache -----------------------------------------------------
 def test_batch_with_more_distinct_rows_than_slots(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:

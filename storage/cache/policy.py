@@ -140,8 +140,9 @@ class LRU:
         when it was drawn (protected or not), sorted by those keys; every other slot had
         a larger key, and keys only grow (a use, or a new row). So the first ``count``
         unprotected pool entries whose key is unchanged, if there are that many, are the
-        smallest keys of all unprotected slots; entries whose key changed are dropped as
-        they are met. Else the pool is drawn again."""
+        smallest keys of all unprotected slots. Each call drops the entries whose key
+        changed (one pass over the pool); when fewer than ``count`` are left unprotected
+        the pool is drawn again."""
         key = self._key.numpy()
         protected = view.protected.numpy()
         for attempt in range(2):
@@ -152,20 +153,13 @@ class LRU:
                 drawn = drawn[np.argsort(key[drawn])]
                 self._pool = (drawn, key[drawn])
             slots, keys = self._pool
-            window = min(slots.size, 2 * count)
-            while True:
-                head = slots[:window]
-                unchanged = key[head] == keys[:window]
-                live = head[unchanged & ~protected[head]]
-                if not unchanged.all():
-                    self._pool = (np.concatenate([head[unchanged], slots[window:]]),
-                                  np.concatenate([keys[:window][unchanged], keys[window:]]))
-                if live.size >= count:
-                    return torch.from_numpy(live[:count].astype(np.int64, copy=False))
-                if window == slots.size:
-                    break
-                slots, keys = self._pool
-                window = slots.size
+            unchanged = key[slots] == keys
+            if not unchanged.all():
+                slots, keys = slots[unchanged], keys[unchanged]
+                self._pool = (slots, keys)
+            live = np.flatnonzero(~protected[slots])[:count]
+            if live.size == count:
+                return torch.from_numpy(slots[live].astype(np.int64, copy=False))
         return smallest(self._order_keys(view), count)  # the pool is the whole cache
 
 

@@ -34,7 +34,9 @@ read its misses (a second time only with ``write_behind=False`` when it evicts),
 :func:`lookup_many` reads the misses of every cache of a device in one transfer;
 ``mark_dirty`` checks its slots with a device-side assertion. ``flush``,
 ``resident_rows``, ``dirty_rows`` and batches larger than the cache read more. On the
-CPU the same code runs and nothing is copied.
+CPU, where reading back copies nothing, a lookup checks the ids' bounds first and works
+out the slots it must protect and its distinct misses only when it misses, and an
+``apply_*`` of the ids just looked up reuses their slots.
 
 Batch semantics. ``lookup``/``gather`` make every row of the batch resident at
 once: hits are counted, the batch's distinct missing rows are read from the store

@@ -163,11 +163,28 @@ class LRU:
         return smallest(self._order_keys(view), count)  # the pool is the whole cache
 
 
+@dataclass(frozen=True, slots=True)
+class _LowPool:
+    """:meth:`LFU._pool_victims`' candidates: ``slots`` (host int64) that may hold one of
+    the smallest ``(count, key)`` tuples, every other filled slot's tuple above
+    ``(count, key)`` = the threshold (when drawn, and tuples only grow while a slot holds
+    its row), except the ``fresh`` slots, given new rows since; drawn with ``filled``
+    slots filled."""
+
+    slots: np.ndarray
+    fresh: np.ndarray
+    count: float
+    key: int
+    filled: int
+
+
 class LFU(LRU):
     """Smallest per-row count first, then the smallest recency key; optionally
     profile-warmed."""
 
     def victims(self, count: int, view: SlotView) -> torch.Tensor:
+        if self._key.device.type == "cpu" and 0 < count < view.filled:
+            return self._pool_victims(count, view)
         return smallest(self._order_keys(view), count)
 
     def __init__(self, num_rows: int, num_slots: int, device: torch.device,
@@ -178,6 +195,50 @@ class LFU(LRU):
         # preloaded rows: older than any access, the hottest the oldest (as replay)
         self._key[:warm.size] = torch.arange(warm.size, device=device) - warm.size
         self._one = torch.ones(1, dtype=torch.float64, device=device)
+        self._low: _LowPool | None = None
+
+    def _renormalise(self, batch: int) -> None:
+        super()._renormalise(batch)
+        self._low = None
+
+    def _pool_victims(self, count: int, view: SlotView) -> torch.Tensor:
+        """:meth:`victims` on the CPU from a pool of candidates kept between batches
+        (:class:`_LowPool`): the same set as a search of every slot, over a fraction of
+        them. A slot's ``(count, key)`` only grows while it holds its row (a use raises
+        both), and the slots given new rows are the victims returned (once the cache is
+        full), so every slot outside the pool and the victims returned since it was drawn
+        is still above the threshold. The candidates below it, if ``count`` of them are
+        unprotected, therefore hold the ``count`` smallest tuples of all unprotected slots;
+        else the pool is drawn again: the :data:`POOL_FACTOR` x ``count`` smallest of
+        every filled slot."""
+        counts, key = self._counts.numpy(), self._key.numpy()
+        slot_row, protected = view.slot_row.numpy(), view.protected.numpy()
+        for attempt in range(2):
+            low = self._low
+            if low is None or attempt or low.filled != view.filled:
+                size = min(view.filled, max(POOL_FACTOR * count, POOL_MIN_SLOTS))
+                filled = slice(0, view.filled)
+                drawn = smallest([torch.from_numpy(counts[slot_row[filled]]),
+                                  torch.from_numpy(key[filled])], size).numpy()
+                last = np.lexsort((key[drawn], counts[slot_row[drawn]]))[-1]
+                low = _LowPool(drawn, drawn[:0], float(counts[slot_row[drawn[last]]]),
+                               int(key[drawn[last]]), view.filled)
+            candidates = np.concatenate([low.slots, low.fresh])
+            c, k = counts[slot_row[candidates]], key[candidates]
+            below = (c < low.count) | ((c == low.count) & (k <= low.key))
+            candidates, c, k = candidates[below], c[below], k[below]
+            free = np.flatnonzero(~protected[candidates])
+            if free.size >= count:
+                chosen = free[smallest([torch.from_numpy(c[free]), torch.from_numpy(k[free])],
+                                       count).numpy()]
+                kept = np.ones(candidates.size, dtype=bool)
+                kept[chosen] = False
+                victims = candidates[chosen]
+                self._low = _LowPool(candidates[kept], victims, low.count, low.key,
+                                     view.filled)
+                return torch.from_numpy(victims.astype(np.int64, copy=False))
+            self._low = low
+        return smallest(self._order_keys(view), count)  # the pool is the whole cache
 
     def preload(self) -> np.ndarray:
         return self._warm
@@ -198,6 +259,9 @@ class LFU(LRU):
 
 class Lookahead(LFU):
     """LFU that keeps the announced next ids; see the module docstring."""
+
+    def victims(self, count: int, view: SlotView) -> torch.Tensor:
+        return smallest(self._order_keys(view), count)  # announced rows reorder the slots
 
     def __init__(self, num_rows: int, num_slots: int, device: torch.device,
                  counts: np.ndarray, warm: np.ndarray) -> None:

@@ -808,3 +808,42 @@ def test_lru_pool_of_oldest_slots_picks_the_same_victims_as_a_full_search(
             next_row += got.numel()
             policy.on_access(used, slot_row[used], batch)
     assert reused > 20  # an older pool (some entries used up) served most batches
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lfu_pool_picks_the_same_victims_as_a_full_search(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LFU on the CPU keeps a pool of candidates between batches; through many batches
+    of uses (counts and keys rising), evictions whose slots get new rows of any count
+    and protected slots its victims are exactly the smallest (count, key) among every
+    unprotected slot."""
+    from storage.cache import policy as policies
+    from storage.cache.policy import LFU, SlotView, smallest
+
+    monkeypatch.setattr(policies, "POOL_FACTOR", 3)
+    monkeypatch.setattr(policies, "POOL_MIN_SLOTS", 0)
+    rng = np.random.default_rng(seed)
+    num_rows, slots = 20_000, 600
+    counts = rng.integers(0, 5, num_rows).astype(np.float64)
+    policy = LFU(num_rows, slots, torch.device("cpu"), counts, np.zeros(0, np.int64))
+    slot_row = torch.from_numpy(rng.choice(num_rows, slots + 1, replace=False))
+    policy.on_access(torch.arange(slots), slot_row[:slots], 0)
+    kept = 0
+    for batch in range(1, 80):
+        protected = torch.zeros(slots + 1, dtype=torch.bool)
+        protected[torch.from_numpy(rng.choice(slots, rng.integers(0, 200), replace=False))] = True
+        view = SlotView(slots, protected, slot_row, lambda rows: rows)
+        count = int(rng.integers(1, 80))
+        before = policy._low
+        got = policy.victims(count, view)
+        kept += before is not None and policy._low is not None \
+            and policy._low.key == before.key
+        want = smallest(LFU._order_keys(policy, view), count)
+        assert set(got.tolist()) == set(want.tolist())
+        resident = set(slot_row.tolist())
+        fresh = [r for r in rng.permutation(num_rows)[:4 * count].tolist()
+                 if r not in resident][:got.numel()]
+        slot_row[got] = torch.tensor(fresh)  # new rows, with counts low and high
+        used = torch.cat([got, torch.nonzero(protected[:slots]).squeeze(1)])
+        policy.on_access(used, slot_row[used], batch)
+    assert kept > 20  # a pool drawn earlier served most batches

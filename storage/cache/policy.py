@@ -32,7 +32,9 @@ batch does not use, so with one id per batch the choices are exactly those of
 smallest-k over up to three keys (:func:`smallest`: one ``topk`` per key; on the CPU
 numpy's ``argpartition``, the same set). LRU on the CPU keeps a pool of its oldest slots,
 sorted, between batches and takes its victims from the front of it
-(:meth:`LRU._pool_victims`; the same set, without a search of every slot per batch).
+(:meth:`LRU._pool_victims`; the same set, without a search of every slot per batch);
+LFU and ``"profile"`` keep the slots below a (count, key) threshold
+(:meth:`LFU._pool_victims`).
 """
 
 from __future__ import annotations

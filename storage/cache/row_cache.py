@@ -83,10 +83,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.cache.index import IndexKind, make_index
-from storage.cache.policy import Lookahead, SlotView, make_policy
 from storage.cache.gradients import Coalesced, Step, coalesce
 from storage.cache.host import sync_to_host
+from storage.cache.index import IndexKind, make_index
+from storage.cache.policy import Lookahead, SlotView, make_policy
 from storage.cache.stats import CacheStats, Counters, TierBytes
 from storage.cache.store_rows import StoreRows
 from storage.cache.worker import StoreWorker

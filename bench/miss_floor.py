@@ -3,7 +3,7 @@ lookup in ``bench/store_training.py``'s steady state, done with bare numpy (no p
 no checks, no store layers), against the same lookups through ``storage.RowCache``.
 
     .venv/bin/python bench/miss_floor.py [--tables 8] [--rows 1000000] [--dim 64]
-        [--slots 100000] [--batch 20480] [--misses 3300] [--steps 30]
+        [--slots 100000] [--batch 20480] [--misses 3300] [--steps 30] [--exponent 1.05]
 
 Per table and step, the sketch: searches the batch's ids in a dense int32 index, copies
 the victims' rows out of the slots, writes them to a redo area (a dense row -> slot
@@ -11,7 +11,7 @@ index over it), reads the missed rows from the redo area or the table, installs 
 the victims' slots with the index updated, and records the batch's recency keys: the
 moves a real miss path cannot avoid. Between tables, unrelated memory traffic evicts
 the CPU caches, as a training step's other tables and MLPs do. The cache side runs
-``RowCache.lookup`` on Zipf(1.05) batches over a store of the same shape, full, with
+``RowCache.lookup`` on Zipf(``--exponent``) batches (``bench/cache.py``'s) over a store of the same shape, full, with
 every row dirty (as in training); its misses per lookup are reported beside it.
 
 Writes ``bench/results/miss_floor.json``.
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.storage_hitrate import zipf_probabilities  # noqa: E402
+from bench.cache import zipf_batches  # noqa: E402
 from storage import RowCache, TableStore  # noqa: E402
 
 PHASES = ("probe", "victims_out", "redo_write", "read", "install", "keys")
@@ -103,17 +103,6 @@ def churn(buffer: np.ndarray, rng: np.random.Generator) -> None:
     buffer[rng.integers(0, buffer.size, 300_000)] += 1
 
 
-def zipf_batches(args: argparse.Namespace, count: int, rng: np.random.Generator
-                 ) -> list[torch.Tensor]:
-    permutation = rng.permutation(args.rows)
-    cdf = np.cumsum(zipf_probabilities(args.rows, 1.05))
-    out = []
-    for _ in range(count):
-        ranks = np.searchsorted(cdf, rng.random(args.batch), side="right")
-        out.append(torch.from_numpy(permutation[np.minimum(ranks, args.rows - 1)]))
-    return out
-
-
 def cache_side(args: argparse.Namespace, workdir: Path, rng: np.random.Generator,
                buffer: np.ndarray) -> tuple[float, float]:
     """ms per table and lookup through RowCache, and distinct misses per lookup."""
@@ -122,7 +111,8 @@ def cache_side(args: argparse.Namespace, workdir: Path, rng: np.random.Generator
     for t in range(args.tables):
         store.add_table(f"t{t}", num_rows=args.rows, dim=args.dim, seed=t)
         caches.append(RowCache(store, f"t{t}", slots=args.slots, background=False))
-        batches.append(zipf_batches(args, 2 * args.steps + 60, rng))
+        batches.append([torch.from_numpy(ids)
+                        for ids in zipf_batches(args, args.steps + 60, seed=10 + t)])
     for step in range(60):  # fill the caches: every miss evicts from here on
         for cache, own in zip(caches, batches):
             cache.mark_dirty(cache.lookup(own[step]))
@@ -153,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--misses", type=int, default=3_300,
                         help="distinct rows the sketch misses per table and step")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--exponent", type=float, default=1.05, help="Zipf exponent of the ids")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "miss_floor.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     buffer = np.ones(20_000_000, np.float64)  # 160 MB of unrelated memory
 
     sketches = [Sketch(rng, args) for _ in range(args.tables)]

@@ -365,8 +365,17 @@ def test_slots_are_clamped_to_the_table(tmp_path: Path) -> None:
 
 
 # ---- prefetch ------------------------------------------------------------------------
+def cache_threads() -> set[str]:
+    """Names of the row caches' background threads alive now."""
+    import threading
+
+    return {t.name for t in threading.enumerate() if t.name.startswith("row-cache-store")}
+
+
 def train(store: TableStore, use_prefetch: bool, write_behind: bool,
-          steps: int = 30, background: bool = True) -> tuple[list, CacheStats]:
+          steps: int = 30, background: bool = True) -> tuple[list, CacheStats, set[str]]:
+    """Rows seen per step, the cache's stats and the row-cache threads alive before it
+    closed."""
     rng = np.random.default_rng(3)
     batches = [torch.from_numpy(zipf_ids(rng, ROWS, 64)) for _ in range(steps + 1)]
     seen = []
@@ -381,7 +390,7 @@ def train(store: TableStore, use_prefetch: bool, write_behind: bool,
             cache.apply_rowwise_adagrad(batches[step], grads, LR, EPS)
             rows = cache.gather(batches[step + 1])
         cache.flush()
-        return seen, cache.stats()
+        return seen, cache.stats(), cache_threads()
 
 
 @pytest.mark.parametrize("background", [True, False], ids=["thread", "inline"])
@@ -390,15 +399,13 @@ def test_prefetch_gives_identical_results(tmp_path: Path, write_behind: bool,
                                           background: bool) -> None:
     """Prefetch and write-behind, on the background thread or inline (``background=
     False``: no thread at all), change no result and no hit or miss."""
-    import threading
-
-    threads = threading.active_count()
+    before = cache_threads()  # only the row caches' threads: other tests' come and go
     with make_store(tmp_path / "a") as plain, make_store(tmp_path / "b") as fetched:
-        seen_plain, stats_plain = train(plain, use_prefetch=False, write_behind=False)
-        seen_fetched, stats_fetched = train(fetched, use_prefetch=True,
-                                            write_behind=write_behind, background=background)
-        if not background:
-            assert threading.active_count() == threads
+        seen_plain, stats_plain, _ = train(plain, use_prefetch=False, write_behind=False)
+        seen_fetched, stats_fetched, alive = train(fetched, use_prefetch=True,
+                                                   write_behind=write_behind,
+                                                   background=background)
+        assert (alive == before) == (not background)
         assert all(torch.equal(a, b) for a, b in zip(seen_plain, seen_fetched))
         assert np.array_equal(plain.read_table("t"), fetched.read_table("t"))
         assert np.array_equal(plain.read_table("t", state=True),
